@@ -1,0 +1,247 @@
+"""Postgres processes: initdb, start, stop, checkpoint, liveness.
+
+A compute is one postmaster serving one data directory on a loopback TCP port.
+Processes are started through ``pg_ctl -W`` so the postmaster is re-parented
+away from the caller (the CLI may exit, the service never accumulates
+zombies); readiness is then polled from ``postmaster.pid`` ourselves at a
+finer grain than pg_ctl's 100 ms loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+from ..errors import ComputeError, DiskFull
+from .binaries import ComputeUser, PgBinaries, compute_user, find_binaries
+
+SUPERUSER = "tierbase"
+# Settings every cluster gets at initdb; inherited by every branch through the snapshot.
+BASE_CONF = """
+# --- tierbase: settings below are managed by tierbase ---
+listen_addresses = '127.0.0.1'
+unix_socket_directories = ''
+shared_buffers = 64MB
+max_connections = 200
+password_encryption = 'scram-sha-256'
+logging_collector = off
+log_line_prefix = '%m [%p] '
+"""
+HBA = """# tierbase: every connection authenticates with SCRAM-SHA-256
+local   all             all                                     scram-sha-256
+host    all             all             127.0.0.1/32            scram-sha-256
+host    all             all             ::1/128                 scram-sha-256
+host    replication     all             127.0.0.1/32            scram-sha-256
+host    replication     all             ::1/128                 scram-sha-256
+"""
+# Files of a running cluster that must not travel into a copy of it.
+RUNTIME_FILES = ("postmaster.pid", "postmaster.opts")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    host: str
+    port: int
+    user: str
+    password: str
+    dbname: str = "postgres"
+
+    def dsn(self, dbname: str | None = None) -> str:
+        return (
+            f"host={self.host} port={self.port} user={self.user} "
+            f"password={self.password} dbname={dbname or self.dbname}"
+        )
+
+
+def _space_error(err: BaseException | str, where: Path) -> DiskFull:
+    return DiskFull(
+        f"no space left on the device holding {where}",
+        "Free space there, or give tierbase more room (`tierbase up --btrfs-size` or another TIERBASE_HOME)",
+    )
+
+
+class Postgres:
+    """Operations on Postgres data directories, run as the compute user."""
+
+    def __init__(self, bins: PgBinaries | None = None, user: ComputeUser | None = None) -> None:
+        self.bins = bins or find_binaries()
+        self.user = user or compute_user()
+
+    # -- running tools -------------------------------------------------------
+    def run(self, args: list[str], *, what: str, where: Path, timeout: float = 600,
+            input_text: str | None = None, env: dict[str, str] | None = None) -> str:
+        try:
+            got = subprocess.run(
+                args, capture_output=True, text=True, timeout=timeout, input=input_text, env=env,
+                cwd="/", **self.user.run_kwargs(),  # type: ignore[call-overload]
+            )
+        except subprocess.TimeoutExpired as err:
+            raise ComputeError(f"{what} did not finish within {timeout:.0f}s", "Check the machine's load") from err
+        if got.returncode != 0:
+            text = (got.stderr or got.stdout).strip()
+            if "No space left" in text or "could not extend file" in text:
+                raise _space_error(text, where)
+            raise ComputeError(f"{what} failed: {text[-800:]}", "See the message above")
+        return got.stdout
+
+    # -- creating ------------------------------------------------------------
+    def initdb(self, datadir: Path, password: str) -> None:
+        """Create a cluster whose superuser ``tierbase`` authenticates with SCRAM."""
+        with tempfile.NamedTemporaryFile("w", dir=datadir.parent, delete=False) as pw:
+            pw.write(password + "\n")
+        pwfile = Path(pw.name)
+        try:
+            self.user.chown(pwfile)
+            self.run(
+                [self.bins["initdb"], "-D", str(datadir), "-U", SUPERUSER, f"--pwfile={pwfile}",
+                 "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "-E", "UTF8",
+                 "--locale=C.UTF-8", "--no-instructions", "--no-sync"],
+                what="initdb", where=datadir,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        self.write_settings(datadir)
+        # --no-sync above keeps initdb fast; make the result durable once, at the end.
+        self.run(["sync", "-f", str(datadir)], what="sync", where=datadir)
+
+    def write_settings(self, datadir: Path) -> None:
+        conf = datadir / "postgresql.conf"
+        try:
+            text = conf.read_text()
+            if "--- tierbase:" not in text:
+                conf.write_text(text + BASE_CONF)
+            (datadir / "pg_hba.conf").write_text(HBA)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                raise _space_error(err, datadir) from err
+            raise
+
+    @staticmethod
+    def clear_runtime_files(datadir: Path) -> None:
+        """A copy taken from a running cluster carries its parent's lock file: drop it."""
+        for name in RUNTIME_FILES:
+            (datadir / name).unlink(missing_ok=True)
+
+    # -- liveness ------------------------------------------------------------
+    @staticmethod
+    def running_pid(datadir: Path) -> int | None:
+        """The postmaster pid serving ``datadir``, if one is alive."""
+        try:
+            lines = (datadir / "postmaster.pid").read_text().splitlines()
+            pid = int(lines[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if len(lines) > 1 and Path(lines[1]) != datadir and Path(lines[1]).resolve() != datadir.resolve():
+            return None  # a lock file copied from another cluster
+        return pid if pid_alive(pid) else None
+
+    @staticmethod
+    def is_ready(datadir: Path) -> bool:
+        try:
+            lines = (datadir / "postmaster.pid").read_text().splitlines()
+        except OSError:
+            return False
+        return len(lines) >= 8 and lines[7].strip() == "ready"
+
+    # -- start / stop ----------------------------------------------------------
+    def start(self, datadir: Path, port: int, logfile: Path, *, name: str, timeout: float = 120) -> int:
+        if (pid := self.running_pid(datadir)) is not None:
+            return pid
+        self.clear_runtime_files(datadir)
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        if not logfile.exists():
+            logfile.touch()
+            self.user.chown(logfile)
+        offset = logfile.stat().st_size
+        self.run(
+            [self.bins["pg_ctl"], "start", "-W", "-D", str(datadir), "-l", str(logfile), "-s",
+             "-o", f"-p {port} -c cluster_name=tierbase-{name}"],
+            what=f"starting the compute of {name!r}", where=datadir,
+        )
+        deadline = time.monotonic() + timeout
+        seen_pid = False
+        while time.monotonic() < deadline:
+            if self.is_ready(datadir) and (pid := self.running_pid(datadir)) is not None:
+                return pid
+            if self.running_pid(datadir) is not None:
+                seen_pid = True
+            elif seen_pid or _log_has_fatal(logfile, offset):
+                break
+            time.sleep(0.005)
+        reason = _log_tail(logfile, offset)
+        self.stop(datadir, mode="immediate")
+        raise ComputeError(
+            f"the compute of {name!r} did not start: {reason or 'no message in its log'}",
+            f"See the full log at {logfile}",
+            log=str(logfile),
+        )
+
+    def stop(self, datadir: Path, mode: str = "fast", timeout: float = 60) -> bool:
+        """Stop the postmaster of ``datadir``; True if one was running."""
+        pid = self.running_pid(datadir)
+        if pid is None:
+            self.clear_runtime_files(datadir) if (datadir / "postmaster.pid").exists() else None
+            return False
+        sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return False
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and pid_alive(pid):
+            time.sleep(0.01)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+            while pid_alive(pid):
+                time.sleep(0.01)
+        return True
+
+    # -- sql -----------------------------------------------------------------
+    @staticmethod
+    def checkpoint(ep: Endpoint) -> str:
+        """CHECKPOINT and return the WAL position after it (the fork LSN)."""
+        with psycopg.connect(ep.dsn(), autocommit=True, connect_timeout=10) as conn:
+            conn.execute("CHECKPOINT")
+            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        return str(row[0]) if row else ""
+
+    def controldata_lsn(self, datadir: Path) -> str:
+        out = self.run([self.bins["pg_controldata"], "-D", str(datadir)], what="pg_controldata", where=datadir,
+                       timeout=30)
+        for line in out.splitlines():
+            if line.startswith("Latest checkpoint's REDO location:"):
+                return line.split(":", 1)[1].strip()
+        return ""
+
+
+def pid_alive(pid: int) -> bool:
+    """True if ``pid`` runs and is not a zombie waiting to be reaped."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _log_has_fatal(logfile: Path, offset: int) -> bool:
+    return any(w in _log_tail(logfile, offset) for w in ("FATAL", "PANIC"))
+
+
+def _log_tail(logfile: Path, offset: int) -> str:
+    try:
+        with open(logfile, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    lines = [ln for ln in text.splitlines() if any(w in ln for w in ("FATAL", "PANIC", "ERROR"))]
+    return "; ".join(lines[-3:]) if lines else text.strip()[-300:]

@@ -1,0 +1,1 @@
+"""Control plane: metadata, branch operations, reconcile."""

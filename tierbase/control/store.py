@@ -1,0 +1,242 @@
+"""The metadata store: one SQLite file per data dir, safe across processes.
+
+Writers take ``BEGIN IMMEDIATE`` so that name reservation and port allocation
+are serialised between concurrent CLI/API callers; WAL lets readers proceed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from ..errors import BranchExists, BranchNotFound, TierbaseError
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS branches (
+    name        TEXT PRIMARY KEY,
+    parent      TEXT REFERENCES branches(name),
+    kind        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    volume      TEXT NOT NULL UNIQUE,
+    port        INTEGER NOT NULL UNIQUE,
+    created_at  REAL NOT NULL,
+    fork_lsn    TEXT,
+    creator     TEXT NOT NULL,
+    ttl_seconds INTEGER,
+    expires_at  REAL,
+    protected   INTEGER NOT NULL DEFAULT 0,
+    owner       TEXT            -- process doing an unfinished operation, "pid:starttime"
+);
+CREATE TABLE IF NOT EXISTS intents (
+    id          INTEGER PRIMARY KEY,
+    op          TEXT NOT NULL,
+    branch      TEXT NOT NULL,
+    volume      TEXT NOT NULL,
+    owner       TEXT NOT NULL,
+    started_at  REAL NOT NULL
+);
+"""
+
+
+class Kind(str, Enum):
+    TIER = "tier"
+    FEATURE = "feature"
+    SNAPSHOT = "snapshot"
+
+
+class State(str, Enum):
+    CREATING = "creating"
+    READY = "ready"
+    DELETING = "deleting"
+
+
+@dataclass
+class Branch:
+    name: str
+    parent: str | None
+    kind: Kind
+    state: State
+    volume: str
+    port: int
+    created_at: float
+    fork_lsn: str | None
+    creator: str
+    ttl_seconds: int | None
+    expires_at: float | None
+    protected: bool
+    owner: str | None
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> Branch:
+        d = dict(row)
+        d["kind"], d["state"], d["protected"] = Kind(d["kind"]), State(d["state"]), bool(d["protected"])
+        return cls(**d)
+
+
+def process_token(pid: int | None = None) -> str:
+    """Identify a process across pid reuse: its pid plus its start time."""
+    pid = pid or os.getpid()
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            start = fh.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        start = "0"
+    return f"{pid}:{start}"
+
+
+def token_alive(token: str | None) -> bool:
+    if not token:
+        return False
+    pid = int(token.split(":")[0])
+    return process_token(pid) == token and os.path.exists(f"/proc/{pid}")
+
+
+class Store:
+    PORTS = 2000
+
+    def __init__(self, path: Path, default_port_base: int = 55432) -> None:
+        self.path = path
+        self.default_port_base = default_port_base
+        self._conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA busy_timeout=60000")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A serialised write transaction."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        else:
+            self._conn.execute("COMMIT")
+
+    # -- settings ------------------------------------------------------------
+    def get_setting(self, key: str, default: Any = None) -> Any:
+        row = self._conn.execute("SELECT value FROM settings WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_setting(self, key: str, value: Any) -> None:
+        with self.write() as db:
+            db.execute("INSERT INTO settings(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                       (key, json.dumps(value)))
+
+    # -- branches ------------------------------------------------------------
+    def get(self, name: str) -> Branch:
+        row = self._conn.execute("SELECT * FROM branches WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise BranchNotFound(name)
+        return Branch.from_row(row)
+
+    def find(self, name: str) -> Branch | None:
+        row = self._conn.execute("SELECT * FROM branches WHERE name=?", (name,)).fetchone()
+        return Branch.from_row(row) if row else None
+
+    def all(self) -> list[Branch]:
+        return [Branch.from_row(r) for r in self._conn.execute("SELECT * FROM branches ORDER BY created_at, name")]
+
+    def children(self, name: str) -> list[Branch]:
+        rows = self._conn.execute("SELECT * FROM branches WHERE parent=? ORDER BY created_at", (name,))
+        return [Branch.from_row(r) for r in rows]
+
+    def reserve(self, *, name: str, parent: str | None, kind: Kind, volume: str, creator: str,
+                ttl_seconds: int | None, protected: bool, port: int | None = None) -> Branch:
+        """Insert a branch in state 'creating' (the intent), with a port of its own."""
+        now = time.time()
+        with self.write() as db:
+            if db.execute("SELECT 1 FROM branches WHERE name=?", (name,)).fetchone():
+                raise BranchExists(name)
+            if parent is not None:
+                prow = db.execute("SELECT state FROM branches WHERE name=?", (parent,)).fetchone()
+                if prow is None:
+                    raise BranchNotFound(parent)
+                if prow[0] != State.READY.value:
+                    raise TierbaseError(f"parent branch {parent!r} is {prow[0]}",
+                                        "Wait for its operation to finish, then try again")
+            db.execute(
+                "INSERT INTO branches(name, parent, kind, state, volume, port, created_at, creator, ttl_seconds,"
+                " expires_at, protected, owner) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                (name, parent, kind.value, State.CREATING.value, volume, port or self._free_port(db), now, creator,
+                 ttl_seconds, now + ttl_seconds if ttl_seconds else None, int(protected), process_token()),
+            )
+        return self.get(name)
+
+    def _free_port(self, db: sqlite3.Connection) -> int:
+        used = {r[0] for r in db.execute("SELECT port FROM branches")}
+        lo = int(self.get_setting("port_base", self.default_port_base))
+        hi = lo + self.PORTS
+        for port in range(lo, hi):
+            if port not in used and port_free(port):
+                return port
+        raise TierbaseError(f"no free compute port in {lo}-{hi}", "Delete unused branches or widen the port range")
+
+    def commit_created(self, name: str, fork_lsn: str | None) -> None:
+        with self.write() as db:
+            db.execute("UPDATE branches SET state=?, fork_lsn=?, owner=NULL WHERE name=?",
+                       (State.READY.value, fork_lsn, name))
+
+    def mark_deleting(self, names: list[str]) -> None:
+        with self.write() as db:
+            for name in names:
+                row = db.execute("SELECT state FROM branches WHERE name=?", (name,)).fetchone()
+                if row is None:
+                    raise BranchNotFound(name)
+                if row[0] == State.CREATING.value:
+                    raise TierbaseError(f"branch {name!r} is still being created", "Try again in a moment")
+                db.execute("UPDATE branches SET state=?, owner=? WHERE name=?",
+                           (State.DELETING.value, process_token(), name))
+
+    def remove(self, name: str) -> None:
+        with self.write() as db:
+            db.execute("DELETE FROM branches WHERE name=?", (name,))
+
+    def swap_volume(self, name: str, volume: str, fork_lsn: str | None) -> str:
+        """Point a branch at a new volume (reset); return the old volume."""
+        with self.write() as db:
+            old = db.execute("SELECT volume FROM branches WHERE name=?", (name,)).fetchone()
+            if old is None:
+                raise BranchNotFound(name)
+            db.execute("UPDATE branches SET volume=?, fork_lsn=? WHERE name=?", (volume, fork_lsn, name))
+            db.execute("DELETE FROM intents WHERE volume=?", (volume,))
+        return str(old[0])
+
+    # -- intents for volumes not yet referenced by a branch ---------------------
+    def add_intent(self, op: str, branch: str, volume: str) -> int:
+        with self.write() as db:
+            cur = db.execute("INSERT INTO intents(op, branch, volume, owner, started_at) VALUES(?,?,?,?,?)",
+                             (op, branch, volume, process_token(), time.time()))
+            return int(cur.lastrowid or 0)
+
+    def drop_intent(self, volume: str) -> None:
+        with self.write() as db:
+            db.execute("DELETE FROM intents WHERE volume=?", (volume,))
+
+    def intents(self) -> list[sqlite3.Row]:
+        return list(self._conn.execute("SELECT * FROM intents"))
+
+
+def port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True

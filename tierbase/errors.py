@@ -1,0 +1,134 @@
+"""One exception root; a subclass per condition a user can act on.
+
+Every error carries a message (what happened) and a hint (what to do), so the
+CLI, the HTTP API and ``--json`` all render the same two sentences.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class TierbaseError(Exception):
+    """Root of every error tierbase raises on purpose."""
+
+    code: ClassVar[str] = "error"
+    #: CLI exit code: 1 error, 2 refused by a rule (policy, gate, protection).
+    exit_code: ClassVar[int] = 1
+    http_status: ClassVar[int] = 400
+
+    def __init__(self, message: str, hint: str = "", **data: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.data = data
+
+    def __str__(self) -> str:
+        return f"{self.message}. {self.hint}" if self.hint else self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "hint": self.hint, "data": self.data}
+
+
+class InvalidName(TierbaseError):
+    code = "invalid_name"
+
+
+class InvalidInput(TierbaseError):
+    code = "invalid_input"
+
+
+class BranchNotFound(TierbaseError):
+    code = "branch_not_found"
+    http_status = 404
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"branch {name!r} does not exist",
+            "Run `tierbase branch list` to see the branches",
+            name=name,
+        )
+
+
+class BranchExists(TierbaseError):
+    code = "branch_exists"
+    http_status = 409
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"branch {name!r} already exists",
+            "Pick another name, or delete the existing branch first",
+            name=name,
+        )
+
+
+class BranchBusy(TierbaseError):
+    code = "branch_busy"
+    http_status = 409
+
+
+class Refused(TierbaseError):
+    """An operation a rule forbids (protection, children, policy): exit 2."""
+
+    code = "refused"
+    exit_code = 2
+    http_status = 403
+
+
+class PolicyDenied(Refused):
+    code = "policy_denied"
+
+    def __init__(self, action: str, target: str, reason: str) -> None:
+        super().__init__(
+            f"{action} on {target!r} is refused: {reason}",
+            "Ask a platform engineer to change the declared policy if this is wrong",
+            action=action,
+            target=target,
+            reason=reason,
+        )
+
+
+class StorageError(TierbaseError):
+    code = "storage_error"
+    http_status = 500
+
+
+class DiskFull(StorageError):
+    code = "disk_full"
+    http_status = 507
+
+
+class ComputeError(TierbaseError):
+    code = "compute_error"
+    http_status = 500
+
+
+class BinariesNotFound(ComputeError):
+    code = "postgres_not_found"
+
+
+class NotRunning(TierbaseError):
+    code = "not_running"
+    http_status = 503
+
+
+class Unauthorized(TierbaseError):
+    code = "unauthorized"
+    http_status = 401
+
+
+def error_from_dict(payload: dict[str, Any]) -> TierbaseError:
+    """Rebuild an error received over the API as the same class."""
+    classes = {cls.code: cls for cls in _all_subclasses(TierbaseError)}
+    cls = classes.get(str(payload.get("code")), TierbaseError)
+    err = TierbaseError.__new__(cls)
+    TierbaseError.__init__(err, str(payload.get("message", "")), str(payload.get("hint", "")),
+                           **dict(payload.get("data") or {}))
+    return err
+
+
+def _all_subclasses(cls: type[TierbaseError]) -> list[type[TierbaseError]]:
+    out: list[type[TierbaseError]] = [cls]
+    for sub in cls.__subclasses__():
+        out.extend(_all_subclasses(sub))
+    return out

@@ -1,0 +1,85 @@
+"""The provider boundary: what the control plane asks of the substrate.
+
+The control plane speaks only in branch names, volumes and ports; this local
+provider turns that into a storage driver plus postgres processes. A remote
+provider (for instance one over Neon's API) would implement the same methods.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .compute import SUPERUSER, Endpoint, Postgres
+from .control.locks import branch_lock
+from .storage import Source, VolumeDriver
+
+
+class LocalProvider:
+    def __init__(self, home: Path, driver: VolumeDriver, pg: Postgres, password: str) -> None:
+        self.home = home
+        self.driver = driver
+        self.pg = pg
+        self.password = password
+        self.locks = home / "locks"
+        self.logs = home / "logs"
+
+    @property
+    def copy_on_write(self) -> bool:
+        return self.driver.copy_on_write
+
+    def endpoint(self, port: int, dbname: str = "postgres") -> Endpoint:
+        return Endpoint("127.0.0.1", port, SUPERUSER, self.password, dbname)
+
+    def datadir(self, volume: str) -> Path:
+        return self.driver.path(volume)
+
+    # -- branches ------------------------------------------------------------
+    def create_root(self, volume: str) -> None:
+        path = self.driver.create(volume)
+        try:
+            self.pg.initdb(path, self.password)
+        except BaseException:
+            self.driver.delete(volume)
+            raise
+
+    def fork(self, parent: str, parent_volume: str, parent_port: int, volume: str, *,
+             readonly: bool = False) -> str:
+        """Copy the parent as of now; returns the fork LSN.
+
+        A running parent is checkpointed first, so that the copy needs almost
+        no WAL replay when it starts; every commit acknowledged before this
+        call is in the copy either way (the snapshot is crash-consistent).
+        """
+        with branch_lock(self.locks, parent, shared=True):
+            running = self.pg.running_pid(self.datadir(parent_volume)) is not None
+            ep = self.endpoint(parent_port) if running else None
+            lsn = self.pg.checkpoint(ep) if ep else ""
+            self.driver.clone(Source(parent_volume, ep), volume, readonly=readonly)
+        try:
+            if not readonly:
+                self.pg.clear_runtime_files(self.datadir(volume))
+            if not lsn:
+                lsn = self.pg.controldata_lsn(self.datadir(volume))
+        except BaseException:
+            self.driver.delete(volume)
+            raise
+        return lsn
+
+    def delete(self, name: str, volume: str) -> None:
+        self.stop(name, volume)
+        self.driver.delete(volume)
+
+    # -- computes ------------------------------------------------------------
+    def start(self, name: str, volume: str, port: int) -> int:
+        with branch_lock(self.locks, name):
+            return self.pg.start(self.datadir(volume), port, self.logs / f"{name}.log", name=name)
+
+    def stop(self, name: str, volume: str) -> bool:
+        with branch_lock(self.locks, name):
+            return self.pg.stop(self.datadir(volume))
+
+    def running_pid(self, volume: str) -> int | None:
+        return self.pg.running_pid(self.datadir(volume))
+
+    def own_bytes(self, volume: str) -> int:
+        return self.driver.own_bytes(volume)
