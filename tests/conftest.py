@@ -65,7 +65,7 @@ def platform() -> Iterator[Tierbase]:
     try:
         tb.init(storage="btrfs", btrfs_size="4G")
         tb.start_branch("production")
-        with psycopg.connect(tb.branch_url("production"), autocommit=True) as conn:
+        with psycopg.connect(tb.branch_url("production", direct=True), autocommit=True) as conn:
             conn.execute("CREATE TABLE seed (id int PRIMARY KEY, label text NOT NULL)")
             conn.execute("INSERT INTO seed SELECT g, 'row ' || g FROM generate_series(1, 1000) g")
         yield tb

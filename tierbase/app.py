@@ -18,7 +18,7 @@ from urllib.parse import quote
 from .compute import Postgres, compute_user, find_binaries
 from .control.branches import Branches
 from .control.store import Branch, Kind, Store
-from .errors import InvalidInput, NotRunning, TierbaseError
+from .errors import BranchNotFound, InvalidInput, NotRunning, TierbaseError
 from .home import Home, default_home
 from .names import check_name, format_duration, parse_ttl
 from .provider import LocalProvider
@@ -26,6 +26,8 @@ from .storage import DEFAULT_IMAGE_SIZE, VolumeDriver, make_driver
 from .storage.btrfs import parse_size
 
 ROOT_BRANCH = "production"
+DEFAULT_API_PORT = 55430
+DEFAULT_PROXY_PORT = 55431
 
 
 class Tierbase:
@@ -74,7 +76,8 @@ class Tierbase:
             self._branches = None
 
     # -- platform lifecycle ----------------------------------------------------
-    def init(self, storage: str = "auto", btrfs_size: str = DEFAULT_IMAGE_SIZE) -> list[str]:
+    def init(self, storage: str = "auto", btrfs_size: str = DEFAULT_IMAGE_SIZE, *,
+             api_port: int | None = None, proxy_port: int | None = None) -> list[str]:
         """Create (or re-open) the platform: storage ready, root branch present, leftovers reconciled."""
         said: list[str] = []
         find_binaries()  # fail before touching anything if postgres is missing
@@ -90,6 +93,8 @@ class Tierbase:
                 self.store.set_setting("driver", driver.name)
                 self.store.set_setting("btrfs_size", btrfs_size)
                 self.store.set_setting("port_base", self._port_base())
+                self.store.set_setting("api_port", api_port or DEFAULT_API_PORT)
+                self.store.set_setting("proxy_port", proxy_port or DEFAULT_PROXY_PORT)
                 self._driver = driver
                 self.home.read_secret(self.home.secret, create=True)
                 self.home.read_secret(self.home.token, create=True)
@@ -105,6 +110,9 @@ class Tierbase:
             if storage not in ("auto", stored):
                 raise InvalidInput(f"this data dir uses the {stored!r} storage driver, not {storage!r}",
                                    "Use `tierbase down --purge` first to start over with another driver")
+            for key, value in (("api_port", api_port), ("proxy_port", proxy_port)):
+                if value:
+                    self.store.set_setting(key, value)
             said += self.driver.prepare() if not _mounted_ok(self.driver) else []
             said += self.branches.reconcile()
         return said
@@ -164,11 +172,48 @@ class Tierbase:
     def list_branches(self, *, with_bytes: bool = True) -> list[dict[str, Any]]:
         return [self.describe(b, with_bytes=with_bytes) for b in self.store.all()]
 
-    def branch_url(self, name: str, dbname: str = "postgres") -> str:
+    def branch_url(self, name: str, dbname: str = "postgres", *, direct: bool = False) -> str:
+        """A URL for psql/psycopg: through the proxy (stable), or straight to the compute."""
         check_name(name)
-        b = self.store.get(name)
-        ep = self.branches.provider.endpoint(b.port, dbname)
-        return f"postgresql://{ep.user}:{quote(ep.password, safe='')}@{ep.host}:{ep.port}/{quote(dbname, safe='')}"
+        ep = self.branches.provider.endpoint(0, dbname)
+        userinfo = f"{ep.user}:{quote(ep.password, safe='')}"
+        if direct:
+            port = self.store.get(name).port
+            return f"postgresql://{userinfo}@{ep.host}:{port}/{quote(dbname, safe='')}"
+        if self.store.resolve_route(name) is None:
+            raise BranchNotFound(name)
+        target = name if dbname == "postgres" else f"{name}.{dbname}"
+        return f"postgresql://{userinfo}@127.0.0.1:{self.proxy_port}/{quote(target, safe='')}"
+
+    @property
+    def proxy_port(self) -> int:
+        return int(self.store.get_setting("proxy_port", DEFAULT_PROXY_PORT))
+
+    @property
+    def api_port(self) -> int:
+        return int(self.store.get_setting("api_port", DEFAULT_API_PORT))
+
+    # -- routes ------------------------------------------------------------------
+    def list_routes(self) -> list[dict[str, Any]]:
+        moved = self.store.routes()
+        out = [{"route": r, "branch": b, "movable": True} for r, b in moved.items()]
+        out += [{"route": b.name, "branch": b.name, "movable": False}
+                for b in self.store.all() if b.name not in moved and b.kind is not Kind.SNAPSHOT]
+        return sorted(out, key=lambda r: str(r["route"]))
+
+    def set_route(self, route: str, branch: str) -> dict[str, Any]:
+        """Point a stable route at a branch (the store change only; the service also moves live sessions)."""
+        check_name(route, "route")
+        check_name(branch)
+        if self.store.get(branch).kind is Kind.SNAPSHOT:
+            raise InvalidInput(f"branch {branch!r} is a read-only snapshot and cannot serve a route",
+                               "Create a branch from it and route to that: "
+                               f"`tierbase branch create NAME --parent {branch}`")
+        previous = self.store.set_route(route, branch)
+        return {"route": route, "branch": branch, "previous": previous or self._own_branch(route)}
+
+    def _own_branch(self, route: str) -> str | None:
+        return route if self.store.find(route) else None
 
     def sweep(self, now: float | None = None) -> list[str]:
         return self.branches.sweep(now)

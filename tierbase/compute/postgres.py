@@ -188,7 +188,6 @@ class Postgres:
         """Stop the postmaster of ``datadir``; True if one was running."""
         pid = self.running_pid(datadir)
         if pid is None:
-            self.clear_runtime_files(datadir) if (datadir / "postmaster.pid").exists() else None
             return False
         sig = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}[mode]
         try:

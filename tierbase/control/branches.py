@@ -81,6 +81,10 @@ class Branches:
                               "Protection is declared in tierbase.toml; change it there if this is intended",
                               name=d.name)
         names = [d.name for d in doomed]
+        for route, target in self.store.routes().items():
+            if target in names and route not in names:
+                raise Refused(f"route {route!r} points at branch {target!r}",
+                              f"Point it elsewhere first: `tierbase route set {route} BRANCH`", name=target)
         self.store.mark_deleting(names)
         for d in doomed:  # children first: _subtree is post-order
             self.provider.delete(d.name, d.volume)

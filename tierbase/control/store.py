@@ -10,11 +10,12 @@ import json
 import os
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ CREATE TABLE IF NOT EXISTS branches (
     protected   INTEGER NOT NULL DEFAULT 0,
     owner       TEXT            -- process doing an unfinished operation, "pid:starttime"
 );
+CREATE TABLE IF NOT EXISTS routes (
+    name        TEXT PRIMARY KEY,   -- a stable name clients connect to
+    branch      TEXT NOT NULL REFERENCES branches(name),
+    updated_at  REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS intents (
     id          INTEGER PRIMARY KEY,
     op          TEXT NOT NULL,
@@ -48,13 +54,13 @@ CREATE TABLE IF NOT EXISTS intents (
 """
 
 
-class Kind(str, Enum):
+class Kind(StrEnum):
     TIER = "tier"
     FEATURE = "feature"
     SNAPSHOT = "snapshot"
 
 
-class State(str, Enum):
+class State(StrEnum):
     CREATING = "creating"
     READY = "ready"
     DELETING = "deleting"
@@ -107,15 +113,33 @@ class Store:
     def __init__(self, path: Path, default_port_base: int = 55432) -> None:
         self.path = path
         self.default_port_base = default_port_base
-        self._conn = sqlite3.connect(path, timeout=60, isolation_level=None, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA busy_timeout=60000")
-        self._conn.execute("PRAGMA foreign_keys=ON")
+        # one connection per thread: the API serves requests from a thread pool, and a
+        # transaction must never interleave with another thread's on a shared connection
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
         self._conn.executescript(SCHEMA)
 
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=60000")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+            with self._lock:
+                self._all.append(conn)
+        return conn
+
     def close(self) -> None:
-        self._conn.close()
+        with self._lock:
+            for conn in self._all:
+                conn.close()
+            self._all.clear()
+        self._local = threading.local()
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
@@ -136,8 +160,8 @@ class Store:
 
     def set_setting(self, key: str, value: Any) -> None:
         with self.write() as db:
-            db.execute("INSERT INTO settings(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                       (key, json.dumps(value)))
+            db.execute("INSERT INTO settings(key, value) VALUES(?, ?)"
+                       " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, json.dumps(value)))
 
     # -- branches ------------------------------------------------------------
     def get(self, name: str) -> Branch:
@@ -217,6 +241,26 @@ class Store:
             db.execute("UPDATE branches SET volume=?, fork_lsn=? WHERE name=?", (volume, fork_lsn, name))
             db.execute("DELETE FROM intents WHERE volume=?", (volume,))
         return str(old[0])
+
+    # -- routes: every branch answers to its own name; these are the extra, movable ones --
+    def routes(self) -> dict[str, str]:
+        return {r[0]: r[1] for r in self._conn.execute("SELECT name, branch FROM routes ORDER BY name")}
+
+    def resolve_route(self, name: str) -> str | None:
+        row = self._conn.execute("SELECT branch FROM routes WHERE name=?", (name,)).fetchone()
+        if row:
+            return str(row[0])
+        return name if self.find(name) else None
+
+    def set_route(self, name: str, branch: str) -> str | None:
+        """Point ``name`` at ``branch``; returns the previous target."""
+        with self.write() as db:
+            if not db.execute("SELECT 1 FROM branches WHERE name=?", (branch,)).fetchone():
+                raise BranchNotFound(branch)
+            old = db.execute("SELECT branch FROM routes WHERE name=?", (name,)).fetchone()
+            db.execute("INSERT INTO routes(name, branch, updated_at) VALUES(?,?,?) ON CONFLICT(name) DO UPDATE"
+                       " SET branch=excluded.branch, updated_at=excluded.updated_at", (name, branch, time.time()))
+        return str(old[0]) if old else None
 
     # -- intents for volumes not yet referenced by a branch ---------------------
     def add_intent(self, op: str, branch: str, volume: str) -> int:

@@ -6,6 +6,7 @@ stopping it); a stopped one with ``cp -a --reflink=auto``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -58,8 +59,6 @@ class CopyDriver(VolumeDriver):
         total = 0
         for dirpath, _dirs, files in os.walk(self.path(volume)):
             for f in files:
-                try:
+                with contextlib.suppress(OSError):
                     total += os.lstat(os.path.join(dirpath, f)).st_blocks * 512
-                except OSError:
-                    pass
         return total

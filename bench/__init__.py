@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): `python bench/branching.py`, then `python bench/report.py`."""

@@ -1,0 +1,1 @@
+"""HTTP API (served by `tierbase up`) and the Python SDK client over it."""

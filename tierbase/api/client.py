@@ -1,0 +1,103 @@
+"""The Python SDK over the HTTP API: the same methods as the facade, remotely."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ..errors import NotRunning, TierbaseError, error_from_dict
+from ..home import Home, default_home
+
+
+def service_info(home: Home) -> dict[str, Any] | None:
+    try:
+        return dict(json.loads(home.service.read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+class Client:
+    """Talks to the service of one data dir (or to ``url`` with ``token``)."""
+
+    def __init__(self, home: str | os.PathLike[str] | None = None, *, url: str | None = None,
+                 token: str | None = None, timeout: float = 600) -> None:
+        self.home = Home(default_home() if home is None else Path(home))
+        info = service_info(self.home) if url is None else {"api_url": url}
+        if info is None:
+            raise NotRunning(f"tierbase is not running for the data dir {self.home.root}",
+                             "Start it with `tierbase up` (or set TIERBASE_HOME to the right data dir)")
+        tok = token or os.environ.get("TIERBASE_TOKEN")
+        if tok is None:
+            try:
+                tok = self.home.token.read_text().strip()
+            except OSError as err:
+                raise TierbaseError(f"cannot read the API token at {self.home.token}",
+                                    "Set TIERBASE_TOKEN, or run as the user who ran `tierbase up`") from err
+        self._http = httpx.Client(base_url=str(info["api_url"]), timeout=timeout,
+                                  headers={"Authorization": f"Bearer {tok}"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as err:
+            raise NotRunning(f"the tierbase service at {self._http.base_url} does not answer ({err})",
+                             "Check `tierbase status`; restart it with `tierbase up`") from err
+        try:
+            body = resp.json()
+        except ValueError:
+            body = None
+        if resp.status_code >= 400:
+            if isinstance(body, dict) and isinstance(body.get("error"), dict):
+                raise error_from_dict(body["error"])
+            raise TierbaseError(f"the API answered {resp.status_code}: {resp.text[:300]}", "See the service log")
+        return body
+
+    # -- the facade's methods -----------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/status"))
+
+    def list_branches(self, *, with_bytes: bool = True) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/branches", params={"bytes": with_bytes}))
+
+    def create_branch(self, name: str, parent: str | None = None, *, ttl: str | None = None,
+                      snapshot: bool = False, start: bool = False) -> dict[str, Any]:
+        body = {"name": name, "parent": parent, "ttl": ttl, "snapshot": snapshot, "start": start}
+        return dict(self._call("POST", "/v1/branches", json=body))
+
+    def get_branch(self, name: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/branches/{name}"))
+
+    def delete_branch(self, name: str, recursive: bool = False) -> list[str]:
+        return list(self._call("DELETE", f"/v1/branches/{name}", params={"recursive": recursive})["deleted"])
+
+    def reset_branch(self, name: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/branches/{name}/reset"))
+
+    def start_branch(self, name: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/branches/{name}/start"))
+
+    def stop_branch(self, name: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/branches/{name}/stop"))
+
+    def branch_url(self, name: str, dbname: str = "postgres", direct: bool = False) -> str:
+        got = self._call("GET", f"/v1/branches/{name}/url", params={"database": dbname, "direct": direct})
+        return str(got["url"])
+
+    def list_routes(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/routes"))
+
+    def set_route(self, name: str, branch: str, drain: float = 0.0) -> dict[str, Any]:
+        return dict(self._call("PUT", f"/v1/routes/{name}", json={"branch": branch, "drain": drain}))
+
+    def sweep(self) -> list[str]:
+        return list(self._call("POST", "/v1/sweep")["deleted"])
+
+    def import_dump(self, path: str, branch: str = "production", dbname: str = "postgres") -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/import", json={"path": path, "branch": branch, "database": dbname}))

@@ -1,0 +1,1 @@
+"""The `tierbase` command line: parse, call one facade/SDK method, render."""

@@ -1,0 +1,324 @@
+"""`tierbase` CLI. Exit codes: 0 ok, 1 error, 2 refused by a rule (with the reasons)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+
+from ..api.client import Client, service_info
+from ..app import Tierbase
+from ..compute import pid_alive
+from ..errors import NotRunning, TierbaseError
+from ..home import Home, default_home
+from .render import branch_details, branch_tree, emit_json, err, out
+
+F = Callable[..., Any]
+
+
+def command(fn: F) -> F:
+    """Give a command --json and the one error path: message + hint on stderr, exit 1 or 2."""
+
+    @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, as_json: bool, **kwargs: Any) -> None:
+        ctx = click.get_current_context()
+        ctx.meta["json"] = as_json
+        try:
+            fn(*args, **kwargs)
+        except TierbaseError as e:
+            if as_json:
+                emit_json({"error": e.to_dict()})
+            err.print(f"Error: {e.message}." + (f" {e.hint}." if e.hint else ""), markup=False)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
+def as_json() -> bool:
+    return bool(click.get_current_context().meta.get("json"))
+
+
+def home_of(ctx: click.Context) -> Path:
+    return Path(ctx.obj["home"])
+
+
+def client(ctx: click.Context) -> Client:
+    return Client(home_of(ctx))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", envvar="TIERBASE_HOME", type=click.Path(file_okay=False), default=None,
+              help="Data dir of the platform (env TIERBASE_HOME).")
+@click.version_option(package_name="tierbase")
+@click.pass_context
+def cli(ctx: click.Context, home: str | None) -> None:
+    """tierbase: copy-on-write branches of a real PostgreSQL."""
+    ctx.obj = {"home": str(Path(home).absolute()) if home else str(default_home())}
+
+
+# -- platform ------------------------------------------------------------------------
+@cli.command()
+@click.option("--storage", type=click.Choice(["auto", "btrfs", "copy"]), default="auto", show_default=True)
+@click.option("--btrfs-size", default="20G", show_default=True, help="Size of the loop-mounted btrfs image.")
+@click.option("--api-port", type=int, default=None, help="HTTP API port (default 55430).")
+@click.option("--proxy-port", type=int, default=None, help="Postgres proxy port (default 55431).")
+@click.option("--idle-timeout", type=int, default=None, help="Seconds before an idle compute is suspended "
+              "(default 300; 0 never).")
+@command
+@click.pass_context
+def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, proxy_port: int | None,
+       idle_timeout: int | None) -> None:
+    """Start the platform for the data dir (initialising it on first use)."""
+    tb = Tierbase(home_of(ctx))
+    said = tb.init(storage=storage, btrfs_size=btrfs_size, api_port=api_port, proxy_port=proxy_port)
+    if idle_timeout is not None:
+        tb.store.set_setting("idle_timeout", idle_timeout)
+    info = _running_service(tb.home)
+    if info is None:
+        info = _spawn_service(tb.home)
+        said.append(f"started the service (pid {info['pid']})")
+    else:
+        said.append(f"the service is already running (pid {info['pid']})")
+    result = {"home": str(tb.home.root), "driver": tb.driver.name, "copy_on_write": tb.driver.copy_on_write,
+              "api_url": info["api_url"], "proxy_port": info["proxy_port"], "said": said}
+    tb.close()
+    if as_json():
+        emit_json(result)
+        return
+    for line in said:
+        out.print(f"- {line}")
+    out.print(f"API {info['api_url']}  proxy 127.0.0.1:{info['proxy_port']}  data dir {tb.home.root}")
+    out.print("Next: `tierbase branch create my-feature` then `psql \"$(tierbase branch url my-feature)\"`")
+
+
+def _running_service(home: Home) -> dict[str, Any] | None:
+    info = service_info(home)
+    if info is None or not pid_alive(int(info.get("pid", 0))):
+        home.service.unlink(missing_ok=True)
+        return None
+    try:
+        httpx.get(f"{info['api_url']}/v1/health", timeout=5).raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return info
+
+
+def _spawn_service(home: Home) -> dict[str, Any]:
+    with open(home.service_log, "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "tierbase.service", str(home.root)], stdin=subprocess.DEVNULL,
+                                stdout=logf, stderr=logf, start_new_session=True, cwd="/")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        info = service_info(home)
+        if info is not None and info.get("pid") == proc.pid:
+            return info
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    proc.kill()
+    tail = home.service_log.read_text(errors="replace").strip().splitlines()[-5:]
+    raise TierbaseError(f"the service did not start: {' | '.join(tail) or 'no output'}",
+                        f"See {home.service_log}; a port may be taken (choose --api-port/--proxy-port)")
+
+
+@cli.command()
+@click.option("--purge", is_flag=True, help="Also delete every branch, the data dir, mounts and loop devices.")
+@command
+@click.pass_context
+def down(ctx: click.Context, purge: bool) -> None:
+    """Stop the service and every compute; --purge removes all data."""
+    home = Home(home_of(ctx))
+    said = []
+    info = service_info(home)
+    if info is not None and pid_alive(int(info["pid"])):
+        pid = int(info["pid"])
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+        said.append(f"stopped the service (pid {pid})")
+    home.service.unlink(missing_ok=True)
+    said += Tierbase(home.root).down(purge=purge)
+    if as_json():
+        emit_json({"home": str(home.root), "purged": purge, "said": said})
+    else:
+        for line in said or ["nothing was running"]:
+            out.print(f"- {line}")
+
+
+@cli.command()
+@command
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Show whether the platform runs, its storage driver and computes."""
+    home = Home(home_of(ctx))
+    if _running_service(home) is None:
+        raise NotRunning(f"tierbase is not running for the data dir {home.root}", "Start it with `tierbase up`")
+    data = client(ctx).status()
+    if as_json():
+        emit_json({"running": True, **data})
+        return
+    for k, v in data.items():
+        out.print(f"{k:>16}: {v}")
+
+
+@cli.command("import")
+@click.argument("dump", type=click.Path(dir_okay=True))
+@click.option("--branch", default="production", show_default=True)
+@click.option("--database", default="postgres", show_default=True)
+@command
+@click.pass_context
+def import_(ctx: click.Context, dump: str, branch: str, database: str) -> None:
+    """Restore a pg_dump file (plain SQL or archive) into a branch."""
+    data = client(ctx).import_dump(str(Path(dump).absolute()), branch, database)
+    emit_json(data) if as_json() else out.print(f"restored {dump} into {branch}/{database} in {data['seconds']} s")
+
+
+# -- branches ------------------------------------------------------------------------
+@cli.group()
+def branch() -> None:
+    """Create, list, reset and delete branches."""
+
+
+@branch.command("create")
+@click.argument("name")
+@click.option("--parent", default=None, help="Branch to fork (default: production).")
+@click.option("--ttl", default=None, help="Delete automatically after this long (e.g. 2h, 7d).")
+@click.option("--snapshot", is_flag=True, help="A read-only snapshot instead of a writable branch.")
+@click.option("--start", is_flag=True, help="Start its compute right away.")
+@command
+@click.pass_context
+def branch_create(ctx: click.Context, name: str, parent: str | None, ttl: str | None, snapshot: bool,
+                  start: bool) -> None:
+    """Create NAME as a copy-on-write branch of PARENT's current state."""
+    b = client(ctx).create_branch(name, parent, ttl=ttl, snapshot=snapshot, start=start)
+    if as_json():
+        emit_json(b)
+        return
+    how = "copy-on-write snapshot" if b["copy_on_write"] else "FULL COPY (copy driver, O(size))"
+    out.print(f"created {b['kind']} branch {b['name']!r} from {b['parent']!r} in {b['elapsed_ms']} ms ({how})")
+
+
+@branch.command("list")
+@click.option("--no-bytes", is_flag=True, help="Skip measuring each branch's own bytes.")
+@command
+@click.pass_context
+def branch_list(ctx: click.Context, no_bytes: bool) -> None:
+    """The branch tree with kind, compute state, age, TTL and own bytes."""
+    data = client(ctx).list_branches(with_bytes=not no_bytes)
+    emit_json(data) if as_json() else out.print(branch_tree(data))
+
+
+@branch.command("show")
+@click.argument("name")
+@command
+@click.pass_context
+def branch_show(ctx: click.Context, name: str) -> None:
+    """Everything about one branch."""
+    data = client(ctx).get_branch(name)
+    emit_json(data) if as_json() else branch_details(data)
+
+
+@branch.command("delete")
+@click.argument("name")
+@click.option("--recursive", is_flag=True, help="Also delete every descendant.")
+@command
+@click.pass_context
+def branch_delete(ctx: click.Context, name: str, recursive: bool) -> None:
+    """Delete a branch (and with --recursive its descendants)."""
+    gone = client(ctx).delete_branch(name, recursive)
+    emit_json({"deleted": gone}) if as_json() else out.print(f"deleted {', '.join(gone)}")
+
+
+@branch.command("reset")
+@click.argument("name")
+@command
+@click.pass_context
+def branch_reset(ctx: click.Context, name: str) -> None:
+    """Throw away NAME's changes: back to its parent's current state, same URL."""
+    b = client(ctx).reset_branch(name)
+    emit_json(b) if as_json() else out.print(f"reset {name!r} to the current state of {b['parent']!r}")
+
+
+@branch.command("url")
+@click.argument("name")
+@click.option("--database", default="postgres", show_default=True)
+@click.option("--direct", is_flag=True, help="The compute's own port instead of the proxy (no wake-up).")
+@command
+@click.pass_context
+def branch_url(ctx: click.Context, name: str, database: str, direct: bool) -> None:
+    """A postgresql:// URL for NAME (through the proxy, stable)."""
+    url = client(ctx).branch_url(name, database, direct)
+    emit_json({"name": name, "url": url}) if as_json() else click.echo(url)
+
+
+@branch.command("start")
+@click.argument("name")
+@command
+@click.pass_context
+def branch_start(ctx: click.Context, name: str) -> None:
+    """Start NAME's compute."""
+    b = client(ctx).start_branch(name)
+    emit_json(b) if as_json() else out.print(f"{name}: compute {b['compute']} (pid {b['pid']}, port {b['port']})")
+
+
+@branch.command("stop")
+@click.argument("name")
+@command
+@click.pass_context
+def branch_stop(ctx: click.Context, name: str) -> None:
+    """Stop NAME's compute (it wakes again on the next connection)."""
+    b = client(ctx).stop_branch(name)
+    emit_json(b) if as_json() else out.print(f"{name}: compute {b['compute']}")
+
+
+# -- routes --------------------------------------------------------------------------
+@cli.group()
+def route() -> None:
+    """Stable names clients connect to, and where they point."""
+
+
+@route.command("list")
+@command
+@click.pass_context
+def route_list(ctx: click.Context) -> None:
+    data = client(ctx).list_routes()
+    if as_json():
+        emit_json(data)
+        return
+    for r in data:
+        out.print(f"{r['route']:<30} -> {r['branch']}" + ("" if r["movable"] else "  (own)"))
+
+
+@route.command("set")
+@click.argument("route_name", metavar="ROUTE")
+@click.argument("branch_name", metavar="BRANCH")
+@click.option("--drain", type=float, default=0.0, help="Seconds to let old sessions finish before ending them.")
+@command
+@click.pass_context
+def route_set(ctx: click.Context, route_name: str, branch_name: str, drain: float) -> None:
+    """Point ROUTE at BRANCH atomically; sessions on the old target are ended."""
+    data = client(ctx).set_route(route_name, branch_name, drain)
+    if as_json():
+        emit_json(data)
+    else:
+        out.print(f"{route_name} -> {branch_name} (was {data.get('previous')}); "
+                  f"{data.get('sessions_ended', 0)} session(s) ended")
+
+
+def main() -> None:
+    cli(prog_name="tierbase")
+
+

@@ -1,0 +1,61 @@
+"""Rendering helpers: human text with rich, or JSON with --json."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def emit_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def branch_tree(branches: list[dict[str, Any]]) -> Table:
+    """Branches as a table whose name column draws the parent/child tree."""
+    table = Table(box=None, pad_edge=False)
+    for col in ("branch", "kind", "compute", "age", "expires in", "own bytes", "port"):
+        table.add_column(col)
+    kids: dict[str | None, list[dict[str, Any]]] = {}
+    names = {b["name"] for b in branches}
+    for b in branches:
+        kids.setdefault(b["parent"] if b["parent"] in names else None, []).append(b)
+
+    def walk(parent: str | None, prefix: str) -> None:
+        items = kids.get(parent, [])
+        for i, b in enumerate(items):
+            last = i == len(items) - 1
+            glyph = "" if parent is None else ("└─ " if last else "├─ ")
+            flags = " [protected]" if b.get("protected") else ""
+            compute = "suspended" if b["compute"] == "stopped" else b["compute"]
+            table.add_row(f"{prefix}{glyph}{b['name']}{flags}", b["kind"], compute, b["age"],
+                          b.get("expires_in") or "-", human_bytes(b.get("own_bytes")), str(b["port"]))
+            walk(b["name"], prefix + ("" if parent is None else ("   " if last else "│  ")))
+
+    walk(None, "")
+    return table
+
+
+def branch_details(b: dict[str, Any]) -> None:
+    keys = ("name", "parent", "kind", "state", "compute", "pid", "port", "protected", "creator", "age",
+            "fork_lsn", "expires_in", "own_bytes", "driver", "sessions")
+    for k in keys:
+        if k in b:
+            value = human_bytes(b[k]) if k == "own_bytes" else b[k]
+            out.print(f"{k:>10}: {'-' if value is None else value}")
