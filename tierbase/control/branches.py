@@ -19,6 +19,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ..errors import Refused, TierbaseError
+from ..failpoints import failpoint
 from ..names import check_name
 from .store import Branch, Kind, State, Store, token_alive
 
@@ -54,12 +55,14 @@ class Branches:
         p = self.store.get(parent)
         b = self.store.reserve(name=name, parent=parent, kind=kind, volume=new_volume(name), creator=creator,
                                ttl_seconds=ttl_seconds, protected=protected)
+        failpoint("create:reserved")
         try:
             lsn = self.provider.fork(parent, p.volume, p.port, b.volume, readonly=kind is Kind.SNAPSHOT)
         except BaseException:
             self.provider.driver.delete(b.volume)
             self.store.remove(name)
             raise
+        failpoint("create:cloned")
         self.store.commit_created(name, lsn)
         if start and kind is not Kind.SNAPSHOT:
             self.start(name)
@@ -86,8 +89,10 @@ class Branches:
                 raise Refused(f"route {route!r} points at branch {target!r}",
                               f"Point it elsewhere first: `tierbase route set {route} BRANCH`", name=target)
         self.store.mark_deleting(names)
+        failpoint("delete:marked")
         for d in doomed:  # children first: _subtree is post-order
             self.provider.delete(d.name, d.volume)
+            failpoint("delete:volume-gone")
             self.store.remove(d.name)
         return names
 
@@ -117,8 +122,10 @@ class Branches:
             self.provider.driver.delete(volume)
             self.store.drop_intent(volume)
             raise
+        failpoint("reset:cloned")
         was_running = self.provider.stop(name, b.volume)
         old = self.store.swap_volume(name, volume, lsn)
+        failpoint("reset:swapped")
         self.provider.driver.delete(old)
         if was_running:
             self.start(name)
@@ -155,17 +162,17 @@ class Branches:
     def reconcile(self) -> list[str]:
         """Finish or undo what dead processes left behind; returns what was done."""
         done: list[str] = []
-        for b in self.store.all():
-            if b.state is State.READY or token_alive(b.owner):
-                continue
-            if b.state is State.CREATING:
+        pending = [b for b in self.store.all() if b.state is not State.READY and not token_alive(b.owner)]
+        while pending:  # leaves first: a row cannot go while a child still references it
+            leaves = [b for b in pending if not self.store.children(b.name)]
+            if not leaves:
+                break
+            for b in leaves:
                 self.provider.delete(b.name, b.volume)
                 self.store.remove(b.name)
-                done.append(f"undid the unfinished creation of {b.name!r}")
-            elif b.state is State.DELETING:
-                self.provider.delete(b.name, b.volume)
-                self.store.remove(b.name)
-                done.append(f"finished deleting {b.name!r}")
+                verb = "undid the unfinished creation of" if b.state is State.CREATING else "finished deleting"
+                done.append(f"{verb} {b.name!r}")
+                pending.remove(b)
         live_intents = set()
         for row in self.store.intents():
             if token_alive(row["owner"]):
