@@ -90,7 +90,7 @@ class Postgres:
             if "No space left" in text or "could not extend file" in text:
                 raise _space_error(text, where)
             raise ComputeError(f"{what} failed: {text[-800:]}", "See the message above")
-        return got.stdout
+        return str(got.stdout)
 
     # -- creating ------------------------------------------------------------
     def initdb(self, datadir: Path, password: str) -> None:

@@ -35,4 +35,4 @@ def make_driver(kind: str, home: Path, pg: Postgres, *, image_size: str = DEFAUL
     return BtrfsDriver(root, pg.user, image=None if on_btrfs else home / "btrfs.img", image_size=image_size)
 
 
-__all__ = ["DRIVERS", "BtrfsDriver", "CopyDriver", "Source", "VolumeDriver", "make_driver"]
+__all__ = ["DEFAULT_IMAGE_SIZE", "DRIVERS", "BtrfsDriver", "CopyDriver", "Source", "VolumeDriver", "make_driver"]

@@ -36,7 +36,7 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+)\s*([kmgt]?)i?b?\s*", text.lower())
     if not m:
         raise StorageError(f"size {text!r} does not parse", "Give a size such as 512M, 20G or 1T")
-    return int(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_")
+    return int(m.group(1)) * int(1024 ** "_kmgt".index(m.group(2) or "_"))
 
 
 class BtrfsDriver(VolumeDriver):

@@ -1,0 +1,27 @@
+# tierbase: copy-on-write branches of a real PostgreSQL.
+SHELL := /bin/bash
+PYTHON ?= python3
+export TIERBASE_DEMO_HOME ?= /tmp/tierbase-demo
+
+.PHONY: install deps demo test lint bench clean
+
+deps:            ## Debian packages: postgres, btrfs-progs, pgbouncer (for the proxy benchmark)
+	@scripts/install-deps.sh
+
+install: deps    ## tierbase and its test tools into the current Python
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+demo: install    ## start a platform on the best storage available and walk through branching
+	scripts/demo.sh
+
+lint:
+	$(PYTHON) -m ruff check tierbase tests bench
+	$(PYTHON) -m mypy tierbase
+
+test: install lint  ## everything the CI runs
+	$(PYTHON) -m pytest -q
+
+bench: install   ## benchmarks; results in bench/results, table in docs/benchmarks.md
+	$(PYTHON) bench/branching.py --sizes-mb 10,1000
+	$(PYTHON) bench/proxy.py --out bench/results/proxy.json
+	$(PYTHON) bench/report.py

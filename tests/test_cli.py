@@ -1,0 +1,221 @@
+"""The CLI and HTTP API as a user meets them: `tierbase up`, commands with --json, exit codes, `down --purge`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import ROOT, free_port, free_port_base, make_home, needs_root_btrfs, query
+
+pytestmark = needs_root_btrfs
+
+
+def tierbase(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    got = subprocess.run([sys.executable, "-m", "tierbase.cli.main", *args], env=env, capture_output=True,
+                         text=True, timeout=300)
+    if check and got.returncode != 0:
+        raise AssertionError(f"tierbase {' '.join(args)} exited {got.returncode}: {got.stderr}")
+    return got
+
+
+def as_json(env: dict[str, str], *args: str) -> Any:
+    return json.loads(tierbase(env, *args, "--json").stdout)
+
+
+def postgres_pids(home: Path) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(home) in cmd and "postgres" in cmd:
+                pids.append(int(proc.name))
+    return pids
+
+
+def leftovers(home: Path) -> list[str]:
+    found = []
+    if any(str(home) in line for line in Path("/proc/self/mounts").read_text().splitlines()):
+        found.append("mount")
+    loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
+    if str(home) in loops:
+        found.append("loop device")
+    if postgres_pids(home):
+        found.append("postgres process")
+    return found
+
+
+def new_env(home: Path, **extra: str) -> dict[str, str]:
+    return dict(os.environ, TIERBASE_HOME=str(home), TIERBASE_PORT_BASE=str(free_port_base()), **extra)
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[dict[str, str]]:
+    home = make_home() / "home"
+    e = new_env(home, TIERBASE_SWEEP_INTERVAL="1")
+    try:
+        up = as_json(e, "up", "--btrfs-size", "2G", "--api-port", str(free_port()), "--proxy-port", str(free_port()))
+        assert up["driver"] == "btrfs" and up["copy_on_write"] is True
+        assert any("loop-mounted" in s for s in up["said"])
+        yield e
+    finally:
+        tierbase(e, "down", "--purge", check=False)
+        assert leftovers(home) == []
+        shutil.rmtree(home.parent, ignore_errors=True)
+
+
+def test_up_again_is_idempotent_and_status_reports(env: dict[str, str]) -> None:
+    again = as_json(env, "up")
+    assert any("already running" in s for s in again["said"])
+    status = as_json(env, "status")
+    assert status["running"] is True and status["driver"] == "btrfs" and status["branches"] >= 1
+
+
+def test_branch_lifecycle_through_the_cli(env: dict[str, str]) -> None:
+    created = as_json(env, "branch", "create", "cli-a", "--ttl", "7d", "--start")
+    assert created["driver"] == "btrfs" and created["compute"] == "running" and created["ttl_seconds"] == 7 * 86400
+    url = as_json(env, "branch", "url", "cli-a")["url"]
+    assert url.startswith("postgresql://") and url.endswith("/cli-a")
+    direct = tierbase(env, "branch", "url", "cli-a", "--direct").stdout.strip()
+    assert query(direct, "SELECT 1") == [(1,)]
+    names = [b["name"] for b in as_json(env, "branch", "list")]
+    assert names[:1] == ["production"] and "cli-a" in names
+    text = tierbase(env, "branch", "list").stdout
+    assert "└─ cli-a" in text and "production [protected]" in text
+    shown = as_json(env, "branch", "show", "cli-a")
+    assert shown["parent"] == "production" and shown["own_bytes"] is not None
+    assert as_json(env, "branch", "stop", "cli-a")["compute"] == "stopped"
+    assert as_json(env, "branch", "reset", "cli-a")["name"] == "cli-a"
+    assert as_json(env, "branch", "delete", "cli-a") == {"deleted": ["cli-a"]}
+
+
+@pytest.mark.parametrize(("args", "code", "says"), [
+    (("branch", "create", "../x"), 1, "lowercase letters, digits and '-'"),
+    (("branch", "create", "a b"), 1, "lowercase letters"),
+    (("branch", "create", "x" * 64), 1, "1-63 characters"),
+    (("branch", "create", "ok-name", "--parent", "nope"), 1, "'nope' does not exist"),
+    (("branch", "create", "ok-name", "--ttl", "forever"), 1, "does not parse"),
+    (("branch", "delete", "production"), 2, "cannot be deleted"),
+    (("branch", "reset", "production"), 2, "production"),
+    (("branch", "show", "ghost"), 1, "does not exist"),
+])
+def test_bad_input_exit_codes_and_messages(env: dict[str, str], args: tuple[str, ...], code: int,
+                                           says: str) -> None:
+    before = as_json(env, "branch", "list", "--no-bytes")
+    got = tierbase(env, *args, check=False)
+    assert got.returncode == code
+    assert got.stderr.startswith("Error: ") and says in got.stderr
+    as_js = tierbase(env, *args, "--json", check=False)
+    assert as_js.returncode == code and json.loads(as_js.stdout)["error"]["message"]
+    assert as_json(env, "branch", "list", "--no-bytes") == before
+
+
+def test_parallel_cli_creates(env: dict[str, str]) -> None:
+    names = [f"par-{i}" for i in range(20)]
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(lambda n: tierbase(env, "branch", "create", n, check=False), names))
+    assert [r.returncode for r in results] == [0] * 20, [r.stderr for r in results if r.returncode]
+    with ThreadPoolExecutor(2) as pool:
+        twins = list(pool.map(lambda _: tierbase(env, "branch", "create", "twin", check=False), range(2)))
+    assert sorted(r.returncode for r in twins) == [0, 1]
+    assert "already exists" in next(r.stderr for r in twins if r.returncode)
+    for n in [*names, "twin"]:
+        tierbase(env, "branch", "delete", n)
+
+
+def test_ttl_expiry_by_the_service(env: dict[str, str]) -> None:
+    as_json(env, "branch", "create", "short-lived", "--ttl", "2s")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if "short-lived" not in [b["name"] for b in as_json(env, "branch", "list", "--no-bytes")]:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the branch with a 2s TTL was not deleted by the service within 30s")
+
+
+def test_api_openapi_and_auth(env: dict[str, str]) -> None:
+    home = Path(env["TIERBASE_HOME"])
+    info = json.loads((home / "service.json").read_text())
+    doc = httpx.get(f"{info['api_url']}/openapi.json").json()
+    assert "/v1/branches" in doc["paths"]
+    denied = httpx.get(f"{info['api_url']}/v1/branches", headers={"Authorization": "Bearer wrong"})
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "unauthorized"
+    missing = httpx.get(f"{info['api_url']}/v1/branches")
+    assert missing.status_code == 401
+    token = (home / "api.token").read_text().strip()
+    bad = httpx.post(f"{info['api_url']}/v1/branches", json={"nam": "x"},
+                     headers={"Authorization": f"Bearer {token}"})
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_input"
+
+
+def test_commands_without_a_running_platform_say_so() -> None:
+    home = make_home() / "nothing-here"
+    try:
+        got = tierbase(new_env(home), "branch", "list", check=False)
+        assert got.returncode == 1 and "not running" in got.stderr and "tierbase up" in got.stderr
+    finally:
+        shutil.rmtree(home.parent, ignore_errors=True)
+
+
+def test_missing_postgres_binaries_is_a_clear_error_and_makes_nothing() -> None:
+    home = make_home() / "home"
+    try:
+        got = tierbase(new_env(home, TIERBASE_PG_BINDIR="/nonexistent/bin"), "up", check=False)
+        assert got.returncode == 1
+        assert "binaries" in got.stderr and "apt-get install postgresql" in got.stderr
+        assert not home.exists()
+    finally:
+        shutil.rmtree(home.parent, ignore_errors=True)
+
+
+@pytest.mark.skipif(not ROOT, reason="mounting a tiny tmpfs to fill needs root")
+def test_full_disk_is_a_clear_error_and_leaves_nothing() -> None:
+    base = make_home()
+    home = base / "home"
+    home.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(home)], check=True)
+    try:
+        got = tierbase(new_env(home), "up", "--storage", "copy", check=False)
+        assert got.returncode == 1, got.stderr
+        assert "no space left" in got.stderr
+        assert list(home.iterdir()) == []  # nothing half-made
+        assert postgres_pids(home) == []
+    finally:
+        subprocess.run(["umount", str(home)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_copy_driver_says_it_copies(tmp_path: Path) -> None:
+    home = make_home() / "home"
+    e = new_env(home)
+    try:
+        up = as_json(e, "up", "--storage", "copy", "--api-port", str(free_port()), "--proxy-port", str(free_port()))
+        assert up["driver"] == "copy" and up["copy_on_write"] is False
+        assert any("O(size)" in s for s in up["said"])
+        tierbase(e, "branch", "start", "production")
+        query(tierbase(e, "branch", "url", "production", "--direct").stdout.strip(),
+              "CREATE TABLE t AS SELECT 42 AS x")
+        made = as_json(e, "branch", "create", "copied", "--start")
+        assert made["driver"] == "copy" and made["copy_on_write"] is False
+        url = tierbase(e, "branch", "url", "copied", "--direct").stdout.strip()
+        assert query(url, "SELECT x FROM t") == [(42,)]
+    finally:
+        tierbase(e, "down", "--purge", check=False)
+        assert leftovers(home) == []
+        shutil.rmtree(home.parent, ignore_errors=True)
+
+
