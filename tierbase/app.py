@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from .compute import Postgres, compute_user, find_binaries
+import psycopg
+from psycopg import sql
+
+from .compute import Endpoint, Postgres, compute_user, find_binaries
 from .control.branches import Branches
 from .control.store import Branch, Kind, Store
 from .errors import BranchNotFound, InvalidInput, NotRunning, TierbaseError
@@ -263,31 +266,36 @@ class Tierbase:
         ep = provider.endpoint(b.port, dbname)
         pg = provider.pg
         env = dict(os.environ, PGPASSWORD=ep.password)
-        if dbname != "postgres":
-            _ensure_database(pg, ep, dbname, env)
+        made = dbname != "postgres" and _ensure_database(ep, dbname)
         t0 = time.perf_counter()
         plain = src.is_file() and src.read_bytes()[:5] != b"PGDMP"
-        if plain:
-            args = [pg.bins["psql"], "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", ep.host, "-p", str(ep.port),
-                    "-U", ep.user, "-d", dbname, "-f", str(src.absolute())]
-        else:
-            args = [pg.bins["pg_restore"], "--no-owner", "--exit-on-error", "-h", ep.host, "-p", str(ep.port),
-                    "-U", ep.user, "-d", dbname, str(src.absolute())]
+        tool = ([pg.bins["psql"], "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"] if plain
+                else [pg.bins["pg_restore"], "--no-owner", "--exit-on-error"])
+        # one transaction: a dump that fails half way leaves the branch as it was
+        args = [*tool[:-1], "--single-transaction", *tool[-1:]] if plain else [*tool, "--single-transaction"]
+        args += [str(src.absolute()), "-h", ep.host, "-p", str(ep.port), "-U", ep.user, "-d", dbname]
         got = subprocess.run(args, capture_output=True, text=True, env=env)
         if got.returncode != 0:
+            if made:
+                _drop_database(ep, dbname)
             raise TierbaseError(f"restoring {path} failed: {got.stderr.strip()[-800:]}",
-                                "Fix the dump (or restore into an empty branch) and try again")
+                                "Fix the dump and try again; nothing was restored")
         return {"branch": branch, "database": dbname, "file": str(src),
                 "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _ensure_database(pg: Postgres, ep: Any, dbname: str, env: dict[str, str]) -> None:
-    import psycopg
-    from psycopg import sql
-
+def _ensure_database(ep: Endpoint, dbname: str) -> bool:
+    """Create ``dbname`` if missing; True if it was created."""
     with psycopg.connect(ep.dsn("postgres"), autocommit=True) as conn:
-        if not conn.execute("SELECT 1 FROM pg_database WHERE datname=%s", (dbname,)).fetchone():
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname=%s", (dbname,)).fetchone():
+            return False
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
+        return True
+
+
+def _drop_database(ep: Endpoint, dbname: str) -> None:
+    with psycopg.connect(ep.dsn("postgres"), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(dbname)))
 
 
 def _mounted_ok(driver: VolumeDriver) -> bool:

@@ -109,6 +109,10 @@ class Postgres:
         finally:
             pwfile.unlink(missing_ok=True)
         self.write_settings(datadir)
+        # Most dumps say `OWNER TO postgres`; give them that role (no login) so they restore as is.
+        self.run([self.bins["postgres"], "--single", "-D", str(datadir), "-j", "postgres"],
+                 what="creating the postgres role", where=datadir,
+                 input_text="CREATE ROLE postgres NOLOGIN;\n")
         # --no-sync above keeps initdb fast; make the result durable once, at the end.
         self.run(["sync", "-f", str(datadir)], what="sync", where=datadir)
 
