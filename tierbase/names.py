@@ -14,7 +14,7 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 def check_name(name: str, what: str = "branch") -> str:
     """Return ``name`` if it is a valid branch/route name, else raise InvalidName."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise InvalidName(
             f"{what} name {name!r} is not allowed",
             f"Use a name that follows the rule: {NAME_RULE}",
