@@ -322,3 +322,7 @@ def main() -> None:
     cli(prog_name="tierbase")
 
 
+
+
+if __name__ == "__main__":
+    main()

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 out = Console(highlight=False, soft_wrap=True)
@@ -44,7 +45,7 @@ def branch_tree(branches: list[dict[str, Any]]) -> Table:
             glyph = "" if parent is None else ("└─ " if last else "├─ ")
             flags = " [protected]" if b.get("protected") else ""
             compute = "suspended" if b["compute"] == "stopped" else b["compute"]
-            table.add_row(f"{prefix}{glyph}{b['name']}{flags}", b["kind"], compute, b["age"],
+            table.add_row(escape(f"{prefix}{glyph}{b['name']}{flags}"), b["kind"], compute, b["age"],
                           b.get("expires_in") or "-", human_bytes(b.get("own_bytes")), str(b["port"]))
             walk(b["name"], prefix + ("" if parent is None else ("   " if last else "│  ")))
 
