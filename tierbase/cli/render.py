@@ -31,8 +31,9 @@ def human_bytes(n: int | None) -> str:
 def branch_tree(branches: list[dict[str, Any]]) -> Table:
     """Branches as a table whose name column draws the parent/child tree."""
     table = Table(box=None, pad_edge=False)
-    for col in ("branch", "kind", "compute", "age", "expires in", "own bytes", "port"):
-        table.add_column(col)
+    table.add_column("branch", no_wrap=True)
+    for col in ("kind", "compute", "age", "expires in", "own bytes", "port"):
+        table.add_column(col, no_wrap=True)
     kids: dict[str | None, list[dict[str, Any]]] = {}
     names = {b["name"] for b in branches}
     for b in branches:
