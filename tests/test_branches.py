@@ -108,7 +108,7 @@ def test_delete_refuses_children_unless_recursive(platform: Tierbase, branch: st
 
 
 def test_root_and_protected_cannot_be_deleted_or_reset(platform: Tierbase) -> None:
-    with pytest.raises(Refused, match="root"):
+    with pytest.raises(Refused, match="protected tier"):
         platform.delete_branch("production")
     with pytest.raises(Refused):
         platform.reset_branch("production")

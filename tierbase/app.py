@@ -1,15 +1,17 @@
-"""The facade: one object that wires storage, computes and the control plane.
+"""The facade: one object that wires storage, computes, the control plane and governance.
 
 CLI commands and API routes call exactly one method here and render the
-result; nothing below this file knows about either.
+result; nothing below this file knows about either. Every action goes through
+``self.gate.act(...)``: policy decision with a reason, then the action, then
+the audit record.
 """
 
 from __future__ import annotations
 
-import getpass
+import copy
+import hmac
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -18,10 +20,15 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
-from .compute import Endpoint, Postgres, compute_user, find_binaries
+from .compute import Postgres, compute_user, find_binaries
+from .compute.restore import restore_dump
 from .control.branches import Branches
 from .control.store import Branch, Kind, Store
 from .errors import BranchNotFound, InvalidInput, NotRunning, TierbaseError
+from .governance.config import Config, load_config
+from .governance.gate import Gate, os_principal_name
+from .governance.policy import Action, Subject, parse_action
+from .governance.principals import new_token
 from .home import Home, default_home
 from .names import check_name, format_duration, parse_ttl
 from .provider import LocalProvider
@@ -31,16 +38,27 @@ from .storage.btrfs import parse_size
 ROOT_BRANCH = "production"
 DEFAULT_API_PORT = 55430
 DEFAULT_PROXY_PORT = 55431
+NOBODY = Subject(name="platform", kind="none")
 
 
 class Tierbase:
     """A tierbase platform rooted at one data dir."""
 
-    def __init__(self, home: Path | str | None = None) -> None:
+    def __init__(self, home: Path | str | None = None, actor: str | None = None) -> None:
         self.home = Home(Path(home).absolute() if home else default_home())
+        #: the principal this facade acts as; None is the data dir's owner (the first platform engineer)
+        self.actor = actor
         self._store: Store | None = None
         self._branches: Branches | None = None
         self._driver: VolumeDriver | None = None
+        self._gate: Gate | None = None
+
+    def as_principal(self, name: str | None) -> Tierbase:
+        """The same platform, acting as another principal (shares every connection)."""
+        _ = (self.branches, self.gate)  # wire once, so that every view shares them
+        view = copy.copy(self)
+        view.actor = name
+        return view
 
     # -- wiring ----------------------------------------------------------------
     @property
@@ -72,19 +90,36 @@ class Tierbase:
             self._branches = Branches(self.store, provider)
         return self._branches
 
+    @property
+    def gate(self) -> Gate:
+        if self._gate is None:
+            self._gate = Gate(self.store, self.home)
+        return self._gate
+
+    @property
+    def config(self) -> Config:
+        return self.gate.config
+
     def close(self) -> None:
         if self._store is not None:
             self._store.close()
             self._store = None
             self._branches = None
+            self._gate = None
+
+    def _subject(self, name: str) -> Subject:
+        check_name(name)
+        return self.gate.subject(self.store.get(name))
 
     # -- platform lifecycle ----------------------------------------------------
     def init(self, storage: str = "auto", btrfs_size: str = DEFAULT_IMAGE_SIZE, *,
-             api_port: int | None = None, proxy_port: int | None = None) -> list[str]:
-        """Create (or re-open) the platform: storage ready, root branch present, leftovers reconciled."""
+             api_port: int | None = None, proxy_port: int | None = None, config: str | None = None) -> list[str]:
+        """Create (or re-open) the platform: storage ready, root branch present, leftovers reconciled,
+        and the tiers of ``config`` (a tierbase.toml) created."""
         said: list[str] = []
         find_binaries()  # fail before touching anything if postgres is missing
         parse_size(btrfs_size)
+        cfg = load_config(config) if config else None  # a bad config changes nothing
         user = compute_user()
         fresh = not self.home.exists()
         self.home.make(user.uid)
@@ -100,8 +135,12 @@ class Tierbase:
                 self.store.set_setting("proxy_port", proxy_port or DEFAULT_PROXY_PORT)
                 self._driver = driver
                 self.home.read_secret(self.home.secret, create=True)
-                self.home.read_secret(self.home.token, create=True)
-                self.branches.create_root(ROOT_BRANCH, creator=getpass.getuser())
+                owner = os_principal_name()
+                self.store.set_setting("owner", owner)
+                token = new_token()
+                self.gate.principals.create(owner, "platform-engineer", created_by=owner, token=token)
+                self.home.write_secret(self.home.token, token)
+                self.branches.create_root(ROOT_BRANCH, creator=owner)
             except BaseException:
                 self.close()
                 driver.release(purge=True)
@@ -118,6 +157,8 @@ class Tierbase:
                     self.store.set_setting(key, value)
             said += self.driver.prepare() if not _mounted_ok(self.driver) else []
             said += self.branches.reconcile()
+        if cfg is not None:
+            said += self.reload_config(config)["said"]
         return said
 
     def down(self, purge: bool = False) -> list[str]:
@@ -143,30 +184,46 @@ class Tierbase:
 
     # -- branches --------------------------------------------------------------
     def create_branch(self, name: str, parent: str | None = None, *, ttl: str | None = None,
-                      snapshot: bool = False, start: bool = False, creator: str | None = None) -> dict[str, Any]:
+                      snapshot: bool = False, start: bool = False) -> dict[str, Any]:
+        check_name(name)
         ttl_seconds = parse_ttl(ttl) if ttl else None
-        t0 = time.perf_counter()
-        b = self.branches.create(
-            name, parent or ROOT_BRANCH, kind=Kind.SNAPSHOT if snapshot else Kind.FEATURE,
-            creator=creator or getpass.getuser(), ttl_seconds=ttl_seconds, start=start,
-        )
-        info = self.describe(b)
+        parent = parent or self.config.entry
+        with self.gate.act(self.actor, Action.BRANCH_CREATE, self._subject(parent)) as rec:
+            t0 = time.perf_counter()
+            b = self.branches.create(name, parent, kind=Kind.SNAPSHOT if snapshot else Kind.FEATURE,
+                                     creator=self.gate.principal(self.actor).name, ttl_seconds=ttl_seconds,
+                                     start=start)
+            rec.after = info = self.describe(b)
         info["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         return info
 
     def delete_branch(self, name: str, recursive: bool = False) -> list[str]:
-        return self.branches.delete(name, recursive=recursive)
+        subject = self._subject(name)
+        with self.gate.act(self.actor, Action.BRANCH_DELETE, subject, before=self.describe(self.store.get(name))) \
+                as rec:
+            for d in self.branches.subtree(name)[:-1]:  # every descendant needs the same right
+                self._require(Action.BRANCH_DELETE, self.gate.subject(d))
+            rec.after = {"deleted": (gone := self.branches.delete(name, recursive=recursive))}
+        return gone
 
     def reset_branch(self, name: str) -> dict[str, Any]:
-        return self.describe(self.branches.reset(name))
+        with self.gate.act(self.actor, Action.BRANCH_RESET, self._subject(name)) as rec:
+            rec.after = info = self.describe(self.branches.reset(name))
+        return info
 
     def start_branch(self, name: str) -> dict[str, Any]:
-        self.branches.start(name)
+        with self.gate.act(self.actor, Action.BRANCH_START, self._subject(name)):
+            self.branches.start(name)
         return self.describe(self.store.get(name))
 
     def stop_branch(self, name: str) -> dict[str, Any]:
-        self.branches.stop(name)
+        with self.gate.act(self.actor, Action.BRANCH_STOP, self._subject(name)):
+            self.branches.stop(name)
         return self.describe(self.store.get(name))
+
+    def _require(self, action: Action, subject: Subject) -> None:
+        with self.gate.act(self.actor, action, subject):
+            pass
 
     def get_branch(self, name: str, *, with_bytes: bool = True) -> dict[str, Any]:
         check_name(name)
@@ -176,17 +233,41 @@ class Tierbase:
         return [self.describe(b, with_bytes=with_bytes) for b in self.store.all()]
 
     def branch_url(self, name: str, dbname: str = "postgres", *, direct: bool = False) -> str:
-        """A URL for psql/psycopg: through the proxy (stable), or straight to the compute."""
+        """A URL for psql/psycopg with this principal's credentials: through the proxy (stable), or direct.
+
+        The owner of a branch and platform engineers get the cluster's superuser; every other
+        principal allowed to connect gets a read-only role of its own, created on the branch.
+        """
         check_name(name)
-        ep = self.branches.provider.endpoint(0, dbname)
-        userinfo = f"{ep.user}:{quote(ep.password, safe='')}"
-        if direct:
-            port = self.store.get(name).port
-            return f"postgresql://{userinfo}@{ep.host}:{port}/{quote(dbname, safe='')}"
-        if self.store.resolve_route(name) is None:
+        target = self.store.resolve_route(name)
+        if target is None:
             raise BranchNotFound(name)
-        target = name if dbname == "postgres" else f"{name}.{dbname}"
-        return f"postgresql://{userinfo}@127.0.0.1:{self.proxy_port}/{quote(target, safe='')}"
+        subject = self.gate.subject(self.store.get(target))
+        with self.gate.act(self.actor, Action.BRANCH_CONNECT, subject) as rec:
+            user, password = self._credentials(subject)
+            rec.after = {"user": user}
+        userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}"
+        if direct:
+            port = self.store.get(target).port
+            return f"postgresql://{userinfo}@127.0.0.1:{port}/{quote(dbname, safe='')}"
+        route = name if dbname == "postgres" else f"{name}.{dbname}"
+        return f"postgresql://{userinfo}@127.0.0.1:{self.proxy_port}/{quote(route, safe='')}"
+
+    def _credentials(self, subject: Subject) -> tuple[str, str]:
+        who = self.gate.principal(self.actor)
+        provider = self.branches.provider
+        if subject.owner == who.name or self.config.base_role(who.role) == "platform-engineer":
+            return provider.endpoint(0).user, provider.password
+        # a read-only login of the principal's own, the same password on every branch
+        password = hmac.new(provider.password.encode(), f"reader:{who.name}".encode(), "sha256").hexdigest()[:32]
+        self.branches.start(subject.name)
+        with psycopg.connect(provider.endpoint(self.store.get(subject.name).port).dsn(), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname=%s", (who.name,)).fetchone()
+            verb = "ALTER" if exists else "CREATE"
+            conn.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(who.name),
+                                                                            sql.Literal(password)))
+            conn.execute(sql.SQL("GRANT pg_read_all_data TO {}").format(sql.Identifier(who.name)))
+        return who.name, password
 
     @property
     def proxy_port(self) -> int:
@@ -207,19 +288,27 @@ class Tierbase:
     def set_route(self, route: str, branch: str) -> dict[str, Any]:
         """Point a stable route at a branch (the store change only; the service also moves live sessions)."""
         check_name(route, "route")
-        check_name(branch)
-        if self.store.get(branch).kind is Kind.SNAPSHOT:
+        subject = self._subject(branch)
+        if subject.kind == Kind.SNAPSHOT.value:
             raise InvalidInput(f"branch {branch!r} is a read-only snapshot and cannot serve a route",
                                "Create a branch from it and route to that: "
                                f"`tierbase branch create NAME --parent {branch}`")
-        previous = self.store.set_route(route, branch)
-        return {"route": route, "branch": branch, "previous": previous or self._own_branch(route)}
+        with self.gate.act(self.actor, Action.ROUTE_SET, Subject(name=route, kind="route"),
+                           before={"branch": self.store.resolve_route(route)}) as rec:
+            previous = self.store.set_route(route, branch)
+            rec.after = out = {"route": route, "branch": branch, "previous": previous or self._own_branch(route)}
+        return out
 
     def _own_branch(self, route: str) -> str | None:
         return route if self.store.find(route) else None
 
     def sweep(self, now: float | None = None) -> list[str]:
-        return self.branches.sweep(now)
+        """Delete expired branches (the platform's own action: audited as such)."""
+        gone = self.branches.sweep(now)
+        for name in gone:
+            self.gate.audit.append(actor="tierbase", action="branch.expire", target=name, allowed=True,
+                                   reason="ttl: the branch's TTL expired", after={"deleted": [name]})
+        return gone
 
     def describe(self, b: Branch, *, with_bytes: bool = False) -> dict[str, Any]:
         provider = self.branches.provider
@@ -256,46 +345,79 @@ class Tierbase:
     # -- import ------------------------------------------------------------------
     def import_dump(self, path: str, branch: str = ROOT_BRANCH, dbname: str = "postgres") -> dict[str, Any]:
         """Restore a pg_dump file (plain SQL or custom/directory/tar archive) into a branch."""
-        src = Path(path)
+        src = Path(path).absolute()
         if not src.exists():
             raise InvalidInput(f"dump file {path!r} does not exist", "Give the path of a pg_dump output")
-        check_name(branch)
-        self.branches.start(branch)
-        b = self.store.get(branch)
-        provider = self.branches.provider
-        ep = provider.endpoint(b.port, dbname)
-        pg = provider.pg
-        env = dict(os.environ, PGPASSWORD=ep.password)
-        made = dbname != "postgres" and _ensure_database(ep, dbname)
-        t0 = time.perf_counter()
-        plain = src.is_file() and src.read_bytes()[:5] != b"PGDMP"
-        tool = ([pg.bins["psql"], "-X", "-q", "-v", "ON_ERROR_STOP=1", "-f"] if plain
-                else [pg.bins["pg_restore"], "--no-owner", "--exit-on-error"])
-        # one transaction: a dump that fails half way leaves the branch as it was
-        args = [*tool[:-1], "--single-transaction", *tool[-1:]] if plain else [*tool, "--single-transaction"]
-        args += [str(src.absolute()), "-h", ep.host, "-p", str(ep.port), "-U", ep.user, "-d", dbname]
-        got = subprocess.run(args, capture_output=True, text=True, env=env)
-        if got.returncode != 0:
-            if made:
-                _drop_database(ep, dbname)
-            raise TierbaseError(f"restoring {path} failed: {got.stderr.strip()[-800:]}",
-                                "Fix the dump and try again; nothing was restored")
-        return {"branch": branch, "database": dbname, "file": str(src),
-                "seconds": round(time.perf_counter() - t0, 2)}
+        with self.gate.act(self.actor, Action.BRANCH_IMPORT, self._subject(branch)) as rec:
+            self.branches.start(branch)
+            t0 = time.perf_counter()
+            provider = self.branches.provider
+            restore_dump(provider.pg, provider.endpoint(self.store.get(branch).port), src, dbname)
+            rec.after = out = {"branch": branch, "database": dbname, "file": str(src),
+                               "seconds": round(time.perf_counter() - t0, 2)}
+        return out
 
+    # -- governance ----------------------------------------------------------------
+    def reload_config(self, path: str | None = None) -> dict[str, Any]:
+        """Load tierbase.toml (validated whole before anything changes), then create missing tiers."""
+        source = path or self.store.get_setting("config_source")
+        if source is None:
+            raise InvalidInput("no tierbase.toml was given and none was loaded before",
+                               "Pass the path: `tierbase policy reload --file tierbase.toml`")
+        cfg = load_config(source)
+        self.gate.check_against_branches(cfg)
+        old = self.config
+        with self.gate.act(self.actor, Action.POLICY_RELOAD, NOBODY, before={"sha256": old.digest}) as rec:
+            self.gate.store_config(cfg, str(Path(source).absolute()))
+            said = [f"loaded {source} (sha256 {cfg.digest[:12]})"]
+            for name in cfg.tier_order():
+                tier = cfg.tiers[name]
+                b = self.store.find(name)
+                if b is None and tier.parent is not None:
+                    self.branches.create(name, tier.parent, kind=Kind.TIER, creator=self.gate.owner,
+                                         protected=tier.protected)
+                    said.append(f"created tier {name!r} from {tier.parent!r}")
+                elif b is not None and b.protected != tier.protected:
+                    self.store.set_protected(name, tier.protected)
+                    said.append(f"tier {name!r} is now {'protected' if tier.protected else 'unprotected'}")
+            rec.after = {"sha256": cfg.digest, "diff": cfg.diff(old)}
+        return {"sha256": cfg.digest, "source": str(source), "said": said, "entry": cfg.entry}
 
-def _ensure_database(ep: Endpoint, dbname: str) -> bool:
-    """Create ``dbname`` if missing; True if it was created."""
-    with psycopg.connect(ep.dsn("postgres"), autocommit=True) as conn:
-        if conn.execute("SELECT 1 FROM pg_database WHERE datname=%s", (dbname,)).fetchone():
-            return False
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(dbname)))
-        return True
+    def show_config(self) -> dict[str, Any]:
+        cfg = self.config
+        return {"sha256": cfg.digest, "source": self.store.get_setting("config_source"), "text": cfg.text,
+                "entry": cfg.entry, "tiers": cfg.tier_order()}
 
+    def explain(self, principal: str, action: str, target: str, source: str | None = None) -> dict[str, Any]:
+        """The decision the policy would take, without doing anything."""
+        act = parse_action(action)
+        subject = self._subject(target) if self.store.find(target) else Subject(name=target, kind="none")
+        src = self._subject(source) if source else None
+        decision = self.gate.decide(principal, act, subject, src)
+        return {"principal": principal, "action": act.value, "target": target, **decision.to_dict()}
 
-def _drop_database(ep: Endpoint, dbname: str) -> None:
-    with psycopg.connect(ep.dsn("postgres"), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(dbname)))
+    def create_principal(self, name: str, role: str) -> dict[str, Any]:
+        if role not in self.config.roles:
+            raise InvalidInput(f"role {role!r} is not known", f"Use one of: {', '.join(self.config.roles)}")
+        with self.gate.act(self.actor, Action.PRINCIPAL_MANAGE, Subject(name=name, kind="principal")) as rec:
+            p, token = self.gate.principals.create(name, role, created_by=self.gate.principal(self.actor).name)
+            rec.after = p.to_dict()
+        return {**p.to_dict(), "token": token}
+
+    def list_principals(self) -> list[dict[str, Any]]:
+        return [p.to_dict() for p in self.gate.principals.all()]
+
+    def revoke_principal(self, name: str) -> dict[str, Any]:
+        with self.gate.act(self.actor, Action.PRINCIPAL_MANAGE, Subject(name=name, kind="principal")) as rec:
+            rec.after = out = self.gate.principals.revoke(name).to_dict()
+        return out
+
+    def audit_log(self, **filters: Any) -> list[dict[str, Any]]:
+        self._require(Action.AUDIT_READ, NOBODY)
+        return self.gate.audit.query(**filters)
+
+    def audit_verify(self) -> dict[str, Any]:
+        return self.gate.audit.verify().to_dict()
 
 
 def _mounted_ok(driver: VolumeDriver) -> bool:

@@ -78,13 +78,14 @@ class Refused(TierbaseError):
 class PolicyDenied(Refused):
     code = "policy_denied"
 
-    def __init__(self, action: str, target: str, reason: str) -> None:
+    def __init__(self, action: str, target: str, reason: str, rule: str = "") -> None:
         super().__init__(
             f"{action} on {target!r} is refused: {reason}",
             "Ask a platform engineer to change the declared policy if this is wrong",
             action=action,
             target=target,
             reason=reason,
+            rule=rule,
         )
 
 

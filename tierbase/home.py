@@ -73,6 +73,12 @@ class Home:
                         f"or `chmod o+x {parent}`",
                     )
 
+    @staticmethod
+    def write_secret(path: Path, value: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(value)
+
     def read_secret(self, path: Path, create: bool = False) -> str:
         if not path.exists():
             if not create:

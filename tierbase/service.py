@@ -68,15 +68,15 @@ class Service:
     def sessions(self, branch: str) -> int:
         return self.proxy.sessions(branch)
 
-    def repoint(self, route: str, branch: str, drain: float) -> dict[str, Any]:
+    def repoint(self, me: Tierbase, route: str, branch: str, drain: float) -> dict[str, Any]:
         """Called from an API worker thread: switch the route atomically on the proxy's loop."""
         assert self.loop is not None
-        return asyncio.run_coroutine_threadsafe(self._repoint(route, branch, drain), self.loop).result()
+        return asyncio.run_coroutine_threadsafe(self._repoint(me, route, branch, drain), self.loop).result()
 
-    async def _repoint(self, route: str, branch: str, drain: float) -> dict[str, Any]:
+    async def _repoint(self, me: Tierbase, route: str, branch: str, drain: float) -> dict[str, Any]:
         t0 = time.perf_counter()
         async with self.proxy.hold(route):
-            out = await asyncio.to_thread(self.tb.set_route, route, branch)
+            out = await asyncio.to_thread(me.set_route, route, branch)
             old = out.get("previous")
             ended = 0
             if old and old != branch:
@@ -130,8 +130,7 @@ class Service:
         self.loop = asyncio.get_running_loop()
         for line in await asyncio.to_thread(self.tb.reconcile):
             log.info("reconcile: %s", line)
-        token = self.tb.home.read_secret(self.tb.home.token)
-        app = create_app(self.tb, token, hooks=self)
+        app = create_app(self.tb, hooks=self)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.tb.api_port, log_level="warning",
                                                lifespan="off"))
         await self.proxy.start()

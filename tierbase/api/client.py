@@ -20,6 +20,15 @@ def service_info(home: Home) -> dict[str, Any] | None:
         return None
 
 
+def _token_file() -> str | None:
+    """~/.config/tierbase/token, where a principal may keep the token it was given."""
+    path = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "tierbase" / "token"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 class Client:
     """Talks to the service of one data dir (or to ``url`` with ``token``)."""
 
@@ -30,7 +39,7 @@ class Client:
         if info is None:
             raise NotRunning(f"tierbase is not running for the data dir {self.home.root}",
                              "Start it with `tierbase up` (or set TIERBASE_HOME to the right data dir)")
-        tok = token or os.environ.get("TIERBASE_TOKEN")
+        tok = token or os.environ.get("TIERBASE_TOKEN") or _token_file()
         if tok is None:
             try:
                 tok = self.home.token.read_text().strip()
@@ -101,3 +110,32 @@ class Client:
 
     def import_dump(self, path: str, branch: str = "production", dbname: str = "postgres") -> dict[str, Any]:
         return dict(self._call("POST", "/v1/import", json={"path": path, "branch": branch, "database": dbname}))
+
+    # -- governance ---------------------------------------------------------------
+    def create_principal(self, name: str, role: str) -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/principals", json={"name": name, "role": role}))
+
+    def list_principals(self) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/principals"))
+
+    def revoke_principal(self, name: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/principals/{name}"))
+
+    def show_config(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/policy"))
+
+    def reload_config(self, path: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/policy/reload", json={"file": path}))
+
+    def explain(self, principal: str, action: str, target: str, source: str | None = None) -> dict[str, Any]:
+        params = {"principal": principal, "action": action, "target": target}
+        if source:
+            params["source"] = source
+        return dict(self._call("GET", "/v1/policy/explain", params=params))
+
+    def audit_log(self, **filters: Any) -> list[dict[str, Any]]:
+        params = {k: v for k, v in filters.items() if v is not None}
+        return list(self._call("GET", "/v1/audit", params=params))
+
+    def audit_verify(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/audit/verify"))

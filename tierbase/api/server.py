@@ -5,10 +5,8 @@ blocks on subprocesses and SQLite, and must not stall the event loop that the
 proxy shares.
 """
 
-from __future__ import annotations
 
-import hmac
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,16 +37,33 @@ class ImportDump(BaseModel):
     database: str = "postgres"
 
 
-def create_app(tb: Tierbase, token: str, hooks: Any = None) -> FastAPI:
+class PrincipalCreate(BaseModel):
+    name: str
+    role: str
+
+
+class ConfigReload(BaseModel):
+    file: str | None = None
+
+
+def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     """Build the API over ``tb``; ``hooks`` (the service) repoints live proxy sessions."""
     app = FastAPI(title="tierbase", version=__version__,
-                  description="Copy-on-write branches of PostgreSQL: branches, computes, routes.")
+                  description="Copy-on-write branches of PostgreSQL: branches, computes, routes, governance.")
 
-    def auth(request: Request) -> None:
-        got = request.headers.get("authorization", "")
-        if not hmac.compare_digest(got.encode(), f"Bearer {token}".encode()):
-            raise Unauthorized("missing or wrong API token",
-                               "Send `Authorization: Bearer <token>` (the CLI reads it from the data dir)")
+    def auth(request: Request) -> Tierbase:
+        """The facade acting as the principal whose bearer token came with the request."""
+        header = request.headers.get("authorization", "")
+        token = header[7:] if header.lower().startswith("bearer ") else None
+        try:
+            who = tb.gate.principals.authenticate(token)
+        except Unauthorized as err:
+            tb.gate.audit.append(actor="anonymous", action="auth", target=request.url.path, allowed=False,
+                                 reason=err.message, outcome="refused")
+            raise
+        return tb.as_principal(who.name)
+
+    As = Annotated[Tierbase, Depends(auth)]
 
     @app.exception_handler(TierbaseError)
     async def tierbase_error(_: Request, err: TierbaseError) -> JSONResponse:
@@ -66,64 +81,62 @@ def create_app(tb: Tierbase, token: str, hooks: Any = None) -> FastAPI:
     def health() -> dict[str, Any]:
         return {"ok": True, "version": __version__}
 
-    guarded = [Depends(auth)]
-
-    @app.get("/v1/status", dependencies=guarded)
-    def status() -> dict[str, Any]:
-        out = tb.status()
+    @app.get("/v1/status")
+    def status(me: As) -> dict[str, Any]:
+        out = me.status()
         if hooks is not None:
             out.update(hooks.status())
         return out
 
-    @app.get("/v1/branches", dependencies=guarded)
-    def list_branches(bytes: bool = True) -> list[dict[str, Any]]:
-        return _with_sessions(tb.list_branches(with_bytes=bytes), hooks)
+    @app.get("/v1/branches")
+    def list_branches(me: As, bytes: bool = True) -> list[dict[str, Any]]:
+        return _with_sessions(me.list_branches(with_bytes=bytes), hooks)
 
-    @app.post("/v1/branches", status_code=201, dependencies=guarded)
-    def create_branch(body: BranchCreate) -> dict[str, Any]:
-        return tb.create_branch(body.name, body.parent, ttl=body.ttl, snapshot=body.snapshot, start=body.start)
+    @app.post("/v1/branches", status_code=201)
+    def create_branch(me: As, body: BranchCreate) -> dict[str, Any]:
+        return me.create_branch(body.name, body.parent, ttl=body.ttl, snapshot=body.snapshot, start=body.start)
 
-    @app.get("/v1/branches/{name}", dependencies=guarded)
-    def show_branch(name: str) -> dict[str, Any]:
-        return _with_sessions([tb.get_branch(name)], hooks)[0]
+    @app.get("/v1/branches/{name}")
+    def show_branch(me: As, name: str) -> dict[str, Any]:
+        return _with_sessions([me.get_branch(name)], hooks)[0]
 
-    @app.delete("/v1/branches/{name}", dependencies=guarded)
-    def delete_branch(name: str, recursive: bool = False) -> dict[str, Any]:
-        return {"deleted": tb.delete_branch(name, recursive=recursive)}
+    @app.delete("/v1/branches/{name}")
+    def delete_branch(me: As, name: str, recursive: bool = False) -> dict[str, Any]:
+        return {"deleted": me.delete_branch(name, recursive=recursive)}
 
-    @app.post("/v1/branches/{name}/reset", dependencies=guarded)
-    def reset_branch(name: str) -> dict[str, Any]:
-        return tb.reset_branch(name)
+    @app.post("/v1/branches/{name}/reset")
+    def reset_branch(me: As, name: str) -> dict[str, Any]:
+        return me.reset_branch(name)
 
-    @app.post("/v1/branches/{name}/start", dependencies=guarded)
-    def start_branch(name: str) -> dict[str, Any]:
-        return tb.start_branch(name)
+    @app.post("/v1/branches/{name}/start")
+    def start_branch(me: As, name: str) -> dict[str, Any]:
+        return me.start_branch(name)
 
-    @app.post("/v1/branches/{name}/stop", dependencies=guarded)
-    def stop_branch(name: str) -> dict[str, Any]:
-        return tb.stop_branch(name)
+    @app.post("/v1/branches/{name}/stop")
+    def stop_branch(me: As, name: str) -> dict[str, Any]:
+        return me.stop_branch(name)
 
-    @app.get("/v1/branches/{name}/url", dependencies=guarded)
-    def branch_url(name: str, database: str = "postgres", direct: bool = False) -> dict[str, Any]:
-        return {"name": name, "url": tb.branch_url(name, database, direct=direct)}
+    @app.get("/v1/branches/{name}/url")
+    def branch_url(me: As, name: str, database: str = "postgres", direct: bool = False) -> dict[str, Any]:
+        return {"name": name, "url": me.branch_url(name, database, direct=direct)}
 
-    @app.get("/v1/routes", dependencies=guarded)
-    def routes() -> list[dict[str, Any]]:
-        return tb.list_routes()
+    @app.get("/v1/routes")
+    def routes(me: As) -> list[dict[str, Any]]:
+        return me.list_routes()
 
-    @app.put("/v1/routes/{name}", dependencies=guarded)
-    def set_route(name: str, body: RouteSet) -> dict[str, Any]:
+    @app.put("/v1/routes/{name}")
+    def set_route(me: As, name: str, body: RouteSet) -> dict[str, Any]:
         if hooks is not None:
-            return dict(hooks.repoint(name, body.branch, body.drain))
-        return tb.set_route(name, body.branch)
+            return dict(hooks.repoint(me, name, body.branch, body.drain))
+        return me.set_route(name, body.branch)
 
-    @app.post("/v1/sweep", dependencies=guarded)
-    def sweep() -> dict[str, Any]:
-        return {"deleted": tb.sweep()}
+    @app.post("/v1/sweep")
+    def sweep(me: As) -> dict[str, Any]:
+        return {"deleted": me.sweep()}
 
-    @app.post("/v1/import", dependencies=guarded)
-    def import_dump(body: ImportDump) -> dict[str, Any]:
-        return tb.import_dump(body.path, body.branch, body.database)
+    @app.post("/v1/import")
+    def import_dump(me: As, body: ImportDump) -> dict[str, Any]:
+        return me.import_dump(body.path, body.branch, body.database)
 
     return app
 

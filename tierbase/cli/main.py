@@ -74,13 +74,16 @@ def cli(ctx: click.Context, home: str | None) -> None:
 @click.option("--proxy-port", type=int, default=None, help="Postgres proxy port (default 55431).")
 @click.option("--idle-timeout", type=int, default=None, help="Seconds before an idle compute is suspended "
               "(default 300; 0 never).")
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
+              help="tierbase.toml declaring tiers, roles and masking (creates missing tiers).")
 @command
 @click.pass_context
 def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, proxy_port: int | None,
-       idle_timeout: int | None) -> None:
+       idle_timeout: int | None, config: str | None) -> None:
     """Start the platform for the data dir (initialising it on first use)."""
     tb = Tierbase(home_of(ctx))
-    said = tb.init(storage=storage, btrfs_size=btrfs_size, api_port=api_port, proxy_port=proxy_port)
+    said = tb.init(storage=storage, btrfs_size=btrfs_size, api_port=api_port, proxy_port=proxy_port,
+                   config=config)
     if idle_timeout is not None:
         tb.store.set_setting("idle_timeout", idle_timeout)
     info = _running_service(tb.home)
@@ -319,6 +322,8 @@ def route_set(ctx: click.Context, route_name: str, branch_name: str, drain: floa
 
 
 def main() -> None:
+    from . import governance  # noqa: F401  (registers its commands on `cli`)
+
     cli(prog_name="tierbase")
 
 

@@ -96,6 +96,10 @@ class Branches:
             self.store.remove(d.name)
         return names
 
+    def subtree(self, name: str) -> list[Branch]:
+        """The branch and its descendants, leaves first."""
+        return self._subtree(self.store.get(name))
+
     def _subtree(self, b: Branch) -> list[Branch]:
         out: list[Branch] = []
         for child in self.store.children(b.name):

@@ -121,6 +121,11 @@ class Store:
         self._conn.executescript(SCHEMA)
 
     @property
+    def db(self) -> sqlite3.Connection:
+        """This thread's connection, for the layers above that keep tables of their own."""
+        return self._conn
+
+    @property
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
@@ -227,6 +232,10 @@ class Store:
                     raise TierbaseError(f"branch {name!r} is still being created", "Try again in a moment")
                 db.execute("UPDATE branches SET state=?, owner=? WHERE name=?",
                            (State.DELETING.value, process_token(), name))
+
+    def set_protected(self, name: str, protected: bool) -> None:
+        with self.write() as db:
+            db.execute("UPDATE branches SET protected=? WHERE name=?", (int(protected), name))
 
     def remove(self, name: str) -> None:
         with self.write() as db:

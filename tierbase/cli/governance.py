@@ -1,0 +1,153 @@
+"""CLI commands for principals, policy and the audit trail."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import click
+
+from ..names import parse_ttl
+from .main import as_json, cli, client, command
+from .render import emit_json, out
+
+
+@cli.group()
+def principal() -> None:
+    """Humans, agents and CI: who may do what, through which token."""
+
+
+@principal.command("create")
+@click.argument("name")
+@click.option("--role", required=True, help="platform-engineer, developer, agent, ci, or a declared role.")
+@command
+@click.pass_context
+def principal_create(ctx: click.Context, name: str, role: str) -> None:
+    """Create a principal and print its token (shown once)."""
+    p = client(ctx).create_principal(name, role)
+    if as_json():
+        emit_json(p)
+        return
+    out.print(f"created {p['role']} {p['name']!r}. Its token (shown once; keep it in TIERBASE_TOKEN):")
+    click.echo(p["token"])
+
+
+@principal.command("list")
+@command
+@click.pass_context
+def principal_list(ctx: click.Context) -> None:
+    data = client(ctx).list_principals()
+    if as_json():
+        emit_json(data)
+        return
+    for p in data:
+        out.print(f"{p['name']:<24} {p['role']:<18} {'revoked' if p['revoked'] else 'active'}")
+
+
+@principal.command("revoke")
+@click.argument("name")
+@command
+@click.pass_context
+def principal_revoke(ctx: click.Context, name: str) -> None:
+    """Revoke NAME's token; its requests are refused from now on."""
+    p = client(ctx).revoke_principal(name)
+    emit_json(p) if as_json() else out.print(f"revoked {name!r}")
+
+
+@cli.group()
+def policy() -> None:
+    """The declared config (tierbase.toml) and the decisions it leads to."""
+
+
+@policy.command("show")
+@command
+@click.pass_context
+def policy_show(ctx: click.Context) -> None:
+    data = client(ctx).show_config()
+    if as_json():
+        emit_json(data)
+        return
+    out.print(f"# {data['source'] or 'default config'} (sha256 {data['sha256'][:12]}, entry tier {data['entry']})")
+    click.echo(data["text"])
+
+
+@policy.command("reload")
+@click.option("--file", "path", type=click.Path(dir_okay=False), default=None,
+              help="A new tierbase.toml (default: the one loaded before).")
+@command
+@click.pass_context
+def policy_reload(ctx: click.Context, path: str | None) -> None:
+    """Validate and load tierbase.toml (platform engineers only; audited with hash and diff)."""
+    import os
+
+    data = client(ctx).reload_config(os.path.abspath(path) if path else None)
+    if as_json():
+        emit_json(data)
+        return
+    for line in data["said"]:
+        out.print(f"- {line}")
+
+
+@policy.command("explain")
+@click.option("--as", "who", required=True, help="The principal to decide for.")
+@click.option("--from", "source", default=None, help="For promote: the source tier or branch.")
+@click.argument("action")
+@click.argument("target")
+@command
+@click.pass_context
+def policy_explain(ctx: click.Context, who: str, source: str | None, action: str, target: str) -> None:
+    """Print the decision and the rule for ACTION on TARGET, without doing anything."""
+    d = client(ctx).explain(who, action, target, source)
+    if as_json():
+        emit_json(d)
+        return
+    out.print(f"{'ALLOWED' if d['allowed'] else 'DENIED'}: {d['reason']} (rule {d['rule']})")
+
+
+@cli.group()
+def audit() -> None:
+    """The tamper-evident trail of every decision."""
+
+
+@audit.command("log")
+@click.option("--actor")
+@click.option("--action")
+@click.option("--target")
+@click.option("--denied", is_flag=True, default=None, help="Only refusals.")
+@click.option("--since", help="How far back, e.g. 1h or 7d.")
+@click.option("--limit", type=int, default=200, show_default=True)
+@click.option("--jsonl", is_flag=True, help="One JSON object per line (for export).")
+@command
+@click.pass_context
+def audit_log(ctx: click.Context, actor: str | None, action: str | None, target: str | None, denied: bool | None,
+              since: str | None, limit: int, jsonl: bool) -> None:
+    """Audit records, oldest first, filtered."""
+    after = time.time() - parse_ttl(since) if since else None
+    rows = client(ctx).audit_log(actor=actor, action=action, target=target, denied=denied, since=after, limit=limit)
+    if jsonl:
+        for r in rows:
+            click.echo(json.dumps(r, sort_keys=True))
+    elif as_json():
+        emit_json(rows)
+    else:
+        for r in rows:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["ts"]))
+            out.print(f"{r['id']:>5} {stamp} {r['actor']:<16} {r['action']:<16} {r['target']:<20} "
+                      f"{r['decision']:<7} {r['outcome']:<8} {r['reason']}", markup=False)
+
+
+@audit.command("verify")
+@command
+@click.pass_context
+def audit_verify(ctx: click.Context) -> None:
+    """Check the hash chain; names the first bad record. Exit 1 if broken."""
+    v = client(ctx).audit_verify()
+    if as_json():
+        emit_json(v)
+    elif v["ok"]:
+        out.print(f"audit trail intact: {v['records']} records")
+    if not v["ok"]:
+        from ..errors import TierbaseError
+
+        raise TierbaseError(f"the audit trail is broken at record {v['first_bad']}: {v['problem']}",
+                            "Restore meta.db from a backup and investigate who changed it")

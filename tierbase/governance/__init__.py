@@ -1,0 +1,1 @@
+"""Governance: principals, tokens, the policy engine, the audit chain and masking."""

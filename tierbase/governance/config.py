@@ -1,0 +1,172 @@
+"""tierbase.toml: parsed with tomllib, checked against a JSON Schema, then for meaning.
+
+Every problem names the key it is about (``tiers.qa.parent``), so the
+platform engineer can go straight to it. A config that fails any check is
+never stored: the platform keeps running on its last good one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+
+from ..errors import InvalidInput
+
+BUILTIN_ROLES = ("platform-engineer", "developer", "agent", "ci")
+DEFAULT_TIERS: dict[str, Any] = {"production": {"protected": True, "entry": True}}
+
+
+class ConfigError(InvalidInput):
+    code = "invalid_config"
+
+    def __init__(self, problems: list[str], source: str) -> None:
+        super().__init__(
+            f"{source} is not valid: " + "; ".join(problems),
+            "Fix the named keys and load it again; the platform keeps its last good config",
+            problems=problems,
+        )
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    parent: str | None
+    protected: bool
+    entry: bool
+    sensitive: bool
+    masked: bool
+    git_branch: str | None
+    promote: tuple[str, ...]
+    branch: tuple[str, ...] | None  # None: the default rule (everyone, agents not off protected tiers)
+    smoke: str | None
+
+
+@dataclass(frozen=True)
+class Config:
+    raw: dict[str, Any]
+    text: str
+    tiers: dict[str, Tier]
+    roles: dict[str, str]  # role -> the built-in role it behaves like
+    grants: dict[str, tuple[str, ...]]
+    masking: dict[str, str]
+    project: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+    @property
+    def root(self) -> str:
+        return next(t.name for t in self.tiers.values() if t.parent is None)
+
+    @property
+    def entry(self) -> str:
+        return next((t.name for t in self.tiers.values() if t.entry), self.root)
+
+    def base_role(self, role: str) -> str:
+        return self.roles.get(role, role)
+
+    def tier_order(self) -> list[str]:
+        """Tiers parents-first, so each can be created from an existing parent."""
+        order: list[str] = []
+        while len(order) < len(self.tiers):
+            for t in self.tiers.values():
+                if t.name not in order and (t.parent is None or t.parent in order):
+                    order.append(t.name)
+        return order
+
+    def diff(self, other: Config | None) -> str:
+        before = other.text.splitlines() if other else []
+        return "\n".join(difflib.unified_diff(before, self.text.splitlines(), "before", "after", lineterm=""))
+
+
+def _schema() -> dict[str, Any]:
+    text = resources.files("tierbase.governance").joinpath("schemas/config.schema.json").read_text()
+    return dict(json.loads(text))
+
+
+def default_config() -> Config:
+    return parse_config('[tiers.production]\nprotected = true\nentry = true\n', "the default config")
+
+
+def load_config(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as err:
+        raise InvalidInput(f"cannot read {p}: {err.strerror}", "Give the path of your tierbase.toml") from err
+    return parse_config(text, str(p))
+
+
+def parse_config(text: str, source: str = "tierbase.toml") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError([f"TOML syntax: {err}"], source) from err
+    problems = [_schema_problem(e) for e in sorted(jsonschema.Draft202012Validator(_schema()).iter_errors(raw),
+                                                    key=lambda e: list(e.absolute_path))]
+    if problems:
+        raise ConfigError(problems, source)
+    roles = {r: r for r in BUILTIN_ROLES}
+    roles.update({name: spec["like"] for name, spec in raw.get("roles", {}).items()})
+    tiers = {name: _tier(name, spec) for name, spec in raw.get("tiers", DEFAULT_TIERS).items()}
+    grants = {k: tuple(v) for k, v in raw.get("grants", {}).items()}
+    grants.setdefault("unmasked_read", ("platform-engineer",))
+    problems = _meaning(tiers, roles, grants)
+    if problems:
+        raise ConfigError(problems, source)
+    return Config(raw=raw, text=text, tiers=tiers, roles=roles, grants=grants, masking=dict(raw.get("masking", {})),
+                  project=dict(raw.get("project", {})))
+
+
+def _schema_problem(err: jsonschema.ValidationError) -> str:
+    where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+    if err.validator == "additionalProperties":
+        return f"{where}: {err.message} (allowed: {', '.join(sorted(err.schema.get('properties', {})))})"
+    return f"{where}: {err.message}"
+
+
+def _tier(name: str, spec: dict[str, Any]) -> Tier:
+    return Tier(name=name, parent=spec.get("parent"), protected=bool(spec.get("protected", False)),
+                entry=bool(spec.get("entry", False)), sensitive=bool(spec.get("sensitive", False)),
+                masked=bool(spec.get("masked", False)), git_branch=spec.get("git_branch"),
+                promote=tuple(spec.get("promote", ("platform-engineer",))),
+                branch=tuple(spec["branch"]) if "branch" in spec else None, smoke=spec.get("smoke"))
+
+
+def _meaning(tiers: dict[str, Tier], roles: dict[str, str], grants: dict[str, tuple[str, ...]]) -> list[str]:
+    problems: list[str] = []
+    roots = [t.name for t in tiers.values() if t.parent is None]
+    if len(roots) != 1:
+        problems.append(f"tiers: exactly one tier must have no parent (the root), found {roots or 'none'}")
+    for t in tiers.values():
+        if t.parent is not None and t.parent not in tiers:
+            problems.append(f"tiers.{t.name}.parent: unknown tier {t.parent!r} (declared: {', '.join(tiers)})")
+        for key in ("promote", "branch"):
+            for role in getattr(t, key) or ():
+                if role not in roles:
+                    problems.append(f"tiers.{t.name}.{key}: unknown role {role!r} (known: {', '.join(roles)})")
+    for t in tiers.values():  # cycles: walk up at most len(tiers) steps
+        seen, cur = [t.name], t.parent
+        while cur is not None and cur in tiers:
+            if cur in seen:
+                problems.append(f"tiers.{t.name}.parent: cycle {' -> '.join([*seen, cur])}")
+                break
+            seen.append(cur)
+            cur = tiers[cur].parent
+    entries = [t.name for t in tiers.values() if t.entry]
+    if len(entries) > 1:
+        problems.append(f"tiers: only one tier may be the entry tier, found {entries}")
+    for grant, who in grants.items():
+        for role in who:
+            if role not in roles:
+                problems.append(f"grants.{grant}: unknown role {role!r} (known: {', '.join(roles)})")
+    return sorted(set(problems))

@@ -1,0 +1,132 @@
+"""The gate every control-plane action goes through: authorize, act, audit.
+
+``with gate.act(actor, action, subject) as rec:`` decides first (a denial is
+audited and raised as PolicyDenied, exit 2), lets the caller act, then writes
+the audit record only after the action committed (or failed, with why).
+"""
+
+from __future__ import annotations
+
+import getpass
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..control.store import Branch, Kind, Store
+from ..errors import PolicyDenied, TierbaseError
+from ..home import Home
+from .audit import AuditLog
+from .config import Config, ConfigError, default_config, parse_config
+from .policy import Action, Decision, PolicyEngine, Subject
+from .principals import Principal, Principals
+
+
+@dataclass
+class Record:
+    """What the acting code tells the gate for the audit record."""
+
+    before: Any = None
+    after: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def os_principal_name() -> str:
+    """The local OS user as a principal name (the first platform engineer)."""
+    name = re.sub(r"[^a-z0-9-]", "-", getpass.getuser().lower()).strip("-")[:63]
+    return name or "owner"
+
+
+class Gate:
+    def __init__(self, store: Store, home: Home) -> None:
+        self.store = store
+        self.principals = Principals(store)
+        self.audit = AuditLog(store, home.read_secret(home.root / "audit.key", create=True).encode())
+        self._config: Config | None = None
+
+    # -- config ------------------------------------------------------------------
+    @property
+    def config(self) -> Config:
+        text = self.store.get_setting("config_text")
+        if self._config is None or (text is not None and self._config.text != text):
+            self._config = parse_config(text, "the stored config") if text is not None else default_config()
+        return self._config
+
+    def check_against_branches(self, cfg: Config) -> None:
+        """Problems a config has with the branches that exist (not just with itself)."""
+        problems = []
+        root = next(b for b in self.store.all() if b.parent is None)
+        if cfg.root != root.name:
+            problems.append(f"tiers.{cfg.root}: the root tier must be the root branch {root.name!r}")
+        for name in cfg.tiers:
+            b = self.store.find(name)
+            if b is not None and b.kind is not Kind.TIER:
+                problems.append(f"tiers.{name}: a {b.kind.value} branch named {name!r} already exists")
+            parent = cfg.tiers[name].parent
+            if b is not None and parent is not None and b.parent != parent:
+                problems.append(f"tiers.{name}.parent: the existing tier's parent is {b.parent!r}, not {parent!r}")
+        if problems:
+            raise ConfigError(problems, "the config")
+
+    def store_config(self, cfg: Config, source: str) -> None:
+        self.store.set_setting("config_text", cfg.text)
+        self.store.set_setting("config_source", source)
+        self._config = cfg
+
+    @property
+    def policy(self) -> PolicyEngine:
+        return PolicyEngine(self.config)
+
+    # -- principals --------------------------------------------------------------
+    def principal(self, name: str | None) -> Principal:
+        return self.principals.get(name or self.owner)
+
+    @property
+    def owner(self) -> str:
+        return str(self.store.get_setting("owner", "owner"))
+
+    # -- subjects ----------------------------------------------------------------
+    def subject(self, b: Branch) -> Subject:
+        return Subject(name=b.name, kind=b.kind.value, protected=b.protected, owner=b.creator,
+                       tier=self.tier_of(b))
+
+    def tier_of(self, b: Branch) -> str | None:
+        cur: Branch | None = b
+        while cur is not None:
+            if cur.kind is Kind.TIER:
+                return cur.name
+            cur = self.store.find(cur.parent) if cur.parent else None
+        return None
+
+    def lineage(self, b: Branch) -> list[Branch]:
+        out, cur = [], b
+        while True:
+            out.append(cur)
+            if cur.parent is None:
+                return out
+            cur = self.store.get(cur.parent)
+
+    # -- deciding and recording ---------------------------------------------------------
+    def decide(self, actor: str | None, action: Action, target: Subject, source: Subject | None = None) -> Decision:
+        return self.policy.decide(self.principal(actor), action, target, source)
+
+    @contextmanager
+    def act(self, actor: str | None, action: Action, target: Subject, source: Subject | None = None,
+            before: Any = None) -> Iterator[Record]:
+        who = self.principal(actor)
+        decision = self.policy.decide(who, action, target, source)
+        reason = f"{decision.rule}: {decision.reason}"
+        if not decision.allowed:
+            self.audit.append(actor=who.name, action=action.value, target=target.name, allowed=False,
+                              reason=reason, outcome="refused", before=before)
+            raise PolicyDenied(action.value, target.name, decision.reason, decision.rule)
+        rec = Record(before=before)
+        try:
+            yield rec
+        except TierbaseError as err:
+            self.audit.append(actor=who.name, action=action.value, target=target.name, allowed=True, reason=reason,
+                              outcome=f"error: {err.message}", before=before)
+            raise
+        self.audit.append(actor=who.name, action=action.value, target=target.name, allowed=True, reason=reason,
+                          outcome="ok", before=rec.before, after=rec.after)

@@ -1,0 +1,178 @@
+"""The policy engine: every control-plane action is decided here, with a reason.
+
+Order of evaluation, first match wins:
+1. built-in agent rules (hold whatever the config says; no override exists),
+2. protection of protected tiers,
+3. the platform-engineer role,
+4. the declared rules of tierbase.toml (tier `branch`/`promote` lists, grants),
+5. ownership (a principal may do what it likes with the branches it created),
+6. otherwise denied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from ..errors import InvalidInput
+from .config import Config
+from .principals import Principal
+
+
+class Action(StrEnum):
+    BRANCH_CREATE = "branch.create"      # target: the parent
+    BRANCH_DELETE = "branch.delete"
+    BRANCH_RESET = "branch.reset"
+    BRANCH_START = "branch.start"
+    BRANCH_STOP = "branch.stop"
+    BRANCH_CONNECT = "branch.connect"    # receive Postgres credentials for the branch
+    BRANCH_IMPORT = "branch.import"
+    ROUTE_SET = "route.set"
+    PROMOTE = "promote"                  # target: the tier promoted into; source: where from
+    MIGRATE = "migrate.apply"
+    UNMASKED = "data.unmasked"           # create a branch of sensitive data without masking
+    POLICY_RELOAD = "policy.reload"
+    PRINCIPAL_MANAGE = "principal.manage"
+    AUDIT_READ = "audit.read"
+
+
+def parse_action(text: str) -> Action:
+    try:
+        return Action(text)
+    except ValueError as err:
+        raise InvalidInput(f"unknown action {text!r}", f"Use one of: {', '.join(a.value for a in Action)}") from err
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What an action is about: a branch (or tier), as the policy needs to see it."""
+
+    name: str
+    kind: str = "feature"          # tier | feature | snapshot | none (not a branch: policy, principals)
+    protected: bool = False
+    owner: str | None = None
+    tier: str | None = None        # the nearest tier at or above it
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    reason: str
+    rule: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"allowed": self.allowed, "reason": self.reason, "rule": self.rule}
+
+
+def allow(rule: str, reason: str) -> Decision:
+    return Decision(True, reason, rule)
+
+
+def deny(rule: str, reason: str) -> Decision:
+    return Decision(False, reason, rule)
+
+
+class PolicyEngine:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def decide(self, who: Principal, action: Action, target: Subject, source: Subject | None = None) -> Decision:
+        role = self.config.base_role(who.role)
+        for step in (self._agent_rules, self._protection, self._platform_engineer, self._declared, self._ownership):
+            got = step(who, role, action, target, source)
+            if got is not None:
+                return got
+        return deny("default.deny", f"no rule lets a {who.role} do {action.value} on {target.name!r}")
+
+    # 1 -------------------------------------------------------------------------
+    def _agent_rules(self, who: Principal, role: str, action: Action, target: Subject,
+                     source: Subject | None) -> Decision | None:
+        if role != "agent":
+            return None
+        if action is Action.BRANCH_CREATE and target.kind == "tier" and target.protected:
+            return deny("builtin.agent-no-branch-off-protected",
+                        f"agents cannot create branches off the protected tier {target.name!r}; "
+                        f"branch off the entry tier {self.config.entry!r} instead")
+        if action is Action.PROMOTE:
+            return deny("builtin.agent-no-promote", "agents cannot promote between tiers")
+        if action is Action.MIGRATE and target.owner != who.name:
+            return deny("builtin.agent-migrate-own-only",
+                        f"agents can apply migrations only to branches they own ({target.name!r} is not theirs)")
+        if action is Action.ROUTE_SET:
+            return deny("builtin.agent-no-repoint", "agents cannot repoint routes")
+        if action in (Action.POLICY_RELOAD, Action.PRINCIPAL_MANAGE):
+            return deny("builtin.agent-no-policy", "agents cannot change policy or principals")
+        if action is Action.BRANCH_CONNECT and target.kind == "tier" and target.protected:
+            return deny("builtin.agent-no-credentials-on-protected",
+                        f"agents get no database credentials on the protected tier {target.name!r}")
+        return None
+
+    # 2 -------------------------------------------------------------------------
+    def _protection(self, who: Principal, role: str, action: Action, target: Subject,
+                    source: Subject | None) -> Decision | None:
+        if target.protected and action in (Action.BRANCH_DELETE, Action.BRANCH_RESET):
+            return deny("tier.protected", f"{target.name!r} is a protected tier: it cannot be deleted or reset")
+        if target.protected and action is Action.MIGRATE:
+            return deny("tier.protected",
+                        f"{target.name!r} is a protected tier: migrations reach it only through `tierbase promote`")
+        if action is Action.PROMOTE and source is not None and source.kind != "tier":
+            return deny("promote.tiers-only",
+                        f"{source.name!r} is a {source.kind} branch: features merge into their tier "
+                        f"({source.tier!r}), they are never promoted past it")
+        if action is Action.PROMOTE and target.kind != "tier":
+            return deny("promote.tiers-only", f"{target.name!r} is not a tier")
+        return None
+
+    # 3 -------------------------------------------------------------------------
+    def _platform_engineer(self, who: Principal, role: str, action: Action, target: Subject,
+                           source: Subject | None) -> Decision | None:
+        if role == "platform-engineer":
+            return allow("role.platform-engineer", "platform engineers may do this")
+        return None
+
+    # 4 -------------------------------------------------------------------------
+    def _declared(self, who: Principal, role: str, action: Action, target: Subject,
+                  source: Subject | None) -> Decision | None:
+        tiers = self.config.tiers
+        if action is Action.BRANCH_CREATE and target.kind == "tier":
+            allowed = tiers[target.name].branch if target.name in tiers else None
+            if allowed is None:
+                return allow("default.branch-off-tier", f"any principal may branch off tier {target.name!r}")
+            if who.role in allowed:
+                return allow(f"tiers.{target.name}.branch", f"{who.role} may branch off {target.name!r}")
+            return deny(f"tiers.{target.name}.branch",
+                        f"only {', '.join(allowed) or 'nobody'} may branch off {target.name!r}")
+        if action is Action.PROMOTE:
+            allowed = tiers[target.name].promote if target.name in tiers else ()
+            if who.role in allowed:
+                return allow(f"tiers.{target.name}.promote", f"{who.role} may promote into {target.name!r}")
+            return deny(f"tiers.{target.name}.promote",
+                        f"only {', '.join(allowed) or 'nobody'} may promote into {target.name!r}")
+        grant = {Action.ROUTE_SET: "repoint", Action.UNMASKED: "unmasked_read"}.get(action)
+        if grant is not None:
+            allowed = self.config.grants.get(grant, ())
+            if who.role in allowed:
+                return allow(f"grants.{grant}", f"{who.role} holds the {grant} grant")
+            return deny(f"grants.{grant}", f"only {', '.join(allowed) or 'nobody'} hold the {grant} grant")
+        if action in (Action.BRANCH_DELETE, Action.BRANCH_RESET) and who.role in self.config.grants.get("delete_any",
+                                                                                                        ()):
+            return allow("grants.delete_any", f"{who.role} holds the delete_any grant")
+        if action in (Action.AUDIT_READ, Action.BRANCH_START):
+            return allow(f"default.{action.value}", "every principal may do this")
+        if action is Action.BRANCH_CONNECT and target.kind == "tier":
+            return allow("default.read-tiers", f"read-only credentials on tier {target.name!r}")
+        return None
+
+    # 5 -------------------------------------------------------------------------
+    def _ownership(self, who: Principal, role: str, action: Action, target: Subject,
+                   source: Subject | None) -> Decision | None:
+        owned = target.owner == who.name and target.kind != "none"
+        if owned and action in (Action.BRANCH_CREATE, Action.BRANCH_DELETE, Action.BRANCH_RESET, Action.BRANCH_STOP,
+                                Action.BRANCH_CONNECT, Action.MIGRATE, Action.BRANCH_IMPORT):
+            return allow("owner", f"{who.name!r} owns {target.name!r}")
+        if action is Action.BRANCH_CREATE and target.tier is not None and target.tier in self.config.tiers:
+            allowed = self.config.tiers[target.tier].branch
+            if allowed is None or who.role in allowed:
+                return allow("tier-descendant", f"{who.role} may branch within tier {target.tier!r}")
+        return None

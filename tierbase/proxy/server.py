@@ -1,0 +1,365 @@
+"""The Postgres wire-protocol router: one port in front of every branch's compute.
+
+Routing (read from the startup packet; works with unmodified libpq clients,
+psycopg, asyncpg, SQLAlchemy, JDBC and pgbench):
+
+* ``options`` holding ``endpoint=NAME`` (Neon's way, e.g. ``?options=endpoint%3Dfeat-a``)
+  routes to NAME and keeps the database name as given;
+* otherwise the database name: ``ROUTE`` means database ``postgres`` on
+  ROUTE, ``ROUTE.DBNAME`` database DBNAME on ROUTE. The compute receives the
+  rewritten ``database`` (and ``options`` without ``endpoint=``).
+
+TLS: the proxy does not terminate TLS. SSLRequest and GSSENCRequest are
+answered ``N`` ("not supported, go on in plain text"), which libpq's default
+``sslmode=prefer`` accepts; clients that insist on ``sslmode=require`` are
+refused by their own driver. The proxy listens on loopback by default.
+
+Authentication is end to end: the proxy forwards the startup packet to the
+compute and then relays bytes both ways untouched, so the client does
+SCRAM-SHA-256 with the real Postgres; the proxy holds no credentials. It
+reads the server's messages only until the first ReadyForQuery, to learn the
+BackendKeyData so that a CancelRequest (which arrives on a new connection)
+reaches the right compute. After that a session is a bare byte relay (see
+``session.py``), which is what keeps it near PgBouncer's throughput.
+
+Waking a stopped compute is the resolver's job; the proxy only waits for it.
+Every error the proxy itself produces is a FATAL ErrorResponse before the
+socket closes, never a silent drop.
+
+The Proxy is not thread-safe: call its coroutines on the loop that runs it
+(from another thread, ``asyncio.run_coroutine_threadsafe`` or
+:class:`ProxyThread`). ``sessions`` and ``last_active`` only read and may be
+called from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from ..errors import TierbaseError
+from . import protocol as pq
+from .session import Backend, ClientGone, Inbound, Session
+
+log = logging.getLogger("tierbase.proxy")
+T = TypeVar("T")
+
+UNKNOWN_ROUTE_HINT = "Run `tierbase branch list` to see routes"
+SHUTDOWN_MESSAGE = "the tierbase proxy is shutting down"
+#: How long a killed session may wait for the server to reach a message boundary.
+BOUNDARY_TIMEOUT = 2.0
+CANCEL_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a route leads now."""
+
+    branch: str  # the branch serving the route
+    host: str
+    port: int
+
+
+class RouteError(TierbaseError):
+    """Raised by a resolver; the proxy sends it to the client as a FATAL ErrorResponse.
+
+    sqlstate 3D000 (invalid_catalog_name) for an unknown route, 57P03
+    (cannot_connect_now) for a compute that fails to start.
+    """
+
+    code = "route_error"
+
+    def __init__(self, message: str, hint: str = "", sqlstate: str = "3D000") -> None:
+        super().__init__(message, hint, sqlstate=sqlstate)
+        self.sqlstate = sqlstate
+
+
+class Resolver(Protocol):
+    async def resolve(self, route: str) -> Target:
+        """Look the route up and wake its branch's compute if stopped; RouteError if it cannot."""
+        ...
+
+
+class _Hold:
+    def __init__(self) -> None:
+        self.count = 0
+        self.released = asyncio.Event()
+
+
+class Proxy:
+    def __init__(self, resolver: Resolver, *, host: str = "127.0.0.1", port: int = 0,
+                 startup_timeout: float = 10.0, max_startup_packet: int = 10_000) -> None:
+        self.resolver = resolver
+        self.host = host
+        self.port = port
+        self.startup_timeout = startup_timeout
+        self.max_startup_packet = max_startup_packet
+        self.boundary_timeout = BOUNDARY_TIMEOUT
+        #: BackendKeyData (pid, secret) of every relayed session -> the compute it lives on
+        self.cancel_keys: dict[bytes, Target] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._by_branch: dict[str, set[Session]] = {}
+        self._live: set[Session] = set()  # every session not closed yet, killed ones included
+        self._last_active: dict[str, float] = {}
+        self._holds: dict[str, _Hold] = {}
+        self._epochs: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # a deep backlog: a burst of hundreds of connects must not overflow the SYN queue
+        self._server = await loop.create_server(lambda: Inbound(self), self.host, self.port, backlog=4096)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        log.info("proxy listening on %s:%d", self.host, self.port)
+
+    async def close(self) -> None:
+        """Stop listening and end every session (relayed ones get FATAL 57P01)."""
+        self._closing = True
+        if self._server is not None:
+            self._server.close()
+        live = list(self._live)
+        for s in live:
+            s.kill(SHUTDOWN_MESSAGE, self.boundary_timeout)
+        for task in list(self._tasks):
+            task.cancel()
+        pending = [s.done for s in live] + list(self._tasks)
+        if pending:
+            await asyncio.wait(pending, timeout=self.boundary_timeout + 1)
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    # -- observing ---------------------------------------------------------------
+    def sessions(self, branch: str) -> int:
+        """Client sessions currently relayed (or being connected) to ``branch``."""
+        return len(self._by_branch.get(branch, ()))
+
+    def last_active(self, branch: str) -> float:
+        """``time.monotonic()`` of the last session start or end on ``branch``; 0 if never."""
+        return self._last_active.get(branch, 0.0)
+
+    # -- repointing --------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def hold(self, route: str) -> AsyncIterator[None]:
+        """While held, new connections to ``route`` wait, then resolve after release.
+
+        A resolution already under way when the hold starts is discarded and
+        done again after release, so nobody connects to a target chosen
+        before the route changed.
+        """
+        h = self._holds.get(route)
+        if h is None:
+            h = self._holds[route] = _Hold()
+        h.count += 1
+        self._epochs[route] = self._epochs.get(route, 0) + 1
+        try:
+            yield
+        finally:
+            h.count -= 1
+            if h.count == 0:
+                del self._holds[route]
+                h.released.set()
+
+    async def terminate(self, branch: str, message: str, *, drain: float = 0.0) -> int:
+        """End the sessions relayed to ``branch`` with FATAL 57P01 ``message``; returns how many.
+
+        With ``drain``, first wait up to that many seconds for them to end on
+        their own. On return none of them can send anything more to the
+        compute, and none is counted by ``sessions`` any more; each client
+        gets its error at a message boundary a moment later (see
+        ``Session.kill``), so a hold can be released at once.
+        """
+        deadline = time.monotonic() + drain
+        while self._by_branch.get(branch) and time.monotonic() < deadline:
+            await asyncio.sleep(min(0.02, max(deadline - time.monotonic(), 0)))
+        victims = list(self._by_branch.get(branch, ()))
+        for s in victims:
+            s.kill(message, self.boundary_timeout)
+        return len(victims)
+
+    # -- bookkeeping used by sessions ----------------------------------------------
+    def forget(self, session: Session) -> None:
+        """The session no longer talks to its compute (killed or closed)."""
+        group = self._by_branch.get(session.branch)
+        if group is not None:
+            group.discard(session)
+            if not group:
+                del self._by_branch[session.branch]
+        self._last_active[session.branch] = time.monotonic()
+        if session.key is not None:
+            self.cancel_keys.pop(session.key, None)
+
+    def ended(self, session: Session) -> None:
+        self.forget(session)
+        self._live.discard(session)
+
+    def send_cancel(self, key: bytes, target: Target) -> None:
+        self._spawn(self._forward_cancel(key, target))
+
+    def accepted(self, conn: Inbound) -> asyncio.Task[None]:
+        return self._spawn(self._serve(conn))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- one connection's startup ----------------------------------------------------
+    async def _serve(self, conn: Inbound) -> None:
+        session: Session | None = None
+        try:
+            try:
+                async with asyncio.timeout(self.startup_timeout):
+                    version, payload = await self._read_startup(conn)
+            except TimeoutError:
+                raise pq.StartupError("timeout expired while waiting for the startup packet") from None
+            if version == pq.CANCEL_REQUEST:
+                conn.close()  # the protocol sends nothing back for a cancel
+                await self._forward_cancel(payload, self.cancel_keys.get(payload))
+                return
+            routed = pq.route_startup(pq.parse_parameters(payload))
+            target = await self._resolve(routed.route)
+            assert conn.transport is not None
+            session = self._open(routed.route, target, conn.transport)
+            await self._connect(conn, session, pq.build_startup(version, routed.params))
+        except ClientGone:
+            conn.close()
+        except pq.StartupError as err:
+            conn.fail(err.message, err.sqlstate, err.hint)
+        except RouteError as err:
+            hint = err.hint or (UNKNOWN_ROUTE_HINT if err.sqlstate == "3D000" else "")
+            conn.fail(err.message, err.sqlstate, hint)
+        except asyncio.CancelledError:
+            if self._closing:
+                conn.fail(SHUTDOWN_MESSAGE, "57P01")
+            else:
+                conn.close()
+            raise
+        except Exception as err:
+            log.exception("proxy: unexpected error during startup")
+            conn.fail(str(err) or type(err).__name__, "XX000")
+        finally:
+            if session is not None and not conn.handed_off:
+                session.drop()
+
+    async def _read_startup(self, conn: Inbound) -> tuple[int, bytes]:
+        """(protocol version or CANCEL_REQUEST, packet body); answers SSL/GSS negotiation."""
+        for _ in range(3):  # GSSENCRequest, then SSLRequest, then the real thing
+            length, code = pq.read_header(await conn.read(8))
+            if length < 8:
+                raise pq.StartupError(f"invalid length of startup packet ({length} bytes)")
+            if length > self.max_startup_packet:
+                raise pq.StartupError(
+                    f"startup packet of {length} bytes is over the limit of {self.max_startup_packet} bytes")
+            body = await conn.read(length - 8)
+            if code in pq.NEGOTIATION_CODES and length == 8:
+                conn.write(pq.DECLINE)
+                continue
+            if code == pq.CANCEL_REQUEST and pq.is_cancel_length(length):
+                return code, body
+            if code >> 16 != 3:
+                raise pq.StartupError(
+                    f"unsupported frontend protocol {code >> 16}.{code & 0xFFFF}: the server supports 3.0", "0A000")
+            return code, body
+        raise pq.StartupError("too many encryption negotiation requests")
+
+    async def _resolve(self, route: str) -> Target:
+        while True:
+            while (h := self._holds.get(route)) is not None:
+                await h.released.wait()
+            epoch = self._epochs.get(route, 0)
+            target = await self.resolver.resolve(route)
+            if route not in self._holds and self._epochs.get(route, 0) == epoch:
+                return target  # the caller registers it before its next await
+
+    def _open(self, route: str, target: Target, client: asyncio.Transport) -> Session:
+        session = Session(self, route, target, client)
+        self._by_branch.setdefault(target.branch, set()).add(session)
+        self._live.add(session)
+        self._last_active[target.branch] = time.monotonic()
+        return session
+
+    async def _connect(self, conn: Inbound, session: Session, startup: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        target = session.target
+        try:
+            server, _ = await loop.create_connection(lambda: Backend(session), target.host, target.port)
+        except OSError as err:
+            raise RouteError(
+                f"could not connect to the compute of branch {target.branch!r} at {target.host}:{target.port}: "
+                f"{err.strerror or err}", "Check `tierbase branch list`; the compute may have stopped", "08006",
+            ) from err
+        if session.stopping or conn.gone or session.done.done():
+            server.abort()
+            return
+        conn.handed_off = True
+        session.connected(server, startup, conn.take_rest())
+
+    async def _forward_cancel(self, key: bytes, target: Target | None) -> None:
+        if target is None:
+            return  # like the postmaster: an unknown key is ignored without a word
+        try:
+            async with asyncio.timeout(CANCEL_TIMEOUT):
+                _, writer = await asyncio.open_connection(target.host, target.port)
+                writer.write(pq.cancel_request(key))
+                await writer.drain()
+                writer.close()
+                await writer.wait_closed()
+        except (OSError, TimeoutError) as err:
+            log.warning("proxy: could not forward a cancel request to %s:%d: %s", target.host, target.port, err)
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop event loop when uvloop is importable, else asyncio's default."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+class ProxyThread:
+    """Runs a Proxy on its own event loop (uvloop if importable) in a daemon thread.
+
+    For a service whose other parts are synchronous, tests and benchmarks:
+    ``call`` runs a coroutine on the proxy's loop and returns its result.
+    """
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.loop = new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="tierbase-proxy", daemon=True)
+
+    def start(self) -> ProxyThread:
+        self._thread.start()
+        self.call(self.proxy.start())
+        return self
+
+    def call(self, coro: Coroutine[Any, Any, T], timeout: float | None = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        try:
+            self.call(self.proxy.close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+    def __enter__(self) -> ProxyThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
