@@ -31,6 +31,7 @@ import json
 import math
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -81,7 +82,7 @@ def pct(values: list[float], q: float) -> float:
 
 def human_bytes(n: int | None) -> str:
     if n is None:
-        return "–"
+        return "-"
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
@@ -126,9 +127,14 @@ def run(args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
     return got
 
 
-def first_query(url: str) -> int:
+FIRST_QUERY = "SELECT count(*) FROM pgbench_accounts"
+# Under load, a light query: a full scan of 1 GB on the same 2 cores would measure the scan, not the branch.
+BUSY_QUERY = "SELECT count(*) FROM pgbench_branches"
+
+
+def first_query(url: str, query: str = FIRST_QUERY) -> int:
     with psycopg.connect(url, autocommit=True, connect_timeout=60) as conn:
-        row = conn.execute("SELECT count(*) FROM pgbench_accounts").fetchone()
+        row = conn.execute(query).fetchone()
     return int(row[0]) if row else -1
 
 
@@ -147,7 +153,8 @@ class Platform:
     port_base: int
 
     def url(self, branch: str = "production", db: str = SRC) -> str:
-        return self.tb.branch_url(branch, db)
+        # straight to the compute: no service (and so no proxy) runs in this process
+        return self.tb.branch_url(branch, db, direct=True)
 
 
 def make_platform(kind: str, taken: set[int]) -> Platform:
@@ -197,6 +204,7 @@ class Sample:
     create_s: float
     first_query_s: float
     added_bytes: int | None  # after the first query; "right after creation" comes from a probe for tierbase
+    ready_s: float | None = None  # tierbase: from the create command to the branch's compute accepting connections
 
 
 def tierbase_sample(p: Platform, name: str, expect: int) -> Sample:
@@ -204,12 +212,14 @@ def tierbase_sample(p: Platform, name: str, expect: int) -> Sample:
     p.tb.create_branch(name)
     t1 = time.perf_counter()
     p.tb.start_branch(name)
+    ready = time.perf_counter()
     got = first_query(p.url(name))
     t2 = time.perf_counter()
     check_count(got, expect, name)
     added = p.tb.get_branch(name).get("own_bytes")
     p.tb.delete_branch(name)
-    return Sample(t1 - t0, t2 - t0, added)
+    settle(p)
+    return Sample(t1 - t0, t2 - t0, added, ready - t0)
 
 
 def tierbase_probe(p: Platform, name: str) -> int | None:
@@ -219,6 +229,22 @@ def tierbase_probe(p: Platform, name: str) -> int | None:
         return p.tb.get_branch(name).get("own_bytes")
     finally:
         p.tb.delete_branch(name)
+        settle(p)
+
+
+def settle(p: Platform) -> float:
+    """Wait until btrfs has really dropped deleted subvolumes; returns the seconds waited.
+
+    `btrfs subvolume delete` returns at once and the cleaner frees the extents
+    later, with heavy I/O: without this wait the next measurement pays for it.
+    """
+    if p.kind != "btrfs":
+        return 0.0
+    t0 = time.perf_counter()
+    root = str(p.tb.driver.root)
+    run(["btrfs", "filesystem", "sync", root])  # commit now: the cleaner otherwise waits up to 30 s for one
+    run(["btrfs", "subvolume", "sync", root])
+    return time.perf_counter() - t0
 
 
 def template_sample(p: Platform, name: str, expect: int, strategy: str) -> Sample:
@@ -290,12 +316,14 @@ def measure(method: str, size_mb: int, db_bytes: int, runs: int, sample: Callabl
     added = probe(f"p{size_mb}-{secrets.token_hex(2)}") if probe else added_after
     creates = [s.create_s for s in samples]
     firsts = [s.first_query_s for s in samples]
+    readies = [s.ready_s for s in samples if s.ready_s is not None]
     row = {
         "method": method, "size_mb": size_mb, "db_bytes": db_bytes, "runs": runs,
         "create_p50_ms": ms(pct(creates, 0.5)), "create_p95_ms": ms(pct(creates, 0.95)),
         "first_query_p50_ms": ms(pct(firsts, 0.5)), "first_query_p95_ms": ms(pct(firsts, 0.95)),
         "added_bytes": added, "added_bytes_after_first_query": added_after,
         "create_ms": [ms(c) for c in creates], "first_query_ms": [ms(f) for f in firsts],
+        "ready_p50_ms": ms(pct(readies, 0.5)) if readies else None,
     }
     log(f"= {method} {size_mb} MB: create p50 {row['create_p50_ms']} ms p95 {row['create_p95_ms']} ms; "
         f"first query p50 {row['first_query_p50_ms']} ms; added {human_bytes(added)}")
@@ -313,7 +341,7 @@ def parse_pgbench(out: str, err: str) -> dict[str, Any]:
             latency = float(line.split()[3])
         elif line.startswith("progress: ") and " tps," in line:
             per_second.append(float(line.split(",")[1].split()[0]))
-    return {"tps": tps, "latency_avg_ms": latency, "tps_per_second": per_second,
+    return {"tps": round(tps, 1) if tps is not None else None, "latency_avg_ms": latency, "tps_per_second": per_second,
             "tps_min_1s": min(per_second) if per_second else None}
 
 
@@ -326,11 +354,12 @@ def busy_phase(p: Platform, pgbench: str, phase: str, seconds: int, clients: int
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     RUNNING.append(proc)
     creates: list[float] = []
+    readies: list[float] = []
     firsts: list[float] = []
     names: list[str] = []
     started = time.monotonic()
     try:
-        if phase != "idle":
+        if phase.startswith("branching"):
             time.sleep(min(2.0, seconds / 4))  # let the load settle first
             while proc.poll() is None and time.monotonic() - started < seconds - 1.5:
                 tick = time.monotonic()
@@ -341,7 +370,8 @@ def busy_phase(p: Platform, pgbench: str, phase: str, seconds: int, clients: int
                 names.append(name)
                 if phase == "branching+start":
                     p.tb.start_branch(name)
-                    check_count(first_query(p.url(name)), expect, name)
+                    readies.append(time.perf_counter() - t0)
+                    check_count(first_query(p.url(name), BUSY_QUERY), expect // ROWS_PER_SCALE, name)
                     firsts.append(time.perf_counter() - t0)
                 time.sleep(max(0.0, interval - (time.monotonic() - tick)))
         out, err = proc.communicate(timeout=seconds + 120)
@@ -354,16 +384,28 @@ def busy_phase(p: Platform, pgbench: str, phase: str, seconds: int, clients: int
         raise RuntimeError(f"pgbench failed: {err.strip()[-800:]}")
     for name in names:  # after the load, so that deletion does not weigh on the TPS being measured
         p.tb.delete_branch(name)
+    cleanup = settle(p)
     got = parse_pgbench(out, err)
     got.update(phase=phase, branches=len(names), create_ms=[ms(c) for c in creates],
-               first_query_ms=[ms(f) for f in firsts])
+               ready_ms=[ms(r) for r in readies], first_query_ms=[ms(f) for f in firsts],
+               cleanup_s=round(cleanup, 1) if names else None)
     if creates:
         got.update(create_p50_ms=ms(pct(creates, 0.5)), create_p95_ms=ms(pct(creates, 0.95)))
+    if readies:
+        got.update(ready_p50_ms=ms(pct(readies, 0.5)), ready_p95_ms=ms(pct(readies, 0.95)))
     if firsts:
         got.update(first_query_p50_ms=ms(pct(firsts, 0.5)), first_query_p95_ms=ms(pct(firsts, 0.95)))
     log(f"= busy {phase}: tps {got['tps']} (min 1 s {got['tps_min_1s']}), {len(names)} branches, "
         f"create p50 {got.get('create_p50_ms')} ms p95 {got.get('create_p95_ms')} ms")
     return got
+
+
+def busy_parent(p: Platform, pgbench: str, seconds: int, clients: int, expect: int) -> list[dict[str, Any]]:
+    """Idle, branching, branching + start, idle again: the second idle run shows drift, not branching."""
+    log("busy parent: warming up")
+    busy_phase(p, pgbench, "warm-up", max(3, seconds // 4), clients, 1.0, expect)
+    phases = ["idle (before)", "branching", "branching+start", "idle (after)"]
+    return [busy_phase(p, pgbench, phase, seconds, clients, 1.0, expect) for phase in phases]
 
 
 # -- tables ----------------------------------------------------------------------------------------------
@@ -401,10 +443,19 @@ def target_notes(raw: list[dict[str, Any]]) -> list[str]:
                      f"({ratio:.0f}x against the faster strategy, {fastest['method']} p50 "
                      f"{fastest['create_p50_ms']} ms)")
     added = [r["added_bytes"] for r in bt]
-    notes.append(f"target btrfs < 1 MiB added: "
-                 f"{verdict(None if None in added else all(a < MiB for a in added))} "
-                 f"({', '.join(human_bytes(a) for a in added)} right after creation)")
+    detail = ", ".join(f"{human_bytes(r['added_bytes'])} at {r['size_mb']} MB" for r in bt)
+    after = ", ".join(human_bytes(r.get("added_bytes_after_first_query")) for r in bt)
+    notes.append(f"target btrfs < 1 MiB added: {verdict(None if None in added else all(a < MiB for a in added))} "
+                 f"({detail} right after creation; {after} once started and queried)")
     return notes
+
+
+def ready_notes(raw: list[dict[str, Any]]) -> list[str]:
+    parts = [f"{r['ready_p50_ms']} ms at {r['size_mb']} MB ({r['method']})" for r in raw if r.get("ready_p50_ms")]
+    if not parts:
+        return []
+    return ["tierbase, create + start until the compute accepts connections, p50: " + "; ".join(parts)
+            + ". The rest of the first query is connecting and the full scan itself."]
 
 
 def creation_table(raw: list[dict[str, Any]], runs: int) -> dict[str, Any]:
@@ -426,6 +477,7 @@ def creation_table(raw: list[dict[str, Any]], runs: int) -> dict[str, Any]:
         "Parent kept running throughout. CREATE DATABASE and pg_dump ran on the copy platform's production "
         "compute: plain Postgres on a plain directory of the machine's root filesystem.",
         f"Sizes are pgbench scales (about {MB_PER_SCALE} MB each); 'database' is pg_database_size of the source.",
+        *ready_notes(raw),
         *target_notes(raw),
     ]
     return {"title": TABLE_TITLE,
@@ -435,32 +487,43 @@ def creation_table(raw: list[dict[str, Any]], runs: int) -> dict[str, Any]:
 
 
 def busy_table(busy: list[dict[str, Any]], size_mb: int, clients: int, seconds: int) -> dict[str, Any]:
-    rows = [[b["phase"], b["tps"], b["tps_min_1s"], b["latency_avg_ms"], b["branches"] or "–",
-             b.get("create_p50_ms"), b.get("create_p95_ms"), b.get("first_query_p50_ms"), b.get("first_query_p95_ms")]
+    rows = [[b["phase"], b["tps"], b["tps_min_1s"], b["latency_avg_ms"], b["branches"] or "-",
+             b.get("create_p50_ms"), b.get("create_p95_ms"), b.get("ready_p50_ms"), b.get("first_query_p50_ms"),
+             b.get("first_query_p95_ms"), b.get("cleanup_s")]
             for b in busy]
-    idle = next((b["tps"] for b in busy if b["phase"] == "idle"), None)
-    notes = [f"pgbench -c {clients} -T {seconds} (TPC-B-like, read-write) on production's {size_mb} MB database; "
-             "a new branch of production every ~1 s while it runs; branches deleted after the load ended."]
+    idles = [b["tps"] for b in busy if b["phase"].startswith("idle") and b["tps"] is not None]
+    idle = sum(idles) / len(idles) if idles else None
+    notes = [f"pgbench -c {clients} -T {seconds} (TPC-B-like, read-write) on production's {size_mb} MB database, "
+             "after an untimed warm-up; while 'branching' runs, a new branch of production every ~1 s; branches "
+             "deleted after each load ended."]
     for b in busy:
-        if idle and b["phase"] != "idle" and b["tps"] is not None:
-            notes.append(f"{b['phase']}: parent TPS {b['tps'] / idle - 1:+.0%} against idle; "
-                         f"lowest 1-second TPS {b['tps_min_1s']}.")
+        if idle and b["phase"].startswith("branching") and b["tps"] is not None:
+            notes.append(f"{b['phase']}: parent TPS {b['tps'] / idle - 1:+.0%} against the mean of the idle runs "
+                         f"({idle:.0f}); lowest 1-second TPS {b['tps_min_1s']}.")
     notes.append("create includes the CHECKPOINT on the busy parent, which flushes the pages dirtied since the "
-                 "previous one; 'branching+start' also starts each branch's compute and queries it.")
+                 "previous one; 'branching+start' also starts each branch's compute and runs a light first query "
+                 f"(`{BUSY_QUERY}`; a full scan of 1 GB on the same 2 cores would measure the scan).")
+    notes.append("cleanup after: deleting the phase's branches returns at once, but btrfs frees their extents in the "
+                 "background; the time until `btrfs subvolume sync` returned, waited out before the next phase so "
+                 "that no phase pays for the previous one's cleanup.")
     return {"title": BUSY_TITLE,
             "columns": ["phase", "parent TPS", "min 1-s TPS", "latency avg (ms)", "branches", "create p50 (ms)",
-                        "create p95 (ms)", "first query p50 (ms)", "first query p95 (ms)"],
+                        "create p95 (ms)", "ready p50 (ms)", "first query p50 (ms)", "first query p95 (ms)",
+                        "cleanup after (s)"],
             "rows": rows, "notes": notes}
 
 
 def machine() -> str:
     cpu = "unknown CPU"
     with suppress(OSError):
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), cpu)
     mem = 0
     with suppress(OSError, StopIteration, ValueError):
-        mem = int(next(ln.split()[1] for ln in open("/proc/meminfo") if ln.startswith("MemTotal"))) * 1024
-    fs = run(["stat", "-f", "-c", "%T", "/tmp"]).stdout.strip()
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        mem = int(next(ln.split()[1] for ln in lines if ln.startswith("MemTotal"))) * 1024
+    got = subprocess.run(["findmnt", "-n", "-o", "FSTYPE", "--target", "/tmp"], capture_output=True, text=True)
+    fs = got.stdout.strip() or "an unknown filesystem"
     return f"{os.cpu_count()} cores {cpu}, {human_bytes(mem)} RAM, /tmp on {fs}, Linux {os.uname().release}"
 
 
@@ -470,6 +533,20 @@ RUNNING: list[subprocess.Popen[str]] = []
 
 
 # -- main --------------------------------------------------------------------------------------------------
+Plan = dict[str, tuple[Callable[[str], Sample], Callable[[str], int | None] | None]]
+
+
+def method_plan(bt: Platform, cp: Platform, expect: int) -> Plan:
+    """For each method: one measured run (given a fresh copy name), and the bytes probe if it needs one."""
+    return {
+        "tierbase btrfs": (lambda n: tierbase_sample(bt, n, expect), lambda n: tierbase_probe(bt, n)),
+        "tierbase copy": (lambda n: tierbase_sample(cp, n, expect), lambda n: tierbase_probe(cp, n)),
+        "CREATE DATABASE TEMPLATE (FILE_COPY)": (lambda n: template_sample(cp, n, expect, "FILE_COPY"), None),
+        "CREATE DATABASE TEMPLATE (WAL_LOG)": (lambda n: template_sample(cp, n, expect, "WAL_LOG"), None),
+        "pg_dump -Fc | pg_restore": (lambda n: dump_sample(cp, n, expect), None),
+    }
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes-mb", default="10,1000", help="comma-separated database sizes (default 10,1000)")
@@ -479,6 +556,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--busy-clients", type=int, default=4)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of: " + ", ".join(METHODS))
     ap.add_argument("--no-report", action="store_true", help="do not render docs/benchmarks.md afterwards")
+    ap.add_argument("--retable", action="store_true",
+                    help="measure nothing: rebuild the tables of --out from its raw samples (after a change of notes)")
     args = ap.parse_args(argv)
     args.sizes = sorted({int(s) for s in args.sizes_mb.split(",") if s.strip()})
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -488,12 +567,35 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def build_tables(raw: list[dict[str, Any]], busy: list[dict[str, Any]], busy_clients: int,
+                 busy_seconds: int) -> list[dict[str, Any]]:
+    tables = [creation_table(raw, max(r["runs"] for r in raw))]
+    if busy:
+        tables.append(busy_table(busy, max(r["size_mb"] for r in raw), busy_clients, busy_seconds))
+    return tables
+
+
+def retable(args: argparse.Namespace) -> int:
+    doc = json.loads(args.out.read_text())
+    busy = doc.get("busy") or []
+    meta = doc.get("meta", {})
+    doc["tables"] = build_tables(doc["raw"], busy, meta.get("busy_clients", args.busy_clients),
+                                 meta.get("busy_seconds", args.busy_seconds))
+    args.out.write_text(json.dumps(doc, indent=2) + "\n")
+    log(f"rebuilt the tables of {args.out}")
+    if not args.no_report:
+        log(f"wrote {render_all()}")
+    return 0
+
+
 def on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.retable:
+        return retable(args)
     if os.geteuid() != 0:
         print("Error: bench/branching.py must run as root: the btrfs platform loop-mounts an image file. "
               "Run it with sudo (computes still run as an unprivileged user).", file=sys.stderr)
@@ -504,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
     pgbench = pgbench_bin()
     signal.signal(signal.SIGTERM, on_sigterm)
     started = time.time()
+    load_at_start = " ".join(f"{x:.2f}" for x in os.getloadavg())  # other work on the machine skews the numbers
     btrfs_size = f"{max(4, math.ceil(max(args.sizes) / 1024 * 10))}G"  # sparse: costs only what is written
     taken: set[int] = set()
     platforms = {k: make_platform(k, taken) for k in ("btrfs", "copy")}
@@ -519,22 +622,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"size {size_mb} MB: pgbench scale {scale}")
             db_bytes = load(bt, scale, pgbench)
             load(cp, scale, pgbench)
-            plan: dict[str, tuple[Callable[[str], Sample], Callable[[str], int | None] | None]] = {
-                "tierbase btrfs": (lambda n: tierbase_sample(bt, n, expect), lambda n: tierbase_probe(bt, n)),
-                "tierbase copy": (lambda n: tierbase_sample(cp, n, expect), lambda n: tierbase_probe(cp, n)),
-                "CREATE DATABASE TEMPLATE (FILE_COPY)": (lambda n: template_sample(cp, n, expect, "FILE_COPY"), None),
-                "CREATE DATABASE TEMPLATE (WAL_LOG)": (lambda n: template_sample(cp, n, expect, "WAL_LOG"), None),
-                "pg_dump -Fc | pg_restore": (lambda n: dump_sample(cp, n, expect), None),
-            }
+            plan = method_plan(bt, cp, expect)
             for method in args.methods:
                 sample, probe = plan[method]
                 raw.append(measure(method, size_mb, db_bytes, args.runs, sample, probe))
             if size_mb == max(args.sizes) and args.busy_seconds > 0:
-                for phase in ("idle", "branching", "branching+start"):
-                    busy.append(busy_phase(bt, pgbench, phase, args.busy_seconds, args.busy_clients, 1.0, expect))
-        tables = [creation_table(raw, args.runs)]
-        if busy:
-            tables.append(busy_table(busy, max(args.sizes), args.busy_clients, args.busy_seconds))
+                busy = busy_parent(bt, pgbench, args.busy_seconds, args.busy_clients, expect)
+        tables = build_tables(raw, busy, args.busy_clients, args.busy_seconds)
         bins = find_binaries()
         version = run([bins["postgres"], "--version"]).stdout.strip()
         doc = {
@@ -544,9 +638,12 @@ def main(argv: list[str] | None = None) -> int:
                 "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
                 "machine": machine(),
                 "postgres": version,
-                "cmd": "python bench/branching.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "cmd": shlex.join(["python", "bench/branching.py", *(sys.argv[1:] if argv is None else argv)]),
                 "requires": "root (loop-mounts a btrfs image); computes run as an unprivileged user",
                 "duration_s": round(time.time() - started),
+                "load_average_at_start": load_at_start,
+                "busy_clients": args.busy_clients,
+                "busy_seconds": args.busy_seconds,
             },
             "raw": raw,
             "busy": busy,

@@ -37,22 +37,23 @@ def tables_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
 
 def cell(value: Any) -> str:
     if value is None:
-        return "–"
+        return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return f"{value:,.1f}" if abs(value) >= 100 else f"{value:.3g}"
+        return f"{value:,.1f}" if abs(value) >= 1 or value == 0 else f"{value:.2g}"
     if isinstance(value, dict | list):
         value = json.dumps(value, separators=(", ", ": "))
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
 def markdown_table(columns: list[Any], rows: list[Any]) -> str:
-    width = len(columns)
+    rows = [list(r) if isinstance(r, list | tuple) else [r] for r in rows]
+    width = max([len(columns), *(len(r) for r in rows)])
+    columns = list(columns) + [""] * (width - len(columns))  # a longer row keeps its cells
     lines = ["| " + " | ".join(cell(c) for c in columns) + " |", "|" + "---|" * width]
     for row in rows:
-        values = list(row) if isinstance(row, list | tuple) else [row]
-        values += [None] * (width - len(values))
+        values = row + [None] * (width - len(row))
         lines.append("| " + " | ".join(cell(v) for v in values) + " |")
     return "\n".join(lines)
 
@@ -115,8 +116,8 @@ def render(docs: list[tuple[Path, dict[str, Any]]], problems: list[str] | None =
         meta = doc.get("meta")
         if isinstance(meta, dict):
             parts.append(render_meta(meta))
-    for problem in problems or []:
-        parts += [f"- could not read {problem}", ""]
+    if problems:
+        parts += ["## Unreadable results files", "", *(f"- {problem}" for problem in problems), ""]
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -221,8 +221,8 @@ class Tierbase:
             self.branches.stop(name)
         return self.describe(self.store.get(name))
 
-    def _require(self, action: Action, subject: Subject) -> None:
-        with self.gate.act(self.actor, action, subject):
+    def _require(self, action: Action, subject: Subject, quiet: bool = False) -> None:
+        with self.gate.act(self.actor, action, subject, quiet=quiet):
             pass
 
     def get_branch(self, name: str, *, with_bytes: bool = True) -> dict[str, Any]:
@@ -247,7 +247,8 @@ class Tierbase:
             user, password = self._credentials(subject)
             rec.after = {"user": user}
         userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}"
-        if direct:
+        if direct:  # no proxy to wake the compute on connect: start it now
+            self.branches.start(target)
             port = self.store.get(target).port
             return f"postgresql://{userinfo}@127.0.0.1:{port}/{quote(dbname, safe='')}"
         route = name if dbname == "postgres" else f"{name}.{dbname}"
@@ -413,7 +414,7 @@ class Tierbase:
         return out
 
     def audit_log(self, **filters: Any) -> list[dict[str, Any]]:
-        self._require(Action.AUDIT_READ, NOBODY)
+        self._require(Action.AUDIT_READ, NOBODY, quiet=True)
         return self.gate.audit.query(**filters)
 
     def audit_verify(self) -> dict[str, Any]:

@@ -113,7 +113,8 @@ class Gate:
 
     @contextmanager
     def act(self, actor: str | None, action: Action, target: Subject, source: Subject | None = None,
-            before: Any = None) -> Iterator[Record]:
+            before: Any = None, quiet: bool = False) -> Iterator[Record]:
+        """``quiet``: record only a denial (for reads such as reading the audit trail itself)."""
         who = self.principal(actor)
         decision = self.policy.decide(who, action, target, source)
         reason = f"{decision.rule}: {decision.reason}"
@@ -122,6 +123,9 @@ class Gate:
                               reason=reason, outcome="refused", before=before)
             raise PolicyDenied(action.value, target.name, decision.reason, decision.rule)
         rec = Record(before=before)
+        if quiet:
+            yield rec
+            return
         try:
             yield rec
         except TierbaseError as err:

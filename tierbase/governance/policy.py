@@ -90,7 +90,9 @@ class PolicyEngine:
                      source: Subject | None) -> Decision | None:
         if role != "agent":
             return None
-        if action is Action.BRANCH_CREATE and target.kind == "tier" and target.protected:
+        if (action is Action.BRANCH_CREATE and target.kind == "tier" and target.protected
+                and (target.name != self.config.entry or target.name == self.config.root)):
+            # features fork from the entry tier; every other protected tier is out of an agent's reach
             return deny("builtin.agent-no-branch-off-protected",
                         f"agents cannot create branches off the protected tier {target.name!r}; "
                         f"branch off the entry tier {self.config.entry!r} instead")

@@ -1,0 +1,610 @@
+"""Deterministic, keyed column masking, run inside Postgres on a branch before anyone connects.
+
+Rules come from the ``[masking]`` table of ``tierbase.toml``: ``"customer.email" = "email"``.
+Every masked value is derived from HMAC-SHA256 under a key derived from the project's
+secret, computed by Postgres itself (``sha256()``, no pgcrypto): the same input and key
+give the same output on every branch and in every table, so joins and unique keys keep
+holding, and nobody without the key can precompute a dictionary of masks.
+
+Methods (what a non-NULL value becomes; NULL stays NULL except where said):
+
+* ``email``   ``'u' || <first 16 hex of the HMAC> || '@example.invalid'`` (33 characters).
+* ``hash``    the HMAC's hex digest, 64 characters, cut to n for varchar(n)/char(n).
+* ``partial`` same length and shape: the last 2 characters stay (when the value has 6 or
+  more), ASCII punctuation and spaces stay, every digit becomes a keyed digit, every letter
+  a keyed letter of the same case, any other character a keyed lower-case letter. The new
+  characters come from the HMAC of the whole value, not from the old characters.
+* ``noise``   numeric columns: value x factor in [0.9, 1.1] from the HMAC of the value and the
+  row's primary key, rounded to the column's scale (integers to integers) and clamped to
+  its range. The sign is kept and a non-zero value stays non-zero, so checks such as
+  ``amount >= 0`` or ``> 0`` keep holding.
+* ``null``    NULL (nullable columns only).
+* ``redact``  ``'REDACTED'`` (cut to n for varchar(n)).
+
+The HMAC input is ``<method> || ':' || value::text``, so two methods never give related
+outputs for the same value. One transaction masks every table with one UPDATE each, with
+``session_replication_role = replica`` so user triggers (and foreign-key triggers) do not
+fire; afterwards the foreign keys and deferrable unique keys that involve a masked column
+are checked again with set-based queries, materialized views that read masked tables are
+refreshed, and the masked tables are analyzed so ``pg_stats`` shows no original value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+
+from ..errors import InvalidInput, TierbaseError
+
+METHODS = ("email", "hash", "partial", "noise", "null", "redact")
+#: methods that map distinct values to distinct values (with negligible collision odds)
+INJECTIVE = ("email", "hash")
+TEXT_TYPES = ("text", "varchar", "bpchar", "citext")
+INT_RANGES = {"int2": (-(2**15), 2**15 - 1), "int4": (-(2**31), 2**31 - 1), "int8": (-(2**63), 2**63 - 1)}
+NUMERIC_TYPES = (*INT_RANGES, "numeric", "float4", "float8")
+EMAIL_LENGTH = 33  # 'u' + 16 hex + '@example.invalid'
+HASH_LENGTH = 64
+KEY_CONTEXT = b"tierbase masking v1"
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    table: str  # "customer" or "schema.table" (default schema public)
+    column: str
+    method: str
+
+    @property
+    def key(self) -> str:
+        """The rule's key in tierbase.toml, for messages: ``masking.customer.email``."""
+        return f"masking.{self.table}.{self.column}"
+
+    @property
+    def qualified(self) -> tuple[str, str]:
+        schema, _, table = self.table.rpartition(".")
+        return schema or "public", table
+
+
+def parse_rules(mapping: Mapping[str, Any]) -> list[MaskRule]:
+    """Rules from the ``[masking]`` table; nested tables (TOML dotted keys) are flattened.
+
+    Raises InvalidInput naming every bad key: a key that is not ``table.column`` or
+    ``schema.table.column``, an unknown method, or two keys for the same column.
+    """
+    problems: list[str] = []
+    rules: list[MaskRule] = []
+    seen: dict[tuple[str, str, str], str] = {}
+    for key, method in _flatten(mapping):
+        parts = key.split(".")
+        if len(parts) not in (2, 3) or not all(p and p == p.strip() and '"' not in p for p in parts):
+            problems.append(f"masking.{key}: a rule's key is table.column or schema.table.column")
+            continue
+        if not isinstance(method, str) or method not in METHODS:
+            problems.append(f"masking.{key}: unknown method {method!r} (use one of {', '.join(METHODS)})")
+            continue
+        rule = MaskRule(".".join(parts[:-1]), parts[-1], method)
+        ident = (*rule.qualified, rule.column)
+        if ident in seen:
+            problems.append(f"masking.{key}: the same column as masking.{seen[ident]}")
+            continue
+        seen[ident] = key
+        rules.append(rule)
+    if problems:
+        raise InvalidInput("; ".join(problems), "Fix the [masking] table of tierbase.toml", problems=problems)
+    return rules
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for key, value in mapping.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def describe(rules: Iterable[MaskRule]) -> list[str]:
+    """One line per rule for `branch show`: ``customer.email=email``."""
+    return [f"{r.table}.{r.column}={r.method}" for r in rules]
+
+
+def masking_key(secret: bytes) -> bytes:
+    """The HMAC key masking uses, derived from the project's secret (never used raw)."""
+    if not secret:
+        raise InvalidInput("the masking key is empty", "Give the project's secret as the masking key")
+    return hmac.new(secret, KEY_CONTEXT, hashlib.sha256).digest()
+
+
+# -- the live schema ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type_sql: str  # format_type, for messages
+    base: str  # base type name, domains resolved
+    typmod: int
+    not_null: bool
+    generated: bool
+    identity_always: bool
+
+    @property
+    def is_text(self) -> bool:
+        return self.base in TEXT_TYPES
+
+    @property
+    def is_numeric(self) -> bool:
+        return self.base in NUMERIC_TYPES
+
+    @property
+    def length(self) -> int | None:
+        """n of varchar(n)/char(n)."""
+        return self.typmod - 4 if self.base in ("varchar", "bpchar") and self.typmod >= 4 else None
+
+    @property
+    def precision_scale(self) -> tuple[int, int] | None:
+        if self.base != "numeric" or self.typmod < 4:
+            return None
+        mod = self.typmod - 4
+        scale = mod & 0x7FF
+        return (mod >> 16) & 0xFFFF, scale - 0x800 if scale & 0x400 else scale  # scale may be negative
+
+
+@dataclass
+class Table:
+    oid: int
+    schema: str
+    name: str
+    relkind: str
+    partition_of: str | None
+    columns: dict[str, Column]
+    tree: list[int]  # itself and every partition / inheritance child
+    primary_key: list[str] = field(default_factory=list)
+    unique: set[str] = field(default_factory=set)  # in a unique index: key, expression or predicate
+    partition_key: set[str] = field(default_factory=set)
+    firing_triggers: list[str] = field(default_factory=list)  # ENABLE ALWAYS / REPLICA: fire in replica mode
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    name: str
+    child: int  # conrelid
+    parent: int  # confrelid
+    child_cols: tuple[str, ...]
+    parent_cols: tuple[str, ...]
+
+
+_COLUMNS = """
+WITH RECURSIVE chain(attnum, typid, typmod, notnull, depth) AS (
+    SELECT a.attnum, a.atttypid, a.atttypmod, false, 0
+    FROM pg_attribute a WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
+  UNION ALL
+    SELECT c.attnum, t.typbasetype, t.typtypmod, t.typnotnull, c.depth + 1
+    FROM chain c JOIN pg_type t ON t.oid = c.typid WHERE t.typtype = 'd'
+)
+SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), bt.typname::text,
+       (SELECT max(typmod) FROM chain c WHERE c.attnum = a.attnum),
+       a.attnotnull OR (SELECT bool_or(notnull) FROM chain c WHERE c.attnum = a.attnum),
+       a.attgenerated <> '', a.attidentity = 'a'
+FROM pg_attribute a
+JOIN LATERAL (SELECT typid FROM chain c WHERE c.attnum = a.attnum ORDER BY depth DESC LIMIT 1) b ON true
+JOIN pg_type bt ON bt.oid = b.typid
+WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+_TREE = """
+WITH RECURSIVE tree(oid) AS (
+    SELECT %(oid)s::oid UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid
+)
+SELECT oid::bigint FROM tree
+"""
+
+# every column a unique index of the tree uses: as a key, in an expression or in its predicate
+_UNIQUE = """
+SELECT DISTINCT a.attname::text
+FROM pg_index i
+JOIN pg_attribute a ON a.attrelid = i.indrelid
+WHERE i.indisunique AND i.indrelid = ANY(%(tree)s::oid[]) AND a.attnum > 0 AND (
+    a.attnum = ANY(i.indkey::int2[])
+    OR EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
+               AND d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indrelid AND d.refobjsubid = a.attnum))
+"""
+
+_PRIMARY_KEY = """
+SELECT a.attname::text FROM pg_constraint c
+JOIN unnest(c.conkey) WITH ORDINALITY k(n, o) ON true
+JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n
+WHERE c.conrelid = %(oid)s AND c.contype = 'p' ORDER BY k.o
+"""
+
+_PARTITION_KEY = """
+SELECT a.attname::text FROM pg_partitioned_table p
+JOIN pg_attribute a ON a.attrelid = p.partrelid AND (a.attnum = ANY(p.partattrs::int2[]) OR EXISTS (
+    SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = p.partrelid
+    AND d.refobjid = p.partrelid AND d.refobjsubid = a.attnum AND d.deptype = 'a'))
+WHERE p.partrelid = ANY(%(tree)s::oid[]) AND a.attnum > 0
+"""
+
+_TRIGGERS = """
+SELECT DISTINCT t.tgname::text FROM pg_trigger t
+WHERE t.tgrelid = ANY(%(tree)s::oid[]) AND NOT t.tgisinternal AND t.tgenabled IN ('A', 'R')
+"""
+
+_FOREIGN_KEYS = """
+SELECT c.conname::text, c.conrelid::bigint, c.confrelid::bigint,
+    ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(n, o)
+          JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.o),
+    ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(n, o)
+          JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.o)
+FROM pg_constraint c
+WHERE c.contype = 'f' AND c.conparentid = 0 AND (c.conrelid = ANY(%(oids)s::oid[]) OR c.confrelid = ANY(%(oids)s::oid[]))
+"""
+
+
+def load_table(conn: psycopg.Connection[Any], schema: str, name: str) -> Table | None:
+    row = conn.execute(
+        "SELECT c.oid::bigint, c.relkind::text, "
+        " (SELECT format('%%I.%%I', pn.nspname, p.relname) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent"
+        "  JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE i.inhrelid = c.oid AND c.relispartition LIMIT 1) "
+        "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+        (schema, name)).fetchone()
+    if row is None:
+        return None
+    oid, relkind, partition_of = int(row[0]), str(row[1]), row[2]
+    cols = {str(r[0]): Column(str(r[0]), str(r[1]), str(r[2]), int(r[3] if r[3] is not None else -1),
+                              bool(r[4]), bool(r[5]), bool(r[6]))
+            for r in conn.execute(_COLUMNS, {"oid": oid})}
+    tree = [int(r[0]) for r in conn.execute(_TREE, {"oid": oid})]
+    t = Table(oid, schema, name, relkind, partition_of, cols, tree)
+    t.primary_key = _names(conn, _PRIMARY_KEY, {"oid": oid})
+    t.unique = set(_names(conn, _UNIQUE, {"tree": tree}))
+    t.partition_key = set(_names(conn, _PARTITION_KEY, {"tree": tree}))
+    t.firing_triggers = _names(conn, _TRIGGERS, {"tree": tree})
+    return t
+
+
+def _names(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) -> list[str]:
+    return [str(r[0]) for r in conn.execute(query, params)]
+
+
+def foreign_keys(conn: psycopg.Connection[Any], oids: Iterable[int]) -> list[ForeignKey]:
+    """Every foreign key from or to one of ``oids`` (clones on partitions left out)."""
+    rows = conn.execute(_FOREIGN_KEYS, {"oids": list(oids)}).fetchall()
+    return [ForeignKey(str(r[0]), int(r[1]), int(r[2]), tuple(r[3]), tuple(r[4])) for r in rows]
+
+
+# -- checking rules against the schema ------------------------------------------------------------
+def check_rules(conn: psycopg.Connection[Any], rules: list[MaskRule], database: str = "") -> list[str]:
+    """Problems of ``rules`` against the live schema, each naming its key; empty when they fit."""
+    problems: list[str] = []
+    where = f" in database {database}" if database else ""
+    tables: dict[tuple[str, str], Table | None] = {}
+    for rule in rules:
+        if rule.qualified not in tables:
+            tables[rule.qualified] = load_table(conn, *rule.qualified)
+    for rule in rules:
+        problems += _rule_problems(rule, tables[rule.qualified], where)
+    if not problems:
+        problems += _foreign_key_problems(conn, rules, tables)
+    return list(dict.fromkeys(problems))
+
+
+def _rule_problems(rule: MaskRule, t: Table | None, where: str) -> list[str]:
+    key, (schema, name) = rule.key, rule.qualified
+    if rule.method not in METHODS:
+        return [f"{key}: unknown method {rule.method!r} (use one of {', '.join(METHODS)})"]
+    if t is None:
+        return [f"{key}: there is no table {schema}.{name}{where}"]
+    if t.relkind not in ("r", "p"):
+        kind = {"v": "a view", "m": "a materialized view", "f": "a foreign table"}.get(t.relkind, "not a table")
+        return [f"{key}: {schema}.{name} is {kind}; mask the tables it reads (materialized views are refreshed)"]
+    if t.partition_of:
+        return [f"{key}: {schema}.{name} is a partition of {t.partition_of}; put the rule on {t.partition_of}"]
+    col = t.columns.get(rule.column)
+    if col is None:
+        return [f"{key}: table {schema}.{name} has no column {rule.column!r}{where}"]
+    return _column_problems(rule, t, col)
+
+
+def _column_problems(rule: MaskRule, t: Table, col: Column) -> list[str]:
+    key, m, out = rule.key, rule.method, []
+    if col.generated:
+        out.append(f"{key}: {col.name} is a generated column; mask the columns it is computed from")
+    if col.identity_always:
+        out.append(f"{key}: {col.name} is an identity column (GENERATED ALWAYS) and cannot be updated")
+    if m == "null" and col.not_null:
+        out.append(f"{key}: null on a NOT NULL column; use redact or hash")
+    if m == "noise" and not col.is_numeric:
+        out.append(f"{key}: noise needs a numeric column, {col.name} is {col.type_sql}")
+    if m in ("email", "hash", "partial", "redact") and not col.is_text:
+        out.append(f"{key}: {m} needs a text column, {col.name} is {col.type_sql}")
+    n = col.length
+    if col.is_text and n is not None:
+        if m == "email" and n < EMAIL_LENGTH:
+            out.append(f"{key}: email writes {EMAIL_LENGTH} characters, {col.name} is {col.type_sql}")
+        if m == "hash" and n < 8:
+            out.append(f"{key}: hash needs at least 8 characters to stay unguessable, {col.name} is {col.type_sql}")
+        if m == "hash" and n < 16 and rule.column in t.unique:
+            out.append(f"{key}: hash of a unique column needs at least 16 characters, {col.name} is {col.type_sql}")
+    if rule.column in t.unique and m not in INJECTIVE:
+        what = "the primary key" if rule.column in t.primary_key else "a unique key"
+        out.append(f"{key}: {col.name} is part of {what} and {m} would make duplicates; use email or hash")
+    if rule.column in t.partition_key:
+        out.append(f"{key}: {col.name} is a partition key column; masking it would move rows between partitions")
+    if t.firing_triggers:
+        out.append(f"{key}: triggers {', '.join(t.firing_triggers)} on {t.schema}.{t.name} are enabled ALWAYS or "
+                   "REPLICA and would fire during masking; set them to plain ENABLE")
+    return out
+
+
+def _foreign_key_problems(conn: psycopg.Connection[Any], rules: list[MaskRule],
+                          tables: Mapping[tuple[str, str], Table | None]) -> list[str]:
+    """A masked column linked by a foreign key needs the same injective method on the other side."""
+    owner = {oid: t for t in tables.values() if t is not None for oid in t.tree}
+    by_col = {(*r.qualified, r.column): r for r in rules}
+    problems: list[str] = []
+    for fk in foreign_keys(conn, owner):
+        child, parent = _root_of(conn, fk.child, owner), _root_of(conn, fk.parent, owner)
+        for cc, pc in zip(fk.child_cols, fk.parent_cols, strict=True):
+            a, b = by_col.get((*child, cc)), by_col.get((*parent, pc))
+            if a is None and b is None:
+                continue
+            if a is not None and b is None and a.method == "null":
+                continue  # a NULL reference satisfies any foreign key
+            if a is not None and b is not None and a.method == b.method and a.method in INJECTIVE \
+                    and _out_length(a, owner, tables) == _out_length(b, owner, tables):
+                continue
+            rule = a or b
+            assert rule is not None
+            other = f"{parent[0]}.{parent[1]}.{pc}" if rule is a else f"{child[0]}.{child[1]}.{cc}"
+            problems.append(f"{rule.key}: foreign key {fk.name} links it to {other}; mask both columns with the "
+                            "same method, email or hash (and the same length)")
+    return problems
+
+
+def _root_of(conn: psycopg.Connection[Any], oid: int, owner: Mapping[int, Table]) -> tuple[str, str]:
+    if oid in owner:
+        return owner[oid].schema, owner[oid].name
+    row = conn.execute("SELECT n.nspname::text, c.relname::text FROM pg_class c "
+                       "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s", (oid,)).fetchone()
+    return (str(row[0]), str(row[1])) if row else ("", str(oid))
+
+
+def _out_length(rule: MaskRule, owner: Mapping[int, Table], tables: Mapping[tuple[str, str], Table | None]) -> int:
+    t = tables.get(rule.qualified)
+    col = t.columns.get(rule.column) if t else None
+    n = col.length if col else None
+    return min(n, HASH_LENGTH) if n is not None and rule.method == "hash" else HASH_LENGTH
+
+
+# -- SQL for each method ----------------------------------------------------------------------------------
+def _mac(method: str, value: sql.Composable) -> sql.Composed:
+    """HMAC-SHA256(key, method || ':' || value) in SQL: sha256(opad || sha256(ipad || message))."""
+    return sql.SQL("sha256({o} || sha256({i} || convert_to({tag} || {v}, 'UTF8')))").format(
+        o=sql.Placeholder("opad"), i=sql.Placeholder("ipad"), tag=sql.Literal(method + ":"), v=value)
+
+
+def _pads(secret: bytes) -> dict[str, bytes]:
+    key = masking_key(secret).ljust(64, b"\0")
+    return {"ipad": bytes(b ^ 0x36 for b in key), "opad": bytes(b ^ 0x5C for b in key)}
+
+
+def _expression(rule: MaskRule, t: Table, col: Column) -> sql.Composable:
+    c = sql.SQL("t.{}").format(sql.Identifier(col.name))
+    text = sql.SQL("{}::text").format(c)
+    n = col.length
+    if rule.method == "email":
+        return sql.SQL("'u' || substr(encode({}, 'hex'), 1, 16) || '@example.invalid'").format(_mac("email", text))
+    if rule.method == "hash":
+        return sql.SQL("left(encode({}, 'hex'), {})").format(_mac("hash", text),
+                                                            sql.Literal(min(n or HASH_LENGTH, HASH_LENGTH)))
+    if rule.method == "partial":
+        return _partial(text)
+    if rule.method == "noise":
+        return _noise(t, col, c)
+    if rule.method == "redact":
+        return sql.SQL("CASE WHEN {} IS NULL THEN NULL ELSE {} END").format(c, sql.Literal("REDACTED"[:n]))
+    return sql.SQL("NULL")
+
+
+def _partial(v: sql.Composable) -> sql.Composed:
+    byte = sql.SQL("get_byte(k.h, (s.i - 1) % 32)")
+    return sql.SQL(
+        "(SELECT string_agg(CASE"
+        " WHEN s.i > length({v}) - CASE WHEN length({v}) >= 6 THEN 2 ELSE 0 END THEN s.ch"
+        " WHEN ascii(s.ch) BETWEEN 48 AND 57 THEN chr(48 + {b} % 10)"
+        " WHEN s.ch <> lower(s.ch) THEN chr(65 + {b} % 26)"
+        " WHEN s.ch <> upper(s.ch) OR ascii(s.ch) > 127 OR s.ch ~ '[[:alnum:]]' THEN chr(97 + {b} % 26)"
+        " ELSE s.ch END, '' ORDER BY s.i)"
+        " FROM (SELECT {mac} AS h) k,"
+        " LATERAL (SELECT g AS i, substr({v}, g, 1) AS ch FROM generate_series(1, length({v})) g) s)"
+    ).format(v=v, b=byte, mac=_mac("partial", v))
+
+
+def _noise(t: Table, col: Column, c: sql.Composable) -> sql.Composed:
+    parts = [sql.SQL("{}::text").format(c)]
+    parts += [sql.SQL("t.{}::text").format(sql.Identifier(k)) for k in t.primary_key if k != col.name]
+    message = sql.SQL("concat_ws(chr(31), {})").format(sql.SQL(", ").join(parts))
+    u32 = sql.SQL("('x' || substr(encode({}, 'hex'), 1, 8))::bit(32)::bigint").format(_mac("noise", message))
+    factor = sql.SQL("(0.9 + 0.2 * {}::numeric / 4294967295)").format(u32)
+    if col.base in ("float4", "float8"):
+        return sql.SQL("{} * {}::float8").format(c, factor)
+    if col.base in INT_RANGES:
+        lo, hi = INT_RANGES[col.base]
+        return _clamp(sql.SQL("round({} * {})").format(c, factor), Decimal(lo), Decimal(hi))
+    ps = col.precision_scale
+    if ps is None:
+        return sql.SQL("round({c} * {f}, scale({c}))").format(c=c, f=factor)
+    precision, scale = ps
+    top = Decimal(10) ** (precision - scale) - Decimal(10) ** (-scale)
+    return _clamp(sql.SQL("round({} * {}, {})").format(c, factor, sql.Literal(scale)), -top, top)
+
+
+def _clamp(value: sql.Composable, lo: Decimal, hi: Decimal) -> sql.Composed:
+    return sql.SQL("least(greatest({}, {}::numeric), {}::numeric)").format(value, sql.Literal(str(lo)),
+                                                                          sql.Literal(str(hi)))
+
+
+def update_statement(t: Table, rules: list[MaskRule]) -> sql.Composed:
+    """One UPDATE masking every rule of one table; rows whose masked columns are all NULL are left alone."""
+    sets = [sql.SQL("{} = {}").format(sql.Identifier(r.column), _expression(r, t, t.columns[r.column]))
+            for r in rules]
+    touched = [sql.SQL("t.{} IS NOT NULL").format(sql.Identifier(r.column)) for r in rules]
+    return sql.SQL("UPDATE {} AS t SET {} WHERE {}").format(t.ident, sql.SQL(", ").join(sets),
+                                                            sql.SQL(" OR ").join(touched))
+
+
+# -- applying -------------------------------------------------------------------------------------------------
+def apply_masking(conn: psycopg.Connection[Any], rules: list[MaskRule], key: bytes) -> dict[str, Any]:
+    """Mask ``rules`` in one transaction on ``conn`` (a superuser session on the branch) and commit.
+
+    Refuses (InvalidInput, nothing changed) when check_rules finds a problem; any failure
+    rolls everything back and raises TierbaseError.
+    """
+    pads = _pads(key)
+    if conn.info.transaction_status != TransactionStatus.IDLE:
+        raise TierbaseError("masking needs a connection with no transaction open",
+                            "Commit or roll back first: masking runs in its own transaction")
+    t0 = time.perf_counter()
+    report: dict[str, Any] = {"rules": describe(rules), "tables": {}, "timings": {}}
+    try:
+        with conn.transaction():
+            _prepare_session(conn)
+            tables: dict[tuple[str, str], Table | None] = {}
+            problems = check_rules(conn, rules)
+            if problems:
+                raise InvalidInput("; ".join(problems), "Fix the [masking] rules of tierbase.toml; "
+                                   "nothing was masked", problems=problems)
+            for rule in rules:
+                tables.setdefault(rule.qualified, load_table(conn, *rule.qualified))
+            masked = _mask_tables(conn, rules, tables, pads, report)
+            report["checked"] = _validate(conn, rules, masked)
+            report["refreshed"] = _refresh_views(conn, [oid for t in masked for oid in t.tree])
+            for t in masked:
+                conn.execute(sql.SQL("ANALYZE {}").format(t.ident))  # pg_stats must not keep original values
+            for view in report["refreshed"]:
+                conn.execute(sql.SQL("ANALYZE {}").format(sql.SQL(view)))
+    except psycopg.Error as err:
+        raise TierbaseError(f"masking failed and was rolled back: {str(err).strip()}",
+                            "Fix the rule or the data it trips over; the branch holds unmasked data, "
+                            "so delete it") from err
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    return report
+
+
+def _prepare_session(conn: psycopg.Connection[Any]) -> None:
+    row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+    if not (row and row[0]):
+        raise TierbaseError("masking needs a superuser connection",
+                            "Connect as the compute's superuser (branch_url(..., direct=True))")
+    # user triggers (last_updated ...) and FK triggers stay quiet; constraints are checked in _validate
+    conn.execute("SET LOCAL session_replication_role = replica")
+    conn.execute("SET LOCAL statement_timeout = 0")
+    conn.execute("SET LOCAL lock_timeout = 0")
+    conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")  # no user function may shadow sha256 & co
+
+
+def _mask_tables(conn: psycopg.Connection[Any], rules: list[MaskRule],
+                 tables: Mapping[tuple[str, str], Table | None], pads: dict[str, bytes],
+                 report: dict[str, Any]) -> list[Table]:
+    masked: list[Table] = []
+    for qualified, t in tables.items():
+        assert t is not None  # check_rules passed
+        mine = [r for r in rules if r.qualified == qualified]
+        t1 = time.perf_counter()
+        cur = conn.execute(update_statement(t, mine), pads)
+        name = mine[0].table
+        report["tables"][name] = cur.rowcount
+        report["timings"][name] = round(time.perf_counter() - t1, 3)
+        masked.append(t)
+    return masked
+
+
+def _validate(conn: psycopg.Connection[Any], rules: list[MaskRule], masked: list[Table]) -> list[str]:
+    """Re-check what replica mode does not: foreign keys and deferrable unique keys on masked columns."""
+    checked: list[str] = []
+    owner = {oid: t for t in masked for oid in t.tree}
+    cols = {(*r.qualified, r.column) for r in rules}
+    for fk in foreign_keys(conn, owner):
+        child, parent = _rel(conn, fk.child), _rel(conn, fk.parent)
+        child_root, parent_root = _root_of(conn, fk.child, owner), _root_of(conn, fk.parent, owner)
+        if not any((*child_root, c) in cols for c in fk.child_cols) and \
+                not any((*parent_root, c) in cols for c in fk.parent_cols):
+            continue
+        match = sql.SQL(" AND ").join(sql.SQL("p.{} = c.{}").format(sql.Identifier(p), sql.Identifier(c))
+                                      for c, p in zip(fk.child_cols, fk.parent_cols, strict=True))
+        present = sql.SQL(" AND ").join(sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(c)) for c in fk.child_cols)
+        orphan = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} c WHERE {} AND NOT EXISTS "
+                                      "(SELECT 1 FROM {} p WHERE {}))").format(child, present, parent, match)
+                              ).fetchone()
+        if orphan and orphan[0]:
+            raise TierbaseError(f"masking broke foreign key {fk.name}: rows reference values that no longer exist",
+                                "Mask both sides of the key with the same method (email or hash)")
+        checked.append(f"foreign key {fk.name}")
+    for t in masked:
+        checked += _check_deferrable_unique(conn, t, {c for s, n, c in cols if (s, n) == (t.schema, t.name)})
+    return checked
+
+
+def _rel(conn: psycopg.Connection[Any], oid: int) -> sql.Composed:
+    """A relation for a foreign-key check: ONLY for a plain table (a key does not cover its inheritors)."""
+    row = conn.execute("SELECT n.nspname::text, c.relname::text, c.relkind::text FROM pg_class c "
+                       "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s", (oid,)).fetchone()
+    assert row is not None
+    only = sql.SQL("ONLY ") if row[2] == "r" else sql.SQL("")
+    return sql.SQL("{}{}").format(only, sql.Identifier(str(row[0]), str(row[1])))
+
+
+def _check_deferrable_unique(conn: psycopg.Connection[Any], t: Table, cols: set[str]) -> list[str]:
+    """Deferrable unique keys are rechecked by a trigger, which replica mode silences: check them here."""
+    out: list[str] = []
+    rows = conn.execute(
+        "SELECT c.conname::text, c.conrelid::bigint, ARRAY(SELECT a.attname::text FROM unnest(c.conkey) k(n) "
+        "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n) FROM pg_constraint c "
+        "WHERE c.contype IN ('p', 'u') AND c.condeferrable AND c.conparentid = 0 AND c.conrelid = ANY(%s::oid[])",
+        (t.tree,)).fetchall()
+    for name, relid, keys in rows:
+        if not cols & set(keys):
+            continue
+        group = sql.SQL(", ").join(sql.Identifier(k) for k in keys)
+        dup = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} GROUP BY {} HAVING count(*) > 1)").format(
+            _rel(conn, int(relid)), group)).fetchone()
+        if dup and dup[0]:
+            raise TierbaseError(f"masking made duplicates in unique key {name}",
+                                "Use email or hash on columns of a unique key")
+        out.append(f"unique key {name}")
+    return out
+
+
+_VIEWS = """
+WITH RECURSIVE dep(oid, relkind, depth) AS (
+    SELECT c.oid, c.relkind, 0 FROM pg_class c WHERE c.oid = ANY(%(oids)s::oid[])
+  UNION
+    SELECT v.oid, v.relkind, dep.depth + 1 FROM dep
+    JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = dep.oid AND d.classid = 'pg_rewrite'::regclass
+    JOIN pg_rewrite r ON r.oid = d.objid
+    JOIN pg_class v ON v.oid = r.ev_class AND v.oid <> dep.oid
+    WHERE v.relkind IN ('v', 'm') AND dep.depth < 20
+)
+SELECT format('%%I.%%I', n.nspname, c.relname) FROM dep
+JOIN pg_class c ON c.oid = dep.oid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE dep.relkind = 'm' AND c.relispopulated GROUP BY n.nspname, c.relname ORDER BY max(dep.depth), 1
+"""
+
+
+def _refresh_views(conn: psycopg.Connection[Any], oids: list[int]) -> list[str]:
+    """Refresh populated materialized views that read masked tables: they hold copies of the originals."""
+    views = [str(r[0]) for r in conn.execute(_VIEWS, {"oids": oids})]
+    for view in views:
+        conn.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(sql.SQL(view)))
+    return views
