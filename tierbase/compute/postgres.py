@@ -42,6 +42,8 @@ host    all             all             ::1/128                 scram-sha-256
 host    replication     all             127.0.0.1/32            scram-sha-256
 host    replication     all             ::1/128                 scram-sha-256
 """
+# Skip the fork-time CHECKPOINT when less WAL than this was written since the last one.
+CHECKPOINT_MIN_WAL = int(os.environ.get("TIERBASE_CHECKPOINT_MIN_WAL", 16 * 1024 * 1024))
 # Files of a running cluster that must not travel into a copy of it.
 RUNTIME_FILES = ("postmaster.pid", "postmaster.opts")
 
@@ -209,12 +211,19 @@ class Postgres:
 
     # -- sql -----------------------------------------------------------------
     @staticmethod
-    def checkpoint(ep: Endpoint) -> str:
-        """CHECKPOINT and return the WAL position after it (the fork LSN)."""
+    def checkpoint(ep: Endpoint, min_wal: int = CHECKPOINT_MIN_WAL) -> str:
+        """CHECKPOINT unless little WAL was written since the last one; return the fork LSN.
+
+        A copy needs to replay the WAL written since the last checkpoint when it
+        starts. Below ``min_wal`` bytes that replay is cheaper (~0.1 s) than a
+        CHECKPOINT on a busy parent (0.2-0.5 s of the parent's I/O), so skip it.
+        """
         with psycopg.connect(ep.dsn(), autocommit=True, connect_timeout=10) as conn:
-            conn.execute("CHECKPOINT")
-            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-        return str(row[0]) if row else ""
+            row = conn.execute("SELECT pg_current_wal_lsn() - redo_lsn FROM pg_control_checkpoint()").fetchone()
+            if row is None or row[0] is None or int(row[0]) >= min_wal:
+                conn.execute("CHECKPOINT")
+            lsn = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        return str(lsn[0]) if lsn else ""
 
     def controldata_lsn(self, datadir: Path) -> str:
         out = self.run([self.bins["pg_controldata"], "-D", str(datadir)], what="pg_controldata", where=datadir,

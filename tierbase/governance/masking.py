@@ -230,8 +230,8 @@ WHERE c.conrelid = %(oid)s AND c.contype = 'p' ORDER BY k.o
 _PARTITION_KEY = """
 SELECT a.attname::text FROM pg_partitioned_table p
 JOIN pg_attribute a ON a.attrelid = p.partrelid AND (a.attnum = ANY(p.partattrs::int2[]) OR EXISTS (
-    SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = p.partrelid
-    AND d.refobjid = p.partrelid AND d.refobjsubid = a.attnum AND d.deptype = 'a'))
+    SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = p.partrelid AND d.objsubid = 0
+    AND d.refclassid = 'pg_class'::regclass AND d.refobjid = p.partrelid AND d.refobjsubid = a.attnum))
 WHERE p.partrelid = ANY(%(tree)s::oid[]) AND a.attnum > 0
 """
 
@@ -286,6 +286,11 @@ def foreign_keys(conn: psycopg.Connection[Any], oids: Iterable[int]) -> list[For
 # -- checking rules against the schema ------------------------------------------------------------
 def check_rules(conn: psycopg.Connection[Any], rules: list[MaskRule], database: str = "") -> list[str]:
     """Problems of ``rules`` against the live schema, each naming its key; empty when they fit."""
+    return _check(conn, rules, database)[0]
+
+
+def _check(conn: psycopg.Connection[Any], rules: list[MaskRule],
+           database: str = "") -> tuple[list[str], dict[tuple[str, str], Table | None]]:
     problems: list[str] = []
     where = f" in database {database}" if database else ""
     tables: dict[tuple[str, str], Table | None] = {}
@@ -294,9 +299,8 @@ def check_rules(conn: psycopg.Connection[Any], rules: list[MaskRule], database: 
             tables[rule.qualified] = load_table(conn, *rule.qualified)
     for rule in rules:
         problems += _rule_problems(rule, tables[rule.qualified], where)
-    if not problems:
-        problems += _foreign_key_problems(conn, rules, tables)
-    return list(dict.fromkeys(problems))
+    problems += _foreign_key_problems(conn, rules, tables)
+    return list(dict.fromkeys(problems)), tables
 
 
 def _rule_problems(rule: MaskRule, t: Table | None, where: str) -> list[str]:
@@ -362,7 +366,7 @@ def _foreign_key_problems(conn: psycopg.Connection[Any], rules: list[MaskRule],
             if a is not None and b is None and a.method == "null":
                 continue  # a NULL reference satisfies any foreign key
             if a is not None and b is not None and a.method == b.method and a.method in INJECTIVE \
-                    and _out_length(a, owner, tables) == _out_length(b, owner, tables):
+                    and _out_length(a, tables) == _out_length(b, tables):
                 continue
             rule = a or b
             assert rule is not None
@@ -380,7 +384,7 @@ def _root_of(conn: psycopg.Connection[Any], oid: int, owner: Mapping[int, Table]
     return (str(row[0]), str(row[1])) if row else ("", str(oid))
 
 
-def _out_length(rule: MaskRule, owner: Mapping[int, Table], tables: Mapping[tuple[str, str], Table | None]) -> int:
+def _out_length(rule: MaskRule, tables: Mapping[tuple[str, str], Table | None]) -> int:
     t = tables.get(rule.qualified)
     col = t.columns.get(rule.column) if t else None
     n = col.length if col else None
@@ -424,7 +428,7 @@ def _partial(v: sql.Composable) -> sql.Composed:
         " WHEN s.i > length({v}) - CASE WHEN length({v}) >= 6 THEN 2 ELSE 0 END THEN s.ch"
         " WHEN ascii(s.ch) BETWEEN 48 AND 57 THEN chr(48 + {b} % 10)"
         " WHEN s.ch <> lower(s.ch) THEN chr(65 + {b} % 26)"
-        " WHEN s.ch <> upper(s.ch) OR ascii(s.ch) > 127 OR s.ch ~ '[[:alnum:]]' THEN chr(97 + {b} % 26)"
+        " WHEN s.ch <> upper(s.ch) OR ascii(s.ch) > 127 THEN chr(97 + {b} % 26)"
         " ELSE s.ch END, '' ORDER BY s.i)"
         " FROM (SELECT {mac} AS h) k,"
         " LATERAL (SELECT g AS i, substr({v}, g, 1) AS ch FROM generate_series(1, length({v})) g) s)"
@@ -480,13 +484,10 @@ def apply_masking(conn: psycopg.Connection[Any], rules: list[MaskRule], key: byt
     try:
         with conn.transaction():
             _prepare_session(conn)
-            tables: dict[tuple[str, str], Table | None] = {}
-            problems = check_rules(conn, rules)
+            problems, tables = _check(conn, rules)
             if problems:
                 raise InvalidInput("; ".join(problems), "Fix the [masking] rules of tierbase.toml; "
                                    "nothing was masked", problems=problems)
-            for rule in rules:
-                tables.setdefault(rule.qualified, load_table(conn, *rule.qualified))
             masked = _mask_tables(conn, rules, tables, pads, report)
             report["checked"] = _validate(conn, rules, masked)
             report["refreshed"] = _refresh_views(conn, [oid for t in masked for oid in t.tree])
