@@ -34,6 +34,7 @@ from .names import check_name, format_duration, parse_ttl
 from .provider import LocalProvider
 from .storage import DEFAULT_IMAGE_SIZE, VolumeDriver, make_driver
 from .storage.btrfs import parse_size
+from .workflow.history import FlowHistory
 
 ROOT_BRANCH = "production"
 DEFAULT_API_PORT = 55430
@@ -419,6 +420,21 @@ class Tierbase:
 
     def audit_verify(self) -> dict[str, Any]:
         return self.gate.audit.verify().to_dict()
+
+    # -- workflow history (the authoritative record behind .tierbase/workflow-state.json) --------
+    def flow_record(self, feature: str, transition: str, state: str, evidence: dict[str, Any]) -> dict[str, Any]:
+        actor = self.gate.principal(self.actor).name
+        out = FlowHistory(self.store).record(feature, transition, state, actor, evidence)
+        self.gate.audit.append(actor=actor, action=f"flow.{transition}", target=feature, allowed=True,
+                               reason="workflow transition whose gates passed", after={"state": state})
+        return out
+
+    def flow_history(self, feature: str) -> dict[str, Any]:
+        return FlowHistory(self.store).summary(feature)
+
+    def whoami(self) -> dict[str, Any]:
+        p = self.gate.principal(self.actor)
+        return {**p.to_dict(), "base_role": self.config.base_role(p.role)}
 
 
 def _mounted_ok(driver: VolumeDriver) -> bool:

@@ -139,3 +139,14 @@ class Client:
 
     def audit_verify(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/audit/verify"))
+
+    # -- workflow -------------------------------------------------------------------
+    def whoami(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/whoami"))
+
+    def flow_history(self, feature: str) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/flow/{feature}"))
+
+    def flow_record(self, feature: str, transition: str, state: str, evidence: dict[str, Any]) -> dict[str, Any]:
+        body = {"transition": transition, "state": state, "evidence": evidence}
+        return dict(self._call("POST", f"/v1/flow/{feature}", json=body))

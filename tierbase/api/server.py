@@ -42,6 +42,12 @@ class PrincipalCreate(BaseModel):
     role: str
 
 
+class FlowEvent(BaseModel):
+    transition: str
+    state: str
+    evidence: dict[str, Any] = {}
+
+
 class ConfigReload(BaseModel):
     file: str | None = None
 

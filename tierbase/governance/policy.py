@@ -118,7 +118,7 @@ class PolicyEngine:
         if target.protected and action is Action.MIGRATE:
             return deny("tier.protected",
                         f"{target.name!r} is a protected tier: migrations reach it only through `tierbase promote`")
-        if action is Action.PROMOTE and source is not None and source.kind != "tier":
+        if action is Action.PROMOTE and source is not None and source.kind != "tier" and source.tier != target.name:
             return deny("promote.tiers-only",
                         f"{source.name!r} is a {source.kind} branch: features merge into their tier "
                         f"({source.tier!r}), they are never promoted past it")
