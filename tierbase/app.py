@@ -8,9 +8,7 @@ the audit record.
 
 from __future__ import annotations
 
-import copy
 import hmac
-import os
 import shutil
 import time
 from pathlib import Path
@@ -20,97 +18,26 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
+from .app_governance import GovernanceOps
 from .compute import Postgres, compute_user, find_binaries
 from .compute.restore import restore_dump
-from .control.branches import Branches
 from .control.store import Branch, Kind, Store
-from .errors import BranchNotFound, InvalidInput, NotRunning, TierbaseError
-from .governance.config import Config, load_config
-from .governance.gate import Gate, os_principal_name
-from .governance.policy import Action, Subject, parse_action
+from .errors import BranchNotFound, InvalidInput, TierbaseError
+from .governance.config import load_config
+from .governance.gate import os_principal_name
+from .governance.policy import Action, Subject
 from .governance.principals import new_token
-from .home import Home, default_home
 from .names import check_name, format_duration, parse_ttl
-from .provider import LocalProvider
 from .storage import DEFAULT_IMAGE_SIZE, VolumeDriver, make_driver
 from .storage.btrfs import parse_size
-from .workflow.history import FlowHistory
 
 ROOT_BRANCH = "production"
 DEFAULT_API_PORT = 55430
 DEFAULT_PROXY_PORT = 55431
-NOBODY = Subject(name="platform", kind="none")
 
 
-class Tierbase:
+class Tierbase(GovernanceOps):
     """A tierbase platform rooted at one data dir."""
-
-    def __init__(self, home: Path | str | None = None, actor: str | None = None) -> None:
-        self.home = Home(Path(home).absolute() if home else default_home())
-        #: the principal this facade acts as; None is the data dir's owner (the first platform engineer)
-        self.actor = actor
-        self._store: Store | None = None
-        self._branches: Branches | None = None
-        self._driver: VolumeDriver | None = None
-        self._gate: Gate | None = None
-
-    def as_principal(self, name: str | None) -> Tierbase:
-        """The same platform, acting as another principal (shares every connection)."""
-        _ = (self.branches, self.gate)  # wire once, so that every view shares them
-        view = copy.copy(self)
-        view.actor = name
-        return view
-
-    # -- wiring ----------------------------------------------------------------
-    @property
-    def store(self) -> Store:
-        if self._store is None:
-            if not self.home.exists():
-                raise NotRunning(f"no tierbase platform at {self.home.root}",
-                                 "Run `tierbase up` first (or set TIERBASE_HOME to the right data dir)")
-            self._store = Store(self.home.db, self._port_base())
-        return self._store
-
-    @staticmethod
-    def _port_base() -> int:
-        """Default first compute port; the one chosen at first `up` is kept in the settings."""
-        return int(os.environ.get("TIERBASE_PORT_BASE", "55432"))
-
-    @property
-    def driver(self) -> VolumeDriver:
-        if self._driver is None:
-            pg = Postgres()
-            self._driver = make_driver(self.store.get_setting("driver"), self.home.root, pg,
-                                       image_size=self.store.get_setting("btrfs_size", DEFAULT_IMAGE_SIZE))
-        return self._driver
-
-    @property
-    def branches(self) -> Branches:
-        if self._branches is None:
-            provider = LocalProvider(self.home.root, self.driver, Postgres(), self.home.read_secret(self.home.secret))
-            self._branches = Branches(self.store, provider)
-        return self._branches
-
-    @property
-    def gate(self) -> Gate:
-        if self._gate is None:
-            self._gate = Gate(self.store, self.home)
-        return self._gate
-
-    @property
-    def config(self) -> Config:
-        return self.gate.config
-
-    def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
-            self._branches = None
-            self._gate = None
-
-    def _subject(self, name: str) -> Subject:
-        check_name(name)
-        return self.gate.subject(self.store.get(name))
 
     # -- platform lifecycle ----------------------------------------------------
     def init(self, storage: str = "auto", btrfs_size: str = DEFAULT_IMAGE_SIZE, *,
@@ -189,6 +116,7 @@ class Tierbase:
         check_name(name)
         ttl_seconds = parse_ttl(ttl) if ttl else None
         parent = parent or self.config.entry
+        parent = self.store.resolve_route(check_name(parent, "parent")) or parent  # a tier's route may have moved
         with self.gate.act(self.actor, Action.BRANCH_CREATE, self._subject(parent)) as rec:
             t0 = time.perf_counter()
             b = self.branches.create(name, parent, kind=Kind.SNAPSHOT if snapshot else Kind.FEATURE,
@@ -221,10 +149,6 @@ class Tierbase:
         with self.gate.act(self.actor, Action.BRANCH_STOP, self._subject(name)):
             self.branches.stop(name)
         return self.describe(self.store.get(name))
-
-    def _require(self, action: Action, subject: Subject, quiet: bool = False) -> None:
-        with self.gate.act(self.actor, action, subject, quiet=quiet):
-            pass
 
     def get_branch(self, name: str, *, with_bytes: bool = True) -> dict[str, Any]:
         check_name(name)
@@ -358,84 +282,6 @@ class Tierbase:
             rec.after = out = {"branch": branch, "database": dbname, "file": str(src),
                                "seconds": round(time.perf_counter() - t0, 2)}
         return out
-
-    # -- governance ----------------------------------------------------------------
-    def reload_config(self, path: str | None = None) -> dict[str, Any]:
-        """Load tierbase.toml (validated whole before anything changes), then create missing tiers."""
-        source = path or self.store.get_setting("config_source")
-        if source is None:
-            raise InvalidInput("no tierbase.toml was given and none was loaded before",
-                               "Pass the path: `tierbase policy reload --file tierbase.toml`")
-        cfg = load_config(source)
-        self.gate.check_against_branches(cfg)
-        old = self.config
-        with self.gate.act(self.actor, Action.POLICY_RELOAD, NOBODY, before={"sha256": old.digest}) as rec:
-            self.gate.store_config(cfg, str(Path(source).absolute()))
-            said = [f"loaded {source} (sha256 {cfg.digest[:12]})"]
-            for name in cfg.tier_order():
-                tier = cfg.tiers[name]
-                b = self.store.find(name)
-                if b is None and tier.parent is not None:
-                    self.branches.create(name, tier.parent, kind=Kind.TIER, creator=self.gate.owner,
-                                         protected=tier.protected)
-                    said.append(f"created tier {name!r} from {tier.parent!r}")
-                elif b is not None and b.protected != tier.protected:
-                    self.store.set_protected(name, tier.protected)
-                    said.append(f"tier {name!r} is now {'protected' if tier.protected else 'unprotected'}")
-            rec.after = {"sha256": cfg.digest, "diff": cfg.diff(old)}
-        return {"sha256": cfg.digest, "source": str(source), "said": said, "entry": cfg.entry}
-
-    def show_config(self) -> dict[str, Any]:
-        cfg = self.config
-        return {"sha256": cfg.digest, "source": self.store.get_setting("config_source"), "text": cfg.text,
-                "entry": cfg.entry, "tiers": cfg.tier_order()}
-
-    def explain(self, principal: str, action: str, target: str, source: str | None = None) -> dict[str, Any]:
-        """The decision the policy would take, without doing anything."""
-        act = parse_action(action)
-        subject = self._subject(target) if self.store.find(target) else Subject(name=target, kind="none")
-        src = self._subject(source) if source else None
-        decision = self.gate.decide(principal, act, subject, src)
-        return {"principal": principal, "action": act.value, "target": target, **decision.to_dict()}
-
-    def create_principal(self, name: str, role: str) -> dict[str, Any]:
-        if role not in self.config.roles:
-            raise InvalidInput(f"role {role!r} is not known", f"Use one of: {', '.join(self.config.roles)}")
-        with self.gate.act(self.actor, Action.PRINCIPAL_MANAGE, Subject(name=name, kind="principal")) as rec:
-            p, token = self.gate.principals.create(name, role, created_by=self.gate.principal(self.actor).name)
-            rec.after = p.to_dict()
-        return {**p.to_dict(), "token": token}
-
-    def list_principals(self) -> list[dict[str, Any]]:
-        return [p.to_dict() for p in self.gate.principals.all()]
-
-    def revoke_principal(self, name: str) -> dict[str, Any]:
-        with self.gate.act(self.actor, Action.PRINCIPAL_MANAGE, Subject(name=name, kind="principal")) as rec:
-            rec.after = out = self.gate.principals.revoke(name).to_dict()
-        return out
-
-    def audit_log(self, **filters: Any) -> list[dict[str, Any]]:
-        self._require(Action.AUDIT_READ, NOBODY, quiet=True)
-        return self.gate.audit.query(**filters)
-
-    def audit_verify(self) -> dict[str, Any]:
-        return self.gate.audit.verify().to_dict()
-
-    # -- workflow history (the authoritative record behind .tierbase/workflow-state.json) --------
-    def flow_record(self, feature: str, transition: str, state: str, evidence: dict[str, Any]) -> dict[str, Any]:
-        actor = self.gate.principal(self.actor).name
-        out = FlowHistory(self.store).record(feature, transition, state, actor, evidence)
-        self.gate.audit.append(actor=actor, action=f"flow.{transition}", target=feature, allowed=True,
-                               reason="workflow transition whose gates passed", after={"state": state})
-        return out
-
-    def flow_history(self, feature: str) -> dict[str, Any]:
-        return FlowHistory(self.store).summary(feature)
-
-    def whoami(self) -> dict[str, Any]:
-        p = self.gate.principal(self.actor)
-        return {**p.to_dict(), "base_role": self.config.base_role(p.role)}
-
 
 def _mounted_ok(driver: VolumeDriver) -> bool:
     """True when the driver's volume root is ready to use as it is."""

@@ -54,6 +54,7 @@ class Resolver:
 class Service:
     def __init__(self, home: Path) -> None:
         self.tb = Tierbase(home)
+        self.tb.router = self
         self.proxy = Proxy(Resolver(self.tb), host="127.0.0.1", port=self.tb.proxy_port)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.idle_timeout = float(self.tb.store.get_setting("idle_timeout", 300))
@@ -64,6 +65,13 @@ class Service:
     def status(self) -> dict[str, Any]:
         return {"service_pid": os.getpid(), "api_port": self.tb.api_port, "proxy_port": self.proxy.port,
                 "idle_timeout": self.idle_timeout}
+
+    def after_switch(self, route: str, old: str, new: str) -> None:
+        """A route was repointed by the platform itself (rollback): end the old target's sessions."""
+        if self.loop is None or old == new:
+            return
+        msg = f'route "{route}" now points to branch "{new}"; reconnect'
+        asyncio.run_coroutine_threadsafe(self.proxy.terminate(old, msg), self.loop).result()
 
     def sessions(self, branch: str) -> int:
         return self.proxy.sessions(branch)

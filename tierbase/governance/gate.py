@@ -88,8 +88,11 @@ class Gate:
 
     # -- subjects ----------------------------------------------------------------
     def subject(self, b: Branch) -> Subject:
-        return Subject(name=b.name, kind=b.kind.value, protected=b.protected, owner=b.creator,
-                       tier=self.tier_of(b))
+        """How the policy sees a branch; a branch serving a tier's route (after a rollback) is that tier."""
+        name = b.name
+        if b.kind is Kind.TIER and name not in self.config.tiers:
+            name = next((r for r, t in self.store.routes().items() if t == b.name and r in self.config.tiers), name)
+        return Subject(name=name, kind=b.kind.value, protected=b.protected, owner=b.creator, tier=self.tier_of(b))
 
     def tier_of(self, b: Branch) -> str | None:
         cur: Branch | None = b

@@ -1,0 +1,104 @@
+"""The facade's wiring: the data dir, the store, the driver, the branches, the gate.
+
+Split from app.py so that each group of facade methods (governance,
+migrations) can live in a module of its own while sharing one set of wires.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+from .compute import Postgres
+from .control.branches import Branches
+from .control.store import Store
+from .errors import NotRunning
+from .governance.config import Config
+from .governance.gate import Gate
+from .governance.policy import Action, Subject
+from .home import Home, default_home
+from .names import check_name
+from .provider import LocalProvider
+from .storage import DEFAULT_IMAGE_SIZE, VolumeDriver, make_driver
+
+NOBODY = Subject(name="platform", kind="none")
+
+
+class FacadeBase:
+    """A tierbase platform rooted at one data dir: the wires, no operations."""
+
+    def __init__(self, home: Path | str | None = None, actor: str | None = None) -> None:
+        self.home = Home(Path(home).absolute() if home else default_home())
+        #: the principal this facade acts as; None is the data dir's owner (the first platform engineer)
+        self.actor = actor
+        self._store: Store | None = None
+        self._branches: Branches | None = None
+        self._driver: VolumeDriver | None = None
+        self._gate: Gate | None = None
+
+    def as_principal(self, name: str | None) -> Any:
+        """The same platform, acting as another principal (shares every connection)."""
+        _ = (self.branches, self.gate)  # wire once, so that every view shares them
+        view = copy.copy(self)
+        view.actor = name
+        return view
+
+    # -- wiring ----------------------------------------------------------------
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            if not self.home.exists():
+                raise NotRunning(f"no tierbase platform at {self.home.root}",
+                                 "Run `tierbase up` first (or set TIERBASE_HOME to the right data dir)")
+            self._store = Store(self.home.db, self._port_base())
+        return self._store
+
+    @staticmethod
+    def _port_base() -> int:
+        """Default first compute port; the one chosen at first `up` is kept in the settings."""
+        return int(os.environ.get("TIERBASE_PORT_BASE", "55432"))
+
+    @property
+    def driver(self) -> VolumeDriver:
+        if self._driver is None:
+            pg = Postgres()
+            self._driver = make_driver(self.store.get_setting("driver"), self.home.root, pg,
+                                       image_size=self.store.get_setting("btrfs_size", DEFAULT_IMAGE_SIZE))
+        return self._driver
+
+    @property
+    def branches(self) -> Branches:
+        if self._branches is None:
+            provider = LocalProvider(self.home.root, self.driver, Postgres(), self.home.read_secret(self.home.secret))
+            self._branches = Branches(self.store, provider)
+        return self._branches
+
+    @property
+    def gate(self) -> Gate:
+        if self._gate is None:
+            self._gate = Gate(self.store, self.home)
+        return self._gate
+
+    @property
+    def config(self) -> Config:
+        return self.gate.config
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+            self._branches = None
+            self._gate = None
+
+    def _subject(self, name: str) -> Subject:
+        check_name(name)
+        return self.gate.subject(self.store.get(name))
+
+    def _require(self, action: Action, subject: Subject, quiet: bool = False) -> None:
+        with self.gate.act(self.actor, action, subject, quiet=quiet):
+            pass
+
+    #: set by the service: moves live proxy sessions when a route is repointed
+    router: Any = None

@@ -1,0 +1,220 @@
+"""Facade methods of migrations: status, apply, lint, verify, promote, rollback, diff."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from .app_base import FacadeBase
+from .control.store import Branch, Kind
+from .errors import InvalidInput, Refused, TierbaseError
+from .governance.policy import Action, Subject
+from .migrate import files, ledger
+from .migrate.diff import diff_urls
+from .migrate.lint import lint
+from .migrate.promote import PromotionLog, run_smoke, to_promote
+from .migrate.verify import verify
+
+
+class MigrationOps(FacadeBase):
+    # -- where things are ------------------------------------------------------------
+    def _migrations_dir(self, migrations_dir: str | None) -> Path:
+        if migrations_dir:
+            return Path(migrations_dir).absolute()
+        rel = self.config.project.get("migrations")
+        source = self.store.get_setting("config_source")
+        if rel and source:
+            return (Path(source).parent / rel).absolute()
+        raise InvalidInput("no migrations directory is known",
+                           "Pass --dir, or declare `[project] migrations = \"db/migrations\"` in tierbase.toml")
+
+    def _migrations(self, migrations_dir: str | None) -> list[files.Migration]:
+        return files.discover(self._migrations_dir(migrations_dir))
+
+    @property
+    def _database(self) -> str:
+        return str(self.config.project.get("database", "postgres"))
+
+    def _serving(self, name: str) -> Branch:
+        """The branch serving a route or tier name now (a tier's route moves on rollback)."""
+        target = self.store.resolve_route(name)
+        return self.store.get(target or name)
+
+    @contextmanager
+    def _connect(self, branch: str) -> Iterator[psycopg.Connection[Any]]:
+        """A superuser connection to a branch's project database (starting its compute)."""
+        self.branches.start(branch)
+        ep = self.branches.provider.endpoint(self.store.get(branch).port, self._database)
+        with psycopg.connect(ep.dsn(), autocommit=True, connect_timeout=10) as conn:
+            yield conn
+
+    def _url(self, branch: str) -> str:
+        ep = self.branches.provider.endpoint(self.store.get(branch).port, self._database)
+        return f"postgresql://{ep.user}:{ep.password}@{ep.host}:{ep.port}/{ep.dbname}"
+
+    def _tier_subject(self, tier: str) -> Subject:
+        spec = self.config.tiers.get(tier)
+        if spec is None:
+            raise InvalidInput(f"{tier!r} is not a declared tier",
+                               f"Declared tiers: {', '.join(self.config.tier_order())}")
+        return Subject(name=tier, kind="tier", protected=spec.protected, tier=tier)
+
+    # -- migrations on one branch ------------------------------------------------------
+    def migrate_status(self, branch: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
+        b = self._serving(branch or self.config.entry)
+        migrations = self._migrations(migrations_dir)
+        with self._connect(b.name) as conn:
+            return {"branch": b.name, **ledger.status(conn, migrations).to_dict()}
+
+    def migrate_apply(self, branch: str, migrations_dir: str | None = None) -> dict[str, Any]:
+        b = self._serving(branch)
+        migrations = self._migrations(migrations_dir)
+        with self.gate.act(self.actor, Action.MIGRATE, self.gate.subject(b)) as rec, self._connect(b.name) as conn:
+            applied = ledger.apply(conn, migrations, actor=self.gate.principal(self.actor).name)
+            rec.after = {"applied": [a["version"] for a in applied]}
+        return {"branch": b.name, "applied": applied}
+
+    def migrate_new(self, name: str, migrations_dir: str | None = None, undo: bool = False) -> dict[str, Any]:
+        paths = files.new_migration(self._migrations_dir(migrations_dir), name, with_undo=undo)
+        return {"created": [str(p) for p in paths]}
+
+    def migrate_lint(self, migrations_dir: str | None = None, block: list[str] | None = None) -> dict[str, Any]:
+        rules = block if block is not None else self.config.raw.get("migrations", {}).get("lint_block")
+        return lint(self._migrations(migrations_dir), block=rules).to_dict()
+
+    def migrate_verify(self, parent: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
+        """Apply pending migrations on a throwaway branch of ``parent``: cleanly, idempotently, reversibly."""
+        source = self._serving(parent or self.config.entry)
+        rules = self.config.raw.get("migrations", {}).get("lint_block")
+        report = verify(self, source.name, self._migrations(migrations_dir),
+                        actor=self.gate.principal(self.actor).name, dbname=self._database, lint_block=rules)
+        return report.to_dict()
+
+    # -- promotion ---------------------------------------------------------------------------
+    def _default_source(self, tier: str) -> str:
+        """The child of ``tier`` on the path from the entry tier up to the root."""
+        cfg = self.config
+        cur = cfg.entry
+        while cfg.tiers[cur].parent is not None:
+            if cfg.tiers[cur].parent == tier:
+                return cur
+            cur = str(cfg.tiers[cur].parent)
+        raise InvalidInput(f"{tier!r} has no child tier on the promotion path from {cfg.entry!r}",
+                           "Name the source: `tierbase promote TIER --from BRANCH`")
+
+    def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
+        """Apply to TIER the migrations validated on SOURCE; roll back by repoint if anything fails."""
+        target = self._tier_subject(tier)
+        src_name = source or self._default_source(tier)
+        src_branch = self._serving(src_name)
+        src_subject = self.gate.subject(src_branch)
+        migrations = self._migrations(migrations_dir)
+        log = PromotionLog(self.store)
+        with self.gate.act(self.actor, Action.PROMOTE, target, src_subject) as rec:
+            serving = self._serving(tier)
+            pid = log.begin(tier, src_name, self.gate.principal(self.actor).name, serving.name)
+            t0 = time.perf_counter()
+            try:
+                result = self._promote(pid, log, tier, serving, src_branch, migrations, t0)
+            except BaseException as err:
+                log.finish(pid, "failed", f"{type(err).__name__}: {err}", t0)
+                raise
+            rec.after = result
+        if result["status"] != "succeeded":
+            raise Refused(f"promotion #{pid} into {tier!r} failed and was rolled back: {result['reason']}",
+                          f"{tier!r} is served by {result['serving_now']!r} again; the failed state is kept as "
+                          f"branch {serving.name!r} (`tierbase diff {result['serving_now']} {serving.name}`)",
+                          promotion=result)
+        return result
+
+    def _promote(self, pid: int, log: PromotionLog, tier: str, serving: Branch, src: Branch,
+                 migrations: list[files.Migration], t0: float) -> dict[str, Any]:
+        with self._connect(serving.name) as tconn, self._connect(src.name) as sconn:
+            pending = to_promote(ledger.status(tconn, migrations), ledger.status(sconn, migrations), tier, src.name)
+        snapshot = f"{tier}-pre-{pid}"
+        self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.gate.owner)
+        log.update(pid, snapshot=snapshot, migrations=[m.label() for m in pending])
+        spec = self.config.tiers[tier]
+        try:
+            with self._connect(serving.name) as conn:
+                ledger.apply(conn, pending, actor=self.gate.principal(self.actor).name)
+            why = run_smoke(spec.smoke, self.config.raw["tiers"].get(tier, {}).get("smoke_command"),
+                            self._url(serving.name), self._project_dir())
+        except TierbaseError as err:
+            why = f"migration failed: {err.message}"
+        if why is None:
+            return log.finish(pid, "succeeded", "ok", t0, serving_now=serving.name)
+        back = self._repoint_to_snapshot(tier, snapshot, f"{tier}-rb-{pid}")
+        return log.finish(pid, "rolled-back", why, t0, serving_now=back)
+
+    def _project_dir(self) -> str | None:
+        source = self.store.get_setting("config_source")
+        return str(Path(source).parent) if source else None
+
+    def _repoint_to_snapshot(self, tier: str, snapshot: str, name: str) -> str:
+        """A writable tier branch of ``snapshot`` takes over the tier's route (O(1))."""
+        spec = self.config.tiers[tier]
+        self.branches.create(name, snapshot, kind=Kind.TIER, creator=self.gate.owner, protected=spec.protected)
+        self.branches.start(name)
+        old = self.store.set_route(tier, name) or tier
+        if self.router is not None:
+            self.router.after_switch(tier, old, name)
+        self.gate.audit.append(actor="tierbase", action="route.repoint", target=tier, allowed=True,
+                               reason="rollback: the tier returns to its pre-promotion snapshot",
+                               before={"branch": old}, after={"branch": name})
+        return name
+
+    def rollback(self, tier: str, to: str | None = None) -> dict[str, Any]:
+        """Point TIER's route at a writable copy of a pre-promotion snapshot; keep what it replaces."""
+        target = self._tier_subject(tier)
+        log = PromotionLog(self.store)
+        snapshot = to or log.last_snapshot(tier)
+        if snapshot is None:
+            raise Refused(f"{tier!r} has no pre-promotion snapshot to roll back to",
+                          "Run `tierbase promotions` to see its history, or pass --to SNAPSHOT")
+        snap = self.store.get(snapshot)
+        if snap.kind is not Kind.SNAPSHOT:
+            raise InvalidInput(f"{snapshot!r} is not a snapshot", "Pass a `<tier>-pre-<n>` snapshot branch")
+        with self.gate.act(self.actor, Action.PROMOTE, target, before={"serving": self._serving(tier).name}) as rec:
+            t0 = time.perf_counter()
+            replaced = self._serving(tier).name
+            name = f"{tier}-rb-{int(time.time())}"
+            self._repoint_to_snapshot(tier, snapshot, name)
+            with self._connect(name) as conn:
+                conn.execute("SELECT 1")
+            seconds = round(time.perf_counter() - t0, 3)
+            rec.after = out = {"tier": tier, "snapshot": snapshot, "serving_now": name, "replaced": replaced,
+                               "seconds_to_first_query": seconds,
+                               "hint": f"writes made after the promotion are kept on {replaced!r}: "
+                                       f"`tierbase branch url {replaced}`"}
+        return out
+
+    def promotions(self, tier: str | None = None) -> list[dict[str, Any]]:
+        return PromotionLog(self.store).history(tier)
+
+    # -- schema diff ---------------------------------------------------------------------------
+    def diff(self, a: str, b: str | None = None, fmt: str = "text") -> dict[str, Any]:
+        """Schema diff between two branches: A -> B, or A's parent -> A by default."""
+        left = self._serving(a)
+        if b is None:
+            if left.parent is None:
+                raise InvalidInput(f"{a!r} has no parent to compare with", "Name a second branch")
+            older, newer = self.store.get(left.parent), left
+        else:
+            older, newer = left, self._serving(b)
+        for br in (older, newer):
+            if br.kind is Kind.SNAPSHOT:
+                raise InvalidInput(f"{br.name!r} is a read-only snapshot without a compute",
+                                   f"Create a branch from it and diff that: `tierbase branch create X --parent {br.name}`")
+            self.branches.start(br.name)
+        d = diff_urls(self._url(older.name), self._url(newer.name), a_label=older.name, b_label=newer.name)
+        text = {"text": d.to_text, "markdown": d.to_markdown}.get(fmt)
+        if fmt not in ("text", "markdown", "json"):
+            raise InvalidInput(f"format {fmt!r} is unknown", "Use text, markdown or json")
+        return {**d.to_dict(), "from": older.name, "to": newer.name, "empty": d.empty,
+                "text": text() if text else None}
