@@ -150,3 +150,30 @@ class Client:
     def flow_record(self, feature: str, transition: str, state: str, evidence: dict[str, Any]) -> dict[str, Any]:
         body = {"transition": transition, "state": state, "evidence": evidence}
         return dict(self._call("POST", f"/v1/flow/{feature}", json=body))
+
+    # -- migrations and promotion -------------------------------------------------------
+    def migrate_status(self, branch: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
+        params = {k: v for k, v in (("branch", branch), ("dir", migrations_dir)) if v}
+        return dict(self._call("GET", "/v1/migrations/status", params=params))
+
+    def migrate_apply(self, branch: str, migrations_dir: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/migrations/apply", json={"branch": branch, "dir": migrations_dir}))
+
+    def migrate_verify(self, parent: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/migrations/verify", json={"branch": parent, "dir": migrations_dir}))
+
+    def migrate_lint(self, migrations_dir: str | None = None) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/migrations/lint", params={"dir": migrations_dir} if migrations_dir else {}))
+
+    def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/tiers/{tier}/promote", json={"source": source, "dir": migrations_dir}))
+
+    def rollback(self, tier: str, to: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/tiers/{tier}/rollback", json={"to": to}))
+
+    def promotions(self, tier: str | None = None) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/promotions", params={"tier": tier} if tier else {}))
+
+    def diff(self, a: str, b: str | None = None, fmt: str = "text") -> dict[str, Any]:
+        params = {"a": a, "format": fmt, **({"b": b} if b else {})}
+        return dict(self._call("GET", "/v1/diff", params=params))

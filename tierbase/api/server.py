@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from .. import __version__
 from ..app import Tierbase
-from ..errors import TierbaseError, Unauthorized
+from ..errors import InvalidInput, TierbaseError, Unauthorized
 
 
 class BranchCreate(BaseModel):
@@ -46,6 +46,20 @@ class FlowEvent(BaseModel):
     transition: str
     state: str
     evidence: dict[str, Any] = {}
+
+
+class MigrateBody(BaseModel):
+    branch: str | None = None
+    dir: str | None = None
+
+
+class PromoteBody(BaseModel):
+    source: str | None = None
+    dir: str | None = None
+
+
+class RollbackBody(BaseModel):
+    to: str | None = None
 
 
 class ConfigReload(BaseModel):
