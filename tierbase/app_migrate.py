@@ -210,7 +210,8 @@ class MigrationOps(FacadeBase):
         for br in (older, newer):
             if br.kind is Kind.SNAPSHOT:
                 raise InvalidInput(f"{br.name!r} is a read-only snapshot without a compute",
-                                   f"Create a branch from it and diff that: `tierbase branch create X --parent {br.name}`")
+                                   "Create a branch from it and diff that: "
+                                   f"`tierbase branch create X --parent {br.name}`")
             self.branches.start(br.name)
         d = diff_urls(self._url(older.name), self._url(newer.name), a_label=older.name, b_label=newer.name)
         text = {"text": d.to_text, "markdown": d.to_markdown}.get(fmt)

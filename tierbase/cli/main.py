@@ -216,12 +216,21 @@ def branch_create(ctx: click.Context, name: str, parent: str | None, ttl: str | 
 
 @branch.command("list")
 @click.option("--no-bytes", is_flag=True, help="Skip measuring each branch's own bytes.")
+@click.option("--prefix", default="", help="Only branches whose name starts with this.")
+@click.option("--names", is_flag=True, help="Only the names, one per line (for scripts).")
 @command
 @click.pass_context
-def branch_list(ctx: click.Context, no_bytes: bool) -> None:
+def branch_list(ctx: click.Context, no_bytes: bool, prefix: str, names: bool) -> None:
     """The branch tree with kind, compute state, age, TTL and own bytes."""
-    data = client(ctx).list_branches(with_bytes=not no_bytes)
-    emit_json(data) if as_json() else out.print(branch_tree(data))
+    data = client(ctx).list_branches(with_bytes=not (no_bytes or names))
+    data = [b for b in data if b["name"].startswith(prefix)]
+    if as_json():
+        emit_json(data)
+    elif names:
+        for b in data:
+            click.echo(b["name"])
+    else:
+        out.print(branch_tree(data))
 
 
 @branch.command("show")

@@ -173,8 +173,7 @@ jobs:
       - name: Delete orphan CI branches
         run: |
           OPEN=$(gh pr list --state open --json number --jq '.[].number' | sed 's/^/ci-pr-/')
-          for b in $(tierbase branch list --no-bytes --json | python3 -c \\
-              'import json,sys; print("\\n".join(b["name"] for b in json.load(sys.stdin) if b["name"].startswith("ci-pr-")))'); do
+          for b in $(tierbase branch list --prefix ci-pr- --names); do
             echo "$OPEN" | grep -qx "$b" || tierbase branch delete "$b" --recursive --json
           done
 """
