@@ -19,6 +19,7 @@ import psycopg
 from psycopg import sql
 
 from .app_governance import GovernanceOps
+from .app_migrate import MigrationOps
 from .compute import Postgres, compute_user, find_binaries
 from .compute.restore import restore_dump
 from .control.store import Branch, Kind, Store
@@ -36,7 +37,7 @@ DEFAULT_API_PORT = 55430
 DEFAULT_PROXY_PORT = 55431
 
 
-class Tierbase(GovernanceOps):
+class Tierbase(GovernanceOps, MigrationOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------

@@ -6,7 +6,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 
@@ -18,7 +18,7 @@ from .migrate import files, ledger
 from .migrate.diff import diff_urls
 from .migrate.lint import lint
 from .migrate.promote import PromotionLog, run_smoke, to_promote
-from .migrate.verify import verify
+from .migrate.verify import BranchPlatform, verify
 
 
 class MigrationOps(FacadeBase):
@@ -26,7 +26,7 @@ class MigrationOps(FacadeBase):
     def _migrations_dir(self, migrations_dir: str | None) -> Path:
         if migrations_dir:
             return Path(migrations_dir).absolute()
-        rel = self.config.project.get("migrations")
+        rel = str(self.config.project.get("migrations") or "")
         source = self.store.get_setting("config_source")
         if rel and source:
             return (Path(source).parent / rel).absolute()
@@ -91,7 +91,7 @@ class MigrationOps(FacadeBase):
         """Apply pending migrations on a throwaway branch of ``parent``: cleanly, idempotently, reversibly."""
         source = self._serving(parent or self.config.entry)
         rules = self.config.raw.get("migrations", {}).get("lint_block")
-        report = verify(self, source.name, self._migrations(migrations_dir),
+        report = verify(cast(BranchPlatform, self), source.name, self._migrations(migrations_dir),
                         actor=self.gate.principal(self.actor).name, dbname=self._database, lint_block=rules)
         return report.to_dict()
 
@@ -214,8 +214,7 @@ class MigrationOps(FacadeBase):
                                    f"`tierbase branch create X --parent {br.name}`")
             self.branches.start(br.name)
         d = diff_urls(self._url(older.name), self._url(newer.name), a_label=older.name, b_label=newer.name)
-        text = {"text": d.to_text, "markdown": d.to_markdown}.get(fmt)
         if fmt not in ("text", "markdown", "json"):
             raise InvalidInput(f"format {fmt!r} is unknown", "Use text, markdown or json")
-        return {**d.to_dict(), "from": older.name, "to": newer.name, "empty": d.empty,
-                "text": text() if text else None}
+        text = d.to_markdown() if fmt == "markdown" else d.to_text() if fmt == "text" else None
+        return {**d.to_dict(), "from": older.name, "to": newer.name, "empty": d.empty, "text": text}
