@@ -12,7 +12,7 @@ import pytest
 
 from tierbase import Tierbase
 from tierbase.errors import PolicyDenied, Refused, TierbaseError
-from tierbase.migrate.promote import NotValidatedOnSource, NothingToPromote, PromotionBusy
+from tierbase.migrate.promote import NothingToPromote, NotValidatedOnSource, PromotionBusy
 
 from .conftest import free_port_base, make_home, needs_root_btrfs, query
 

@@ -158,6 +158,88 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     def import_dump(me: As, body: ImportDump) -> dict[str, Any]:
         return me.import_dump(body.path, body.branch, body.database)
 
+    # -- governance ---------------------------------------------------------------------
+    @app.get("/v1/principals")
+    def principals(me: As) -> list[dict[str, Any]]:
+        return me.list_principals()
+
+    @app.post("/v1/principals", status_code=201)
+    def create_principal(me: As, body: PrincipalCreate) -> dict[str, Any]:
+        return me.create_principal(body.name, body.role)
+
+    @app.delete("/v1/principals/{name}")
+    def revoke_principal(me: As, name: str) -> dict[str, Any]:
+        return me.revoke_principal(name)
+
+    @app.get("/v1/policy")
+    def show_policy(me: As) -> dict[str, Any]:
+        return me.show_config()
+
+    @app.post("/v1/policy/reload")
+    def reload_policy(me: As, body: ConfigReload) -> dict[str, Any]:
+        return me.reload_config(body.file)
+
+    @app.get("/v1/policy/explain")
+    def explain(me: As, principal: str, action: str, target: str, source: str | None = None) -> dict[str, Any]:
+        return me.explain(principal, action, target, source)
+
+    @app.get("/v1/audit")
+    def audit_log(me: As, actor: str | None = None, action: str | None = None, target: str | None = None,
+                  denied: bool | None = None, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        return me.audit_log(actor=actor, action=action, target=target, denied=denied, since=since, limit=limit)
+
+    @app.get("/v1/audit/verify")
+    def audit_verify(me: As) -> dict[str, Any]:
+        return me.audit_verify()
+
+    @app.get("/v1/whoami")
+    def whoami(me: As) -> dict[str, Any]:
+        return me.whoami()
+
+    # -- workflow history -------------------------------------------------------------------
+    @app.get("/v1/flow/{feature}")
+    def flow_history(me: As, feature: str) -> dict[str, Any]:
+        return me.flow_history(feature)
+
+    @app.post("/v1/flow/{feature}")
+    def flow_record(me: As, feature: str, body: FlowEvent) -> dict[str, Any]:
+        return me.flow_record(feature, body.transition, body.state, body.evidence)
+
+    # -- migrations, promotion, diff ----------------------------------------------------------
+    @app.get("/v1/migrations/status")
+    def migrate_status(me: As, branch: str | None = None, dir: str | None = None) -> dict[str, Any]:
+        return me.migrate_status(branch, dir)
+
+    @app.post("/v1/migrations/apply")
+    def migrate_apply(me: As, body: MigrateBody) -> dict[str, Any]:
+        if not body.branch:
+            raise InvalidInput("no branch to migrate was given", "Pass the branch: --branch NAME")
+        return me.migrate_apply(body.branch, body.dir)
+
+    @app.post("/v1/migrations/verify")
+    def migrate_verify(me: As, body: MigrateBody) -> dict[str, Any]:
+        return me.migrate_verify(body.branch, body.dir)
+
+    @app.get("/v1/migrations/lint")
+    def migrate_lint(me: As, dir: str | None = None) -> dict[str, Any]:
+        return me.migrate_lint(dir)
+
+    @app.post("/v1/tiers/{tier}/promote")
+    def promote(me: As, tier: str, body: PromoteBody) -> dict[str, Any]:
+        return me.promote(tier, body.source, body.dir)
+
+    @app.post("/v1/tiers/{tier}/rollback")
+    def rollback(me: As, tier: str, body: RollbackBody) -> dict[str, Any]:
+        return me.rollback(tier, body.to)
+
+    @app.get("/v1/promotions")
+    def promotions(me: As, tier: str | None = None) -> list[dict[str, Any]]:
+        return me.promotions(tier)
+
+    @app.get("/v1/diff")
+    def diff(me: As, a: str, b: str | None = None, format: str = "text") -> dict[str, Any]:
+        return me.diff(a, b, format)
+
     return app
 
 

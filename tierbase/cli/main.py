@@ -339,4 +339,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run the importable module's main: the command modules register on *its* `cli`, not on __main__'s
+    from tierbase.cli.main import main as _main
+
+    _main()

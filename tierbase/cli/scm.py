@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import click
@@ -89,19 +90,37 @@ def git_on_merge(ctx: click.Context, args: tuple[str, ...], repo: str) -> None:
     """Called by the post-merge hook: a merge into a tier's git branch promotes that tier."""
     root = Path(git(Path(repo), "rev-parse", "--show-toplevel"))
     branch = git(root, "rev-parse", "--abbrev-ref", "HEAD")
-    tier = tier_for_git_branch(_git_branches(ctx), branch)
+    mapping = _git_branches(ctx)
+    tier = tier_for_git_branch(mapping, branch)
     if tier is None:
         return
+    source = _merged_source(root, mapping, branch)
     try:
-        rec = client(ctx).promote(tier)
+        rec = client(ctx).promote(tier, source)
     except PolicyDenied as err:
+        cmd = f"tierbase promote {tier}" + (f" --from {source}" if source else "")
         out.print(f"tierbase: you may not promote {tier!r} ({err.data.get('reason')}). Someone allowed must run:\n"
-                  f"  tierbase promote {tier}")
+                  f"  {cmd}")
         return
     except Refused as err:
         out.print(f"tierbase: {tier!r} was not promoted: {err.message}")
         return
     emit_json(rec) if as_json() else out.print(f"tierbase: promoted {tier}: {', '.join(rec['migrations'])}")
+
+
+def _merged_source(root: Path, mapping: dict[str, str], current: str) -> str | None:
+    """The database branch behind the git branch just merged (HEAD^2 of the merge commit), if known."""
+    got = subprocess.run(["git", "-C", str(root), "rev-parse", "-q", "--verify", "HEAD^2"], capture_output=True,
+                         text=True)
+    if got.returncode != 0:
+        return None  # a fast-forward: the tier's default source applies
+    heads = git(root, "branch", "--format=%(refname:short)", "--points-at", got.stdout.strip()).split()
+    heads = [h for h in heads if h != current]
+    for head in heads:
+        tier = tier_for_git_branch(mapping, head)
+        if tier is not None:
+            return tier
+    return db_branch_for(heads[0]) if heads else None
 
 
 @cli.group("ci")

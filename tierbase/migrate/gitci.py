@@ -69,7 +69,17 @@ def install_hooks(repo: Path) -> list[str]:
 
 
 def write_env(repo: Path, url: str) -> Path:
-    """Set DATABASE_URL in the repo's .env, keeping every other line."""
+    """Set DATABASE_URL in the repo's .env, keeping every other line.
+
+    .env holds credentials: it is added to the clone's own ignore list
+    (.git/info/exclude, never committed) so that it cannot be committed by accident.
+    """
+    exclude = Path(git(repo, "rev-parse", "--git-path", "info/exclude"))
+    exclude = exclude if exclude.is_absolute() else repo / exclude
+    known = exclude.read_text().splitlines() if exclude.exists() else []
+    if ".env" not in known:
+        exclude.parent.mkdir(parents=True, exist_ok=True)
+        exclude.write_text("\n".join([*known, ".env"]) + "\n")
     env = repo / ".env"
     lines = env.read_text().splitlines() if env.exists() else []
     lines = [ln for ln in lines if not ln.startswith("DATABASE_URL=")] + [f"DATABASE_URL={url}"]
