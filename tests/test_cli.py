@@ -223,3 +223,25 @@ def test_copy_driver_says_it_copies(tmp_path: Path) -> None:
         shutil.rmtree(home.parent, ignore_errors=True)
 
 
+
+
+def test_governance_commands(env: dict[str, str]) -> None:
+    made = as_json(env, "principal", "create", "ada", "--role", "developer")
+    assert made["token"].startswith("tbt_") and made["role"] == "developer"
+    ada = dict(env, TIERBASE_TOKEN=made["token"])
+    assert as_json(ada, "branch", "create", "ada-work")["creator"] == "ada"
+    denied = tierbase(ada, "policy", "reload", check=False)
+    assert denied.returncode == 2 and "policy.reload" in denied.stderr
+    explain = as_json(env, "policy", "explain", "--as", "ada", "branch.delete", "ada-work")
+    assert explain["allowed"] is True and explain["rule"] == "owner"
+    assert "DENIED" in tierbase(env, "policy", "explain", "--as", "ada", "route.set", "production").stdout
+    log = tierbase(env, "audit", "log", "--actor", "ada", "--jsonl").stdout.splitlines()
+    records = [json.loads(line) for line in log]
+    assert [r["action"] for r in records] == ["branch.create", "policy.reload"]
+    assert records[-1]["decision"] == "denied"
+    assert as_json(env, "audit", "verify")["ok"] is True
+    as_json(env, "principal", "revoke", "ada")
+    gone = tierbase(ada, "branch", "list", check=False)
+    assert gone.returncode == 1 and "revoked" in gone.stderr
+    assert "(sha256" in tierbase(env, "policy", "show").stdout
+    tierbase(env, "branch", "delete", "ada-work")

@@ -17,26 +17,30 @@ class GovernanceOps(FacadeBase):
     # -- governance ----------------------------------------------------------------
     def reload_config(self, path: str | None = None) -> dict[str, Any]:
         """Load tierbase.toml (validated whole before anything changes), then create missing tiers."""
-        source = path or self.store.get_setting("config_source")
-        if source is None:
-            raise InvalidInput("no tierbase.toml was given and none was loaded before",
-                               "Pass the path: `tierbase policy reload --file tierbase.toml`")
-        cfg = load_config(source)
-        self.gate.check_against_branches(cfg)
         old = self.config
         with self.gate.act(self.actor, Action.POLICY_RELOAD, NOBODY, before={"sha256": old.digest}) as rec:
-            self.gate.store_config(cfg, str(Path(source).absolute()))
-            said = [f"loaded {source} (sha256 {cfg.digest[:12]})"]
+            source = path or self.store.get_setting("config_source")
+            if source is None:
+                raise InvalidInput("no tierbase.toml was given and none was loaded before",
+                                   "Pass the path: `tierbase policy reload --file tierbase.toml`")
+            cfg = load_config(source)
+            self.gate.check_against_branches(cfg)
+            said = []
+            # tiers first, config last: a failure half way leaves the last good config in force, and a
+            # second reload finds the tiers it already made
             for name in cfg.tier_order():
                 tier = cfg.tiers[name]
                 b = self.store.find(name)
                 if b is None and tier.parent is not None:
-                    self.branches.create(name, tier.parent, kind=Kind.TIER, creator=self.gate.owner,
+                    parent = self.store.resolve_route(tier.parent) or tier.parent
+                    self.branches.create(name, parent, kind=Kind.TIER, creator=self.gate.owner,
                                          protected=tier.protected)
                     said.append(f"created tier {name!r} from {tier.parent!r}")
                 elif b is not None and b.protected != tier.protected:
                     self.store.set_protected(name, tier.protected)
                     said.append(f"tier {name!r} is now {'protected' if tier.protected else 'unprotected'}")
+            self.gate.store_config(cfg, str(Path(source).absolute()))
+            said.insert(0, f"loaded {source} (sha256 {cfg.digest[:12]})")
             rec.after = {"sha256": cfg.digest, "diff": cfg.diff(old)}
         return {"sha256": cfg.digest, "source": str(source), "said": said, "entry": cfg.entry}
 
