@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from tierbase import Tierbase
 from tierbase.api.server import create_app
-from tierbase.errors import InvalidInput, PolicyDenied
+from tierbase.errors import InvalidInput, PolicyDenied, Refused
 
 from .conftest import free_port_base, make_home, needs_root_btrfs, query
 
@@ -248,3 +248,18 @@ def test_audit_tampering_is_detected_at_the_record(gov: Tierbase, tamper: str) -
         db.commit()
         db.close()
     assert gov.audit_verify()["ok"] is True
+
+
+def test_audit_trail_is_sql_queryable_read_only(gov: Tierbase) -> None:
+    with pytest.raises(PolicyDenied):
+        gov.as_principal("bot").delete_branch("staging")
+    url = gov.as_principal("dev1").audit_url(direct=True)
+    denied = query(url, "SELECT count(*) FROM audit_log WHERE decision = 'denied' AND actor = 'bot'")[0][0]
+    assert denied == len(gov.audit_log(actor="bot", denied=True))
+    last = query(url, "SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1")[0]
+    assert list(last) == [gov.audit_log()[-1]["id"], gov.audit_log()[-1]["hash"]]
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        query(url, "DELETE FROM audit_log")
+    assert "tierbase-audit" not in [b["name"] for b in gov.list_branches(with_bytes=False)]
+    with pytest.raises(Refused, match="cannot be branched"):
+        gov.create_branch("audit-copy", "tierbase-audit")

@@ -156,7 +156,7 @@ class Tierbase(GovernanceOps, MigrationOps):
         return self.describe(self.store.get(name), with_bytes=with_bytes)
 
     def list_branches(self, *, with_bytes: bool = True) -> list[dict[str, Any]]:
-        return [self.describe(b, with_bytes=with_bytes) for b in self.store.all()]
+        return [self.describe(b, with_bytes=with_bytes) for b in self.store.all() if b.kind is not Kind.SYSTEM]
 
     def branch_url(self, name: str, dbname: str = "postgres", *, direct: bool = False) -> str:
         """A URL for psql/psycopg with this principal's credentials: through the proxy (stable), or direct.
@@ -195,14 +195,6 @@ class Tierbase(GovernanceOps, MigrationOps):
                                                                             sql.Literal(password)))
             conn.execute(sql.SQL("GRANT pg_read_all_data TO {}").format(sql.Identifier(who.name)))
         return who.name, password
-
-    @property
-    def proxy_port(self) -> int:
-        return int(self.store.get_setting("proxy_port", DEFAULT_PROXY_PORT))
-
-    @property
-    def api_port(self) -> int:
-        return int(self.store.get_setting("api_port", DEFAULT_API_PORT))
 
     # -- routes ------------------------------------------------------------------
     def list_routes(self) -> list[dict[str, Any]]:

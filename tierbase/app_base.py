@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from .compute import Postgres
 from .control.branches import Branches
@@ -38,7 +38,7 @@ class FacadeBase:
         self._driver: VolumeDriver | None = None
         self._gate: Gate | None = None
 
-    def as_principal(self, name: str | None) -> Any:
+    def as_principal(self, name: str | None) -> Self:
         """The same platform, acting as another principal (shares every connection)."""
         _ = (self.branches, self.gate)  # wire once, so that every view shares them
         view = copy.copy(self)
@@ -99,6 +99,14 @@ class FacadeBase:
     def _require(self, action: Action, subject: Subject, quiet: bool = False) -> None:
         with self.gate.act(self.actor, action, subject, quiet=quiet):
             pass
+
+    @property
+    def proxy_port(self) -> int:
+        return int(self.store.get_setting("proxy_port", 55431))
+
+    @property
+    def api_port(self) -> int:
+        return int(self.store.get_setting("api_port", 55430))
 
     #: set by the service: moves live proxy sessions when a route is repointed
     router: Any = None

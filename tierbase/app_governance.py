@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import hmac
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
+
+import psycopg
+from psycopg import sql
 
 from .app_base import NOBODY, FacadeBase
 from .control.store import Kind
-from .errors import InvalidInput
+from .errors import BranchExists, InvalidInput
 from .governance.config import load_config
 from .governance.policy import Action, Subject, parse_action
 from .workflow.history import FlowHistory
+
+AUDIT_BRANCH = "tierbase-audit"
+AUDIT_DDL = """
+CREATE TABLE IF NOT EXISTS audit_log (
+    id bigint PRIMARY KEY, ts timestamptz NOT NULL, actor text NOT NULL, action text NOT NULL,
+    target text NOT NULL, decision text NOT NULL, reason text NOT NULL, outcome text NOT NULL,
+    before jsonb, after jsonb, prev_hash text NOT NULL, hash text NOT NULL
+);
+COMMENT ON TABLE audit_log IS 'tierbase audit trail: a read-only mirror; `tierbase audit verify` checks the chain';
+"""
 
 
 class GovernanceOps(FacadeBase):
@@ -96,3 +112,45 @@ class GovernanceOps(FacadeBase):
         return {**p.to_dict(), "base_role": self.config.base_role(p.role)}
 
 
+
+    # -- the audit trail as SQL ------------------------------------------------------------
+    def _audit_cluster(self) -> str:
+        """tierbase's own small cluster holding a read-only mirror of the audit trail (made on first use)."""
+        if self.store.find(AUDIT_BRANCH) is None:
+            with contextlib.suppress(BranchExists):  # a concurrent caller made it
+                self.branches.create_root(AUDIT_BRANCH, creator=self.gate.owner, kind=Kind.SYSTEM)
+        return AUDIT_BRANCH
+
+    def audit_sync(self) -> int:
+        """Copy the audit records the SQL mirror does not have yet; returns how many."""
+        name = self._audit_cluster()
+        self.branches.start(name)
+        ep = self.branches.provider.endpoint(self.store.get(name).port)
+        with psycopg.connect(ep.dsn(), autocommit=True, connect_timeout=10) as conn:
+            conn.execute(AUDIT_DDL)
+            row = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()
+            new = self.gate.audit.after(int(row[0]) if row else 0)
+            with conn.transaction(), conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO audit_log VALUES (%s, to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (id) DO NOTHING",
+                    [(r["id"], r["ts"], r["actor"], r["action"], r["target"], r["decision"], r["reason"],
+                      r["outcome"], r["before"], r["after"], r["prev_hash"], r["hash"]) for r in new])
+        return len(new)
+
+    def audit_url(self, direct: bool = False) -> str:
+        """A read-only URL on the SQL mirror of the audit trail (table audit_log), for this principal."""
+        self._require(Action.AUDIT_READ, NOBODY, quiet=True)
+        self.audit_sync()
+        who = self.gate.principal(self.actor).name
+        provider = self.branches.provider
+        b = self.store.get(AUDIT_BRANCH)
+        password = hmac.new(provider.password.encode(), f"audit:{who}".encode(), "sha256").hexdigest()[:32]
+        with psycopg.connect(provider.endpoint(b.port).dsn(), autocommit=True) as conn:
+            verb = "ALTER" if conn.execute("SELECT 1 FROM pg_roles WHERE rolname=%s", (who,)).fetchone() else "CREATE"
+            conn.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(who),
+                                                                            sql.Literal(password)))
+            conn.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(sql.Identifier(who)))
+            conn.execute(sql.SQL("GRANT SELECT ON audit_log TO {}").format(sql.Identifier(who)))
+        port, dbname = (b.port, "postgres") if direct else (self.proxy_port, AUDIT_BRANCH)
+        return f"postgresql://{quote(who, safe='')}:{password}@127.0.0.1:{port}/{dbname}"

@@ -40,6 +40,8 @@ class Resolver:
             raise RouteError(f'route "{route}" does not exist',
                              "Run `tierbase branch list` (or `tierbase route list`) to see the routes")
         b = await asyncio.to_thread(self.tb.store.get, branch)
+        if b.kind is Kind.SYSTEM:  # the audit trail's SQL mirror: bring it up to date for this reader
+            await asyncio.to_thread(self.tb.audit_sync)
         if b.kind is Kind.SNAPSHOT:
             raise RouteError(f'branch "{branch}" is a read-only snapshot and has no compute',
                              f"Create a branch from it: `tierbase branch create NAME --parent {branch}`")

@@ -177,3 +177,6 @@ class Client:
     def diff(self, a: str, b: str | None = None, fmt: str = "text") -> dict[str, Any]:
         params = {"a": a, "format": fmt, **({"b": b} if b else {})}
         return dict(self._call("GET", "/v1/diff", params=params))
+
+    def audit_url(self, direct: bool = False) -> str:
+        return str(self._call("GET", "/v1/audit/url", params={"direct": direct})["url"])

@@ -192,6 +192,10 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     def audit_verify(me: As) -> dict[str, Any]:
         return me.audit_verify()
 
+    @app.get("/v1/audit/url")
+    def audit_url(me: As, direct: bool = False) -> dict[str, Any]:
+        return {"url": me.audit_url(direct)}
+
     @app.get("/v1/whoami")
     def whoami(me: As) -> dict[str, Any]:
         return me.whoami()

@@ -36,9 +36,9 @@ class Branches:
         self.store = store
         self.provider = provider
 
-    def create_root(self, name: str, creator: str) -> Branch:
+    def create_root(self, name: str, creator: str, kind: Kind = Kind.TIER) -> Branch:
         check_name(name)
-        b = self.store.reserve(name=name, parent=None, kind=Kind.TIER, volume=new_volume(name), creator=creator,
+        b = self.store.reserve(name=name, parent=None, kind=kind, volume=new_volume(name), creator=creator,
                                ttl_seconds=None, protected=True)
         try:
             self.provider.create_root(b.volume)
@@ -53,6 +53,9 @@ class Branches:
         check_name(name)
         check_name(parent, "parent")
         p = self.store.get(parent)
+        if p.kind is Kind.SYSTEM:
+            raise Refused(f"{parent!r} is one of tierbase's own clusters and cannot be branched",
+                          "Branch off a tier instead", name=parent)
         b = self.store.reserve(name=name, parent=parent, kind=kind, volume=new_volume(name), creator=creator,
                                ttl_seconds=ttl_seconds, protected=protected)
         failpoint("create:reserved")

@@ -58,6 +58,7 @@ class Kind(StrEnum):
     TIER = "tier"
     FEATURE = "feature"
     SNAPSHOT = "snapshot"
+    SYSTEM = "system"    # tierbase's own clusters (the SQL mirror of the audit trail); never forked
 
 
 class State(StrEnum):

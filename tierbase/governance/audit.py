@@ -91,6 +91,10 @@ class AuditLog:
             prev, expected_id = rec["hash"], expected_id + 1
         return Verdict(True, n)
 
+    def after(self, last_id: int) -> list[dict[str, Any]]:
+        """Raw records after ``last_id`` (JSON columns as text), for the SQL mirror."""
+        return [dict(r) for r in self.store.db.execute("SELECT * FROM audit WHERE id > ? ORDER BY id", (last_id,))]
+
     def query(self, *, actor: str | None = None, action: str | None = None, target: str | None = None,
               denied: bool | None = None, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         where: list[str] = []

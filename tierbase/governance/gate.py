@@ -56,7 +56,7 @@ class Gate:
     def check_against_branches(self, cfg: Config) -> None:
         """Problems a config has with the branches that exist (not just with itself)."""
         problems = []
-        root = next(b for b in self.store.all() if b.parent is None)
+        root = next(b for b in self.store.all() if b.parent is None and b.kind is not Kind.SYSTEM)
         if cfg.root != root.name:
             problems.append(f"tiers.{cfg.root}: the root tier must be the root branch {root.name!r}")
         for name in cfg.tiers:

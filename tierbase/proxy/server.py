@@ -223,6 +223,7 @@ class Proxy:
             except TimeoutError:
                 raise pq.StartupError("timeout expired while waiting for the startup packet") from None
             if version == pq.CANCEL_REQUEST:
+                conn.handed_off = True  # its closing must not cancel this task
                 conn.close()  # the protocol sends nothing back for a cancel
                 await self._forward_cancel(payload, self.cancel_keys.get(payload))
                 return
