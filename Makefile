@@ -13,6 +13,7 @@ install: deps    ## tierbase and its test tools into the current Python
 
 demo: install    ## start a platform on the best storage available and walk through branching
 	scripts/demo.sh
+	examples/inventory/demo.sh
 
 lint:
 	$(PYTHON) -m ruff check tierbase tests bench
