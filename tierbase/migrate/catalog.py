@@ -23,8 +23,8 @@ from psycopg.rows import dict_row
 #: Bumped when the snapshot's shape changes, so stored snapshots can be told apart.
 FORMAT = 1
 
-#: Never part of an application's schema; ``tierbase`` holds tierbase's own migration ledger.
-EXCLUDED_SCHEMAS = ("information_schema", "tierbase")
+#: Never part of an application's schema; ``tierbase_meta`` holds tierbase's own migration ledger.
+EXCLUDED_SCHEMAS = ("information_schema", "tierbase", "tierbase_meta")
 
 # Settings that change how pg_get_*def and format_type render names and constants.
 _PINNED = {

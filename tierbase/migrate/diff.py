@@ -92,10 +92,12 @@ class SchemaDiff:
         return groups
 
     def summary(self) -> str:
-        counts = self.counts
+        """``16 changes: 9 added, 2 removed, 5 changed``, or ``No schema changes.``"""
+        if self.empty:
+            return "No schema changes."
         total = len(self.changes)
-        parts = ", ".join(f"{counts[op]} {op}" for op in OPS if counts[op])
-        return f"{total} change{'' if total == 1 else 's'}: {parts}" if total else "No schema changes."
+        parts = ", ".join(f"{n} {op}" for op, n in self.counts.items() if n)
+        return f"{total} change{'' if total == 1 else 's'}: {parts}"
 
     def to_text(self, *, definitions: bool = False) -> str:
         """One line per change, grouped by kind; ``definitions`` adds the diff of each changed definition."""
@@ -118,10 +120,8 @@ class SchemaDiff:
         head = [f"### Schema diff: {self.a} -> {self.b}", ""]
         if self.empty:
             return "\n".join([*head, "No schema changes.", ""])
-        counts = self.counts
-        parts = ", ".join(f"{counts[op]} {op}" for op in OPS if counts[op])
         total = len(self.changes)
-        head += [f"**{total} change{'' if total == 1 else 's'}:** {parts}", ""]
+        head += ["**{}:**{}".format(*self.summary().split(":", 1)), ""]
         rows: list[tuple[str, list[str]]] = []  # (kind heading, table rows)
         for kind, changes in self.by_kind().items():
             rows.append((f"#### {_HEADINGS.get(kind, kind.title())} ({len(changes)})",
