@@ -263,3 +263,15 @@ def test_audit_trail_is_sql_queryable_read_only(gov: Tierbase) -> None:
     assert "tierbase-audit" not in [b["name"] for b in gov.list_branches(with_bytes=False)]
     with pytest.raises(Refused, match="cannot be branched"):
         gov.create_branch("audit-copy", "tierbase-audit")
+
+
+def test_control_plane_refuses_skipped_workflow_gates(gov: Tierbase) -> None:
+    dev = gov.as_principal("dev1")
+    dev.flow_record("forge-x", "claim", "feature-claimed", {})
+    for transition, state in (("ci", "ci-green"), ("merge", "merged"), ("ready", "merged"), ("tdd-green", "merged")):
+        with pytest.raises(Refused):
+            dev.flow_record("forge-x", transition, state, {"forged": True})
+    assert dev.flow_history("forge-x")["state"] == "feature-claimed"
+    dev.flow_record("forge-x", "ready-refused", "feature-claimed", {"failures": [{"code": "dirty-worktree"}]})
+    last = gov.audit_log(target="forge-x")[-1]
+    assert last["decision"] == "denied" and last["reason"] == "gate failed: dirty-worktree"

@@ -100,8 +100,14 @@ class GovernanceOps(FacadeBase):
     def flow_record(self, feature: str, transition: str, state: str, evidence: dict[str, Any]) -> dict[str, Any]:
         actor = self.gate.principal(self.actor).name
         out = FlowHistory(self.store).record(feature, transition, state, actor, evidence)
-        self.gate.audit.append(actor=actor, action=f"flow.{transition}", target=feature, allowed=True,
-                               reason="workflow transition whose gates passed", after={"state": state})
+        if transition.endswith("-refused"):
+            codes = [str(f.get("code")) for f in evidence.get("failures", []) if isinstance(f, dict)]
+            self.gate.audit.append(actor=actor, action=f"flow.{transition}", target=feature, allowed=False,
+                                   reason="gate failed: " + ", ".join(codes), outcome="refused",
+                                   after={"state": state})
+        else:
+            self.gate.audit.append(actor=actor, action=f"flow.{transition}", target=feature, allowed=True,
+                                   reason="workflow transition whose gates passed", after={"state": state})
         return out
 
     def flow_history(self, feature: str) -> dict[str, Any]:

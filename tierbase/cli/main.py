@@ -331,7 +331,7 @@ def route_set(ctx: click.Context, route_name: str, branch_name: str, drain: floa
 
 
 def main() -> None:
-    from . import governance, migrate, scm  # noqa: F401  (they register their commands on `cli`)
+    from . import governance, migrate, scm, workflow  # noqa: F401  (they register their commands on `cli`)
 
     cli(prog_name="tierbase")
 

@@ -50,7 +50,9 @@ def render(data: dict[str, Any]) -> None:
     for line in data.get("said", []):
         out.print(f"- {line}", markup=False)
     feature = f" ({data['feature']})" if data.get("feature") else ""
-    out.print(f"{data.get('previous') or '-'} -> {data['state']}{feature}", markup=False)
+    prev = data.get("previous")
+    moved = f"{prev} -> {data['state']}" if prev and prev != data["state"] else f"state {data['state']}"
+    out.print(moved + feature, markup=False)
 
 
 # -- init -----------------------------------------------------------------------------------

@@ -1,32 +1,26 @@
 """Deterministic, keyed column masking, run inside Postgres on a branch before anyone connects.
 
-Rules come from the ``[masking]`` table of ``tierbase.toml``: ``"customer.email" = "email"``.
-Every masked value is derived from HMAC-SHA256 under a key derived from the project's
-secret, computed by Postgres itself (``sha256()``, no pgcrypto): the same input and key
-give the same output on every branch and in every table, so joins and unique keys keep
-holding, and nobody without the key can precompute a dictionary of masks.
-
-Methods (what a non-NULL value becomes; NULL stays NULL except where said):
+Rules come from the ``[masking]`` table of tierbase.toml (``"customer.email" = "email"``).
+Every mask derives from HMAC-SHA256(key, method || ':' || value::text), computed by Postgres
+itself (``sha256()``, no pgcrypto), under a key derived from the project's secret: the same
+input gives the same output on every branch and in every table (joins and unique keys
+hold), and nobody without the key can precompute a dictionary of masks. NULL stays NULL.
 
 * ``email``   ``'u' || <first 16 hex of the HMAC> || '@example.invalid'`` (33 characters).
-* ``hash``    the HMAC's hex digest, 64 characters, cut to n for varchar(n)/char(n).
-* ``partial`` same length and shape: the last 2 characters stay (when the value has 6 or
-  more), ASCII punctuation and spaces stay, every digit becomes a keyed digit, every letter
-  a keyed letter of the same case, any other character a keyed lower-case letter. The new
-  characters come from the HMAC of the whole value, not from the old characters.
-* ``noise``   numeric columns: value x factor in [0.9, 1.1] from the HMAC of the value and the
-  row's primary key, rounded to the column's scale (integers to integers) and clamped to
-  its range. The sign is kept and a non-zero value stays non-zero, so checks such as
-  ``amount >= 0`` or ``> 0`` keep holding.
-* ``null``    NULL (nullable columns only).
-* ``redact``  ``'REDACTED'`` (cut to n for varchar(n)).
+* ``hash``    the HMAC's 64 hex digits, cut to n for varchar(n)/char(n).
+* ``partial`` same length and shape: the last 2 characters stay (if the value has 6 or more),
+  ASCII punctuation and spaces stay; each digit becomes a keyed digit, each ASCII letter a keyed
+  letter of the same case, any other character a keyed lower-case ASCII letter. The new
+  characters come from the HMAC of the whole value, so they tell nothing about the old ones.
+* ``noise``   numbers: x factor in [0.9, 1.1] from the HMAC of the value and the row's primary
+  key, rounded to the column's scale and clamped to its range. Sign kept, non-zero stays
+  non-zero, so checks like ``amount >= 0`` or ``> 0`` keep holding.
+* ``null``    NULL (nullable columns).  ``redact``: ``'REDACTED'`` (cut to n for varchar(n)).
 
-The HMAC input is ``<method> || ':' || value::text``, so two methods never give related
-outputs for the same value. One transaction masks every table with one UPDATE each, with
-``session_replication_role = replica`` so user triggers (and foreign-key triggers) do not
-fire; afterwards the foreign keys and deferrable unique keys that involve a masked column
-are checked again with set-based queries, materialized views that read masked tables are
-refreshed, and the masked tables are analyzed so ``pg_stats`` shows no original value.
+One transaction, one UPDATE per table, with ``session_replication_role = replica`` so user
+(and foreign-key) triggers stay quiet; then the foreign keys and deferrable unique keys on
+masked columns are checked again, materialized views reading masked tables are refreshed,
+and the masked tables analyzed, so ``pg_stats`` keeps no original value.
 """
 
 from __future__ import annotations
@@ -53,6 +47,7 @@ INT_RANGES = {"int2": (-(2**15), 2**15 - 1), "int4": (-(2**31), 2**31 - 1), "int
 NUMERIC_TYPES = (*INT_RANGES, "numeric", "float4", "float8")
 EMAIL_LENGTH = 33  # 'u' + 16 hex + '@example.invalid'
 HASH_LENGTH = 64
+UNROLL = 64  # partial: values up to this many characters get the fast, unrolled expression
 KEY_CONTEXT = b"tierbase masking v1"
 
 
@@ -134,14 +129,6 @@ class Column:
     identity_always: bool
 
     @property
-    def is_text(self) -> bool:
-        return self.base in TEXT_TYPES
-
-    @property
-    def is_numeric(self) -> bool:
-        return self.base in NUMERIC_TYPES
-
-    @property
     def length(self) -> int | None:
         """n of varchar(n)/char(n)."""
         return self.typmod - 4 if self.base in ("varchar", "bpchar") and self.typmod >= 4 else None
@@ -175,16 +162,31 @@ class Table:
 
 
 @dataclass(frozen=True)
+class Rel:
+    schema: str
+    name: str
+    relkind: str
+    root: tuple[str, str]  # (schema, name) at the top of its partition tree
+
+    @property
+    def scan(self) -> sql.Composed:
+        """The relation in a FROM: ONLY for a plain table (a foreign key does not cover its inheritors)."""
+        return sql.SQL("{}{}").format(sql.SQL("ONLY " if self.relkind == "r" else ""),
+                                      sql.Identifier(self.schema, self.name))
+
+
+@dataclass(frozen=True)
 class ForeignKey:
     name: str
-    child: int  # conrelid
-    parent: int  # confrelid
+    child: Rel
+    parent: Rel
     child_cols: tuple[str, ...]
     parent_cols: tuple[str, ...]
+    validated: bool
 
 
 _COLUMNS = """
-WITH RECURSIVE chain(attnum, typid, typmod, notnull, depth) AS (
+WITH RECURSIVE chain(attnum, typid, typmod, nn, depth) AS (
     SELECT a.attnum, a.atttypid, a.atttypmod, false, 0
     FROM pg_attribute a WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
   UNION ALL
@@ -193,7 +195,7 @@ WITH RECURSIVE chain(attnum, typid, typmod, notnull, depth) AS (
 )
 SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), bt.typname::text,
        (SELECT max(typmod) FROM chain c WHERE c.attnum = a.attnum),
-       a.attnotnull OR (SELECT bool_or(notnull) FROM chain c WHERE c.attnum = a.attnum),
+       a.attnotnull OR (SELECT bool_or(nn) FROM chain c WHERE c.attnum = a.attnum),
        a.attgenerated <> '', a.attidentity = 'a'
 FROM pg_attribute a
 JOIN LATERAL (SELECT typid FROM chain c WHERE c.attnum = a.attnum ORDER BY depth DESC LIMIT 1) b ON true
@@ -202,103 +204,90 @@ WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
 
-_TREE = """
-WITH RECURSIVE tree(oid) AS (
-    SELECT %(oid)s::oid UNION SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid
-)
-SELECT oid::bigint FROM tree
+# primary key; every column a unique index of the tree uses (key, expression or predicate);
+# partition key columns; triggers that replica mode does not silence
+_KEYS = """
+SELECT
+  ARRAY(SELECT a.attname::text FROM pg_constraint c, unnest(c.conkey) WITH ORDINALITY k(n, o), pg_attribute a
+        WHERE c.conrelid = %(oid)s AND c.contype = 'p' AND a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.o),
+  ARRAY(SELECT DISTINCT a.attname::text FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid
+        WHERE i.indisunique AND i.indrelid = ANY(%(tree)s::oid[]) AND a.attnum > 0 AND (a.attnum = ANY(i.indkey::int2[])
+          OR EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
+                     AND d.refobjid = i.indrelid AND d.refobjsubid = a.attnum))),
+  ARRAY(SELECT DISTINCT a.attname::text FROM pg_partitioned_table p JOIN pg_attribute a ON a.attrelid = p.partrelid
+        WHERE p.partrelid = ANY(%(tree)s::oid[]) AND a.attnum > 0 AND (a.attnum = ANY(p.partattrs::int2[])
+          OR EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = p.partrelid
+                     AND d.objsubid = 0 AND d.refobjid = p.partrelid AND d.refobjsubid = a.attnum))),
+  ARRAY(SELECT DISTINCT t.tgname::text FROM pg_trigger t
+        WHERE t.tgrelid = ANY(%(tree)s::oid[]) AND NOT t.tgisinternal AND t.tgenabled IN ('A', 'R'))
 """
 
-# every column a unique index of the tree uses: as a key, in an expression or in its predicate
-_UNIQUE = """
-SELECT DISTINCT a.attname::text
-FROM pg_index i
-JOIN pg_attribute a ON a.attrelid = i.indrelid
-WHERE i.indisunique AND i.indrelid = ANY(%(tree)s::oid[]) AND a.attnum > 0 AND (
-    a.attnum = ANY(i.indkey::int2[])
-    OR EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
-               AND d.refclassid = 'pg_class'::regclass AND d.refobjid = i.indrelid AND d.refobjsubid = a.attnum))
-"""
+_REL = """(SELECT ARRAY[r.oid::text, n.nspname, r.relname, r.relkind::text, rn.nspname, rc.relname]
+  FROM pg_class r JOIN pg_namespace n ON n.oid = r.relnamespace
+  JOIN pg_class rc ON rc.oid = coalesce(pg_partition_root(r.oid), r.oid)
+  JOIN pg_namespace rn ON rn.oid = rc.relnamespace WHERE r.oid = {})"""
 
-_PRIMARY_KEY = """
-SELECT a.attname::text FROM pg_constraint c
-JOIN unnest(c.conkey) WITH ORDINALITY k(n, o) ON true
-JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n
-WHERE c.conrelid = %(oid)s AND c.contype = 'p' ORDER BY k.o
-"""
-
-_PARTITION_KEY = """
-SELECT a.attname::text FROM pg_partitioned_table p
-JOIN pg_attribute a ON a.attrelid = p.partrelid AND (a.attnum = ANY(p.partattrs::int2[]) OR EXISTS (
-    SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = p.partrelid AND d.objsubid = 0
-    AND d.refclassid = 'pg_class'::regclass AND d.refobjid = p.partrelid AND d.refobjsubid = a.attnum))
-WHERE p.partrelid = ANY(%(tree)s::oid[]) AND a.attnum > 0
-"""
-
-_TRIGGERS = """
-SELECT DISTINCT t.tgname::text FROM pg_trigger t
-WHERE t.tgrelid = ANY(%(tree)s::oid[]) AND NOT t.tgisinternal AND t.tgenabled IN ('A', 'R')
-"""
-
-_FOREIGN_KEYS = """
-SELECT c.conname::text, c.conrelid::bigint, c.confrelid::bigint,
+_FOREIGN_KEYS = f"""
+SELECT c.conname::text, {_REL.format("c.conrelid")}, {_REL.format("c.confrelid")},
     ARRAY(SELECT a.attname::text FROM unnest(c.conkey) WITH ORDINALITY k(n, o)
           JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n ORDER BY k.o),
     ARRAY(SELECT a.attname::text FROM unnest(c.confkey) WITH ORDINALITY k(n, o)
-          JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.o)
-FROM pg_constraint c
-WHERE c.contype = 'f' AND c.conparentid = 0 AND (c.conrelid = ANY(%(oids)s::oid[]) OR c.confrelid = ANY(%(oids)s::oid[]))
+          JOIN pg_attribute a ON a.attrelid = c.confrelid AND a.attnum = k.n ORDER BY k.o), c.convalidated
+FROM pg_constraint c WHERE c.contype = 'f' AND c.conparentid = 0
+  AND (c.conrelid = ANY(%(oids)s::oid[]) OR c.confrelid = ANY(%(oids)s::oid[]))
 """
 
 
 def load_table(conn: psycopg.Connection[Any], schema: str, name: str) -> Table | None:
     row = conn.execute(
-        "SELECT c.oid::bigint, c.relkind::text, "
-        " (SELECT format('%%I.%%I', pn.nspname, p.relname) FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent"
-        "  JOIN pg_namespace pn ON pn.oid = p.relnamespace WHERE i.inhrelid = c.oid AND c.relispartition LIMIT 1) "
+        "SELECT c.oid::bigint, c.relkind::text, (SELECT format('%%I.%%I', pn.nspname, p.relname) FROM pg_inherits i "
+        " JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace "
+        " WHERE i.inhrelid = c.oid AND c.relispartition LIMIT 1), "
+        " ARRAY(WITH RECURSIVE tree(oid) AS (SELECT c.oid UNION "
+        "  SELECT i.inhrelid FROM pg_inherits i JOIN tree ON i.inhparent = tree.oid) SELECT oid::bigint FROM tree) "
         "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
         (schema, name)).fetchone()
     if row is None:
         return None
-    oid, relkind, partition_of = int(row[0]), str(row[1]), row[2]
+    oid, tree = int(row[0]), [int(x) for x in row[3]]
     cols = {str(r[0]): Column(str(r[0]), str(r[1]), str(r[2]), int(r[3] if r[3] is not None else -1),
                               bool(r[4]), bool(r[5]), bool(r[6]))
             for r in conn.execute(_COLUMNS, {"oid": oid})}
-    tree = [int(r[0]) for r in conn.execute(_TREE, {"oid": oid})]
-    t = Table(oid, schema, name, relkind, partition_of, cols, tree)
-    t.primary_key = _names(conn, _PRIMARY_KEY, {"oid": oid})
-    t.unique = set(_names(conn, _UNIQUE, {"tree": tree}))
-    t.partition_key = set(_names(conn, _PARTITION_KEY, {"tree": tree}))
-    t.firing_triggers = _names(conn, _TRIGGERS, {"tree": tree})
-    return t
+    keys = conn.execute(_KEYS, {"oid": oid, "tree": tree}).fetchone()
+    assert keys is not None
+    return Table(oid, schema, name, str(row[1]), row[2], cols, tree, primary_key=list(keys[0]), unique=set(keys[1]),
+                 partition_key=set(keys[2]), firing_triggers=list(keys[3]))
 
 
-def _names(conn: psycopg.Connection[Any], query: str, params: dict[str, Any]) -> list[str]:
-    return [str(r[0]) for r in conn.execute(query, params)]
+def foreign_keys(conn: psycopg.Connection[Any], owner: Mapping[int, Table]) -> list[ForeignKey]:
+    """Every foreign key from or to a table of ``owner`` (its clones on partitions left out).
 
+    A relation's root is the table of ``owner`` whose tree holds it, else its partition root.
+    """
+    def rel(v: list[str]) -> Rel:
+        t = owner.get(int(v[0]))
+        return Rel(v[1], v[2], v[3], (t.schema, t.name) if t else (v[4], v[5]))
 
-def foreign_keys(conn: psycopg.Connection[Any], oids: Iterable[int]) -> list[ForeignKey]:
-    """Every foreign key from or to one of ``oids`` (clones on partitions left out)."""
-    rows = conn.execute(_FOREIGN_KEYS, {"oids": list(oids)}).fetchall()
-    return [ForeignKey(str(r[0]), int(r[1]), int(r[2]), tuple(r[3]), tuple(r[4])) for r in rows]
+    rows = conn.execute(_FOREIGN_KEYS, {"oids": list(owner)}).fetchall()
+    return [ForeignKey(str(r[0]), rel(r[1]), rel(r[2]), tuple(r[3]), tuple(r[4]), bool(r[5])) for r in rows]
 
 
 # -- checking rules against the schema ------------------------------------------------------------
 def check_rules(conn: psycopg.Connection[Any], rules: list[MaskRule], database: str = "") -> list[str]:
     """Problems of ``rules`` against the live schema, each naming its key; empty when they fit."""
-    return _check(conn, rules, database)[0]
+    idle = conn.info.transaction_status == TransactionStatus.IDLE
+    try:
+        return _check(conn, rules, database)[0]
+    finally:  # read only: leave no transaction open behind a caller that had none
+        if idle and conn.info.transaction_status != TransactionStatus.IDLE:
+            conn.rollback()
 
 
 def _check(conn: psycopg.Connection[Any], rules: list[MaskRule],
            database: str = "") -> tuple[list[str], dict[tuple[str, str], Table | None]]:
-    problems: list[str] = []
     where = f" in database {database}" if database else ""
-    tables: dict[tuple[str, str], Table | None] = {}
-    for rule in rules:
-        if rule.qualified not in tables:
-            tables[rule.qualified] = load_table(conn, *rule.qualified)
-    for rule in rules:
-        problems += _rule_problems(rule, tables[rule.qualified], where)
+    tables = {q: load_table(conn, *q) for q in dict.fromkeys(r.qualified for r in rules)}
+    problems = [p for r in rules for p in _rule_problems(r, tables[r.qualified], where)]
     problems += _foreign_key_problems(conn, rules, tables)
     return list(dict.fromkeys(problems)), tables
 
@@ -328,12 +317,12 @@ def _column_problems(rule: MaskRule, t: Table, col: Column) -> list[str]:
         out.append(f"{key}: {col.name} is an identity column (GENERATED ALWAYS) and cannot be updated")
     if m == "null" and col.not_null:
         out.append(f"{key}: null on a NOT NULL column; use redact or hash")
-    if m == "noise" and not col.is_numeric:
+    if m == "noise" and col.base not in NUMERIC_TYPES:
         out.append(f"{key}: noise needs a numeric column, {col.name} is {col.type_sql}")
-    if m in ("email", "hash", "partial", "redact") and not col.is_text:
+    if m in ("email", "hash", "partial", "redact") and col.base not in TEXT_TYPES:
         out.append(f"{key}: {m} needs a text column, {col.name} is {col.type_sql}")
     n = col.length
-    if col.is_text and n is not None:
+    if col.base in TEXT_TYPES and n is not None:
         if m == "email" and n < EMAIL_LENGTH:
             out.append(f"{key}: email writes {EMAIL_LENGTH} characters, {col.name} is {col.type_sql}")
         if m == "hash" and n < 8:
@@ -356,32 +345,23 @@ def _foreign_key_problems(conn: psycopg.Connection[Any], rules: list[MaskRule],
     """A masked column linked by a foreign key needs the same injective method on the other side."""
     owner = {oid: t for t in tables.values() if t is not None for oid in t.tree}
     by_col = {(*r.qualified, r.column): r for r in rules}
-    problems: list[str] = []
+    found: dict[tuple[str, str], list[str]] = {}  # (key, other column) -> foreign keys (one per partition)
     for fk in foreign_keys(conn, owner):
-        child, parent = _root_of(conn, fk.child, owner), _root_of(conn, fk.parent, owner)
+        child, parent = fk.child.root, fk.parent.root
         for cc, pc in zip(fk.child_cols, fk.parent_cols, strict=True):
             a, b = by_col.get((*child, cc)), by_col.get((*parent, pc))
-            if a is None and b is None:
-                continue
-            if a is not None and b is None and a.method == "null":
-                continue  # a NULL reference satisfies any foreign key
+            if (a is None and b is None) or (a is not None and b is None and a.method == "null"):
+                continue  # unmasked, or a NULL reference, which satisfies any foreign key
             if a is not None and b is not None and a.method == b.method and a.method in INJECTIVE \
                     and _out_length(a, tables) == _out_length(b, tables):
                 continue
             rule = a or b
             assert rule is not None
             other = f"{parent[0]}.{parent[1]}.{pc}" if rule is a else f"{child[0]}.{child[1]}.{cc}"
-            problems.append(f"{rule.key}: foreign key {fk.name} links it to {other}; mask both columns with the "
-                            "same method, email or hash (and the same length)")
-    return problems
-
-
-def _root_of(conn: psycopg.Connection[Any], oid: int, owner: Mapping[int, Table]) -> tuple[str, str]:
-    if oid in owner:
-        return owner[oid].schema, owner[oid].name
-    row = conn.execute("SELECT n.nspname::text, c.relname::text FROM pg_class c "
-                       "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s", (oid,)).fetchone()
-    return (str(row[0]), str(row[1])) if row else ("", str(oid))
+            found.setdefault((rule.key, other), []).append(fk.name)
+    return [f"{key}: foreign key {names[0]}{f' (and {len(names) - 1} more)' if len(names) > 1 else ''} links it "
+            f"to {other}; mask both columns with the same method, email or hash (and the same length)"
+            for (key, other), names in found.items()]
 
 
 def _out_length(rule: MaskRule, tables: Mapping[tuple[str, str], Table | None]) -> int:
@@ -403,7 +383,7 @@ def _pads(secret: bytes) -> dict[str, bytes]:
     return {"ipad": bytes(b ^ 0x36 for b in key), "opad": bytes(b ^ 0x5C for b in key)}
 
 
-def _expression(rule: MaskRule, t: Table, col: Column) -> sql.Composable:
+def _expression(rule: MaskRule, t: Table, col: Column, width: int | None = None) -> sql.Composable:
     c = sql.SQL("t.{}").format(sql.Identifier(col.name))
     text = sql.SQL("{}::text").format(c)
     n = col.length
@@ -413,7 +393,7 @@ def _expression(rule: MaskRule, t: Table, col: Column) -> sql.Composable:
         return sql.SQL("left(encode({}, 'hex'), {})").format(_mac("hash", text),
                                                             sql.Literal(min(n or HASH_LENGTH, HASH_LENGTH)))
     if rule.method == "partial":
-        return _partial(text)
+        return _partial(text, width)
     if rule.method == "noise":
         return _noise(t, col, c)
     if rule.method == "redact":
@@ -421,18 +401,32 @@ def _expression(rule: MaskRule, t: Table, col: Column) -> sql.Composable:
     return sql.SQL("NULL")
 
 
-def _partial(v: sql.Composable) -> sql.Composed:
-    byte = sql.SQL("get_byte(k.h, (s.i - 1) % 32)")
+def _partial(v: sql.Composable, width: int | None) -> sql.Composed:
+    """Shape-keeping mask. Values up to UNROLL characters (the common case: phones, cards) are
+    done with one expression per position, about 4x faster than a per-row set-returning subquery."""
+    keep = sql.SQL("length({v}) - CASE WHEN length({v}) >= 6 THEN 2 ELSE 0 END").format(v=v)
+    if width is not None and width <= UNROLL:
+        terms = [_partial_char(sql.SQL("k.c[{}]").format(sql.Literal(i)), sql.Literal(i), sql.Literal((i - 1) % 32))
+                 for i in range(1, max(width, 1) + 1)]
+        return sql.SQL("(SELECT {} FROM (SELECT {} AS h, string_to_array({}, NULL) AS c, {} AS n OFFSET 0) k)").format(
+            sql.SQL(" || ").join(terms), _mac("partial", v), v, keep)
+    char = _partial_char(sql.SQL("u.ch"), sql.SQL("u.i"), sql.SQL("mod(u.i::int - 1, 32)"))
     return sql.SQL(
-        "(SELECT string_agg(CASE"
-        " WHEN s.i > length({v}) - CASE WHEN length({v}) >= 6 THEN 2 ELSE 0 END THEN s.ch"
-        " WHEN ascii(s.ch) BETWEEN 48 AND 57 THEN chr(48 + {b} % 10)"
-        " WHEN s.ch <> lower(s.ch) THEN chr(65 + {b} % 26)"
-        " WHEN s.ch <> upper(s.ch) OR ascii(s.ch) > 127 THEN chr(97 + {b} % 26)"
-        " ELSE s.ch END, '' ORDER BY s.i)"
-        " FROM (SELECT {mac} AS h) k,"
-        " LATERAL (SELECT g AS i, substr({v}, g, 1) AS ch FROM generate_series(1, length({v})) g) s)"
-    ).format(v=v, b=byte, mac=_mac("partial", v))
+        "CASE WHEN {v} IS NULL THEN NULL ELSE coalesce((SELECT string_agg({char}, '' ORDER BY u.i)"
+        " FROM (SELECT {mac} AS h, {keep} AS n OFFSET 0) k,"
+        " unnest(string_to_array({v}, NULL)) WITH ORDINALITY u(ch, i)), '') END"
+    ).format(v=v, char=char, mac=_mac("partial", v), keep=keep)
+
+
+def _partial_char(ch: sql.Composable, i: sql.Composable, offset: sql.Composable) -> sql.Composed:
+    """One character of ``partial``: digits and letters from the HMAC's bytes, ASCII punctuation kept."""
+    b = sql.SQL("get_byte(k.h, {})").format(offset)
+    return sql.SQL(
+        "CASE WHEN {i} > k.n THEN coalesce({ch}, '')"
+        " WHEN ascii({ch}) BETWEEN 48 AND 57 THEN chr(48 + mod({b}, 10))"
+        " WHEN ascii({ch}) BETWEEN 65 AND 90 THEN chr(65 + mod({b}, 26))"
+        " WHEN ascii({ch}) BETWEEN 97 AND 122 OR ascii({ch}) > 127 THEN chr(97 + mod({b}, 26))"
+        " ELSE {ch} END").format(i=i, ch=ch, b=b)
 
 
 def _noise(t: Table, col: Column, c: sql.Composable) -> sql.Composed:
@@ -455,13 +449,13 @@ def _noise(t: Table, col: Column, c: sql.Composable) -> sql.Composed:
 
 
 def _clamp(value: sql.Composable, lo: Decimal, hi: Decimal) -> sql.Composed:
-    return sql.SQL("least(greatest({}, {}::numeric), {}::numeric)").format(value, sql.Literal(str(lo)),
-                                                                          sql.Literal(str(hi)))
+    return sql.SQL("least(greatest({}, {}::numeric), {}::numeric)").format(value, *map(sql.Literal, (str(lo), str(hi))))
 
 
-def update_statement(t: Table, rules: list[MaskRule]) -> sql.Composed:
-    """One UPDATE masking every rule of one table; rows whose masked columns are all NULL are left alone."""
-    sets = [sql.SQL("{} = {}").format(sql.Identifier(r.column), _expression(r, t, t.columns[r.column]))
+def update_statement(t: Table, rules: list[MaskRule], widths: Mapping[str, int] | None = None) -> sql.Composed:
+    """One UPDATE for the rules of one table (``widths``: longest value of each partial column, see _partial)."""
+    sets = [sql.SQL("{} = {}").format(sql.Identifier(r.column),
+                                      _expression(r, t, t.columns[r.column], (widths or {}).get(r.column)))
             for r in rules]
     touched = [sql.SQL("t.{} IS NOT NULL").format(sql.Identifier(r.column)) for r in rules]
     return sql.SQL("UPDATE {} AS t SET {} WHERE {}").format(t.ident, sql.SQL(", ").join(sets),
@@ -508,11 +502,12 @@ def _prepare_session(conn: psycopg.Connection[Any]) -> None:
     if not (row and row[0]):
         raise TierbaseError("masking needs a superuser connection",
                             "Connect as the compute's superuser (branch_url(..., direct=True))")
-    # user triggers (last_updated ...) and FK triggers stay quiet; constraints are checked in _validate
-    conn.execute("SET LOCAL session_replication_role = replica")
-    conn.execute("SET LOCAL statement_timeout = 0")
-    conn.execute("SET LOCAL lock_timeout = 0")
-    conn.execute("SET LOCAL search_path = pg_catalog, pg_temp")  # no user function may shadow sha256 & co
+    # user and FK triggers stay quiet (constraints: see _validate); no user function can shadow sha256();
+    # the key (as bind parameters) must not reach the server log, whatever the parent's logging settings
+    conn.execute("SET LOCAL session_replication_role = replica; SET LOCAL statement_timeout = 0; "
+                 "SET LOCAL lock_timeout = 0; SET LOCAL search_path = pg_catalog, pg_temp; "
+                 "SET LOCAL log_statement = 'none'; SET LOCAL log_min_duration_statement = -1; "
+                 "SET LOCAL log_parameter_max_length = 0; SET LOCAL log_parameter_max_length_on_error = 0")
 
 
 def _mask_tables(conn: psycopg.Connection[Any], rules: list[MaskRule],
@@ -523,7 +518,8 @@ def _mask_tables(conn: psycopg.Connection[Any], rules: list[MaskRule],
         assert t is not None  # check_rules passed
         mine = [r for r in rules if r.qualified == qualified]
         t1 = time.perf_counter()
-        cur = conn.execute(update_statement(t, mine), pads)
+        widths = {r.column: _longest(conn, t, r.column) for r in mine if r.method == "partial"}
+        cur = conn.execute(update_statement(t, mine, widths), pads)
         name = mine[0].table
         report["tables"][name] = cur.rowcount
         report["timings"][name] = round(time.perf_counter() - t1, 3)
@@ -531,60 +527,49 @@ def _mask_tables(conn: psycopg.Connection[Any], rules: list[MaskRule],
     return masked
 
 
+def _longest(conn: psycopg.Connection[Any], t: Table, column: str) -> int:
+    row = conn.execute(sql.SQL("SELECT max(length({}::text)) FROM {}").format(sql.Identifier(column), t.ident))
+    return int((row.fetchone() or [0])[0] or 0)
+
+
 def _validate(conn: psycopg.Connection[Any], rules: list[MaskRule], masked: list[Table]) -> list[str]:
     """Re-check what replica mode does not: foreign keys and deferrable unique keys on masked columns."""
     checked: list[str] = []
-    owner = {oid: t for t in masked for oid in t.tree}
     cols = {(*r.qualified, r.column) for r in rules}
-    for fk in foreign_keys(conn, owner):
-        child, parent = _rel(conn, fk.child), _rel(conn, fk.parent)
-        child_root, parent_root = _root_of(conn, fk.child, owner), _root_of(conn, fk.parent, owner)
-        if not any((*child_root, c) in cols for c in fk.child_cols) and \
-                not any((*parent_root, c) in cols for c in fk.parent_cols):
-            continue
+    for fk in foreign_keys(conn, {oid: t for t in masked for oid in t.tree}):
+        if not fk.validated or not (any((*fk.child.root, c) in cols for c in fk.child_cols)
+                                    or any((*fk.parent.root, c) in cols for c in fk.parent_cols)):
+            continue  # NOT VALID keys promise nothing about existing rows
         match = sql.SQL(" AND ").join(sql.SQL("p.{} = c.{}").format(sql.Identifier(p), sql.Identifier(c))
                                       for c, p in zip(fk.child_cols, fk.parent_cols, strict=True))
         present = sql.SQL(" AND ").join(sql.SQL("c.{} IS NOT NULL").format(sql.Identifier(c)) for c in fk.child_cols)
-        orphan = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} c WHERE {} AND NOT EXISTS "
-                                      "(SELECT 1 FROM {} p WHERE {}))").format(child, present, parent, match)
-                              ).fetchone()
-        if orphan and orphan[0]:
+        if _exists(conn, sql.SQL("SELECT 1 FROM {} c WHERE {} AND NOT EXISTS (SELECT 1 FROM {} p WHERE {})").format(
+                fk.child.scan, present, fk.parent.scan, match)):
             raise TierbaseError(f"masking broke foreign key {fk.name}: rows reference values that no longer exist",
                                 "Mask both sides of the key with the same method (email or hash)")
         checked.append(f"foreign key {fk.name}")
-    for t in masked:
-        checked += _check_deferrable_unique(conn, t, {c for s, n, c in cols if (s, n) == (t.schema, t.name)})
+    for t in masked:  # deferrable unique keys are rechecked by a trigger, which replica mode silences
+        rows = conn.execute(
+            "SELECT c.conname::text, n.nspname::text, r.relname::text, r.relkind::text, ARRAY(SELECT a.attname::text "
+            " FROM unnest(c.conkey) k(n) JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n) "
+            "FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid JOIN pg_namespace n ON n.oid = r.relnamespace "
+            "WHERE c.contype IN ('p', 'u') AND c.condeferrable AND c.conparentid = 0 AND c.conrelid = ANY(%s::oid[])",
+            (t.tree,)).fetchall()
+        for name, schema, table, relkind, keys in rows:
+            if not any((t.schema, t.name, k) in cols for k in keys):
+                continue
+            rel = Rel(schema, table, relkind, (t.schema, t.name))
+            if _exists(conn, sql.SQL("SELECT 1 FROM {} GROUP BY {} HAVING count(*) > 1").format(
+                    rel.scan, sql.SQL(", ").join(map(sql.Identifier, keys)))):
+                raise TierbaseError(f"masking made duplicates in unique key {name}",
+                                    "Use email or hash on columns of a unique key")
+            checked.append(f"unique key {name}")
     return checked
 
 
-def _rel(conn: psycopg.Connection[Any], oid: int) -> sql.Composed:
-    """A relation for a foreign-key check: ONLY for a plain table (a key does not cover its inheritors)."""
-    row = conn.execute("SELECT n.nspname::text, c.relname::text, c.relkind::text FROM pg_class c "
-                       "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s", (oid,)).fetchone()
-    assert row is not None
-    only = sql.SQL("ONLY ") if row[2] == "r" else sql.SQL("")
-    return sql.SQL("{}{}").format(only, sql.Identifier(str(row[0]), str(row[1])))
-
-
-def _check_deferrable_unique(conn: psycopg.Connection[Any], t: Table, cols: set[str]) -> list[str]:
-    """Deferrable unique keys are rechecked by a trigger, which replica mode silences: check them here."""
-    out: list[str] = []
-    rows = conn.execute(
-        "SELECT c.conname::text, c.conrelid::bigint, ARRAY(SELECT a.attname::text FROM unnest(c.conkey) k(n) "
-        "JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.n) FROM pg_constraint c "
-        "WHERE c.contype IN ('p', 'u') AND c.condeferrable AND c.conparentid = 0 AND c.conrelid = ANY(%s::oid[])",
-        (t.tree,)).fetchall()
-    for name, relid, keys in rows:
-        if not cols & set(keys):
-            continue
-        group = sql.SQL(", ").join(sql.Identifier(k) for k in keys)
-        dup = conn.execute(sql.SQL("SELECT EXISTS (SELECT 1 FROM {} GROUP BY {} HAVING count(*) > 1)").format(
-            _rel(conn, int(relid)), group)).fetchone()
-        if dup and dup[0]:
-            raise TierbaseError(f"masking made duplicates in unique key {name}",
-                                "Use email or hash on columns of a unique key")
-        out.append(f"unique key {name}")
-    return out
+def _exists(conn: psycopg.Connection[Any], query: sql.Composable) -> bool:
+    row = conn.execute(sql.SQL("SELECT EXISTS ({})").format(query)).fetchone()
+    return bool(row and row[0])
 
 
 _VIEWS = """
@@ -592,7 +577,8 @@ WITH RECURSIVE dep(oid, relkind, depth) AS (
     SELECT c.oid, c.relkind, 0 FROM pg_class c WHERE c.oid = ANY(%(oids)s::oid[])
   UNION
     SELECT v.oid, v.relkind, dep.depth + 1 FROM dep
-    JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = dep.oid AND d.classid = 'pg_rewrite'::regclass
+    JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+                    AND d.refobjid = dep.oid
     JOIN pg_rewrite r ON r.oid = d.objid
     JOIN pg_class v ON v.oid = r.ev_class AND v.oid <> dep.oid
     WHERE v.relkind IN ('v', 'm') AND dep.depth < 20

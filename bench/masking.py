@@ -1,0 +1,354 @@
+"""Benchmark: what masking adds to creating a branch.
+
+    python bench/masking.py --customers 100000,1000000 --out bench/results/masking.json
+
+Needs root (the platform loop-mounts a btrfs image). On a throwaway tierbase platform under
+/tmp it restores pagila's schema into one database per size, generates N customers (one
+address each, with a phone) and N payments (spread over pagila's payment partitions), and
+measures, per size and run:
+
+* plain: create the branch, start its compute, first query (no masking);
+* masked: the same, then ``apply_masking`` with customer.email=email, customer.first_name=hash,
+  customer.last_name=hash, address.phone=partial, payment.amount=noise, then first query;
+* what the masked branch adds on disk (masking rewrites every masked row).
+
+Writes JSON in the shared results shape, then renders docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform as host
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import psycopg  # noqa: E402
+from psycopg import sql  # noqa: E402
+
+from bench.report import render_all  # noqa: E402
+from tierbase import Tierbase  # noqa: E402
+from tierbase.compute import find_binaries  # noqa: E402
+from tierbase.governance.masking import apply_masking, parse_rules  # noqa: E402
+
+PAGILA = REPO.parent / "shared" / "fixtures" / "pagila" / "pagila-schema.sql"
+RULES = {"customer.email": "email", "customer.first_name": "hash", "customer.last_name": "hash",
+         "address.phone": "partial", "payment.amount": "noise"}
+KEY = secrets.token_bytes(32)
+TITLE = "Masking cost"
+MiB = 1024 ** 2
+
+# rows from generate_series; replica mode skips FK checks and last_updated triggers while loading
+LOAD = """
+SET session_replication_role = replica;
+INSERT INTO country (country_id, country) SELECT g, 'Country ' || g FROM generate_series(1, 100) g;
+INSERT INTO city (city_id, city, country_id) SELECT g, 'City ' || g, 1 + g % 100 FROM generate_series(1, 600) g;
+INSERT INTO address (address_id, address, district, city_id, postal_code, phone)
+  SELECT g, g || ' Main Street', 'District ' || g % 40, 1 + g % 600, lpad((g % 99999)::text, 5, '0'),
+         format('+1 (%s) %s-%s', 200 + g % 700, lpad((g / 700 % 1000)::text, 3, '0'), lpad((g % 10000)::text, 4, '0'))
+  FROM generate_series(1, {n} + 4) g;
+INSERT INTO store (store_id, manager_staff_id, address_id) VALUES (1, 1, {n} + 1), (2, 2, {n} + 2);
+INSERT INTO staff (staff_id, first_name, last_name, address_id, email, store_id, username)
+  VALUES (1, 'Mike', 'Hillyer', {n} + 3, 'mike@sakila.example', 1, 'mike'),
+         (2, 'Jon', 'Stephens', {n} + 4, 'jon@sakila.example', 2, 'jon');
+INSERT INTO customer (customer_id, store_id, first_name, last_name, email, address_id, active)
+  SELECT g, 1 + g % 2, f, l, lower(f || '.' || l || '.' || g || '@mail.example.com'), g, 1
+  FROM generate_series(1, {n}) g,
+  LATERAL (SELECT (ARRAY['Mary','Patricia','Linda','Barbara','Elizabeth','Jennifer','Maria','Susan',
+                         'James','John','Robert','Michael','William','David','Richard','Joseph'])[1 + g % 16] AS f,
+                  (ARRAY['Smith','Johnson','Williams','Brown','Jones','Garcia','Miller','Davis','Rodriguez',
+                         'Martinez','Hernandez','Lopez','Gonzalez','Wilson','Anderson','Thomas','Taylor',
+                         'Moore','Jackson','Martin','Lee','Perez','Thompson','White'])[1 + (g / 16) % 24] AS l) x;
+INSERT INTO language (language_id, name) VALUES (1, 'English');
+INSERT INTO film (film_id, title, language_id, fulltext)
+  SELECT g, 'Film ' || g, 1, to_tsvector('Film ' || g) FROM generate_series(1, 100) g;
+INSERT INTO inventory (inventory_id, film_id, store_id) SELECT g, 1 + g % 100, 1 + g % 2 FROM generate_series(1, 500) g;
+INSERT INTO rental (rental_id, rental_date, inventory_id, customer_id, staff_id)
+  SELECT g, timestamptz '2022-01-01 00:00+00' + g * interval '1 minute', 1 + g % 500, 1 + g % {n}, 1 + g % 2
+  FROM generate_series(1, {rentals}) g;
+INSERT INTO payment (payment_id, customer_id, staff_id, rental_id, amount, payment_date)
+  SELECT g, 1 + g % {n}, 1 + g % 2, 1 + g % {rentals}, round((0.99 + (g % 12))::numeric, 2),
+         timestamptz '2022-01-02 00:00+00' + (g % 150) * interval '1 day' + (g % 86000) * interval '1 second'
+  FROM generate_series(1, {n}) g;
+RESET session_replication_role;
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo = math.floor(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+def free_port_base() -> int:
+    """A base above the kernel's ephemeral range and the test suite's bases (20000-59999)."""
+    for _ in range(100):
+        base = 61000 + secrets.randbelow(20) * 200
+        if all(port_free(p) for p in range(base, base + 60)):
+            return base
+    raise RuntimeError("no free port range in 61000-65000")
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def settle(tb: Tierbase) -> None:
+    """Wait until btrfs has really dropped deleted subvolumes, so the next run does not pay for it."""
+    root = str(tb.driver.root)
+    for args in (["btrfs", "filesystem", "sync", root], ["btrfs", "subvolume", "sync", root]):
+        subprocess.run(args, capture_output=True, check=True)
+
+
+def load(tb: Tierbase, db: str, n: int) -> int:
+    """Restore pagila's schema into ``db`` on production and fill it; returns the database size."""
+    t0 = time.perf_counter()
+    tb.import_dump(str(PAGILA), "production", db)
+    url = tb.branch_url("production", db, direct=True)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SET search_path = public")
+        conn.execute(LOAD.format(n=n, rentals=max(100, n // 10)))
+        conn.execute("VACUUM ANALYZE")
+        conn.execute("CHECKPOINT")  # every branch starts from a clean parent, not from the load's dirty pages
+        row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
+    size = int(row[0]) if row else 0
+    log(f"  loaded {n:,} customers into {db}: {human_bytes(size)} in {time.perf_counter() - t0:.1f}s")
+    return size
+
+
+def sample(tb: Tierbase, db: str, mode: str) -> dict[str, Any]:
+    """One branch: ``plain`` (no masking), ``masked``, or ``rewrite`` (the masked columns set to themselves
+    in one transaction, in replica mode: what rewriting those rows costs, whatever the masks)."""
+    name = f"mb-{secrets.token_hex(3)}"
+    t0 = time.perf_counter()
+    tb.create_branch(name)
+    tb.start_branch(name)
+    report: dict[str, Any] = {}
+    wal = None
+    try:
+        with psycopg.connect(tb.branch_url(name, db, direct=True), connect_timeout=60) as conn:
+            lsn = scalar(conn, "SELECT pg_current_wal_lsn()")
+            conn.commit()
+            if mode == "masked":
+                report = apply_masking(conn, parse_rules(RULES), KEY)
+            elif mode == "rewrite":
+                report = rewrite(conn)
+            wal = int(scalar(conn, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s::pg_lsn)", lsn))
+            conn.execute("SELECT count(*) FROM customer").fetchone()
+            done = time.perf_counter()
+            if mode == "masked" and scalar(conn, "SELECT count(*) FROM customer WHERE email LIKE %s",
+                                           "%@mail.example.com") != 0:
+                raise RuntimeError(f"customers still have their original e-mail on {name}")
+            conn.rollback()
+        added = tb.get_branch(name).get("own_bytes")
+    finally:
+        tb.delete_branch(name)
+        settle(tb)
+    return {"total_s": done - t0, "mask_s": report.get("seconds"), "tables": report.get("tables"),
+            "timings": report.get("timings"), "added_bytes": added, "wal_bytes": wal}
+
+
+def rewrite(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    timings = {}
+    with conn.transaction():
+        conn.execute("SET LOCAL session_replication_role = replica")
+        for table in dict.fromkeys(k.split(".")[0] for k in RULES):
+            cols = [k.split(".")[1] for k in RULES if k.split(".")[0] == table]
+            t1 = time.perf_counter()
+            conn.execute(sql.SQL("UPDATE {} SET {}").format(sql.Identifier(table), sql.SQL(", ").join(
+                sql.SQL("{c} = {c}").format(c=sql.Identifier(c)) for c in cols)))
+            timings[table] = round(time.perf_counter() - t1, 3)
+    return {"seconds": round(time.perf_counter() - t0, 3), "timings": timings}
+
+
+def scalar(conn: psycopg.Connection[Any], query: str, *params: Any) -> Any:
+    row = conn.execute(query, params or None).fetchone()
+    return row[0] if row else None
+
+
+def measure(tb: Tierbase, n: int, runs: int) -> dict[str, Any]:
+    db = f"mask{n}"
+    db_bytes = load(tb, db, n)
+    got: dict[str, list[dict[str, Any]]] = {"plain": [], "masked": [], "rewrite": []}
+    for i in range(runs):
+        for mode, samples in got.items():
+            samples.append(sample(tb, db, mode))
+        last = {m: got[m][-1] for m in got}
+        log(f"  {n:,} run {i + 1}/{runs}: plain {last['plain']['total_s'] * 1000:.0f} ms; masked "
+            f"{last['masked']['total_s']:.2f} s (masking {last['masked']['mask_s']:.2f} s, "
+            f"{human_bytes(last['masked']['wal_bytes'])} WAL, {human_bytes(last['masked']['added_bytes'])} own); "
+            f"rewrite alone {last['rewrite']['mask_s']:.2f} s")
+    with psycopg.connect(tb.branch_url("production", direct=True), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
+    masked = got["masked"]
+    rows = sum(masked[0]["tables"].values())
+    mask_s = [float(m["mask_s"]) for m in masked]
+
+    def p50(mode: str, key: str) -> float:
+        return pct([float(x[key] or 0) for x in got[mode]], 0.5)
+
+    return {
+        "customers": n, "db_bytes": db_bytes, "runs": runs, "masked_rows": rows, "tables": masked[0]["tables"],
+        "plain_ms_p50": round(p50("plain", "total_s") * 1000, 1),
+        "plain_ms": [round(p["total_s"] * 1000, 1) for p in got["plain"]],
+        "masked_s_p50": round(p50("masked", "total_s"), 2), "masked_s": [round(m["total_s"], 2) for m in masked],
+        "mask_s_p50": round(p50("masked", "mask_s"), 2), "mask_s": mask_s,
+        "rows_per_s": round(rows / p50("masked", "mask_s")),
+        "table_s_p50": {t: round(pct([float(m["timings"][t]) for m in masked], 0.5), 3) for t in masked[0]["timings"]},
+        "rewrite_s_p50": round(p50("rewrite", "mask_s"), 2), "rewrite_s": [r["mask_s"] for r in got["rewrite"]],
+        "wal_bytes": int(p50("masked", "wal_bytes")), "rewrite_wal_bytes": int(p50("rewrite", "wal_bytes")),
+        "added_bytes": int(p50("masked", "added_bytes")), "plain_added_bytes": int(p50("plain", "added_bytes")),
+    }
+
+
+def build_table(raw: list[dict[str, Any]]) -> dict[str, Any]:
+    rows = [[f"{r['customers']:,}", human_bytes(r["db_bytes"]), f"{r['masked_rows']:,}", r["plain_ms_p50"],
+             r["masked_s_p50"], r["mask_s_p50"], f"{r['rows_per_s']:,}", r["rewrite_s_p50"],
+             human_bytes(r["wal_bytes"]), human_bytes(r["added_bytes"])]
+            for r in raw]
+    per_row = "; ".join(
+        f"{r['customers']:,} customers: " + ", ".join(
+            f"{t} {s:.2f} s ({s / max(r['tables'][t], 1) * 1e6:.1f} us/row)" for t, s in r["table_s_p50"].items())
+        for r in raw)
+    return {
+        "title": TITLE,
+        "columns": ["customers", "database", "masked rows", "create + start, no masking p50 (ms)",
+                    "create + start + mask p50 (s)", "masking alone p50 (s)", "masked rows/s",
+                    "same rows rewritten unmasked p50 (s)", "WAL written by masking",
+                    "branch's own bytes after masking"],
+        "rows": rows,
+        "notes": [
+            "Rules: " + ", ".join(f"{k}={v}" for k, v in RULES.items()) + "; each size has N customers, N + 4 "
+            "addresses and N payments (partitioned by month), so masked rows = 3N + 4.",
+            "Both create columns include the branch's compute start and a first query; masking is one transaction "
+            "(one UPDATE per table, then re-checks of keys on masked columns and ANALYZE of the masked tables).",
+            "'Same rows rewritten unmasked' sets the masked columns to themselves in one transaction in replica "
+            "mode: the floor any UPDATE-based masking pays (new row versions, index entries, WAL); the rest is "
+            "the keyed hashing (HMAC-SHA256 in SQL) and the mask expressions.",
+            f"Per table (p50): {per_row}.",
+            "Masking alone, every run (s): " + "; ".join(
+                f"{r['customers']:,} customers: " + ", ".join(f"{x:.1f}" for x in r["mask_s"]) for r in raw)
+            + ". Other test suites shared this 2-core machine during the runs (see the load averages below).",
+            "Masking rewrites every masked row (a new row version, and new index entries unless the update is "
+            "HOT), so a masked branch stops sharing those tables' pages with its parent; its own bytes are the "
+            "rewritten tables and indexes plus the WAL masking wrote (full-page images after the branch's "
+            "checkpoint). An unmasked branch's own bytes after its first query: "
+            + ", ".join(f"{r['customers']:,} customers {human_bytes(r['plain_added_bytes'])}" for r in raw) + ".",
+        ],
+    }
+
+
+def machine() -> str:
+    return f"{host.machine()}, {os.cpu_count()} cores, {host.system()} {host.release()}"
+
+
+def on_sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--customers", default="100000,1000000", help="comma-separated sizes (default: %(default)s)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "masking.json")
+    ap.add_argument("--no-report", action="store_true", help="do not render docs/benchmarks.md")
+    args = ap.parse_args(argv)
+    sizes = [int(x) for x in args.customers.split(",") if x.strip()]
+    if os.geteuid() != 0 or not shutil.which("mkfs.btrfs"):
+        print("Error: bench/masking.py needs root and btrfs-progs: the platform loop-mounts a btrfs image. "
+              "Run it with sudo after installing btrfs-progs.", file=sys.stderr)
+        return 2
+    if not PAGILA.exists():
+        print(f"Error: the pagila schema is not at {PAGILA}. Check out the shared fixtures.", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, on_sigterm)
+    started, load_at_start = time.time(), " ".join(f"{x:.2f}" for x in os.getloadavg())
+    tmp = Path(tempfile.mkdtemp(prefix="tierbase-bench-masking-", dir="/tmp"))
+    tmp.chmod(0o711)  # the unprivileged compute user must reach into it
+    os.environ["TIERBASE_PORT_BASE"] = str(free_port_base())
+    tb = Tierbase(tmp / "home")
+    try:
+        size = f"{max(4, math.ceil(max(sizes) / 1_000_000 * 8))}G"  # sparse: costs only what is written
+        log(f"init a btrfs platform at {tmp} ({size})")
+        tb.init(storage="btrfs", btrfs_size=size)
+        tb.start_branch("production")
+        raw = []
+        for n in sizes:
+            log(f"{n:,} customers")
+            raw.append(measure(tb, n, args.runs))
+        version = subprocess.run([find_binaries()["postgres"], "--version"], capture_output=True,
+                                 text=True).stdout.strip()
+        doc = {
+            "title": "Masking",
+            "tables": [build_table(raw)],
+            "meta": {
+                "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+                "postgres": version, "duration_s": round(time.time() - started),
+                "cmd": shlex.join(["python", "bench/masking.py",
+                                   *(a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-report")]),
+                "requires": "root (loop-mounts a btrfs image); computes run as an unprivileged user",
+                "load_average_at_start": load_at_start,
+                "load_average_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+            },
+            "raw": raw,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=2) + "\n")
+        log(f"wrote {args.out}")
+        if not args.no_report:
+            log(f"wrote {render_all()}")
+        return 0
+    except KeyboardInterrupt:
+        log("interrupted; cleaning up")
+        return 130
+    finally:
+        log("tearing down the platform")
+        try:
+            for line in tb.down(purge=True):
+                log(f"  {line}")
+        except BaseException as err:
+            log(f"  down --purge failed: {err!r}; check `grep {tmp} /proc/mounts` and `losetup -a`")
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

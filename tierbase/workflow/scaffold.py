@@ -1,0 +1,121 @@
+"""`tierbase init`: the scaffold of an app repo (files first, then the platform's part)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..governance.config import load_config
+from .errors import Failure
+from .gitrepo import KIT_DIR, Git
+from .state import FlowState, Transition, effective
+from .workspace import CONFIG_FILE, DEFAULT_MIGRATIONS, DEFAULT_TEST_COMMAND, Current, Workspace, project_name_from
+
+TEMPLATE = """\
+# tierbase.toml: the database side of this app (written by `tierbase init`).
+# Load it into the platform with `tierbase up --config tierbase.toml`
+# (or, on a running platform, `tierbase policy reload --file tierbase.toml`).
+
+[project]
+name = "{name}"
+migrations = "{migrations}"
+test_command = "{test_command}"
+
+# The promotion chain: production (git main) <- staging (git staging).
+# Features fork from the entry tier and merge back into it.
+[tiers.production]
+protected = true
+git_branch = "main"
+promote = ["platform-engineer", "ci"]
+
+[tiers.staging]
+parent = "production"
+protected = true
+entry = true
+git_branch = "staging"
+promote = ["platform-engineer", "ci", "developer"]
+
+[grants]
+# CI may clean up the feature branches it merges for others (an agent's, say)
+delete_any = ["platform-engineer", "ci"]
+"""
+
+KIT_GITIGNORE = ("# tierbase's records of this working copy (state, reviews, change requests, TDD artifacts):\n"
+                 "# the control plane holds their history and hashes; never committed\n*\n!.gitignore\n")
+
+
+def scaffold_files(repo: Path) -> tuple[Path, list[str]]:
+    """Write what is missing (tierbase.toml, the migrations dir, .tierbase/); never needs the platform."""
+    root = Git.toplevel(repo)
+    said: list[str] = []
+    cfg_path = root / CONFIG_FILE
+    if not cfg_path.exists():
+        cfg_path.write_text(TEMPLATE.format(name=project_name_from(root), migrations=DEFAULT_MIGRATIONS,
+                                            test_command=DEFAULT_TEST_COMMAND))
+        said.append(f"wrote {CONFIG_FILE} (production <- staging, migrations in {DEFAULT_MIGRATIONS})")
+    cfg = load_config(cfg_path)  # a bad config stops here, before anything else is made
+    mig = root / str(cfg.project.get("migrations", DEFAULT_MIGRATIONS))
+    if not mig.is_dir():
+        mig.mkdir(parents=True)
+        (mig / ".gitkeep").write_text("")
+        said.append(f"created the migrations dir {mig.relative_to(root)}/")
+    kit = root / KIT_DIR
+    kit.mkdir(exist_ok=True)
+    if not (kit / ".gitignore").exists():
+        (kit / ".gitignore").write_text(KIT_GITIGNORE)
+    return root, said
+
+
+def scaffold(ws: Workspace, *, commit: bool = True) -> dict[str, Any]:
+    """The platform's part: tiers exist, the scaffold is committed, tier git branches exist, history recorded."""
+    ws.lock()
+    cfg = ws.config
+    said: list[str] = []
+    existing = {b["name"]: b for b in ws.platform.list_branches()}
+    failures = []
+    for tier in cfg.tier_order():
+        b = existing.get(tier)
+        if b is None or b["kind"] != "tier":
+            failures.append(Failure("tier-missing", f"tier {tier!r} of {CONFIG_FILE} does not exist on the platform"
+                                    + ("" if b is None else f" ({tier!r} is a {b['kind']} branch)"),
+                                    f"Load the config: `tierbase policy reload --file {CONFIG_FILE}` "
+                                    f"(a platform engineer) or `tierbase up --config {CONFIG_FILE}`"))
+    prior = ws.expected()
+    if failures:
+        ws.refuse("scaffold", failures, Current(prior) if prior else None)
+    if commit:
+        said += _commit_scaffold(ws.git, ws.rel(ws.migrations_dir))
+    head = ws.git.head()
+    if head is None:
+        said.append("the repo has no commit yet: tier git branches are created at the first `tierbase init` "
+                    "after one")
+    else:
+        for tier in cfg.tier_order():
+            branch = ws.tier_git_branch(tier)
+            if not ws.git.branch_exists(branch):
+                ws.git.run("branch", branch, head)
+                said.append(f"created git branch {branch!r} for tier {tier!r} at {head[:10]}")
+    workspace = ws.ensure_workspace_id()
+    ws_events = ws.platform.flow_history(workspace)["events"]
+    if not effective(ws_events):
+        evidence = {"project": str(cfg.project.get("name") or project_name_from(ws.repo)), "entry_tier": cfg.entry,
+                    "tiers": {t: ws.tier_git_branch(t) for t in cfg.tier_order()}, "config_sha256": cfg.digest,
+                    "repo": str(ws.repo)}
+        ws.record(workspace, Transition.SCAFFOLD, FlowState.SCAFFOLD_COMPLETE, evidence)
+        said.append(f"recorded the scaffold of workspace {workspace} in the control plane")
+    else:
+        said.append(f"workspace {workspace} was scaffolded before; nothing to record")
+    doc = ws.sync()
+    return {"transition": "scaffold", "feature": doc["feature"], "state": doc["state"],
+            "previous": prior["state"] if prior else None, "said": said,
+            "evidence": doc["transitions"].get("scaffold", {}), "state_file": f"{KIT_DIR}/workflow-state.json"}
+
+
+def _commit_scaffold(git: Git, migrations: str) -> list[str]:
+    paths = [CONFIG_FILE, f"{KIT_DIR}/.gitignore", migrations]
+    pending = git.run("status", "--porcelain", "--untracked-files=all", "--", *paths).stdout.strip()
+    if not pending:
+        return []
+    git.run("add", "--", *paths)
+    git.run("commit", "--quiet", "-m", "Scaffold tierbase (tierbase init)", "--", *paths)
+    return [f"committed the scaffold ({', '.join(paths)})"]
