@@ -9,7 +9,15 @@ import pytest
 
 from tierbase.compute import compute_user
 from tierbase.control.store import Kind, Store, process_token, token_alive
-from tierbase.errors import BranchNotFound, InvalidInput, InvalidName, PolicyDenied, Refused, error_from_dict
+from tierbase.errors import (
+    BranchNotFound,
+    InvalidInput,
+    InvalidName,
+    PolicyDenied,
+    Refused,
+    TierbaseError,
+    error_from_dict,
+)
 from tierbase.names import check_name, format_duration, parse_ttl
 from tierbase.storage.base import Source
 from tierbase.storage.btrfs import parse_size
@@ -76,7 +84,7 @@ def test_store_reservation_rules(tmp_path: Path) -> None:
         child = store.reserve(name="kid", parent="root", kind=Kind.FEATURE, volume="kid.1", creator="me",
                               ttl_seconds=60, protected=False)
         assert child.port != root.port and child.expires_at is not None
-        with pytest.raises(Exception, match="still being created|is creating"):
+        with pytest.raises(TierbaseError, match=r"is creating"):
             store.reserve(name="grandkid", parent="kid", kind=Kind.FEATURE, volume="g.1", creator="me",
                           ttl_seconds=None, protected=False)
         with pytest.raises(BranchNotFound):

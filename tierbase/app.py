@@ -23,7 +23,7 @@ from .app_migrate import MigrationOps
 from .compute import Postgres, compute_user, find_binaries
 from .compute.restore import restore_dump
 from .control.store import Branch, Kind, Store
-from .errors import BranchNotFound, InvalidInput, TierbaseError
+from .errors import BranchNotFound, InvalidInput, Refused, TierbaseError
 from .governance.config import load_config
 from .governance.gate import os_principal_name
 from .governance.policy import Action, Subject
@@ -120,9 +120,15 @@ class Tierbase(GovernanceOps, MigrationOps):
         parent = self.store.resolve_route(check_name(parent, "parent")) or parent  # a tier's route may have moved
         with self.gate.act(self.actor, Action.BRANCH_CREATE, self._subject(parent)) as rec:
             t0 = time.perf_counter()
+            pb = self.store.get(parent)
+            hook = None if snapshot else self._mask_hook(name, pb, self._masking_plan(pb))
+            if snapshot and self._masking_plan(pb) is not None and not pb.masked_by:
+                raise Refused(f"{parent!r} holds sensitive data you may not read unmasked: a snapshot of it "
+                              "would be unmasked", f"Create a (masked) branch instead: `tierbase branch create "
+                              f"{name} --parent {parent}`")
             b = self.branches.create(name, parent, kind=Kind.SNAPSHOT if snapshot else Kind.FEATURE,
                                      creator=self.gate.principal(self.actor).name, ttl_seconds=ttl_seconds,
-                                     start=start)
+                                     start=start, prepare=hook)
             rec.after = info = self.describe(b)
         info["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         return info
@@ -138,7 +144,13 @@ class Tierbase(GovernanceOps, MigrationOps):
 
     def reset_branch(self, name: str) -> dict[str, Any]:
         with self.gate.act(self.actor, Action.BRANCH_RESET, self._subject(name)) as rec:
-            rec.after = info = self.describe(self.branches.reset(name))
+            b = self.store.get(name)
+            parent = self.store.get(str(b.parent))
+            # a masked branch comes back masked: its owner's grant decides as it did at creation
+            plan = self.as_principal(b.creator)._masking_plan(parent) if b.parent else None
+            if b.masked_by and plan is None:
+                plan = self._masking_plan(parent, force=True)
+            rec.after = info = self.describe(self.branches.reset(name, self._mask_hook(name, parent, plan)))
         return info
 
     def start_branch(self, name: str) -> dict[str, Any]:
@@ -161,16 +173,18 @@ class Tierbase(GovernanceOps, MigrationOps):
     def branch_url(self, name: str, dbname: str = "postgres", *, direct: bool = False) -> str:
         """A URL for psql/psycopg with this principal's credentials: through the proxy (stable), or direct.
 
-        The owner of a branch and platform engineers get the cluster's superuser; every other
-        principal allowed to connect gets a read-only role of its own, created on the branch.
+        Platform engineers and the owner of an unmasked branch get the cluster's superuser; the owner
+        of a masked branch a read-write role; any other principal allowed to connect a read-only role
+        of its own, created on the branch.
         """
         check_name(name)
         target = self.store.resolve_route(name)
         if target is None:
             raise BranchNotFound(name)
-        subject = self.gate.subject(self.store.get(target))
+        branch = self.store.get(target)
+        subject = self.gate.subject(branch)
         with self.gate.act(self.actor, Action.BRANCH_CONNECT, subject) as rec:
-            user, password = self._credentials(subject)
+            user, password = self._credentials(subject, branch)
             rec.after = {"user": user}
         userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}"
         if direct:  # no proxy to wake the compute on connect: start it now
@@ -180,20 +194,26 @@ class Tierbase(GovernanceOps, MigrationOps):
         route = name if dbname == "postgres" else f"{name}.{dbname}"
         return f"postgresql://{userinfo}@127.0.0.1:{self.proxy_port}/{quote(route, safe='')}"
 
-    def _credentials(self, subject: Subject) -> tuple[str, str]:
+    def _credentials(self, subject: Subject, branch: Branch) -> tuple[str, str]:
         who = self.gate.principal(self.actor)
         provider = self.branches.provider
-        if subject.owner == who.name or self.config.base_role(who.role) == "platform-engineer":
+        masked = bool(branch.masked_by)
+        if self.config.base_role(who.role) == "platform-engineer" or (subject.owner == who.name and not masked):
             return provider.endpoint(0).user, provider.password
+        # a superuser could read what masking replaced (old row versions, shared files): on a masked
+        # branch its owner gets a role that reads and writes data, and changes schema through migrations
+        writer = subject.owner == who.name
         # a read-only login of the principal's own, the same password on every branch
-        password = hmac.new(provider.password.encode(), f"reader:{who.name}".encode(), "sha256").hexdigest()[:32]
-        self.branches.start(subject.name)
-        with psycopg.connect(provider.endpoint(self.store.get(subject.name).port).dsn(), autocommit=True) as conn:
+        password = hmac.new(provider.password.encode(), f"login:{who.name}".encode(), "sha256").hexdigest()[:32]
+        self.branches.start(branch.name)
+        with psycopg.connect(provider.endpoint(branch.port).dsn(), autocommit=True) as conn:
             exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname=%s", (who.name,)).fetchone()
             verb = "ALTER" if exists else "CREATE"
             conn.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(who.name),
                                                                             sql.Literal(password)))
             conn.execute(sql.SQL("GRANT pg_read_all_data TO {}").format(sql.Identifier(who.name)))
+            if writer:
+                conn.execute(sql.SQL("GRANT pg_write_all_data TO {}").format(sql.Identifier(who.name)))
         return who.name, password
 
     # -- routes ------------------------------------------------------------------
@@ -241,7 +261,7 @@ class Tierbase(GovernanceOps, MigrationOps):
             "expires_in": format_duration(b.expires_at - now) if b.expires_at else None,
             "compute": "running" if pid else ("none" if b.kind is Kind.SNAPSHOT else "stopped"),
             "pid": pid, "port": b.port, "driver": provider.driver.name,
-            "copy_on_write": provider.copy_on_write,
+            "copy_on_write": provider.copy_on_write, "masked": bool(b.masked_by), "masking": b.masked_by,
         }
         if with_bytes and b.state.value == "ready":
             try:

@@ -12,9 +12,11 @@ import psycopg
 from psycopg import sql
 
 from .app_base import NOBODY, FacadeBase
-from .control.store import Kind
+from .control.branches import Prepare
+from .control.store import Branch, Kind
 from .errors import BranchExists, InvalidInput
-from .governance.config import load_config
+from .governance.config import Config, ConfigError, load_config
+from .governance.masking import MaskRule, apply_masking, check_rules, describe, masking_key, parse_rules
 from .governance.policy import Action, Subject, parse_action
 from .workflow.history import FlowHistory
 
@@ -41,6 +43,7 @@ class GovernanceOps(FacadeBase):
                                    "Pass the path: `tierbase policy reload --file tierbase.toml`")
             cfg = load_config(source)
             self.gate.check_against_branches(cfg)
+            self._check_masking(cfg)
             said = []
             # tiers first, config last: a failure half way leaves the last good config in force, and a
             # second reload finds the tiers it already made
@@ -49,8 +52,11 @@ class GovernanceOps(FacadeBase):
                 b = self.store.find(name)
                 if b is None and tier.parent is not None:
                     parent = self.store.resolve_route(tier.parent) or tier.parent
+                    pb = self.store.get(parent)
+                    hook = self._mask_hook(name, pb, self._masking_plan(pb, force=tier.masked, cfg=cfg),
+                                           database=str(cfg.project.get("database", "postgres")))
                     self.branches.create(name, parent, kind=Kind.TIER, creator=self.gate.owner,
-                                         protected=tier.protected)
+                                         protected=tier.protected, prepare=hook)
                     said.append(f"created tier {name!r} from {tier.parent!r}")
                 elif b is not None and b.protected != tier.protected:
                     self.store.set_protected(name, tier.protected)
@@ -160,3 +166,72 @@ class GovernanceOps(FacadeBase):
             conn.execute(sql.SQL("GRANT SELECT ON audit_log TO {}").format(sql.Identifier(who)))
         port, dbname = (b.port, "postgres") if direct else (self.proxy_port, AUDIT_BRANCH)
         return f"postgresql://{quote(who, safe='')}:{password}@127.0.0.1:{port}/{dbname}"
+
+    # -- masking that branches inherit -------------------------------------------------------
+    def _sensitive_lineage(self, b: Branch, cfg: Config) -> bool:
+        """True when ``b`` is, or descends from, a tier declared sensitive (tier names follow routes)."""
+        return any(cfg.tiers.get(self.gate.subject(x).name) is not None
+                   and cfg.tiers[self.gate.subject(x).name].sensitive for x in self.gate.lineage(b))
+
+    def _masking_plan(self, parent: Branch, *, force: bool = False, cfg: Config | None = None) -> list[MaskRule] | None:
+        """The rules to apply to a new child of ``parent``, or None when it stays as its parent is.
+
+        A masked parent's children are masked already (only rules declared since are applied: masking
+        twice would break determinism). An unmasked branch of sensitive data is masked unless the
+        creating principal holds the unmasked-read grant; ``force`` masks anyway (tiers declared masked).
+        """
+        cfg = cfg or self.config  # a reload plans with the config being loaded
+        rules = parse_rules(cfg.masking)
+        done = set(parent.masked_by)
+        if done:
+            return [r for r in rules if describe([r])[0] not in done]
+        if not self._sensitive_lineage(parent, cfg) or not rules:
+            return None
+        if force:
+            return rules
+        decision = self.gate.decide(self.actor, Action.UNMASKED, self.gate.subject(parent))
+        return None if decision.allowed else rules
+
+    def _mask_hook(self, name: str, parent: Branch, rules: list[MaskRule] | None,
+                   database: str | None = None) -> Prepare | None:
+        """The hook that masks a new volume before anyone can connect (private unix-socket compute)."""
+        if rules is None:
+            return None
+
+        def prepare(volume: str, port: int) -> list[str]:
+            applied = sorted({*parent.masked_by, *describe(rules)})
+            if not rules:
+                return applied
+            provider = self.branches.provider
+            ep = provider.start_private(name, volume, port)
+            try:
+                key = masking_key(self.home.read_secret(self.home.root / "masking.secret", create=True).encode())
+                with psycopg.connect(ep.dsn(database or self._project_database), autocommit=True) as conn:
+                    apply_masking(conn, rules, key)
+            finally:
+                provider.pg.stop(provider.datadir(volume))
+            return applied
+
+        return prepare
+
+    @property
+    def _project_database(self) -> str:
+        return str(self.config.project.get("database", "postgres"))
+
+    def _check_masking(self, cfg: Config) -> None:
+        """Masking rules must name real columns of the sensitive tiers' project database."""
+        rules = parse_rules(cfg.masking)
+        if not rules:
+            return
+        problems: list[str] = []
+        database = str(cfg.project.get("database", "postgres"))
+        for name, tier in cfg.tiers.items():
+            b = self.store.find(self.store.resolve_route(name) or name)
+            if not tier.sensitive or b is None:
+                continue
+            self.branches.start(b.name)
+            ep = self.branches.provider.endpoint(b.port, database)
+            with psycopg.connect(ep.dsn(), autocommit=True) as conn:
+                problems += check_rules(conn, rules, database)
+        if problems:
+            raise ConfigError(sorted(set(problems)), "the config")

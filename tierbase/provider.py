@@ -74,6 +74,17 @@ class LocalProvider:
         with branch_lock(self.locks, name):
             return self.pg.start(self.datadir(volume), port, self.logs / f"{name}.log", name=name)
 
+    def start_private(self, name: str, volume: str, port: int) -> Endpoint:
+        """Start a compute reachable only through a unix socket in a 0700 directory: nobody else can
+        connect while the platform prepares the branch (masks it)."""
+        sockdir = self.home / "run" / name
+        sockdir.mkdir(parents=True, exist_ok=True)
+        self.pg.user.chown(sockdir)
+        sockdir.chmod(0o700)
+        with branch_lock(self.locks, name):
+            self.pg.start(self.datadir(volume), port, self.logs / f"{name}.log", name=name, private=sockdir)
+        return Endpoint(str(sockdir), port, SUPERUSER, self.password)
+
     def stop(self, name: str, volume: str) -> bool:
         with branch_lock(self.locks, name):
             return self.pg.stop(self.datadir(volume))

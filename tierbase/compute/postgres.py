@@ -158,7 +158,9 @@ class Postgres:
         return len(lines) >= 8 and lines[7].strip() == "ready"
 
     # -- start / stop ----------------------------------------------------------
-    def start(self, datadir: Path, port: int, logfile: Path, *, name: str, timeout: float = 120) -> int:
+    def start(self, datadir: Path, port: int, logfile: Path, *, name: str, timeout: float = 120,
+              private: Path | None = None) -> int:
+        """Start the postmaster; ``private``: listen only on a unix socket in that (0700) directory."""
         if (pid := self.running_pid(datadir)) is not None:
             return pid
         self.clear_runtime_files(datadir)
@@ -169,7 +171,8 @@ class Postgres:
         offset = logfile.stat().st_size
         self.run(
             [self.bins["pg_ctl"], "start", "-W", "-D", str(datadir), "-l", str(logfile), "-s",
-             "-o", f"-p {port} -c cluster_name=tierbase-{name}"],
+             "-o", f"-p {port} -c cluster_name=tierbase-{name}" + (
+                 f" -c listen_addresses='' -c unix_socket_directories='{private}'" if private else "")],
             what=f"starting the compute of {name!r}", where=datadir,
         )
         deadline = time.monotonic() + timeout

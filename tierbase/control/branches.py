@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..errors import Refused, TierbaseError
@@ -25,6 +26,10 @@ from .store import Branch, Kind, State, Store, token_alive
 
 if TYPE_CHECKING:
     from ..provider import LocalProvider
+
+
+#: prepare(volume, port) -> the masking rules applied (None: unmasked)
+Prepare = Callable[[str, int], list[str] | None]
 
 
 def new_volume(name: str) -> str:
@@ -49,7 +54,10 @@ class Branches:
         return self.store.get(name)
 
     def create(self, name: str, parent: str, *, kind: Kind, creator: str, ttl_seconds: int | None = None,
-               protected: bool = False, start: bool = False) -> Branch:
+               protected: bool = False, start: bool = False,
+               prepare: Prepare | None = None) -> Branch:
+        """``prepare(volume, port)`` runs on the new volume before anyone can reach it (masking); it
+        returns the masking rules the branch's data went through, which the branch records."""
         check_name(name)
         check_name(parent, "parent")
         p = self.store.get(parent)
@@ -61,12 +69,15 @@ class Branches:
         failpoint("create:reserved")
         try:
             lsn = self.provider.fork(parent, p.volume, p.port, b.volume, readonly=kind is Kind.SNAPSHOT)
+            masking = p.masked_by or None
+            if prepare is not None:
+                masking = prepare(b.volume, b.port)
         except BaseException:
-            self.provider.driver.delete(b.volume)
+            self.provider.delete(name, b.volume)
             self.store.remove(name)
             raise
         failpoint("create:cloned")
-        self.store.commit_created(name, lsn)
+        self.store.commit_created(name, lsn, masking)
         if start and kind is not Kind.SNAPSHOT:
             self.start(name)
         return self.store.get(name)
@@ -110,7 +121,7 @@ class Branches:
         out.append(b)
         return out
 
-    def reset(self, name: str) -> Branch:
+    def reset(self, name: str, prepare: Prepare | None = None) -> Branch:
         """Replace the branch's data with its parent's current state; same name, port and URL."""
         b = self.store.get(name)
         if b.parent is None:
@@ -125,13 +136,16 @@ class Branches:
         self.store.add_intent("reset", name, volume)
         try:
             lsn = self.provider.fork(p.name, p.volume, p.port, volume, readonly=b.kind is Kind.SNAPSHOT)
+            masking = p.masked_by or None
+            if prepare is not None:
+                masking = prepare(volume, b.port)
         except BaseException:
-            self.provider.driver.delete(volume)
+            self.provider.delete(name, volume)
             self.store.drop_intent(volume)
             raise
         failpoint("reset:cloned")
         was_running = self.provider.stop(name, b.volume)
-        old = self.store.swap_volume(name, volume, lsn)
+        old = self.store.swap_volume(name, volume, lsn, masking)
         failpoint("reset:swapped")
         self.provider.driver.delete(old)
         if was_running:

@@ -36,6 +36,7 @@ CREATE TABLE IF NOT EXISTS branches (
     ttl_seconds INTEGER,
     expires_at  REAL,
     protected   INTEGER NOT NULL DEFAULT 0,
+    masking     TEXT,           -- JSON list of the masking rules its data went through; NULL: unmasked
     owner       TEXT            -- process doing an unfinished operation, "pid:starttime"
 );
 CREATE TABLE IF NOT EXISTS routes (
@@ -81,7 +82,12 @@ class Branch:
     ttl_seconds: int | None
     expires_at: float | None
     protected: bool
+    masking: str | None
     owner: str | None
+
+    @property
+    def masked_by(self) -> list[str]:
+        return list(json.loads(self.masking)) if self.masking else []
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Branch:
@@ -218,10 +224,10 @@ class Store:
                 return port
         raise TierbaseError(f"no free compute port in {lo}-{hi}", "Delete unused branches or widen the port range")
 
-    def commit_created(self, name: str, fork_lsn: str | None) -> None:
+    def commit_created(self, name: str, fork_lsn: str | None, masking: list[str] | None = None) -> None:
         with self.write() as db:
-            db.execute("UPDATE branches SET state=?, fork_lsn=?, owner=NULL WHERE name=?",
-                       (State.READY.value, fork_lsn, name))
+            db.execute("UPDATE branches SET state=?, fork_lsn=?, masking=?, owner=NULL WHERE name=?",
+                       (State.READY.value, fork_lsn, json.dumps(masking) if masking is not None else None, name))
 
     def mark_deleting(self, names: list[str]) -> None:
         with self.write() as db:
@@ -242,13 +248,14 @@ class Store:
         with self.write() as db:
             db.execute("DELETE FROM branches WHERE name=?", (name,))
 
-    def swap_volume(self, name: str, volume: str, fork_lsn: str | None) -> str:
+    def swap_volume(self, name: str, volume: str, fork_lsn: str | None, masking: list[str] | None = None) -> str:
         """Point a branch at a new volume (reset); return the old volume."""
         with self.write() as db:
             old = db.execute("SELECT volume FROM branches WHERE name=?", (name,)).fetchone()
             if old is None:
                 raise BranchNotFound(name)
-            db.execute("UPDATE branches SET volume=?, fork_lsn=? WHERE name=?", (volume, fork_lsn, name))
+            db.execute("UPDATE branches SET volume=?, fork_lsn=?, masking=? WHERE name=?",
+                       (volume, fork_lsn, json.dumps(masking) if masking is not None else None, name))
             db.execute("DELETE FROM intents WHERE volume=?", (volume,))
         return str(old[0])
 

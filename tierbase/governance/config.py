@@ -123,6 +123,12 @@ def parse_config(text: str, source: str = "tierbase.toml") -> Config:
     problems = _meaning(tiers, roles, grants)
     if problems:
         raise ConfigError(problems, source)
+    try:
+        from .masking import parse_rules
+
+        parse_rules(raw.get("masking", {}))
+    except InvalidInput as err:
+        raise ConfigError([err.message], source) from err
     return Config(raw=raw, text=text, tiers=tiers, roles=roles, grants=grants, masking=dict(raw.get("masking", {})),
                   project=dict(raw.get("project", {})))
 
