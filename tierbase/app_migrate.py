@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -183,7 +184,7 @@ class MigrationOps(FacadeBase):
         with self.gate.act(self.actor, Action.PROMOTE, target, before={"serving": self._serving(tier).name}) as rec:
             t0 = time.perf_counter()
             replaced = self._serving(tier).name
-            name = f"{tier}-rb-{int(time.time())}"
+            name = f"{tier}-rb-{secrets.token_hex(3)}"
             self._repoint_to_snapshot(tier, snapshot, name)
             with self._connect(name) as conn:
                 conn.execute("SELECT 1")

@@ -1,0 +1,147 @@
+"""Rollback by repoint: time from `tierbase rollback TIER` to the first query answered on the tier's route.
+
+Runs the real user path: a platform started with `tierbase up`, a tier promoted
+with a migration (so it has a pre-promotion snapshot), then repeated
+`tierbase rollback production --to <snapshot>` with a client polling the
+production route through the proxy until it answers from the snapshot.
+The alternative a team without branching has, a restore of a dump of the same
+database, is measured in the same run.
+
+    python bench/rollback.py --runs 7 --rows 2000000 --out bench/results/rollback.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def tb(env: dict[str, str], *args: str) -> Any:
+    got = subprocess.run([sys.executable, "-m", "tierbase.cli.main", *args, "--json"], env=env, capture_output=True,
+                         text=True, timeout=900)
+    if got.returncode != 0:
+        raise SystemExit(f"tierbase {' '.join(args)} failed: {got.stderr}")
+    return json.loads(got.stdout)
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--rows", type=int, default=2_000_000, help="rows in production's table (~70 B each)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollback.json"))
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("run as root: the benchmark loop-mounts a btrfs image")
+    base = Path(tempfile.mkdtemp(prefix="tierbase-bench-rollback-", dir="/tmp"))
+    base.chmod(0o711)
+    mig = base / "migrations"
+    mig.mkdir()
+    env = dict(os.environ, TIERBASE_HOME=str(base / "home"), TIERBASE_PORT_BASE=str(30000 + os.getpid() % 500 * 20))
+    try:
+        tb(env, "up", "--btrfs-size", "8G", "--api-port", str(free_port()), "--proxy-port", str(free_port()))
+        url = tb(env, "branch", "url", "production")["url"]
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, customer int, total numeric(10,2), note text)")
+            conn.execute("INSERT INTO orders SELECT g, g % 50000, (g % 997) / 10.0, 'order ' || g "
+                         "FROM generate_series(1, %s) g", (args.rows,))
+            size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]  # type: ignore[index]
+        (mig / "V0001__add_status.sql").write_text("ALTER TABLE orders ADD COLUMN status text DEFAULT 'new';\n")
+        tb(env, "branch", "create", "feat")
+        tb(env, "migrate", "apply", "--branch", "feat", "--dir", str(mig))
+        promo = tb(env, "promote", "production", "--from", "feat", "--dir", str(mig))
+        snapshot = promo["snapshot"]
+        rollback_s: list[float] = []
+        reported: list[float] = []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "tierbase.cli.main", "rollback", "production", "--to",
+                                     snapshot, "--json"], env=env, stdout=subprocess.PIPE, text=True)
+            while True:  # a client keeps asking the production route until the snapshot answers
+                try:
+                    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+                        row = conn.execute("SELECT count(*) FROM information_schema.columns WHERE "
+                                           "table_name = 'orders' AND column_name = 'status'").fetchone()
+                    if row and row[0] == 0:
+                        break
+                except psycopg.Error:
+                    pass
+                time.sleep(0.02)
+            rollback_s.append(time.perf_counter() - t0)
+            out, _ = proc.communicate(timeout=120)
+            reported.append(float(json.loads(out)["seconds_to_first_query"]))
+            # put the promoted state back on the route for the next run (the replaced branch is kept)
+            tb(env, "route", "set", "production", json.loads(out)["replaced"])
+        # the alternative: restore a dump of the same database
+        dump = base / "prod.dump"
+        pgbin = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip())
+        direct = tb(env, "branch", "url", "production", "--direct")["url"]
+        t0 = time.perf_counter()
+        subprocess.run([str(pgbin / "pg_dump"), "-Fc", "-f", str(dump), direct], check=True)
+        dump_s = time.perf_counter() - t0
+        with psycopg.connect(direct, autocommit=True) as conn:
+            conn.execute("CREATE DATABASE restored")
+        t0 = time.perf_counter()
+        subprocess.run([str(pgbin / "pg_restore"), "--no-owner", "-d", direct.rsplit("/", 1)[0] + "/restored",
+                        str(dump)], check=True)
+        restore_s = time.perf_counter() - t0
+    finally:
+        subprocess.run([sys.executable, "-m", "tierbase.cli.main", "down", "--purge"], env=env, capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+    p50, p95 = pct(rollback_s, 0.5), pct(rollback_s, 0.95)
+    result = {
+        "tables": [{
+            "title": "Rollback by repoint",
+            "columns": ["method", "database", "p50 (s)", "p95 (s)", "runs"],
+            "rows": [
+                ["tierbase rollback (command -> first query on the route, via the proxy)",
+                 f"{size / 2**20:.0f} MiB", round(p50, 3), round(p95, 3), len(rollback_s)],
+                ["  of which: reported by tierbase (repoint + first direct query)", "",
+                 round(statistics.median(reported), 3), round(pct(reported, 0.95), 3), len(reported)],
+                ["pg_dump -Fc (to have something to restore)", f"{size / 2**20:.0f} MiB", round(dump_s, 3), "-", 1],
+                ["pg_restore of that dump", f"{size / 2**20:.0f} MiB", round(restore_s, 3), "-", 1],
+            ],
+            "notes": [
+                f"target: rollback under 5 s: {'met' if p95 < 5 else 'NOT met'} (p95 {p95:.2f} s)",
+                "each run: `tierbase rollback production --to <pre-promotion snapshot>` in a subprocess while a "
+                "client polls the production route through the proxy until the pre-promotion schema answers; "
+                "the time includes the CLI's start-up (~0.3 s of Python imports).",
+                "rollback is O(1) in the database size: a writable snapshot branch + a route change.",
+            ],
+        }],
+        "meta": {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "rows": args.rows,
+                 "cmd": " ".join(sys.argv)},
+    }
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["tables"][0]["rows"], indent=1))
+    subprocess.run([sys.executable, str(ROOT / "bench" / "report.py")], check=False)
+
+
+if __name__ == "__main__":
+    main()
