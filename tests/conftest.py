@@ -6,10 +6,13 @@ which is the product's own point: initdb runs once, branches cost ~100 ms.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+import signal
 import socket
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +57,31 @@ def make_home() -> Path:
     return path
 
 
+def teardown_platform(tb: Tierbase, base: Path) -> None:
+    """down --purge; if that fails, still leave no process, mount, loop device or directory behind."""
+    try:
+        tb.down(purge=True)
+    finally:
+        for proc in Path("/proc").iterdir():
+            if proc.name.isdigit():
+                try:
+                    cmd = (proc / "cmdline").read_bytes().decode(errors="replace")
+                except OSError:
+                    continue
+                if str(base) in cmd and "postgres" in cmd:
+                    with contextlib.suppress(OSError):
+                        os.kill(int(proc.name), signal.SIGKILL)
+        volumes = tb.home.root / "volumes"
+        mounts = Path("/proc/self/mounts").read_text()
+        if f" {volumes} " in mounts:
+            subprocess.run(["umount", "-l", str(volumes)], check=False)
+        image = tb.home.root / "btrfs.img"
+        loops = subprocess.run(["losetup", "-j", str(image)], capture_output=True, text=True).stdout
+        for line in loops.splitlines():
+            subprocess.run(["losetup", "-d", line.split(":", 1)[0]], check=False)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def platform() -> Iterator[Tierbase]:
     """A running platform whose production branch holds a seeded table ``seed``."""
@@ -70,8 +98,7 @@ def platform() -> Iterator[Tierbase]:
             conn.execute("INSERT INTO seed SELECT g, 'row ' || g FROM generate_series(1, 1000) g")
         yield tb
     finally:
-        tb.down(purge=True)
-        shutil.rmtree(home.parent, ignore_errors=True)
+        teardown_platform(tb, home.parent)
 
 
 @pytest.fixture

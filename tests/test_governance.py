@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from tierbase import Tierbase
 from tierbase.api.server import create_app
 from tierbase.errors import InvalidInput, PolicyDenied, Refused
 
-from .conftest import free_port_base, make_home, needs_root_btrfs, query
+from .conftest import free_port_base, make_home, needs_root_btrfs, query, teardown_platform
 
 pytestmark = needs_root_btrfs
 
@@ -67,8 +66,7 @@ def gov(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tierbase]:
             tb.create_principal(name, role)
         yield tb
     finally:
-        tb.down(purge=True)
-        shutil.rmtree(base, ignore_errors=True)
+        teardown_platform(tb, base)
 
 
 def audit_tail(tb: Tierbase, n: int = 1) -> list[dict[str, object]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from tierbase import Tierbase
 from tierbase.errors import InvalidInput, Refused
 
-from .conftest import free_port_base, make_home, needs_root_btrfs, query
+from .conftest import free_port_base, make_home, needs_root_btrfs, query, teardown_platform
 from .test_masking import PAGILA, SEED
 
 pytestmark = [needs_root_btrfs,
@@ -61,8 +60,7 @@ def shop() -> Iterator[tuple[Tierbase, Path]]:
         tb.create_principal("bot", "agent")
         yield tb, base
     finally:
-        tb.down(purge=True)
-        shutil.rmtree(base, ignore_errors=True)
+        teardown_platform(tb, base)
 
 
 def values(url: str, sql: str) -> set[object]:

@@ -14,7 +14,7 @@ from tierbase import Tierbase
 from tierbase.errors import PolicyDenied, Refused, TierbaseError
 from tierbase.migrate.promote import NothingToPromote, NotValidatedOnSource, PromotionBusy
 
-from .conftest import free_port_base, make_home, needs_root_btrfs, query
+from .conftest import free_port_base, make_home, needs_root_btrfs, query, teardown_platform
 
 pytestmark = needs_root_btrfs
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "inventory"
@@ -53,8 +53,7 @@ def project() -> Iterator[tuple[Tierbase, Path]]:
         tb.reload_config(str(repo / "tierbase.toml"))  # creates staging and qa from production
         yield tb, base
     finally:
-        tb.down(purge=True)
-        shutil.rmtree(base, ignore_errors=True)
+        teardown_platform(tb, base)
 
 
 def add(base: Path, *names: str) -> str:

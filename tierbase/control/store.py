@@ -126,6 +126,14 @@ class Store:
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._conn.executescript(SCHEMA)
+        self._upgrade()
+
+    def _upgrade(self) -> None:
+        """Bring a data dir made by an earlier tierbase up to this schema (columns added since)."""
+        cols = {r[1] for r in self._conn.execute("PRAGMA table_info(branches)")}
+        if "masking" not in cols:
+            with self.write() as db:
+                db.execute("ALTER TABLE branches ADD COLUMN masking TEXT")
 
     @property
     def db(self) -> sqlite3.Connection:
