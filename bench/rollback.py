@@ -69,7 +69,7 @@ def main() -> None:
         url = tb(env, "branch", "url", "production")["url"]
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, customer int, total numeric(10,2), note text)")
-            conn.execute("INSERT INTO orders SELECT g, g % 50000, (g % 997) / 10.0, 'order ' || g "
+            conn.execute("INSERT INTO orders SELECT g, g %% 50000, (g %% 997) / 10.0, 'order ' || g "
                          "FROM generate_series(1, %s) g", (args.rows,))
             size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]  # type: ignore[index]
         (mig / "V0001__add_status.sql").write_text("ALTER TABLE orders ADD COLUMN status text DEFAULT 'new';\n")
