@@ -222,10 +222,15 @@ def connect_and_query(port: int, dbname: str, password: str) -> float:
 
 def cold_starts(tb: Tierbase, proxy_port: int, password: str, runs: int) -> list[float]:
     out = []
+    provider, volume = tb.branches.provider, tb.store.get(BRANCH).volume
     for _ in range(runs):
         tb.stop_branch(BRANCH)
         time.sleep(0.2)
+        if provider.running_pid(volume) is not None:
+            raise RuntimeError("the compute still runs after stop_branch")
         out.append(connect_and_query(proxy_port, BRANCH, password))
+        if provider.running_pid(volume) is None:
+            raise RuntimeError("a query was answered but no compute runs")
     return out
 
 
@@ -346,6 +351,9 @@ def timing_table(cold: list[float], connects: dict[str, list[float]], rp: dict[s
     rows = [row("cold start: stopped compute -> first query answered via the proxy", cold, "p50 < 700 ms",
                 pct(cold, 0.5) < 0.7)]
     rows += [row(f"connect + SELECT 1, {what}", s) for what, s in connects.items()]
+    notes_connect = ("connect + SELECT 1: a new psycopg connection each time (SCRAM-SHA-256, 4096 iterations, on "
+                     "both ends). PgBouncer answers SCRAM itself and reuses its pooled server connection; the "
+                     "proxy's resolver (the service's) looks the route up and checks the compute on every connect.")
     rows.append(row("repoint: hold -> route changed -> old sessions ended -> release", rp["switch"]))
     rows.append(row("repoint visible: switch start -> a new connection answered by the new branch", rp["visible"],
                     "< 100 ms", pct(rp["visible"], 0.95) < 0.1))
@@ -353,9 +361,11 @@ def timing_table(cold: list[float], connects: dict[str, list[float]], rp: dict[s
              "and runs SELECT 1; the proxy's resolver starts the compute (pg_ctl start, wait for ready). The OS page "
              "cache stays warm between runs.",
              f"repoint: {rp['runs']} flips of a route between two running branches, with 4 idle sessions on the old "
-             f"one (ended with 57P01: {rp['sessions_ended']} in all) and a prober connecting in a loop; 'visible' is "
+             f"one and a prober connecting in a loop ({rp['sessions_ended']} sessions ended with 57P01 in all: the "
+             "idle ones, and the prober's when it was on the old branch at the switch); 'visible' is "
              "from the start of the switch to the first prober answer from the new branch, so it includes one "
              "connection setup (SCRAM) and up to one prober round.",
+             notes_connect,
              "p95 interpolated between the closest ranks (close to the maximum with this few runs)."]
     return {"title": "Proxy cold start, connection setup and repoint",
             "columns": ["measure", "p50 (ms)", "p95 (ms)", "runs", "target"], "rows": rows, "notes": notes}

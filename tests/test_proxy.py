@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
-import re
 import secrets
 import signal
 import socket
@@ -181,11 +180,13 @@ def test_routes_to_several_branches_at_once(router: Router, make_branch: Callabl
         assert one(ca, "SELECT current_setting('cluster_name')") == f"tierbase-{a}"
         assert one(cb, "SELECT current_setting('cluster_name')") == f"tierbase-{b}"
         assert router.proxy.sessions(a) == 1 and router.proxy.sessions(b) == 1
-        assert router.proxy.last_active(a) > 0
+        opened = router.proxy.last_active(a)
+        assert opened > 0 and router.proxy.last_active("never-used") == 0
         ca.execute("INSERT INTO marker VALUES ('only in a')")
         assert one(cb, "SELECT count(*) FROM marker") == 1
     router.wait_sessions(a, 0)
     router.wait_sessions(b, 0)
+    assert router.proxy.last_active(a) > opened  # the end of a session counts as activity (idle suspend)
 
 
 def test_database_and_endpoint_option_forms(router: Router, platform: Tierbase,
@@ -225,6 +226,40 @@ def test_psql_and_pgbench_through_the_proxy(router: Router, make_branch: Callabl
         assert run.returncode == 0, run.stderr
         assert "number of transactions actually processed: 800/800" in run.stdout
         assert "number of failed transactions: 0" in run.stdout
+
+
+def test_asyncpg_and_sqlalchemy(router: Router, make_branch: Callable[..., str]) -> None:
+    asyncpg = pytest.importorskip("asyncpg")
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    a = make_branch("from a")
+
+    async def with_asyncpg() -> tuple[str, str, bool]:
+        # asyncpg: SSLRequest first (answered 'N'), extended protocol, and cancel on timeout
+        conn = await asyncpg.connect(host="127.0.0.1", port=router.port, user="tierbase",
+                                     password=router.password, database="postgres",
+                                     server_settings={"options": f"endpoint={a}"})
+        try:
+            marker = await conn.fetchval("SELECT v FROM marker WHERE v = $1", "from a")
+            database = await conn.fetchval("SELECT current_database()")
+            try:
+                await conn.execute("SELECT pg_sleep(30)", timeout=0.5)
+                cancelled = False
+            except TimeoutError:
+                cancelled = True
+            # usable again only once the CancelRequest reached the compute and pg_sleep ended
+            assert await conn.fetchval("SELECT 1", timeout=15) == 1
+            return str(marker), str(database), cancelled
+        finally:
+            await conn.close()
+
+    assert asyncio.run(with_asyncpg()) == ("from a", "postgres", True)
+    engine = sqlalchemy.create_engine(
+        f"postgresql+psycopg://tierbase:{router.password}@127.0.0.1:{router.port}/{a}.postgres")
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(sqlalchemy.text("SELECT v FROM marker")).scalar() == "from a"
+    finally:
+        engine.dispose()
 
 
 # -- wake on connect ------------------------------------------------------------------------
@@ -401,6 +436,20 @@ def test_terminate_waits_for_a_message_boundary(router: Router, make_branch: Cal
         else:
             assert isinstance(outcome["err"], (pgerrors.AdminShutdown, psycopg.OperationalError))
             assert "lost synchronization" not in str(outcome["err"])
+
+
+def test_terminate_an_idle_session_that_got_a_notification(router: Router, platform: Tierbase,
+                                                              make_branch: Callable[..., str]) -> None:
+    """The last thing relayed was an async NotificationResponse, not ReadyForQuery: still a boundary."""
+    a = make_branch("a")
+    with router.connect(a) as listener:
+        listener.execute("LISTEN ping")
+        with psycopg.connect(platform.branch_url(a, direct=True), autocommit=True) as other:
+            other.execute("NOTIFY ping, 'hello'")
+        assert next(listener.notifies(timeout=10)).payload == "hello"
+        router.thread.call(router.proxy.terminate(a, "moved on"))
+        with pytest.raises(pgerrors.AdminShutdown, match="moved on"):
+            listener.execute("SELECT 1")
 
 
 def test_terminate_with_drain_lets_sessions_end(router: Router, make_branch: Callable[..., str]) -> None:
@@ -639,5 +688,6 @@ def test_scanner_finds_key_and_ready_across_chunks() -> None:
     assert sent == msgs
     assert scanner.key == struct.pack("!ii", 42, 7)
     assert pq.ends_ready(msgs[:-6]) and not pq.ends_ready(msgs)
-    assert re.search(r"C57P01", "".join(f"{k}{v}" for k, v in pq.parse_error_fields(
-        pq.error_response("x", "57P01")[5:]).items()))
+    assert pq.whole_messages(msgs[:-6]) and not pq.whole_messages(msgs) and not pq.whole_messages(msgs[:-7])
+    assert pq.parse_error_fields(pq.error_response("bye", "57P01", hint="h")[5:]) == {
+        "S": "FATAL", "V": "FATAL", "C": "57P01", "M": "bye", "H": "h"}

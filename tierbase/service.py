@@ -45,11 +45,12 @@ class Resolver:
         if b.kind is Kind.SNAPSHOT:
             raise RouteError(f'branch "{branch}" is a read-only snapshot and has no compute',
                              f"Create a branch from it: `tierbase branch create NAME --parent {branch}`")
+        if self.tb.branches.provider.running_pid(b.volume) is not None:
+            return Target(branch, "127.0.0.1", b.port)  # the common case: no lock, no thread
         try:
             await asyncio.to_thread(self.tb.branches.start, branch)
         except TierbaseError as err:
-            raise RouteError(f'the compute of branch "{branch}" did not start: {err.message}', err.hint,
-                             sqlstate="57P03") from err
+            raise RouteError(err.message, err.hint, sqlstate="57P03") from err
         return Target(branch, "127.0.0.1", b.port)
 
 

@@ -174,6 +174,38 @@ def ends_ready(data: bytes) -> bool:
     return len(data) >= 6 and data[-6:-1] == READY_FOR_QUERY_HEAD and data[-1] in READY_STATUSES
 
 
+#: Type bytes of every message a server sends (protocol 3.0 to 3.2).
+BACKEND_TYPES = frozenset(b"123ACDEGHIKNRSTVWZcdnstv")
+_WHOLE_LIMIT = 64 * 1024
+
+
+def whole_messages(data: bytes) -> bool:
+    """True if ``data``, read from its first byte, is a run of complete server messages.
+
+    For a chunk that may or may not have started at a message boundary this
+    is a heuristic; it recognises what an idle server sends on its own
+    (NotificationResponse, NoticeResponse, ParameterStatus) as well as a
+    whole response. Cold path only; long chunks are not walked.
+    """
+    n = len(data)
+    if not 0 < n <= _WHOLE_LIMIT:
+        return False
+    pos = 0
+    while pos < n:
+        if n - pos < 5 or data[pos] not in BACKEND_TYPES:
+            return False
+        length = int.from_bytes(data[pos + 1:pos + 5], "big")
+        if length < 4:
+            return False
+        pos += 1 + length
+    return pos == n
+
+
+def at_boundary(last: bytes) -> bool:
+    """Whether a client that got ``last`` as its latest chunk stands at a message boundary."""
+    return ends_ready(last) or whole_messages(last)
+
+
 class BackendScanner:
     """Frames server messages until the first ReadyForQuery.
 

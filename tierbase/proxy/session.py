@@ -14,14 +14,17 @@ A connection goes through three phases:
              server transport's ``write`` (uvloop caches the bound method
              when the protocol is set). Server -> client only remembers the
              last chunk, so that :meth:`Session.kill` can tell whether the
-             client stream stands at a message boundary.
+             client stream stands at a message boundary (measured: no
+             difference in pgbench TPS or proxy CPU per transaction against
+             a version that does not).
 
 Ending a session with a message (repoint, shutdown) must not cut a server
 message in half, or the client would read garbage. From the kill on, what
 the client sends is dropped (nothing new reaches the old compute). If the
-last chunk the client got ended with ReadyForQuery the stream is at a
+last chunk the client got ended with ReadyForQuery (or was a run of whole
+messages, such as a notification an idle server sent) the stream is at a
 boundary; otherwise the relay passes server bytes on until a chunk ends with
-one, and gives up (closing without a message) after ``boundary_timeout``.
+ReadyForQuery, and gives up (closing without a message) after ``boundary_timeout``.
 See :meth:`Session.kill` for when exactly the error goes out.
 """
 
@@ -34,7 +37,7 @@ import socket
 from enum import StrEnum
 from typing import TYPE_CHECKING, cast
 
-from .protocol import BackendScanner, StartupError, ends_ready, error_response
+from .protocol import BackendScanner, StartupError, at_boundary, ends_ready, error_response
 
 if TYPE_CHECKING:
     from .server import Proxy, Target
@@ -284,7 +287,7 @@ class Session:
         assert self.server is not None and self.downstream is not None
         self.client.set_protocol(Hush(self, self.server))
         self.server.set_protocol(Drain(self, self.client))
-        if ends_ready(self.downstream.last):
+        if at_boundary(self.downstream.last):
             self.reached_boundary()
         else:
             self._timer = asyncio.get_running_loop().call_later(boundary_timeout, self._abandon)
