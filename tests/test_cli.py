@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from .conftest import ROOT, free_port, free_port_base, make_home, needs_root_btrfs, query
@@ -245,3 +246,28 @@ def test_governance_commands(env: dict[str, str]) -> None:
     assert gone.returncode == 1 and "revoked" in gone.stderr
     assert "(sha256" in tierbase(env, "policy", "show").stdout
     tierbase(env, "branch", "delete", "ada-work")
+
+
+def test_idle_computes_are_suspended_and_wake_on_connect() -> None:
+    home = make_home() / "home"
+    e = new_env(home)
+    try:
+        as_json(e, "up", "--btrfs-size", "1G", "--idle-timeout", "2", "--api-port", str(free_port()),
+                "--proxy-port", str(free_port()))
+        url = as_json(e, "branch", "url", "production")["url"]
+        assert as_json(e, "branch", "show", "production")["compute"] == "stopped"
+        with psycopg.connect(url, autocommit=True) as conn:  # wakes it through the proxy
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            time.sleep(4)  # longer than the idle timeout: a session is open, so it stays up
+            assert as_json(e, "branch", "show", "production")["compute"] == "running"
+            assert conn.execute("SELECT 2").fetchone() == (2,)
+        deadline = time.monotonic() + 30
+        while as_json(e, "branch", "show", "production")["compute"] == "running":
+            assert time.monotonic() < deadline, "the idle compute was not suspended"
+            time.sleep(0.5)
+        assert postgres_pids(home) == []  # a suspended branch uses no process
+        assert query(url, "SELECT 3") == [(3,)]  # and wakes again on the next connection
+    finally:
+        tierbase(e, "down", "--purge", check=False)
+        assert leftovers(home) == []
+        shutil.rmtree(home.parent, ignore_errors=True)
