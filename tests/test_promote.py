@@ -219,3 +219,25 @@ def test_concurrent_promotions_of_one_tier_one_is_refused(project: tuple[Tierbas
         assert len(refused) == 1 and isinstance(refused[0], (PromotionBusy, NothingToPromote))
     finally:
         slow.unlink()
+
+
+def test_declared_migration_settings_apply(project: tuple[Tierbase, Path]) -> None:
+    tb, base = project
+    repo = base / "inventory"
+    mig = add(base)
+    strict = repo / "strict.toml"
+    strict.write_text((repo / "tierbase.toml").read_text().replace(
+        'statement_timeout = "60s"', 'statement_timeout = "1s"\nrequire_undo = true'))
+    tb.reload_config(str(strict))
+    slow = Path(mig) / "V0007__slow_and_no_undo.sql"
+    slow.write_text("SELECT pg_sleep(3);\n")
+    try:
+        report = tb.migrate_verify("staging", mig)
+        assert report["ok"] is False and any("no undo file for V0007" in p for p in report["problems"])
+        tb.create_branch("strict", "staging")
+        with pytest.raises(TierbaseError, match="57014"):  # the declared statement_timeout cancels it
+            tb.migrate_apply("strict", mig)
+        assert tb.migrate_status("strict", mig)["pending"][0]["version"] == 7
+    finally:
+        slow.unlink()
+        tb.reload_config(str(repo / "tierbase.toml"))

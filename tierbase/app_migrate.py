@@ -76,7 +76,7 @@ class MigrationOps(FacadeBase):
         b = self._serving(branch)
         migrations = self._migrations(migrations_dir)
         with self.gate.act(self.actor, Action.MIGRATE, self.gate.subject(b)) as rec, self._connect(b.name) as conn:
-            applied = ledger.apply(conn, migrations, actor=self.gate.principal(self.actor).name)
+            applied = self._apply(conn, migrations)
             rec.after = {"applied": [a["version"] for a in applied]}
         return {"branch": b.name, "applied": applied}
 
@@ -92,9 +92,29 @@ class MigrationOps(FacadeBase):
         """Apply pending migrations on a throwaway branch of ``parent``: cleanly, idempotently, reversibly."""
         source = self._serving(parent or self.config.entry)
         rules = self.config.raw.get("migrations", {}).get("lint_block")
-        report = verify(cast(BranchPlatform, self), source.name, self._migrations(migrations_dir),
+        migrations = self._migrations(migrations_dir)
+        report = verify(cast(BranchPlatform, self), source.name, migrations,
                         actor=self.gate.principal(self.actor).name, dbname=self._database, lint_block=rules)
-        return report.to_dict()
+        out = report.to_dict()
+        if self._settings.get("require_undo"):
+            with self._connect(source.name) as conn:
+                pending = ledger.status(conn, migrations).pending
+            missing = [m.label() for m in pending if m.undo_path is None]
+            if missing:
+                out["ok"] = False
+                out["problems"].append(f"no undo file for {', '.join(missing)} ([migrations] require_undo = true)")
+                out["checks"]["reversible"] = "failed: missing undo files"
+        return out
+
+    @property
+    def _settings(self) -> dict[str, Any]:
+        return dict(self.config.raw.get("migrations", {}))
+
+    def _apply(self, conn: psycopg.Connection[Any], migrations: list[files.Migration]) -> list[dict[str, Any]]:
+        """ledger.apply with the declared [migrations] timeouts, as the acting principal."""
+        return ledger.apply(conn, migrations, actor=self.gate.principal(self.actor).name,
+                            statement_timeout=str(self._settings.get("statement_timeout", "5min")),
+                            lock_timeout=str(self._settings.get("lock_timeout", "10s")))
 
     # -- promotion ---------------------------------------------------------------------------
     def _default_source(self, tier: str) -> str:
@@ -143,7 +163,7 @@ class MigrationOps(FacadeBase):
         spec = self.config.tiers[tier]
         try:
             with self._connect(serving.name) as conn:
-                ledger.apply(conn, pending, actor=self.gate.principal(self.actor).name)
+                self._apply(conn, pending)
             why = run_smoke(spec.smoke, self.config.raw["tiers"].get(tier, {}).get("smoke_command"),
                             self._url(serving.name), self._project_dir())
         except TierbaseError as err:
