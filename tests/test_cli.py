@@ -271,3 +271,24 @@ def test_idle_computes_are_suspended_and_wake_on_connect() -> None:
         tierbase(e, "down", "--purge", check=False)
         assert leftovers(home) == []
         shutil.rmtree(home.parent, ignore_errors=True)
+
+
+def test_route_set_repoints_live_sessions(env: dict[str, str]) -> None:
+    for name in ("blue", "green"):
+        as_json(env, "branch", "create", name, "--start")
+        direct = tierbase(env, "branch", "url", name, "--direct").stdout.strip()
+        query(direct, "CREATE TABLE color AS SELECT %s::text AS c", name)
+    assert as_json(env, "route", "set", "live", "blue")["previous"] is None
+    url = as_json(env, "branch", "url", "live")["url"]
+    assert url.endswith("/live")
+    with psycopg.connect(url, autocommit=True) as old:
+        assert old.execute("SELECT c FROM color").fetchone() == ("blue",)
+        moved = as_json(env, "route", "set", "live", "green")
+        assert moved["previous"] == "blue" and moved["sessions_ended"] == 1
+        with pytest.raises(psycopg.errors.AdminShutdown, match='now points to branch "green"'):
+            old.execute("SELECT c FROM color")
+    assert query(url, "SELECT c FROM color") == [("green",)]
+    refused = tierbase(env, "branch", "delete", "green", check=False)
+    assert refused.returncode == 2 and "route 'live' points at branch 'green'" in refused.stderr
+    as_json(env, "route", "set", "live", "blue")
+    tierbase(env, "branch", "delete", "green")
