@@ -34,7 +34,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -52,6 +51,7 @@ if str(REPO) not in sys.path:
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
+from bench.common import log, ms, pct, port_free  # noqa: E402
 from bench.report import RESULTS, render_all  # noqa: E402
 from tierbase import Tierbase  # noqa: E402
 from tierbase.compute import find_binaries  # noqa: E402
@@ -64,22 +64,7 @@ TABLE_TITLE = "Branch creation: ways of getting a private copy of a live databas
 BUSY_TITLE = "Branching a busy parent (tierbase btrfs)"
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
 # -- small helpers -------------------------------------------------------------------------------
-def pct(values: list[float], q: float) -> float:
-    """Percentile with linear interpolation between the closest ranks."""
-    s = sorted(values)
-    if len(s) == 1:
-        return s[0]
-    k = (len(s) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -88,19 +73,6 @@ def human_bytes(n: int | None) -> str:
             return f"{n} B" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024  # type: ignore[assignment]
     return str(n)
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 1)
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def free_port_base(taken: set[int]) -> int:

@@ -27,7 +27,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ if str(REPO) not in sys.path:
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
+from bench.common import log, pct, port_free  # noqa: E402
 from bench.report import render_all  # noqa: E402
 from tierbase import Tierbase  # noqa: E402
 from tierbase.compute import find_binaries  # noqa: E402
@@ -90,18 +90,6 @@ RESET session_replication_role;
 """
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
@@ -120,15 +108,6 @@ def free_port_base() -> int:
         if all(port_free(p) for p in range(base, base + 60)):
             return base
     raise RuntimeError("no free port range in 61000-65000")
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def settle(tb: Tierbase) -> None:

@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import math
 import os
 import re
 import secrets
@@ -47,6 +46,7 @@ if str(REPO) not in sys.path:
 
 import psycopg  # noqa: E402
 
+from bench.common import free_port, log, ms, pct, port_free  # noqa: E402
 from tierbase import Tierbase  # noqa: E402
 from tierbase.compute import find_binaries  # noqa: E402
 from tierbase.proxy import Proxy, ProxyThread, new_event_loop  # noqa: E402
@@ -60,32 +60,6 @@ CLIENTS = (1, 8)
 TARGET_SHARE = 0.90  # of PgBouncer's TPS, at 8 clients, on both mixes
 
 
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def pct(values: list[float], q: float) -> float:
-    """Percentile with linear interpolation between the closest ranks."""
-    s = sorted(values)
-    k = (len(s) - 1) * q
-    lo = math.floor(k)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def ms(seconds: float) -> float:
-    return round(seconds * 1000, 1)
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_port_base() -> int:
     """Computes' ports above the kernel's ephemeral range (and away from the test suite's)."""
     for _ in range(100):
@@ -93,12 +67,6 @@ def free_port_base() -> int:
         if all(port_free(p) for p in range(base, base + 20)):
             return base
     raise RuntimeError("no free port range in 61000-65000")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 20) -> None:

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,12 +27,10 @@ from typing import Any
 import psycopg
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from bench.common import free_port, pct  # noqa: E402
 
 
 def tb(env: dict[str, str], *args: str) -> Any:
@@ -42,13 +39,6 @@ def tb(env: dict[str, str], *args: str) -> Any:
     if got.returncode != 0:
         raise SystemExit(f"tierbase {' '.join(args)} failed: {got.stderr}")
     return json.loads(got.stdout)
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q
-    lo, hi = int(pos), min(int(pos) + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 def main() -> None:
@@ -115,7 +105,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "tierbase.cli.main", "down", "--purge"], env=env, capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
     p50, p95 = pct(rollback_s, 0.5), pct(rollback_s, 0.95)
-    result = {
+    result: dict[str, Any] = {
         "tables": [{
             "title": "Rollback by repoint",
             "columns": ["method", "database", "p50 (s)", "p95 (s)", "runs"],
