@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 import socket
 import time
+from pathlib import Path
+from typing import Any
 
 
 def log(msg: str) -> None:
@@ -37,3 +40,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def write_results(doc: dict[str, Any], out: Path, *, report: bool = True) -> None:
+    """Write a benchmark's JSON and, unless told not to, re-render docs/benchmarks.md."""
+    from bench.report import render_all
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    log(f"wrote {out}")
+    if report:
+        log(f"wrote {render_all()}")

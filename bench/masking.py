@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import math
 import os
 import platform as host
@@ -41,8 +40,7 @@ if str(REPO) not in sys.path:
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
 
-from bench.common import log, pct, port_free  # noqa: E402
-from bench.report import render_all  # noqa: E402
+from bench.common import log, pct, port_free, write_results  # noqa: E402
 from tierbase import Tierbase  # noqa: E402
 from tierbase.compute import find_binaries  # noqa: E402
 from tierbase.governance.masking import apply_masking, parse_rules  # noqa: E402
@@ -310,11 +308,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "raw": raw,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=2) + "\n")
-        log(f"wrote {args.out}")
-        if not args.no_report:
-            log(f"wrote {render_all()}")
+        write_results(doc, args.out, report=not args.no_report)
         return 0
     except KeyboardInterrupt:
         log("interrupted; cleaning up")

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import free_port, pct  # noqa: E402
+from bench.common import free_port, pct, write_results  # noqa: E402
 
 
 def tb(env: dict[str, str], *args: str) -> Any:
@@ -128,9 +128,8 @@ def main() -> None:
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "rows": args.rows,
                  "cmd": " ".join(sys.argv)},
     }
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    write_results(result, Path(args.out))
     print(json.dumps(result["tables"][0]["rows"], indent=1))
-    subprocess.run([sys.executable, str(ROOT / "bench" / "report.py")], check=False)
 
 
 if __name__ == "__main__":
