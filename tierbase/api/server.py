@@ -81,7 +81,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
             tb.gate.audit.append(actor="anonymous", action="auth", target=request.url.path, allowed=False,
                                  reason=err.message, outcome="refused")
             raise
-        return tb.as_principal(who.name)
+        return tb.as_principal(who.name, token=token)
 
     As = Annotated[Tierbase, Depends(auth)]
 
@@ -193,8 +193,8 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         return me.audit_verify()
 
     @app.get("/v1/audit/url")
-    def audit_url(me: As, direct: bool = False) -> dict[str, Any]:
-        return {"url": me.audit_url(direct)}
+    def audit_url(me: As) -> dict[str, Any]:
+        return {"url": me.audit_url()}
 
     @app.get("/v1/whoami")
     def whoami(me: As) -> dict[str, Any]:
