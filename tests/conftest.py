@@ -118,6 +118,31 @@ def branch(platform: Tierbase, request: pytest.FixtureRequest) -> Iterator[str]:
         platform.delete_branch(name, recursive=True)
 
 
+#: tokens of the principals tests made, so that a test can act as one with its own credentials
+TOKENS: dict[tuple[str, str], str] = {}
+
+
+def make_principal(tb: Tierbase, name: str, role: str) -> str:
+    token = str(tb.create_principal(name, role)["token"])
+    TOKENS[(str(tb.home.root), name)] = token
+    return token
+
+
+def as_(tb: Tierbase, name: str) -> Tierbase:
+    """The platform acting as principal ``name`` (made by make_principal), holding its token."""
+    return tb.as_principal(name, token=TOKENS.get((str(tb.home.root), name)))
+
+
+@contextlib.contextmanager
+def serving(tb: Tierbase) -> Iterator[ProxyThread]:
+    """The service's own proxy for ``tb``, in this process: branch_url() URLs reach computes through it."""
+    t = ProxyThread(make_proxy(tb)).start()
+    try:
+        yield t
+    finally:
+        t.stop()
+
+
 def query(url: str, sql: str, *params: object) -> list[tuple[object, ...]]:
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         cur = conn.execute(sql, params or None)

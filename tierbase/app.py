@@ -24,7 +24,7 @@ from .compute import Postgres, compute_user, find_binaries
 from .compute.restore import restore_dump
 from .compute.roles import DIRECT_GROUP, OWNER_ROLE, READER_ROLE
 from .control.store import Branch, Kind, Store
-from .errors import BranchNotFound, InvalidInput, PolicyDenied, Refused, TierbaseError
+from .errors import BranchNotFound, InvalidInput, NotRunning, PolicyDenied, Refused, TierbaseError
 from .governance.config import load_config
 from .governance.gate import os_principal_name
 from .governance.policy import Action, Subject
@@ -236,6 +236,14 @@ class Tierbase(GovernanceOps, MigrationOps):
             conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(verifier)))
         return role
 
+    def tls_ca(self) -> dict[str, Any]:
+        """The CA certificate that signs the proxy's (public): clients verify the proxy with it."""
+        cert = self.store.get_setting("tls_cert")
+        path = Path(cert) if cert else self.home.root / "tls" / "ca.crt"
+        if not path.exists():
+            raise NotRunning("the proxy has no TLS certificate yet", "Start the platform with `tierbase up`")
+        return {"pem": path.read_text(), "operator_supplied": bool(cert)}
+
     # -- the proxy's questions -------------------------------------------------------------
     def login_verifier(self, user: str) -> str | None:
         """The SCRAM verifier principal ``user`` logs in to the proxy with (None: unknown or revoked)."""
@@ -340,7 +348,9 @@ class Tierbase(GovernanceOps, MigrationOps):
             self.branches.start(branch)
             t0 = time.perf_counter()
             provider = self.branches.provider
-            restore_dump(provider.pg, provider.endpoint(self.store.get(branch).port), src, dbname)
+            port = self.store.get(branch).port
+            restore_dump(provider.pg, provider.endpoint(port, role=OWNER_ROLE), src, dbname,
+                         admin=provider.endpoint(port))
             rec.after = out = {"branch": branch, "database": dbname, "file": str(src),
                                "seconds": round(time.perf_counter() - t0, 2)}
         return out

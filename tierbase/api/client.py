@@ -95,8 +95,12 @@ class Client:
     def stop_branch(self, name: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/v1/branches/{name}/stop"))
 
-    def branch_url(self, name: str, dbname: str = "postgres", direct: bool = False) -> str:
-        got = self._call("GET", f"/v1/branches/{name}/url", params={"database": dbname, "direct": direct})
+    def branch_url(self, name: str, dbname: str = "postgres", direct: bool = False,
+                   sslmode: str | None = None) -> str:
+        params: dict[str, Any] = {"database": dbname, "direct": direct}
+        if sslmode:
+            params["sslmode"] = sslmode
+        got = self._call("GET", f"/v1/branches/{name}/url", params=params)
         return str(got["url"])
 
     def list_routes(self) -> list[dict[str, Any]]:
@@ -141,6 +145,9 @@ class Client:
         return dict(self._call("GET", "/v1/audit/verify"))
 
     # -- workflow -------------------------------------------------------------------
+    def tls_ca(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/tls/ca"))
+
     def whoami(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/whoami"))
 

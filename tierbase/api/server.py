@@ -6,7 +6,7 @@ proxy shares.
 """
 
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -137,8 +137,10 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         return me.stop_branch(name)
 
     @app.get("/v1/branches/{name}/url")
-    def branch_url(me: As, name: str, database: str = "postgres", direct: bool = False) -> dict[str, Any]:
-        return {"name": name, "url": me.branch_url(name, database, direct=direct)}
+    def branch_url(me: As, name: str, database: str = "postgres", direct: bool = False,
+                   sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] | None = None,
+                   ) -> dict[str, Any]:
+        return {"name": name, "url": me.branch_url(name, database, direct=direct, sslmode=sslmode)}
 
     @app.get("/v1/routes")
     def routes(me: As) -> list[dict[str, Any]]:
@@ -195,6 +197,10 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     @app.get("/v1/audit/url")
     def audit_url(me: As) -> dict[str, Any]:
         return {"url": me.audit_url()}
+
+    @app.get("/v1/tls/ca")
+    def tls_ca(me: As) -> dict[str, Any]:
+        return me.tls_ca()
 
     @app.get("/v1/whoami")
     def whoami(me: As) -> dict[str, Any]:

@@ -55,7 +55,7 @@ host    all             all             ::/0                    reject
 # whose owner is pg_database_owner since PostgreSQL 15).
 ROLES_SQL = """CREATE ROLE postgres NOLOGIN;
 
-CREATE ROLE tb_owner LOGIN NOSUPERUSER NOCREATEROLE CREATEDB NOREPLICATION NOBYPASSRLS IN ROLE postgres;
+CREATE ROLE tb_owner LOGIN NOSUPERUSER NOCREATEROLE CREATEDB NOREPLICATION NOBYPASSRLS IN ROLE postgres, pg_checkpoint;
 
 CREATE ROLE tb_reader LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS IN ROLE pg_read_all_data;
 
@@ -185,6 +185,7 @@ class Postgres:
         if (pid := self.running_pid(datadir)) is not None:
             return pid
         self.clear_runtime_files(datadir)
+        _clear_stale_socket(private or sockets, port)
         logfile.parent.mkdir(parents=True, exist_ok=True)
         if not logfile.exists():
             logfile.touch()
@@ -257,6 +258,19 @@ class Postgres:
             if line.startswith("Latest checkpoint's REDO location:"):
                 return line.split(":", 1)[1].strip()
         return ""
+
+
+def _clear_stale_socket(directory: Path, port: int) -> None:
+    """Remove the socket lock of a compute that died (kill -9): postgres itself takes an unreaped
+    zombie's pid in it for a live server and refuses to start. The port is this branch's own."""
+    lock = directory / f".s.PGSQL.{port}.lock"
+    try:
+        pid = int(lock.read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    if not pid_alive(pid):
+        lock.unlink(missing_ok=True)
+        (directory / f".s.PGSQL.{port}").unlink(missing_ok=True)
 
 
 def ident_conf(service_user: str) -> str:
