@@ -140,7 +140,7 @@ class Tierbase(GovernanceOps, MigrationOps):
         info["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         return info
 
-    def create_ci_branch(self, feature: str, parent: str, *, ttl: str | None = None) -> dict[str, Any]:
+    def create_ci_branch(self, feature: str, parent: str | None = None, *, ttl: str | None = None) -> dict[str, Any]:
         """The workflow's CI branch of ``feature``: the platform names it `ci-<feature>` (reserved)."""
         return self.create_branch(f"ci-{check_name(feature, 'feature')}", parent, ttl=ttl, platform_name=True)
 

@@ -80,7 +80,7 @@ class Client:
         body = {"name": name, "parent": parent, "ttl": ttl, "snapshot": snapshot, "start": start}
         return dict(self._call("POST", "/v1/branches", json=body))
 
-    def create_ci_branch(self, feature: str, parent: str, *, ttl: str | None = None) -> dict[str, Any]:
+    def create_ci_branch(self, feature: str, parent: str | None = None, *, ttl: str | None = None) -> dict[str, Any]:
         return dict(self._call("POST", f"/v1/flow/{feature}/ci-branch", json={"parent": parent, "ttl": ttl}))
 
     def get_branch(self, name: str) -> dict[str, Any]:

@@ -71,7 +71,7 @@ class ConfigReload(BaseModel):
 
 
 class CiBranch(BaseModel):
-    parent: str
+    parent: str | None = None
     ttl: str | None = None
 
 
