@@ -266,6 +266,7 @@ def test_reserved_names_over_the_api(lin: Lin) -> None:
      "grants.unmasked_read"),
     ('[grants]\nrepoint = ["agent"]\n', "grants.repoint"),
     ('[grants]\ndelete_any = ["agent"]\n', "grants.delete_any"),
+    ('[tiers.verify-env]\nparent = "staging"\n', "tiers.verify-env: the name is reserved"),
 ])
 def test_configs_that_weaken_the_agent_rules_are_refused_naming_the_key(lin: Lin, extra: str, key: str) -> None:
     tb = lin.tb

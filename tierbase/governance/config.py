@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 
 from ..errors import InvalidInput
+from ..names import reserved_for
 
 BUILTIN_ROLES = ("platform-engineer", "developer", "agent", "ci")
 #: how much a built-in role may do; a built-in role may be declared like itself or a weaker one only
@@ -201,6 +202,10 @@ def _no_weakening(declared: dict[str, Any], tiers: dict[str, Tier], roles: dict[
             problems.append(f"roles.{name}.like: the built-in role {name!r} cannot be like the stronger "
                             f"{like!r}; declare a new role like {like!r} and give it to the principals who "
                             "need it")
+    for t in tiers.values():
+        what = reserved_for(t.name)
+        if what is not None:  # the tier's own snapshots and rollbacks would be named like it
+            problems.append(f"tiers.{t.name}: the name is reserved for the platform ({what}); rename the tier")
     agents = {r for r, base in roles.items() if base == "agent"}
     for grant in AGENT_NEVER:
         for role in sorted(agents & set(grants.get(grant, ()))):
