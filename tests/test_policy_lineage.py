@@ -27,7 +27,8 @@ from tierbase.cli import governance  # noqa: F401  (registers `policy` on the cl
 from tierbase.cli.main import cli
 from tierbase.errors import InvalidInput, PolicyDenied, Refused
 from tierbase.governance.config import ConfigError
-from tierbase.names import ReservedName
+from tierbase.migrate.promote import pre_snapshot_name, rollback_name
+from tierbase.names import ReservedName, reserved_for
 
 from .conftest import free_port, free_port_base, make_home, needs_root_btrfs, query, teardown_platform
 
@@ -215,6 +216,13 @@ def test_reserved_names_are_refused_to_every_principal(lin: Lin, name: str) -> N
     assert lin.names() == before
     last = lin.tb.audit_log()[-1]
     assert last["action"] == "branch.create" and "reserved for the platform" in str(last["outcome"])
+
+
+def test_every_name_the_platform_makes_is_reserved() -> None:
+    made = [pre_snapshot_name("staging", 12), rollback_name("production", "a1b2c3"), rollback_name("qa", "3"),
+            "ci-" + "feature-x", "verify-0a1b2c"]
+    assert [n for n in made if reserved_for(n) is None] == []
+    assert [n for n in ("staging", "feature-x", "prepare-1", "pre-1", "herb") if reserved_for(n)] == []
 
 
 def test_the_platform_still_makes_its_own_reserved_names(lin: Lin) -> None:
