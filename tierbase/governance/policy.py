@@ -7,6 +7,12 @@ Order of evaluation, first match wins:
 4. the declared rules of tierbase.toml (tier `branch`/`promote` lists, grants),
 5. ownership (a principal may do what it likes with the branches it created),
 6. otherwise denied.
+
+Rules follow lineage: a Subject carries the declared tier whose data it holds (``tier``) and that
+tier when protected (``protected_tier``), so a snapshot, a rollback branch or any descendant of a
+tier is decided as that tier, whatever it is named. tierbase.toml cannot loosen step 1: a config
+that tries (a role like a stronger one, grants or promote lists naming agent roles) is refused
+when it is loaded (config.py), not overridden here.
 """
 
 from __future__ import annotations
