@@ -29,7 +29,7 @@ from .governance.config import load_config
 from .governance.gate import os_principal_name
 from .governance.policy import Action, Subject
 from .governance.principals import db_password, new_token
-from .names import check_name, format_duration, parse_ttl
+from .names import check_name, check_unreserved, format_duration, parse_ttl
 from .storage import DEFAULT_IMAGE_SIZE, VolumeDriver, make_driver
 from .storage.btrfs import parse_size
 
@@ -113,12 +113,19 @@ class Tierbase(GovernanceOps, MigrationOps):
 
     # -- branches --------------------------------------------------------------
     def create_branch(self, name: str, parent: str | None = None, *, ttl: str | None = None,
-                      snapshot: bool = False, start: bool = False) -> dict[str, Any]:
+                      snapshot: bool = False, start: bool = False, platform_name: bool = False) -> dict[str, Any]:
+        """Branch ``parent`` (default: the entry tier) as ``name``.
+
+        ``platform_name``: set only by platform code that made ``name`` itself (migrate verify, the CI
+        branch); no request can set it, so the names the platform reserves stay its own.
+        """
         check_name(name)
         ttl_seconds = parse_ttl(ttl) if ttl else None
         parent = parent or self.config.entry
         parent = self.store.resolve_route(check_name(parent, "parent")) or parent  # a tier's route may have moved
         with self.gate.act(self.actor, Action.BRANCH_CREATE, self._subject(parent)) as rec:
+            if not platform_name:
+                check_unreserved(name)  # inside the gate: an attempt to take a platform name is audited
             t0 = time.perf_counter()
             pb = self.store.get(parent)
             hook = None if snapshot else self._mask_hook(name, pb, self._masking_plan(pb))
@@ -132,6 +139,10 @@ class Tierbase(GovernanceOps, MigrationOps):
             rec.after = info = self.describe(b)
         info["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         return info
+
+    def create_ci_branch(self, feature: str, parent: str | None = None, *, ttl: str | None = None) -> dict[str, Any]:
+        """The workflow's CI branch of ``feature``: the platform names it `ci-<feature>` (reserved)."""
+        return self.create_branch(f"ci-{check_name(feature, 'feature')}", parent, ttl=ttl, platform_name=True)
 
     def delete_branch(self, name: str, recursive: bool = False) -> list[str]:
         subject = self._subject(name)

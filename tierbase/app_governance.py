@@ -13,7 +13,7 @@ from .app_base import NOBODY, FacadeBase
 from .control.branches import Prepare
 from .control.store import Branch, Kind
 from .errors import BranchExists, InvalidInput
-from .governance.config import Config, ConfigError, load_config
+from .governance.config import Config, ConfigError, parse_config
 from .governance.masking import MaskRule, apply_masking, check_rules, describe, masking_key, parse_rules
 from .governance.policy import Action, Subject, parse_action
 from .workflow.history import FlowHistory
@@ -31,38 +31,73 @@ COMMENT ON TABLE audit_log IS 'tierbase audit trail: a read-only mirror; `tierba
 
 class GovernanceOps(FacadeBase):
     # -- governance ----------------------------------------------------------------
-    def reload_config(self, path: str | None = None) -> dict[str, Any]:
-        """Load tierbase.toml (validated whole before anything changes), then create missing tiers."""
+    def reload_config(self, path: str | Path | None = None, *, dry_run: bool = False) -> dict[str, Any]:
+        """Load the tierbase.toml at ``path`` (in-process callers: `tierbase up --config`, scripts, tests).
+
+        The file is read here, by the process owner; the API never calls this with a path from a
+        request (it uploads the text to :meth:`apply_config`). Without a path nothing is re-read: the
+        stored source may sit in a repo that agents can write.
+        """
+        text = None
+        if path is not None:
+            try:
+                text = Path(path).read_text()
+            except OSError as err:
+                raise InvalidInput(f"cannot read {path}: {err.strerror}", "Give the path of your tierbase.toml") \
+                    from err
+        return self.apply_config(text, str(Path(path).absolute()) if path is not None else "", dry_run=dry_run)
+
+    def apply_config(self, text: str | None, source: str, *, dry_run: bool = False) -> dict[str, Any]:
+        """Validate a tierbase.toml's text whole, show its diff, then (unless ``dry_run``) create missing
+        tiers and put it in force. ``source`` is a label (where the platform engineer read it)."""
         old = self.config
-        with self.gate.act(self.actor, Action.POLICY_RELOAD, NOBODY, before={"sha256": old.digest}) as rec:
-            source = path or self.store.get_setting("config_source")
-            if source is None:
-                raise InvalidInput("no tierbase.toml was given and none was loaded before",
-                                   "Pass the path: `tierbase policy reload --file tierbase.toml`")
-            cfg = load_config(source)
+        with self.gate.act(self.actor, Action.POLICY_RELOAD, NOBODY, before={"sha256": old.digest},
+                           quiet=dry_run) as rec:  # policy first: an agent is refused before anything is read
+            if text is None:
+                raise InvalidInput("no tierbase.toml was given: the platform does not re-read a stored file",
+                                   "Name the file: `tierbase policy reload --file tierbase.toml` (add --dry-run "
+                                   "to see the diff first)")
+            cfg = parse_config(text, source or "the uploaded config")
             self.gate.check_against_branches(cfg)
+            self.gate.check_roles_kept(cfg, old)
             self._check_masking(cfg)
-            said = []
-            # tiers first, config last: a failure half way leaves the last good config in force, and a
-            # second reload finds the tiers it already made
-            for name in cfg.tier_order():
-                tier = cfg.tiers[name]
-                b = self.store.find(name)
-                if b is None and tier.parent is not None:
-                    parent = self.store.resolve_route(tier.parent) or tier.parent
-                    pb = self.store.get(parent)
-                    hook = self._mask_hook(name, pb, self._masking_plan(pb, force=tier.masked, cfg=cfg),
-                                           database=str(cfg.project.get("database", "postgres")))
-                    self.branches.create(name, parent, kind=Kind.TIER, creator=self.gate.owner,
-                                         protected=tier.protected, prepare=hook)
-                    said.append(f"created tier {name!r} from {tier.parent!r}")
-                elif b is not None and b.protected != tier.protected:
+            diff = cfg.diff(old)
+            said = self._apply_tiers(cfg, dry_run=dry_run)
+            if dry_run:
+                said.insert(0, f"dry run: {source or 'the config'} (sha256 {cfg.digest[:12]}) is valid; "
+                               "nothing was changed")
+            else:
+                self.gate.store_config(cfg, source)
+                said.insert(0, f"loaded {source or 'the config'} (sha256 {cfg.digest[:12]})")
+                rec.after = {"sha256": cfg.digest, "diff": diff}
+        return {"sha256": cfg.digest, "source": source, "said": said, "entry": cfg.entry, "diff": diff,
+                "changed": cfg.digest != old.digest, "applied": not dry_run}
+
+    def _apply_tiers(self, cfg: Config, *, dry_run: bool) -> list[str]:
+        """Create the tiers ``cfg`` declares that do not exist; sync protection (or say what would be done)."""
+        said = []
+        # tiers first, config last: a failure half way leaves the last good config in force, and a
+        # second reload finds the tiers it already made
+        for name in cfg.tier_order():
+            tier = cfg.tiers[name]
+            b = self.store.find(name)
+            if b is None and tier.parent is not None:
+                if dry_run:
+                    said.append(f"would create tier {name!r} from {tier.parent!r}")
+                    continue
+                parent = self.store.resolve_route(tier.parent) or tier.parent
+                pb = self.store.get(parent)
+                hook = self._mask_hook(name, pb, self._masking_plan(pb, force=tier.masked, cfg=cfg),
+                                       database=str(cfg.project.get("database", "postgres")))
+                self.branches.create(name, parent, kind=Kind.TIER, creator=self.gate.owner,
+                                     protected=tier.protected, prepare=hook)
+                said.append(f"created tier {name!r} from {tier.parent!r}")
+            elif b is not None and b.protected != tier.protected:
+                state = "protected" if tier.protected else "unprotected"
+                if not dry_run:
                     self.store.set_protected(name, tier.protected)
-                    said.append(f"tier {name!r} is now {'protected' if tier.protected else 'unprotected'}")
-            self.gate.store_config(cfg, str(Path(source).absolute()))
-            said.insert(0, f"loaded {source} (sha256 {cfg.digest[:12]})")
-            rec.after = {"sha256": cfg.digest, "diff": cfg.diff(old)}
-        return {"sha256": cfg.digest, "source": str(source), "said": said, "entry": cfg.entry}
+                said.append(f"tier {name!r} {'would become' if dry_run else 'is now'} {state}")
+        return said
 
     def show_config(self) -> dict[str, Any]:
         cfg = self.config

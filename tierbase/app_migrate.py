@@ -19,7 +19,7 @@ from .governance.policy import Action, Subject
 from .migrate import files, ledger
 from .migrate.diff import diff_urls
 from .migrate.lint import lint
-from .migrate.promote import PromotionLog, run_smoke, to_promote
+from .migrate.promote import PromotionLog, pre_snapshot_name, rollback_name, run_smoke, to_promote
 from .migrate.verify import verify
 
 
@@ -30,8 +30,8 @@ class _VerifyPlatform:
     def __init__(self, tb: MigrationOps) -> None:
         self.tb = tb
 
-    def create_branch(self, name: str, parent: str | None = None) -> Any:
-        return self.tb.create_branch(name, parent)  # type: ignore[attr-defined]
+    def create_branch(self, name: str, parent: str | None = None, *, platform_name: bool = False) -> Any:
+        return self.tb.create_branch(name, parent, platform_name=platform_name)  # type: ignore[attr-defined]
 
     def delete_branch(self, name: str, recursive: bool = False) -> Any:
         return self.tb.delete_branch(name, recursive)  # type: ignore[attr-defined]
@@ -181,7 +181,7 @@ class MigrationOps(FacadeBase):
                  migrations: list[files.Migration], t0: float) -> dict[str, Any]:
         with self._connect(serving.name) as tconn, self._connect(src.name) as sconn:
             pending = to_promote(ledger.status(tconn, migrations), ledger.status(sconn, migrations), tier, src.name)
-        snapshot = f"{tier}-pre-{pid}"
+        snapshot = pre_snapshot_name(tier, pid)
         self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.gate.owner)
         log.update(pid, snapshot=snapshot, migrations=[m.label() for m in pending])
         spec = self.config.tiers[tier]
@@ -194,7 +194,7 @@ class MigrationOps(FacadeBase):
             why = f"migration failed: {err.message}"
         if why is None:
             return log.finish(pid, "succeeded", "ok", t0, serving_now=serving.name)
-        back = self._repoint_to_snapshot(tier, snapshot, f"{tier}-rb-{pid}")
+        back = self._repoint_to_snapshot(tier, snapshot, rollback_name(tier, str(pid)))
         return log.finish(pid, "rolled-back", why, t0, serving_now=back)
 
     def _project_dir(self) -> str | None:
@@ -228,7 +228,7 @@ class MigrationOps(FacadeBase):
         with self.gate.act(self.actor, Action.PROMOTE, target, before={"serving": self._serving(tier).name}) as rec:
             t0 = time.perf_counter()
             replaced = self._serving(tier).name
-            name = f"{tier}-rb-{secrets.token_hex(3)}"
+            name = rollback_name(tier, secrets.token_hex(3))
             self._repoint_to_snapshot(tier, snapshot, name)
             with self._connect(name) as conn:
                 conn.execute("SELECT 1")

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..app import Tierbase
@@ -63,7 +63,16 @@ class RollbackBody(BaseModel):
 
 
 class ConfigReload(BaseModel):
-    file: str | None = None
+    # the server reads no path a request names: the client uploads the file's text
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(default=None, max_length=1_000_000, description="the tierbase.toml to load")
+    source: str = Field(default="", max_length=4096, description="where the client read it (a label)")
+    dry_run: bool = Field(default=False, description="validate and show the diff; change nothing")
+
+
+class CiBranch(BaseModel):
+    parent: str | None = None
+    ttl: str | None = None
 
 
 def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
@@ -115,6 +124,10 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     @app.post("/v1/branches", status_code=201)
     def create_branch(me: As, body: BranchCreate) -> dict[str, Any]:
         return me.create_branch(body.name, body.parent, ttl=body.ttl, snapshot=body.snapshot, start=body.start)
+
+    @app.post("/v1/flow/{feature}/ci-branch", status_code=201)
+    def create_ci_branch(me: As, feature: str, body: CiBranch) -> dict[str, Any]:
+        return me.create_ci_branch(feature, body.parent, ttl=body.ttl)
 
     @app.get("/v1/branches/{name}")
     def show_branch(me: As, name: str) -> dict[str, Any]:
@@ -179,7 +192,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
 
     @app.post("/v1/policy/reload")
     def reload_policy(me: As, body: ConfigReload) -> dict[str, Any]:
-        return me.reload_config(body.file)
+        return me.apply_config(body.text, body.source, dry_run=body.dry_run)
 
     @app.get("/v1/policy/explain")
     def explain(me: As, principal: str, action: str, target: str, source: str | None = None) -> dict[str, Any]:

@@ -73,19 +73,22 @@ def policy_show(ctx: click.Context) -> None:
 
 @policy.command("reload")
 @click.option("--file", "path", type=click.Path(dir_okay=False), default=None,
-              help="A new tierbase.toml (default: the one loaded before).")
+              help="The tierbase.toml to load (required: the platform never re-reads a file on its own).")
+@click.option("--dry-run", is_flag=True, help="Validate it and show the diff; change nothing.")
 @command
 @click.pass_context
-def policy_reload(ctx: click.Context, path: str | None) -> None:
-    """Validate and load tierbase.toml (platform engineers only; audited with hash and diff)."""
-    import os
-
-    data = client(ctx).reload_config(os.path.abspath(path) if path else None)
+def policy_reload(ctx: click.Context, path: str | None, dry_run: bool) -> None:
+    """Validate and load tierbase.toml, showing the diff (platform engineers only; audited with hash and diff)."""
+    sdk = client(ctx)
+    # without --file nothing is uploaded: the server decides (policy first, exit 2), then refuses to
+    # re-read any stored file (exit 1, naming --file)
+    data = sdk.reload_config(path, dry_run=dry_run) if path else sdk.apply_config(None, dry_run=dry_run)
     if as_json():
         emit_json(data)
         return
+    click.echo(data["diff"] or "(no change to the config text)")
     for line in data["said"]:
-        out.print(f"- {line}")
+        out.print(f"- {line}", markup=False)
 
 
 @policy.command("explain")

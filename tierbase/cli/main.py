@@ -215,6 +215,18 @@ def branch_create(ctx: click.Context, name: str, parent: str | None, ttl: str | 
     out.print(f"created {b['kind']} branch {b['name']!r} from {b['parent']!r} in {b['elapsed_ms']} ms ({how})")
 
 
+@branch.command("create-ci")
+@click.argument("feature")
+@click.option("--parent", default=None, help="Branch to fork (default: the entry tier).")
+@click.option("--ttl", default=None, help="Delete automatically after this long (e.g. 2h, 7d).")
+@command
+@click.pass_context
+def branch_create_ci(ctx: click.Context, feature: str, parent: str | None, ttl: str | None) -> None:
+    """Create the CI branch of FEATURE, ci-FEATURE (a name the platform reserves, so it makes it)."""
+    b = client(ctx).create_ci_branch(feature, parent, ttl=ttl)
+    emit_json(b) if as_json() else out.print(f"created {b['name']!r} from {b['parent']!r} in {b['elapsed_ms']} ms")
+
+
 @branch.command("list")
 @click.option("--no-bytes", is_flag=True, help="Skip measuring each branch's own bytes.")
 @click.option("--prefix", default="", help="Only branches whose name starts with this.")

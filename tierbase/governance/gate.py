@@ -98,6 +98,17 @@ class Gate:
         if problems:
             raise ConfigError(problems, "the config")
 
+    def check_roles_kept(self, cfg: Config, old: Config) -> None:
+        """An agent role stays agent: a reload may not lift the agent rules off a role (or off the
+        principals holding it) that they bound under the config in force."""
+        held = {p.role for p in self.principals.all() if p.revoked_at is None}
+        bound = {r for r in {*old.agent_roles(), *held} if old.base_role(r) == "agent"}
+        problems = [f"roles.{r}.like: {r!r} is an agent role under the config in force and an agent role "
+                    f"stays agent (the new config makes it {cfg.base_role(r)!r}); declare a new role for "
+                    "principals that need more" for r in sorted(bound) if cfg.base_role(r) != "agent"]
+        if problems:
+            raise ConfigError(problems, "the config")
+
     def store_config(self, cfg: Config, source: str) -> None:
         self.store.set_setting("config_text", cfg.text)
         self.store.set_setting("config_source", source)
@@ -117,19 +128,30 @@ class Gate:
 
     # -- subjects ----------------------------------------------------------------
     def subject(self, b: Branch) -> Subject:
-        """How the policy sees a branch; a branch serving a tier's route (after a rollback) is that tier."""
-        name = b.name
-        if b.kind is Kind.TIER and name not in self.config.tiers:
-            name = next((r for r, t in self.store.routes().items() if t == b.name and r in self.config.tiers), name)
-        return Subject(name=name, kind=b.kind.value, protected=b.protected, owner=b.creator, tier=self.tier_of(b))
+        """How the policy sees a branch; a branch serving a tier's route (after a rollback) is that tier,
+        and every branch carries the declared tier whose data it holds (rules follow lineage)."""
+        routes = self.store.routes()
+        name = self._declared_tier(b, routes) or b.name
+        tier = self.tier_of(b, routes)
+        spec = self.config.tiers.get(tier) if tier else None
+        return Subject(name=name, kind=b.kind.value, protected=b.protected, owner=b.creator, tier=tier,
+                       protected_tier=tier if spec is not None and spec.protected else None)
 
-    def tier_of(self, b: Branch) -> str | None:
-        cur: Branch | None = b
-        while cur is not None:
-            if cur.kind is Kind.TIER:
-                return cur.name
-            cur = self.store.find(cur.parent) if cur.parent else None
-        return None
+    def tier_of(self, b: Branch, routes: dict[str, str] | None = None) -> str | None:
+        """The declared tier whose data ``b`` holds: the nearest ancestor (or itself) that is one.
+
+        Names do not count: a snapshot (`production-pre-3`), a rollback branch (`production-rb-2`,
+        serving the route or not) and a branch of either all walk up to `production`.
+        """
+        routes = self.store.routes() if routes is None else routes
+        return next((t for x in self.lineage(b) if (t := self._declared_tier(x, routes)) is not None), None)
+
+    def _declared_tier(self, b: Branch, routes: dict[str, str]) -> str | None:
+        if b.kind is not Kind.TIER:
+            return None
+        if b.name in self.config.tiers:
+            return b.name
+        return next((r for r, t in routes.items() if t == b.name and r in self.config.tiers), None)
 
     def lineage(self, b: Branch) -> list[Branch]:
         out, cur = [], b
