@@ -159,6 +159,7 @@ class Service:
             for t in tasks:
                 t.cancel()
             await self.proxy.close()
+            await asyncio.to_thread(self.tb.gate.audit.flush)  # the counts of folded failures still open
             self.tb.home.service.unlink(missing_ok=True)
 
     def _write_info(self) -> None:
