@@ -18,8 +18,14 @@ Order, under an exclusive ``flock`` of this file held across the whole append
 (threads and processes alike): INSERT the record and COMMIT, then write the
 head. So the head is never ahead of a committed record, and is behind by at
 most one record, only after a crash between the commit and the head write;
-``AuditLog.verify`` accepts exactly that lag (the next append overwrites it)
-and nothing else.
+``AuditLog.verify`` accepts exactly that lag and nothing else. Until the head
+catches up (the next append, or the next start: opening the log writes the
+missing head), deleting that one record needs no key and no head file; this
+is the window a crash leaves, and it closes when tierbase starts again.
+
+What this does not stop: someone who can write both meta.db and audit.head
+and kept an older copy of each can put both back. The SQL mirror (compared by
+``audit verify``) is a third copy that then still holds the lost records.
 """
 
 from __future__ import annotations

@@ -82,19 +82,28 @@ class AuditLog:
         self.head = HeadFile(head or store.path.with_name("audit.head"), key)
         self.failures = FailureAggregator(self.append, window=window)
         store.db.executescript(SCHEMA)
-        self._adopt()
+        self._catch_up()
 
-    def _adopt(self) -> None:
-        """A chain written before heads were kept: anchor it as it is now (trust on first use)."""
-        if self.store.db.execute("SELECT 1 FROM audit_head").fetchone():
-            return
-        with self.head.locked(exclusive=True) as fd, self.store.write() as db:
-            last = db.execute("SELECT id, hash FROM audit ORDER BY id DESC LIMIT 1").fetchone()
-            if last is None or db.execute("SELECT 1 FROM audit_head").fetchone():
-                return
-            db.execute("INSERT INTO audit_head(one, id, hash) VALUES(1, ?, ?)", (last[0], last[1]))
-            if self.head.read(fd).head is None:  # never lower a head the file has: that is what it guards
-                self.head.write(fd, Head(int(last[0]), str(last[1])))
+    def _catch_up(self) -> None:
+        """On open: the head file one record behind after a crash is brought up to the chain, which closes
+        the window in which deleting that record would go unseen; and a chain written before heads were
+        kept is anchored as it is now (trust on first use)."""
+        with self.head.locked(exclusive=True) as fd:
+            f = self.head.read(fd).head
+            row = self.store.db.execute("SELECT * FROM audit ORDER BY id DESC LIMIT 1").fetchone()
+            has_db_head = self.store.db.execute("SELECT 1 FROM audit_head").fetchone() is not None
+            if row is None or (has_db_head and f is not None and f.id == row["id"]):
+                return  # the common case: nothing to do
+            last = dict(row)
+            genuine = hmac.compare_digest(last["hash"], self._hash(last["prev_hash"], last))
+            if not has_db_head:
+                with self.store.write() as db:
+                    db.execute("INSERT INTO audit_head(one, id, hash) VALUES(1, ?, ?) ON CONFLICT(one) DO NOTHING",
+                               (last["id"], last["hash"]))
+            lagging = f is not None and f.id == last["id"] - 1 and f.hash == last["prev_hash"]
+            # never lower a head, never anchor a record the key did not sign: that is what verify must see
+            if genuine and (lagging or (f is None and not has_db_head)):
+                self.head.write(fd, Head(int(last["id"]), str(last["hash"])))
 
     def _hash(self, prev: str, rec: dict[str, Any]) -> str:
         body = json.dumps([rec[f] for f in FIELDS], separators=(",", ":"), sort_keys=True, default=str)
@@ -205,7 +214,8 @@ class AuditLog:
                                            "anchors (a different history)", f.id)
         if f.id == n - 1:
             return Verdict(True, n, head=f.id, note=f"the head file lags by the last record ({n}): a crash between "
-                                                    "its commit and the head write; the next append catches up")
+                                                    "its commit and the head write; the next append or start "
+                                                    "catches up")
         return Verdict(True, n, head=f.id)
 
     def after(self, last_id: int) -> list[dict[str, Any]]:
