@@ -346,23 +346,65 @@ def test_the_mirror_is_writable_by_no_role(platform: Tierbase) -> None:
     assert verify(platform)["ok"]
 
 
+@contextmanager
+def running_service(platform: Tierbase, tmp_path: Path) -> Iterator[str]:
+    """The real background service on the test platform's data dir (own ports); yields its API URL.
+
+    Stopped with SIGTERM, as `tierbase down` does: a clean stop writes its pending folded failures.
+    """
+    ports = {k: platform.store.get_setting(k) for k in ("api_port", "proxy_port")}
+    platform.store.set_setting("api_port", free_port())
+    platform.store.set_setting("proxy_port", free_port())
+    logfile = tmp_path / "service.log"
+    with logfile.open("w") as out:
+        service = subprocess.Popen([sys.executable, "-m", "tierbase.service", str(platform.home.root)],
+                                   stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not platform.home.service.exists():
+            assert service.poll() is None and time.monotonic() < deadline, logfile.read_text()
+            time.sleep(0.1)
+        yield str(json.loads(platform.home.service.read_text())["api_url"])
+    finally:
+        service.send_signal(signal.SIGTERM)
+        assert service.wait(60) == 0, logfile.read_text()
+        for k, v in ports.items():
+            platform.store.set_setting(k, v)
+
+
+@needs_root_btrfs
+def test_cli_audit_verify_names_the_missing_records_and_exits_1(platform: Tierbase, tmp_path: Path) -> None:
+    append(platform.gate.audit, 2)
+    env = dict(os.environ, TIERBASE_HOME=str(platform.home.root))
+    cli = [sys.executable, "-m", "tierbase.cli.main", "audit", "verify"]
+    with running_service(platform, tmp_path):
+        good = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
+        assert good.returncode == 0 and "audit trail intact" in good.stdout, good.stderr
+        with raw(platform) as db:
+            n = db.execute("SELECT max(id) FROM audit").fetchone()[0]
+            saved = db.execute("SELECT * FROM audit WHERE id = ?", (n,)).fetchall()
+            db.execute("DELETE FROM audit WHERE id = ?", (n,))
+        try:
+            bad = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)
+            as_json = subprocess.run([*cli, "--json"], env=env, capture_output=True, text=True, timeout=120)
+        finally:
+            with raw(platform) as db:
+                db.executemany(f"INSERT INTO audit VALUES ({','.join('?' * 12)})", saved)
+    assert bad.returncode == 1
+    assert bad.stderr.strip().startswith(f"Error: the audit trail is broken at record {n}: the chain ends at "
+                                         f"record {n - 1} but the head says {n} (record {n} is missing)."), bad.stderr
+    assert as_json.returncode == 1
+    error = json.loads(as_json.stdout)["error"]
+    assert error["data"]["verdict"]["first_bad"] == n and error["message"] == bad.stderr.split(". ")[0][7:]
+    assert verify(platform)["ok"]
+
+
 @needs_root_btrfs
 def test_a_flood_of_bad_tokens_grows_the_trail_by_a_bounded_count(platform: Tierbase, tmp_path: Path) -> None:
     """10,000 failed authentications: 9,700 through the aggregator, 300 real HTTP requests to a real service."""
     audit = platform.gate.audit
     start = audit.query(limit=1)[-1]["id"]
-    ports = {k: platform.store.get_setting(k) for k in ("api_port", "proxy_port")}
-    platform.store.set_setting("api_port", free_port())
-    platform.store.set_setting("proxy_port", free_port())
-    logfile = (tmp_path / "service.log").open("w")
-    service = subprocess.Popen([sys.executable, "-m", "tierbase.service", str(platform.home.root)],
-                               stdout=logfile, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while not platform.home.service.exists():
-            assert service.poll() is None and time.monotonic() < deadline, (tmp_path / "service.log").read_text()
-            time.sleep(0.1)
-        api = json.loads(platform.home.service.read_text())["api_url"]
+    with running_service(platform, tmp_path) as api:
 
         def http() -> None:
             with httpx.Client(base_url=api, timeout=30) as client:
@@ -381,12 +423,6 @@ def test_a_flood_of_bad_tokens_grows_the_trail_by_a_bounded_count(platform: Tier
             w.start()
         for w in workers:
             w.join()
-    finally:
-        service.send_signal(signal.SIGTERM)  # a clean stop writes the service's pending counts
-        assert service.wait(60) == 0, (tmp_path / "service.log").read_text()
-        logfile.close()
-        for k, v in ports.items():
-            platform.store.set_setting(k, v)
     audit.flush()
     recs = [r for r in audit.query(action="auth", limit=100_000) if r["id"] > start]
     by_source: dict[str, int] = {}

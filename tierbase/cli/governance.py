@@ -152,7 +152,7 @@ def audit_url(ctx: click.Context, direct: bool) -> None:
 def audit_verify(ctx: click.Context) -> None:
     """Check the hash chain, its head outside meta.db and the SQL mirror; names what is missing. Exit 1 if broken."""
     v = client(ctx).audit_verify()
-    if as_json():
+    if as_json() and v["ok"]:
         emit_json(v)
     elif v["ok"]:
         mirror = v.get("mirror")
@@ -165,5 +165,7 @@ def audit_verify(ctx: click.Context) -> None:
         from ..errors import TierbaseError
 
         where = f" at record {v['first_bad']}" if v.get("first_bad") else ""
+        # with --json this is the one document printed: the error envelope, carrying the verdict
         raise TierbaseError(f"the audit trail is broken{where}: {v['problem']}",
-                            "Investigate who changed meta.db, audit.head or the mirror; keep copies of all three")
+                            "Investigate who changed meta.db, audit.head or the mirror; keep copies of all three",
+                            verdict=v)

@@ -39,6 +39,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import TierbaseError
+
 SLOT = 4096
 MAGIC = "tierbase-audit-head/1"
 
@@ -66,7 +68,11 @@ class HeadFile:
     @contextmanager
     def locked(self, exclusive: bool) -> Iterator[int]:
         """The open file, locked; a fresh descriptor each time so that threads exclude each other too."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as err:
+            raise TierbaseError(f"cannot open the audit head file {self.path}: {err.strerror}",
+                                "Run tierbase as the OS user that owns the data dir") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
             yield fd

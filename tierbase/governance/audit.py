@@ -183,8 +183,8 @@ class AuditLog:
                                                     "a record was removed or inserted before it"), n, tail
             if not hmac.compare_digest(rec["hash"], self._hash(prev, rec)):
                 return Verdict(False, n, rec["id"], f"record {rec['id']} was altered after it was written"), n, tail
+            tail = {rec["id"] - 1: prev, rec["id"]: rec["hash"]}
             prev, expected_id = rec["hash"], expected_id + 1
-            tail = {rec["id"]: rec["hash"], **{k: v for k, v in tail.items() if k == rec["id"] - 1}}
         return None, n, tail
 
     def _check_end(self, n: int, tail: dict[int, str], db_head: Head | None, read: HeadRead) -> Verdict:

@@ -58,10 +58,10 @@ class FailureAggregator:
             if key not in self._open and len(self._open) >= self.max_keys:
                 key = (OTHERS, action)
             w = self._open.get(key)
-            if w is None:
-                self._open[key] = _Window(start, actor)
+            if w is None:  # appended before the window opens: if the append fails, the next failure is first
                 self._append(actor=actor, action=action, target=key[0], allowed=False, reason=reason,
                              outcome="refused", after={"count": 1, "source": key[0]})
+                self._open[key] = _Window(start, actor)
                 return
             w.folded += 1
             w.reasons[reason if reason in w.reasons or len(w.reasons) < MAX_REASONS else "other"] += 1
