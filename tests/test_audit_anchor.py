@@ -106,6 +106,14 @@ def test_a_forged_or_erased_head_file_fails(log: AuditLog) -> None:
     assert log.verify().ok
 
 
+def test_a_torn_head_write_leaves_the_previous_head(log: AuditLog) -> None:
+    append(log, 4)  # slot 0 holds head 4, slot 1 head 3
+    with log.head.locked(True) as fd:
+        os.pwrite(fd, b"tierbase-audit-head/1 4 0123", 0)  # half a write over the newest slot
+    v = log.verify()
+    assert v.ok and v.head == 3 and "lags by the last record (4)" in v.note
+
+
 def test_an_older_head_file_is_named(log: AuditLog) -> None:
     append(log, 2)
     old = log.head.path.read_bytes()
