@@ -21,6 +21,8 @@ import psycopg
 import pytest
 
 from tierbase import Tierbase
+from tierbase.proxy import ProxyThread
+from tierbase.service import make_proxy
 
 ROOT = os.geteuid() == 0
 HAVE_BTRFS = shutil.which("mkfs.btrfs") is not None
@@ -90,14 +92,19 @@ def platform() -> Iterator[Tierbase]:
     home = make_home() / "home"
     os.environ["TIERBASE_PORT_BASE"] = str(free_port_base())
     tb = Tierbase(home)
+    proxy: ProxyThread | None = None
     try:
-        tb.init(storage="btrfs", btrfs_size="4G")
+        tb.init(storage="btrfs", btrfs_size="4G", proxy_port=free_port())
+        # the service's own proxy, in this process: URLs from branch_url() go through it, as in production
+        proxy = ProxyThread(make_proxy(tb)).start()
         tb.start_branch("production")
-        with psycopg.connect(tb.branch_url("production", direct=True), autocommit=True) as conn:
+        with psycopg.connect(tb.branch_url("production"), autocommit=True) as conn:
             conn.execute("CREATE TABLE seed (id int PRIMARY KEY, label text NOT NULL)")
             conn.execute("INSERT INTO seed SELECT g, 'row ' || g FROM generate_series(1, 1000) g")
         yield tb
     finally:
+        if proxy is not None:
+            proxy.stop()
         teardown_platform(tb, home.parent)
 
 

@@ -20,6 +20,7 @@ import psycopg
 import pytest
 
 from tierbase import Tierbase
+from tierbase.compute.roles import READER_ROLE
 from tierbase.control.store import Store
 from tierbase.governance.anchor import Head, HeadFile
 from tierbase.governance.audit import AuditLog
@@ -249,7 +250,7 @@ def test_a_window_closes_by_itself(tmp_path: Path) -> None:
 @needs_root_btrfs
 def test_a_clean_platform_trail_and_mirror_verify(platform: Tierbase) -> None:
     append(platform.gate.audit, 20)
-    platform.audit_url(direct=True)  # makes and syncs the mirror
+    platform.audit_sync()  # makes and fills the mirror
     v = verify(platform)
     assert v["ok"] and v["head"] == v["records"] and v["mirror"]["ok"]
     assert v["mirror"]["synced_to"] == v["records"]
@@ -329,8 +330,9 @@ def test_a_changed_mirror_row_is_named(platform: Tierbase, change: str) -> None:
 
 @needs_root_btrfs
 def test_the_mirror_is_writable_by_no_role(platform: Tierbase) -> None:
-    url = platform.audit_url(direct=True)
+    url = platform.audit_url()  # through the proxy, which logs readers in to the mirror as tb_reader
     with psycopg.connect(url, autocommit=True) as reader:
+        assert reader.execute("SELECT current_user").fetchone()[0] == READER_ROLE
         reader.execute("SET default_transaction_read_only = off")  # the read-only default is not the guard
         assert reader.execute("SELECT count(*) FROM audit_log").fetchone()[0] > 0
         for stmt in ("INSERT INTO audit_log SELECT id + 5000, ts, actor, action, target, decision, reason, "
@@ -346,7 +348,7 @@ def test_the_mirror_is_writable_by_no_role(platform: Tierbase) -> None:
                                "WHERE oid = 'audit_log'::regclass")[0]
     assert owner == "tierbase"
     grants = {a.split("=")[0]: a.split("=")[1].split("/")[0] for a in acl}  # type: ignore[union-attr]
-    assert grants.pop("tierbase") == "arwdDxt" and set(grants.values()) == {"r"}, acl
+    assert grants == {"tierbase": "arwdDxt", READER_ROLE: "r"}, acl
     # even the owner cannot change or empty it while the triggers stand
     for stmt in ("UPDATE audit_log SET reason = 'x'", "DELETE FROM audit_log", "TRUNCATE audit_log"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import psycopg
-from psycopg import sql
 
 from .app_base import NOBODY, FacadeBase
-from .compute.roles import READER_ROLE
 from .control.branches import Prepare
 from .control.store import Branch, Kind
 from .errors import BranchExists, InvalidInput, TierbaseError
@@ -165,22 +162,15 @@ class GovernanceOps(FacadeBase):
         return {"ok": not problems, "synced_to": synced_to, "problem": problems[0] if problems else "",
                 "problems": problems}
 
-    def audit_url(self, direct: bool = False) -> str:
-        """A read-only URL on the SQL mirror of the audit trail (table audit_log), for this principal."""
+    def audit_url(self) -> str:
+        """A read-only URL on the SQL mirror of the audit trail (table audit_log), through the proxy,
+        with this principal's own credentials; the proxy maps every reader to tb_reader there."""
         self._require(Action.AUDIT_READ, NOBODY, quiet=True)
         self.audit_sync()
         who = self.gate.principal(self.actor).name
-        provider = self.branches.provider
-        b = self.store.get(AUDIT_BRANCH)
-        password = hmac.new(provider.password.encode(), f"audit:{who}".encode(), "sha256").hexdigest()[:32]
-        with psycopg.connect(provider.endpoint(b.port).dsn(), autocommit=True) as conn:
-            verb = "ALTER" if conn.execute("SELECT 1 FROM pg_roles WHERE rolname=%s", (who,)).fetchone() else "CREATE"
-            conn.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(who),
-                                                                            sql.Literal(password)))
-            conn.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(sql.Identifier(who)))
-            conn.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(READER_ROLE), sql.Identifier(who)))
-        port, dbname = (b.port, "postgres") if direct else (self.proxy_port, AUDIT_BRANCH)
-        return f"postgresql://{quote(who, safe='')}:{password}@127.0.0.1:{port}/{dbname}"
+        password = self._db_password()  # type: ignore[attr-defined]
+        return f"postgresql://{quote(who, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.proxy_port}/" \
+               f"{AUDIT_BRANCH}"
 
     # -- masking that branches inherit -------------------------------------------------------
     def _sensitive_lineage(self, b: Branch, cfg: Config) -> bool:

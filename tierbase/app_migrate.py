@@ -7,11 +7,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import psycopg
 
 from .app_base import FacadeBase
+from .compute.roles import OWNER_ROLE
 from .control.store import Branch, Kind
 from .errors import InvalidInput, Refused, TierbaseError
 from .governance.policy import Action, Subject
@@ -19,7 +20,25 @@ from .migrate import files, ledger
 from .migrate.diff import diff_urls
 from .migrate.lint import lint
 from .migrate.promote import PromotionLog, run_smoke, to_promote
-from .migrate.verify import BranchPlatform, verify
+from .migrate.verify import verify
+
+
+class _VerifyPlatform:
+    """verify's view of the platform: its throwaway branch is made and deleted as the acting principal,
+    and reached as that branch's owner role (never the superuser)."""
+
+    def __init__(self, tb: MigrationOps) -> None:
+        self.tb = tb
+
+    def create_branch(self, name: str, parent: str | None = None) -> Any:
+        return self.tb.create_branch(name, parent)  # type: ignore[attr-defined]
+
+    def delete_branch(self, name: str, recursive: bool = False) -> Any:
+        return self.tb.delete_branch(name, recursive)  # type: ignore[attr-defined]
+
+    def branch_url(self, name: str, dbname: str = "postgres", *, direct: bool = False) -> str:
+        self.tb.branches.start(name)
+        return self.tb._url(name, dbname)
 
 
 class MigrationOps(FacadeBase):
@@ -48,15 +67,20 @@ class MigrationOps(FacadeBase):
 
     @contextmanager
     def _connect(self, branch: str) -> Iterator[psycopg.Connection[Any]]:
-        """A superuser connection to a branch's project database (starting its compute)."""
+        """A connection to a branch's project database as its owner role (starting its compute).
+
+        Never the superuser: migrations, the ledger and smoke checks run with what the branch's
+        owner may do in SQL, so a migration can do nothing its author could not do by hand. The
+        caller has been authorized (migrate.apply / promote) before it gets here.
+        """
         self.branches.start(branch)
-        ep = self.branches.provider.endpoint(self.store.get(branch).port, self._database)
-        with psycopg.connect(ep.dsn(), autocommit=True, connect_timeout=10) as conn:
+        with psycopg.connect(self._url(branch), autocommit=True, connect_timeout=10) as conn:
             yield conn
 
-    def _url(self, branch: str) -> str:
-        ep = self.branches.provider.endpoint(self.store.get(branch).port, self._database)
-        return f"postgresql://{ep.user}:{ep.password}@{ep.host}:{ep.port}/{ep.dbname}"
+    def _url(self, branch: str, dbname: str | None = None) -> str:
+        """A libpq conninfo for the branch's owner role over the compute's private socket."""
+        return self.branches.provider.endpoint(self.store.get(branch).port, dbname or self._database,
+                                               role=OWNER_ROLE).dsn()
 
     def _tier_subject(self, tier: str) -> Subject:
         spec = self.config.tiers.get(tier)
@@ -93,7 +117,7 @@ class MigrationOps(FacadeBase):
         source = self._serving(parent or self.config.entry)
         rules = self.config.raw.get("migrations", {}).get("lint_block")
         migrations = self._migrations(migrations_dir)
-        report = verify(cast(BranchPlatform, self), source.name, migrations,
+        report = verify(_VerifyPlatform(self), source.name, migrations,
                         actor=self.gate.principal(self.actor).name, dbname=self._database, lint_block=rules)
         out = report.to_dict()
         if self._settings.get("require_undo"):

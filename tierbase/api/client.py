@@ -178,5 +178,5 @@ class Client:
         params = {"a": a, "format": fmt, **({"b": b} if b else {})}
         return dict(self._call("GET", "/v1/diff", params=params))
 
-    def audit_url(self, direct: bool = False) -> str:
-        return str(self._call("GET", "/v1/audit/url", params={"direct": direct})["url"])
+    def audit_url(self) -> str:
+        return str(self._call("GET", "/v1/audit/url")["url"])

@@ -82,7 +82,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
             source = request.client.host if request.client else "unknown"
             tb.gate.audit.note_failure(source, "anonymous", "auth", err.message)
             raise
-        return tb.as_principal(who.name)
+        return tb.as_principal(who.name, token=token)
 
     As = Annotated[Tierbase, Depends(auth)]
 
@@ -194,8 +194,8 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         return me.audit_verify()
 
     @app.get("/v1/audit/url")
-    def audit_url(me: As, direct: bool = False) -> dict[str, Any]:
-        return {"url": me.audit_url(direct)}
+    def audit_url(me: As) -> dict[str, Any]:
+        return {"url": me.audit_url()}
 
     @app.get("/v1/whoami")
     def whoami(me: As) -> dict[str, Any]:

@@ -137,12 +137,11 @@ def audit_log(ctx: click.Context, actor: str | None, action: str | None, target:
 
 
 @audit.command("url")
-@click.option("--direct", is_flag=True, help="The cluster's own port instead of the proxy.")
 @command
 @click.pass_context
-def audit_url(ctx: click.Context, direct: bool) -> None:
-    """A read-only postgresql:// URL where the audit trail is the table audit_log."""
-    url = client(ctx).audit_url(direct)
+def audit_url(ctx: click.Context) -> None:
+    """A read-only postgresql:// URL (through the proxy) where the audit trail is the table audit_log."""
+    url = client(ctx).audit_url()
     emit_json({"url": url}) if as_json() else click.echo(url)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import getpass
 import re
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,12 +40,39 @@ def os_principal_name() -> str:
     return name or "owner"
 
 
+#: Connections are many: the trail records the first of each (who, what, where, outcome) per window
+#: and carries the number of the others into the next record of that kind.
+AUDIT_WINDOW = 60.0
+
+
 class Gate:
     def __init__(self, store: Store, home: Home) -> None:
         self.store = store
         self.principals = Principals(store)
         self.audit = AuditLog(store, home.read_secret(home.root / "audit.key", create=True).encode())
         self._config: Config | None = None
+        self._windows: dict[tuple[str, str, str, bool], tuple[float, int]] = {}
+        self._windows_lock = threading.Lock()
+
+    def audit_windowed(self, *, actor: str, action: str, target: str, allowed: bool, reason: str) -> None:
+        """Audit a frequent event (a proxied login) at most once per window per kind, with a count.
+
+        The first event of a window is appended at once (with how many of its kind the previous
+        window folded in); the rest only count. A flood thus grows the trail by one record a minute.
+        """
+        key, now = (actor, action, target, allowed), time.monotonic()
+        with self._windows_lock:
+            start, folded = self._windows.get(key, (0.0, 0))
+            if now - start < AUDIT_WINDOW:
+                self._windows[key] = (start, folded + 1)
+                return
+            self._windows[key] = (now, 0)
+            if len(self._windows) > 10_000:  # forget the oldest windows rather than grow without bound
+                for k in sorted(self._windows, key=lambda k: self._windows[k][0])[:5_000]:
+                    del self._windows[k]
+        self.audit.append(actor=actor, action=action, target=target, allowed=allowed, reason=reason,
+                          outcome="ok" if allowed else "refused",
+                          after={"folded_before": folded, "window_seconds": AUDIT_WINDOW})
 
     # -- config ------------------------------------------------------------------
     @property
