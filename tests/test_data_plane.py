@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import secrets
 import struct
 import time
@@ -28,7 +29,7 @@ from tierbase.proxy import ProxyThread
 from tierbase.proxy import protocol as pq
 from tierbase.service import make_proxy
 
-from .conftest import needs_root_btrfs, query
+from .conftest import free_port, free_port_base, make_home, needs_root_btrfs, query, serving, teardown_platform
 
 pytestmark = needs_root_btrfs
 
@@ -60,19 +61,42 @@ class Plane:
         return " ".join(f"{k}='{v}'" for k, v in parts.items())
 
 
+TOPOLOGY = """
+[tiers.production]
+protected = true
+
+[tiers.staging]
+parent = "production"
+protected = true
+entry = true
+"""
+
+
 @pytest.fixture(scope="module")
-def plane(platform: Tierbase) -> Iterator[Plane]:
-    suffix = secrets.token_hex(3)
-    agent = platform.create_principal(f"bot-{suffix}", "agent")
-    dev = platform.create_principal(f"dev-{suffix}", "developer")
-    yield Plane(platform, Who(agent["name"], agent["token"]), Who(dev["name"], dev["token"]))
-    for who in (agent, dev):
-        platform.revoke_principal(who["name"])
+def plane() -> Iterator[Plane]:
+    """A platform of its own: production <- staging (the entry tier agents branch off), its proxy running."""
+    base = make_home()
+    os.environ["TIERBASE_PORT_BASE"] = str(free_port_base())
+    cfg = base / "tierbase.toml"
+    tb = Tierbase(base / "home")
+    try:
+        tb.init(storage="btrfs", btrfs_size="2G", proxy_port=free_port())
+        with serving(tb):
+            with psycopg.connect(tb.branch_url("production"), autocommit=True) as conn:
+                conn.execute("CREATE TABLE seed (id int PRIMARY KEY, label text NOT NULL)")
+                conn.execute("INSERT INTO seed SELECT g, 'row ' || g FROM generate_series(1, 1000) g")
+            cfg.write_text(TOPOLOGY)
+            tb.reload_config(str(cfg))
+            agent = tb.create_principal("bot", "agent")
+            dev = tb.create_principal("dev", "developer")
+            yield Plane(tb, Who(agent["name"], agent["token"]), Who(dev["name"], dev["token"]))
+    finally:
+        teardown_platform(tb, base)
 
 
 @pytest.fixture
 def own(plane: Plane) -> Iterator[str]:
-    """A feature branch of production created by the agent (agents may branch off the entry tier)."""
+    """A feature branch of staging created by the agent (agents may branch off the entry tier)."""
     name = f"dp-{secrets.token_hex(3)}"
     plane.view(plane.agent).create_branch(name)
     yield name

@@ -12,21 +12,14 @@ import psycopg
 from .app_base import NOBODY, FacadeBase
 from .control.branches import Prepare
 from .control.store import Branch, Kind
-from .errors import BranchExists, InvalidInput
+from .errors import BranchExists, InvalidInput, TierbaseError
+from .governance import mirror
 from .governance.config import Config, ConfigError, parse_config
 from .governance.masking import MaskRule, apply_masking, check_rules, describe, masking_key, parse_rules
 from .governance.policy import Action, Subject, parse_action
 from .workflow.history import FlowHistory
 
 AUDIT_BRANCH = "tierbase-audit"
-AUDIT_DDL = """
-CREATE TABLE IF NOT EXISTS audit_log (
-    id bigint PRIMARY KEY, ts timestamptz NOT NULL, actor text NOT NULL, action text NOT NULL,
-    target text NOT NULL, decision text NOT NULL, reason text NOT NULL, outcome text NOT NULL,
-    before jsonb, after jsonb, prev_hash text NOT NULL, hash text NOT NULL
-);
-COMMENT ON TABLE audit_log IS 'tierbase audit trail: a read-only mirror; `tierbase audit verify` checks the chain';
-"""
 
 
 class GovernanceOps(FacadeBase):
@@ -133,7 +126,12 @@ class GovernanceOps(FacadeBase):
         return self.gate.audit.query(**filters)
 
     def audit_verify(self) -> dict[str, Any]:
-        return self.gate.audit.verify().to_dict()
+        """The chain, its head outside the database, and the SQL mirror against the chain."""
+        out = self.gate.audit.verify().to_dict()
+        out["mirror"] = self._verify_mirror()
+        if out["ok"] and out["mirror"] is not None and not out["mirror"]["ok"]:
+            out.update(ok=False, problem=out["mirror"]["problem"])
+        return out
 
     # -- workflow history (the authoritative record behind .tierbase/workflow-state.json) --------
     def flow_record(self, feature: str, transition: str, state: str, evidence: dict[str, Any]) -> dict[str, Any]:
@@ -172,16 +170,32 @@ class GovernanceOps(FacadeBase):
         self.branches.start(name)
         ep = self.branches.provider.endpoint(self.store.get(name).port)
         with psycopg.connect(ep.dsn(), autocommit=True, connect_timeout=10) as conn:
-            conn.execute(AUDIT_DDL)
-            row = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()
-            new = self.gate.audit.after(int(row[0]) if row else 0)
-            with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO audit_log VALUES (%s, to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                    " ON CONFLICT (id) DO NOTHING",
-                    [(r["id"], r["ts"], r["actor"], r["action"], r["target"], r["decision"], r["reason"],
-                      r["outcome"], r["before"], r["after"], r["prev_hash"], r["hash"]) for r in new])
-        return len(new)
+            copied, top = mirror.sync(conn, self.gate.audit.after)
+        self._mirror_synced(top)
+        return copied
+
+    def _mirror_synced(self, top: int) -> None:
+        """Remember the newest id the mirror held: rows up to it missing later were deleted, not yet to come."""
+        with self.store.write() as db:
+            row = db.execute("SELECT value FROM settings WHERE key = 'audit_mirror_to'").fetchone()
+            if row is None or int(row[0]) < top:  # concurrent syncs: never lower it
+                db.execute("INSERT INTO settings(key, value) VALUES('audit_mirror_to', ?)"
+                           " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(top),))
+
+    def _verify_mirror(self) -> dict[str, Any] | None:
+        b = self.store.find(AUDIT_BRANCH)
+        if b is None:
+            return None  # no mirror was ever asked for
+        synced_to = int(self.store.get_setting("audit_mirror_to", 0))
+        try:
+            self.branches.start(AUDIT_BRANCH)
+            with psycopg.connect(self.branches.provider.endpoint(b.port).dsn(), autocommit=True,
+                                 connect_timeout=10) as conn:
+                problems = mirror.check(conn, self.gate.audit.after, synced_to)
+        except (TierbaseError, psycopg.Error) as err:
+            problems = [f"the SQL mirror could not be read: {str(err).strip()}"]
+        return {"ok": not problems, "synced_to": synced_to, "problem": problems[0] if problems else "",
+                "problems": problems}
 
     def audit_url(self) -> str:
         """A read-only URL on the SQL mirror of the audit trail (table audit_log), through the proxy,

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -181,6 +182,9 @@ class Service:
         app = create_app(self.tb, hooks=self)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.tb.api_port, log_level="warning",
                                                lifespan="off"))
+        # uvicorn re-raises SIGTERM once it stopped serving; under the default handler that would kill the
+        # process before the finally below (the audit's pending counts, the proxy's sessions, service.json)
+        signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
         await self.proxy.start()
         tasks = [asyncio.create_task(self.sweeper()), asyncio.create_task(self.suspender())]
         serving = asyncio.create_task(server.serve())
@@ -195,6 +199,7 @@ class Service:
         finally:
             for t in tasks:
                 t.cancel()
+            await asyncio.to_thread(self.tb.gate.audit.flush)  # the counts of folded failures still open
             await self.proxy.close()
             self.tb.home.service.unlink(missing_ok=True)
 

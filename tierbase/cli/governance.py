@@ -152,14 +152,22 @@ def audit_url(ctx: click.Context) -> None:
 @command
 @click.pass_context
 def audit_verify(ctx: click.Context) -> None:
-    """Check the hash chain; names the first bad record. Exit 1 if broken."""
+    """Check the hash chain, its head outside meta.db and the SQL mirror; names what is missing. Exit 1 if broken."""
     v = client(ctx).audit_verify()
-    if as_json():
+    if as_json() and v["ok"]:
         emit_json(v)
     elif v["ok"]:
-        out.print(f"audit trail intact: {v['records']} records")
+        mirror = v.get("mirror")
+        out.print(f"audit trail intact: {v['records']} records"
+                  + (f"; the SQL mirror matches (up to record {mirror['synced_to']})" if mirror else ""),
+                  markup=False)
+        if v.get("note"):
+            out.print(f"note: {v['note']}", markup=False)
     if not v["ok"]:
         from ..errors import TierbaseError
 
-        raise TierbaseError(f"the audit trail is broken at record {v['first_bad']}: {v['problem']}",
-                            "Restore meta.db from a backup and investigate who changed it")
+        where = f" at record {v['first_bad']}" if v.get("first_bad") else ""
+        # with --json this is the one document printed: the error envelope, carrying the verdict
+        raise TierbaseError(f"the audit trail is broken{where}: {v['problem']}",
+                            "Investigate who changed meta.db, audit.head or the mirror; keep copies of all three",
+                            verdict=v)
