@@ -76,10 +76,9 @@ class PlatformAuthority:
                              "Ask a platform engineer, or see `tierbase policy explain`", sqlstate="42501") from err
 
     async def failed(self, user: str, peer: str, reason: str) -> None:
-        # one record per source per window however many attempts: a storm cannot grow the trail
-        await asyncio.to_thread(self.tb.gate.audit_windowed, actor="anonymous", action="proxy.login",
-                                target=f"source {peer}", allowed=False,
-                                reason=f"authentication failed for user {user!r}: {reason}")
+        # folded per source and minute by the audit log: a storm cannot grow the trail without bound
+        await asyncio.to_thread(self.tb.gate.audit.note_failure, peer, "anonymous", "proxy.login",
+                                f"authentication failed for user {user!r}: {reason}")
 
 
 def make_proxy(tb: Tierbase, *, port: int | None = None) -> Proxy:
