@@ -403,3 +403,34 @@ def test_pgbench(dev: Dev, mode: str) -> None:
     with psycopg.connect(url) as conn:
         history = conn.execute("SELECT count(*) FROM pgbench_history").fetchone()
     assert history is not None and history[0] == int(done.group(1))
+
+
+# -- PostgreSQL's regression driver ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["plain", "channel-binding"])
+def test_pg_regress(dev: Dev, mode: str, tmp_path: Path) -> None:
+    """pg_regress --use-existing runs tests/fixtures/regress/schedule through the proxy as the developer.
+
+    Plain: routed by ``options=endpoint=<branch>`` (PGOPTIONS, to which pg_regress appends its own
+    ``-c intervalstyle=...``). TLS with channel binding: routed by the database name ``<branch>.<db>``.
+    """
+    assert PG_REGRESS.exists(), "pg_regress is missing: run `make deps` (Debian package postgresql-client-15)"
+    db = f"regress_{mode.replace('-', '_')}"
+    with psycopg.connect(dev.url("plain"), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {db}")  # --use-existing: pg_regress creates nothing itself
+    env = env_without_pg() | {"PGPASSWORD": dev.password, "PGCONNECT_TIMEOUT": "20"}
+    if mode == "plain":
+        env |= {"PGSSLMODE": "disable", "PGOPTIONS": f"endpoint={dev.branch}"}
+        dbname = db
+    else:
+        env |= {"PGSSLMODE": "verify-full", "PGSSLROOTCERT": str(dev.ca), "PGCHANNELBINDING": "require"}
+        dbname = f"{dev.branch}.{db}"
+    done = subprocess.run([str(PG_REGRESS), "--use-existing", "--host=127.0.0.1", f"--port={dev.port()}",
+                           f"--user={dev.name}", f"--dbname={dbname}", f"--inputdir={REGRESS_DIR}",
+                           f"--outputdir={tmp_path}", f"--schedule={REGRESS_DIR / 'schedule'}"],
+                          capture_output=True, text=True, env=env, timeout=180)
+    diffs = tmp_path / "regression.diffs"
+    assert done.returncode == 0, done.stdout + done.stderr + (diffs.read_text() if diffs.exists() else "")
+    tests = len(list((REGRESS_DIR / "sql").glob("*.sql")))
+    assert f"All {tests} tests passed." in done.stdout, done.stdout
