@@ -44,6 +44,7 @@ import pytest
 import sqlalchemy as sa
 
 from tierbase import Tierbase
+from tierbase.governance.principals import db_password
 from tierbase.proxy.tls import ensure_certificates
 
 from .conftest import make_home, needs_root_btrfs
@@ -186,6 +187,34 @@ def test_psql_refused(dev: Dev) -> None:
     plain_cb = psql(dev.url("plain") + "&channel_binding=require", "-c", "SELECT 1")
     assert plain_cb.returncode == 2
     assert "channel binding" in plain_cb.stderr
+
+
+def test_psql_other_principals(platform: Tierbase, dev: Dev) -> None:
+    """Another developer may not connect to this developer's branch even with a URL made by hand, reads
+    production as tb_reader without writing; a revoked principal's URL gets nowhere."""
+    peer_name, gone_name = f"peer-{secrets.token_hex(3)}", f"gone-{secrets.token_hex(3)}"
+    peer_token = platform.create_principal(peer_name, "developer")["token"]
+    gone = platform.as_principal(gone_name, token=platform.create_principal(gone_name, "developer")["token"])
+    try:
+        by_hand = f"postgresql://{peer_name}:{db_password(peer_token)}@127.0.0.1:{dev.port()}/{dev.branch}" \
+                  f"?sslmode=verify-full&sslrootcert={dev.ca}"
+        refused = psql(by_hand, "-c", "SELECT 1")
+        assert refused.returncode == 2
+        assert "branch.connect" in refused.stderr and dev.branch in refused.stderr, refused.stderr
+        url = platform.as_principal(peer_name, token=peer_token).branch_url("production") + "?sslmode=require"
+        read = psql(url, "-c", "SELECT current_user, count(*) FROM seed")
+        assert read.returncode == 0, read.stderr
+        assert read.stdout.strip() == "tb_reader|1000"
+        write = psql(url, "-c", "INSERT INTO seed VALUES (5000, 'not mine')")
+        assert write.returncode == 1
+        assert "cannot execute INSERT in a read-only transaction" in write.stderr
+        stale = gone.branch_url("production") + "?sslmode=require"
+        platform.revoke_principal(gone_name)
+        refused = psql(stale, "-c", "SELECT 1")
+        assert refused.returncode == 2
+        assert f'password authentication failed for user "{gone_name}"' in refused.stderr
+    finally:
+        platform.revoke_principal(peer_name)
 
 
 # -- psycopg 3 ------------------------------------------------------------------------------
