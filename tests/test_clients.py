@@ -32,7 +32,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +135,33 @@ def env_without_pg() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
 
 
+def sleep_sql(tag: str) -> str:
+    """A long query with a tag of its own, to be found in pg_stat_activity and cancelled."""
+    return f"SELECT pg_sleep(30) /* {tag} */"
+
+
+def wait_running(dev: Dev, sql: str, timeout: float = 20) -> None:
+    """Until the compute is running ``sql``: a cancel sent before it arrives would cancel nothing."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(dev.url("plain"), autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            if conn.execute("SELECT 1 FROM pg_stat_activity WHERE state = 'active' AND query = %s",
+                            (sql,)).fetchone():
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"{sql!r} did not start within {timeout} s")
+
+
+def cancel_when_running(dev: Dev, sql: str, cancel: Callable[[], object]) -> threading.Thread:
+    def run() -> None:
+        wait_running(dev, sql)
+        cancel()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
 # -- psql ----------------------------------------------------------------------------------
 
 
@@ -143,12 +170,13 @@ def psql(url: str, *args: str, timeout: float = 30) -> subprocess.CompletedProce
                           text=True, env=env_without_pg(), timeout=timeout)
 
 
-def psql_cancel(url: str) -> str:
+def psql_cancel(dev: Dev, url: str, tag: str) -> str:
     """Start a long query, ^C it as a person would; psql sends a CancelRequest on a new connection."""
-    proc = subprocess.Popen(["psql", "-X", url, "-c", "SELECT pg_sleep(30)"], stdout=subprocess.PIPE,
+    sql = sleep_sql(tag)
+    proc = subprocess.Popen(["psql", "-X", url, "-c", sql], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env_without_pg())
     try:
-        time.sleep(0.8)  # connected and sleeping (SCRAM + the query take well under this)
+        wait_running(dev, sql)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)
     finally:
@@ -171,7 +199,7 @@ def test_psql(dev: Dev, mode: str) -> None:
                  "-c", f"INSERT INTO {table} VALUES (1, 'psql {mode}')", "-c", f"SELECT client FROM {table}")
     assert wrote.returncode == 0, wrote.stderr
     assert wrote.stdout.split() == ["CREATE", "TABLE", "INSERT", "0", "1", "psql", mode]
-    err = psql_cancel(url)
+    err = psql_cancel(dev, url, f"psql {mode}")
     assert "canceling statement due to user request" in err
     assert_landed(dev, "psql", (mode,))
 
@@ -230,11 +258,11 @@ def test_psycopg(dev: Dev, mode: str) -> None:
         conn.execute(f"INSERT INTO {table} VALUES (%s, %s)", (1, f"psycopg {mode}"))  # extended protocol
         conn.commit()
         # cancel_safe(): libpq 17+ (psycopg's own) sends the CancelRequest over TLS when the session has it
-        timer = threading.Timer(0.3, conn.cancel_safe)
-        timer.start()
+        sql = sleep_sql(f"psycopg {mode}")
+        canceller = cancel_when_running(dev, sql, conn.cancel_safe)
         with pytest.raises(psycopg.errors.QueryCanceled):
-            conn.execute("SELECT pg_sleep(30)")
-        timer.join()
+            conn.execute(sql)
+        canceller.join()
         conn.rollback()
         assert conn.execute("SELECT 1").fetchone() == (1,)
     assert_landed(dev, "psycopg", (mode,))
@@ -314,11 +342,11 @@ def test_sqlalchemy(dev: Dev, mode: str) -> None:
             # SQLAlchemy has no cancel of its own: it is the driver's (psycopg's) cancel under it
             driver = conn.connection.driver_connection
             assert driver is not None
-            timer = threading.Timer(0.3, driver.cancel_safe)
-            timer.start()
+            sql = sleep_sql(f"sqlalchemy {mode}")
+            canceller = cancel_when_running(dev, sql, driver.cancel_safe)
             with pytest.raises(sa.exc.OperationalError, match="canceling statement due to user request"):
-                conn.execute(sa.text("SELECT pg_sleep(30)"))
-            timer.join()
+                conn.execute(sa.text(sql))
+            canceller.join()
     finally:
         engine.dispose()
     assert_landed(dev, "sqlalchemy", (mode,))

@@ -13,6 +13,7 @@ import java.sql.Statement;
 import java.util.LinkedHashMap;
 import java.util.Map;
 import java.util.Properties;
+import java.util.concurrent.atomic.AtomicBoolean;
 
 public class Client {
     static String json(Map<String, Object> m) {
@@ -72,14 +73,19 @@ public class Client {
                 }
             }
             if (cancel) {
-                // Statement.cancel() from another thread: pgjdbc sends a CancelRequest on a new connection
+                // Statement.cancel() from another thread: pgjdbc sends a CancelRequest on a new connection.
+                // A cancel may reach the compute before the query does, so cancel until the query ends
+                // (pgjdbc's cancel() does nothing while the statement is not executing).
                 Statement st = conn.createStatement();
+                AtomicBoolean finished = new AtomicBoolean(false);
                 Thread canceller = new Thread(() -> {
                     try {
-                        Thread.sleep(300);
-                        st.cancel();
+                        while (!finished.get()) {
+                            Thread.sleep(300);
+                            if (!finished.get()) st.cancel();
+                        }
                     } catch (Exception e) {
-                        // the assertion on the outcome below reports it
+                        // the assertion on the outcome reports it
                     }
                 });
                 long started = System.nanoTime();
@@ -89,6 +95,8 @@ public class Client {
                     out.put("cancel", "not cancelled");
                 } catch (SQLException e) {
                     out.put("cancel", e.getSQLState());
+                } finally {
+                    finished.set(true);
                 }
                 out.put("cancel_seconds", (System.nanoTime() - started) / 1e9);
                 canceller.join();

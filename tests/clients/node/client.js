@@ -29,16 +29,20 @@ async function run(c) {
     r = await client.query(`SELECT client FROM ${c.table} WHERE id = $1`, [1])
     out.wrote = r.rows[0].client
     if (c.cancel) {
-      // node-postgres cancels from a second Client over plain TCP, as libpq before 17 does
-      const canceller = new pg.Client({ ...c.config, ssl: false })
+      // node-postgres cancels from a second Client over plain TCP, as libpq before 17 does. The query
+      // is on the wire once active, but may reach the compute after a cancel: so cancel until it ends
+      // (cancel() does nothing once the query is no longer the active one).
       const started = Date.now()
       const sleep = client.query('SELECT pg_sleep(30)')
-      setTimeout(() => canceller.cancel(client, client.activeQuery), 300)
+      const active = client.activeQuery
+      const ticker = setInterval(() => new pg.Client({ ...c.config, ssl: false }).cancel(client, active), 300)
       try {
         await sleep
         out.cancel = 'not cancelled'
       } catch (err) {
         out.cancel = err.code
+      } finally {
+        clearInterval(ticker)
       }
       out.cancel_seconds = (Date.now() - started) / 1000
       r = await client.query('SELECT 1 AS one')
