@@ -71,6 +71,7 @@ class Dev:
 
     tb: Tierbase
     name: str
+    password: str  # derived from its token, as the CLI/SDK do
     branch: str
     ca: Path
     foreign_ca: Path  # a CA that did not sign the proxy's certificate
@@ -94,10 +95,6 @@ class Dev:
             out["channel_binding"] = "require"
         return out
 
-    @property
-    def password(self) -> str:
-        return str(urlsplit(self.tb.branch_url(self.branch)).password)
-
     def port(self) -> int:
         return self.tb.proxy_port
 
@@ -111,7 +108,8 @@ def dev(platform: Tierbase) -> Iterator[Dev]:
     me.create_branch(branch, start=True)
     other = make_home()
     try:
-        yield Dev(me, name, branch, platform.home.root / "tls" / "ca.crt", ensure_certificates(other).ca)
+        yield Dev(me, name, db_password(token), branch, platform.home.root / "tls" / "ca.crt",
+                  ensure_certificates(other).ca)
     finally:
         shutil.rmtree(other, ignore_errors=True)
         if platform.store.find(branch):
@@ -124,11 +122,14 @@ def table_for(client: str, mode: str) -> str:
 
 
 def assert_landed(dev: Dev, client: str, modes: tuple[str, ...]) -> None:
-    """Each mode's write is on the developer's branch (read back over a connection of our own)."""
+    """Each mode's write is on the developer's branch (read back over a connection of our own), not its parent."""
     with psycopg.connect(dev.url("verify-full"), autocommit=True) as conn:
         for mode in modes:
             row = conn.execute(f"SELECT client FROM {table_for(client, mode)} WHERE id = 1").fetchone()
             assert row is not None and row[0] == f"{client} {mode}"
+    with psycopg.connect(dev.tb.branch_url("production", sslmode="require"), autocommit=True) as conn:
+        for mode in modes:
+            assert conn.execute("SELECT to_regclass(%s)", (table_for(client, mode),)).fetchone() == (None,)
 
 
 def env_without_pg() -> dict[str, str]:
