@@ -44,6 +44,7 @@ import pytest
 import sqlalchemy as sa
 
 from tierbase import Tierbase
+from tierbase.compute.binaries import find_binaries
 from tierbase.governance.principals import db_password
 from tierbase.proxy.tls import ensure_certificates
 
@@ -56,7 +57,6 @@ NODE_DIR = HERE / "clients" / "node"
 JAVA_SOURCE = HERE / "clients" / "java" / "Client.java"
 JDBC_JAR = Path("/usr/share/java/postgresql.jar")
 REGRESS_DIR = HERE / "fixtures" / "regress"
-PG_REGRESS = Path("/usr/lib/postgresql/15/lib/pgxs/src/test/regress/pg_regress")
 
 LIBPQ_MODES = ("plain", "require", "verify-full", "channel-binding")
 NO_PLUS_MODES = ("plain", "require", "verify-full")  # asyncpg, pgjdbc: SCRAM-SHA-256 only
@@ -473,7 +473,9 @@ def test_pg_regress(dev: Dev, mode: str, tmp_path: Path) -> None:
     Plain: routed by ``options=endpoint=<branch>`` (PGOPTIONS, to which pg_regress appends its own
     ``-c intervalstyle=...``). TLS with channel binding: routed by the database name ``<branch>.<db>``.
     """
-    assert PG_REGRESS.exists(), "pg_regress is missing: run `make deps` (Debian package postgresql-client-15)"
+    bindir = find_binaries().bindir  # Debian ships pg_regress in postgresql-client-<major>, beside it
+    pg_regress = bindir.parent / "lib" / "pgxs" / "src" / "test" / "regress" / "pg_regress"
+    assert pg_regress.exists(), f"{pg_regress} is missing: run `make deps` (Debian package postgresql-client)"
     db = f"regress_{mode.replace('-', '_')}"
     with psycopg.connect(dev.url("plain"), autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {db}")  # --use-existing: pg_regress creates nothing itself
@@ -484,9 +486,10 @@ def test_pg_regress(dev: Dev, mode: str, tmp_path: Path) -> None:
     else:
         env |= {"PGSSLMODE": "verify-full", "PGSSLROOTCERT": str(dev.ca), "PGCHANNELBINDING": "require"}
         dbname = f"{dev.branch}.{db}"
-    done = subprocess.run([str(PG_REGRESS), "--use-existing", "--host=127.0.0.1", f"--port={dev.port()}",
-                           f"--user={dev.name}", f"--dbname={dbname}", f"--inputdir={REGRESS_DIR}",
-                           f"--outputdir={tmp_path}", f"--schedule={REGRESS_DIR / 'schedule'}"],
+    done = subprocess.run([str(pg_regress), "--use-existing", f"--bindir={bindir}", "--host=127.0.0.1",
+                           f"--port={dev.port()}", f"--user={dev.name}", f"--dbname={dbname}",
+                           f"--inputdir={REGRESS_DIR}", f"--outputdir={tmp_path}",
+                           f"--schedule={REGRESS_DIR / 'schedule'}"],
                           capture_output=True, text=True, env=env, timeout=180)
     diffs = tmp_path / "regression.diffs"
     assert done.returncode == 0, done.stdout + done.stderr + (diffs.read_text() if diffs.exists() else "")
