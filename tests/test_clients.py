@@ -13,8 +13,11 @@ running query. Each does so in every transport mode it supports:
 
 asyncpg 0.32 and pgjdbc 42.5 implement SCRAM-SHA-256 without channel binding
 (asyncpg always sends ``n,,``; pgjdbc gained ``channelBinding`` only in 42.7.4),
-so they run the first three modes. Next to each happy path runs an attack: a
-wrong password, and a server certificate from a CA the client does not trust.
+so they run the first three modes. pgbench runs ``-i`` and then ``-T 3`` in plain
+text and with channel binding, ``-T 1`` in the other two TLS modes (runtime).
+Next to each happy path runs an attack: a wrong password and a server
+certificate from a CA the client does not trust, per client; with psql also
+another developer's hand-made URL for this branch and a revoked principal.
 
 ``test_pg_regress`` runs PostgreSQL's own ``pg_regress`` driver on a schedule
 under ``tests/fixtures/regress`` (see its README) through the proxy.
