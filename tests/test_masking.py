@@ -35,7 +35,7 @@ from tierbase.governance.masking import (
 
 from .conftest import query as raw_query
 
-PAGILA = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pagila" / "pagila-schema.sql"
+PAGILA = Path(__file__).resolve().parent / "fixtures" / "pagila" / "pagila-schema.sql"
 CUSTOMERS = 2000
 PAYMENTS = 4000
 KEY = b"project-secret-one"
