@@ -11,7 +11,6 @@ from __future__ import annotations
 import hmac
 import shutil
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -19,9 +18,9 @@ import psycopg
 from psycopg import sql
 
 from .app_governance import GovernanceOps
+from .app_import import ImportOps
 from .app_migrate import MigrationOps
 from .compute import Postgres, compute_user, find_binaries
-from .compute.restore import restore_dump
 from .control.store import Branch, Kind, Store
 from .errors import BranchNotFound, InvalidInput, Refused, TierbaseError
 from .governance.config import load_config
@@ -37,7 +36,7 @@ DEFAULT_API_PORT = 55430
 DEFAULT_PROXY_PORT = 55431
 
 
-class Tierbase(GovernanceOps, MigrationOps):
+class Tierbase(GovernanceOps, MigrationOps, ImportOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------
@@ -281,20 +280,6 @@ class Tierbase(GovernanceOps, MigrationOps):
             "branches": len(branches), "computes_running": running,
         }
 
-    # -- import ------------------------------------------------------------------
-    def import_dump(self, path: str, branch: str = ROOT_BRANCH, dbname: str = "postgres") -> dict[str, Any]:
-        """Restore a pg_dump file (plain SQL or custom/directory/tar archive) into a branch."""
-        src = Path(path).absolute()
-        if not src.exists():
-            raise InvalidInput(f"dump file {path!r} does not exist", "Give the path of a pg_dump output")
-        with self.gate.act(self.actor, Action.BRANCH_IMPORT, self._subject(branch)) as rec:
-            self.branches.start(branch)
-            t0 = time.perf_counter()
-            provider = self.branches.provider
-            restore_dump(provider.pg, provider.endpoint(self.store.get(branch).port), src, dbname)
-            rec.after = out = {"branch": branch, "database": dbname, "file": str(src),
-                               "seconds": round(time.perf_counter() - t0, 2)}
-        return out
 
 def _mounted_ok(driver: VolumeDriver) -> bool:
     """True when the driver's volume root is ready to use as it is."""

@@ -50,6 +50,11 @@ class Home:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def uploads(self) -> Path:
+        """Where the service spools uploaded dumps: 0700, its own; each file 0600, removed after use."""
+        return self.root / "uploads"
+
     def exists(self) -> bool:
         return self.db.exists()
 
