@@ -39,9 +39,10 @@ from .binaries import find_binaries
 from .postgres import Endpoint, Postgres
 from .psqlscan import scan
 
-# pg_backup.h ArchiveFormat, at byte 10 of an archive header: "PGDMP", major, minor, rev, intSize, offSize
+# pg_backup.h ArchiveFormat, at byte 10 of an archive header: "PGDMP", major, minor, rev, intSize, offSize.
+# (A directory dump's toc.dat says 3, tar, like a tar archive's: they differ in their members.)
 _FORMAT_AT = 10
-_CUSTOM, _TAR, _DIRECTORY = 1, 3, 5
+_CUSTOM = 1
 _TAR_MEMBER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")  # toc.dat, 3456.dat, restore.sql, blob_1.dat
 DATABASE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$-]{0,62}")
 _KEEP = re.compile(r"(ERROR|FATAL|DETAIL|HINT):|^(psql|pg_restore): error:")
@@ -102,15 +103,15 @@ def _check_tar(src: Path) -> None:
                                   "devices", member_type=_kind(member))
                 if first:
                     fh = tar.extractfile(member)
-                    toc = fh.read(_FORMAT_AT + 1) if fh else b""
-                    if member.name != "toc.dat" or toc[:5] != b"PGDMP":
+                    toc = fh.read(5) if fh else b""
+                    if member.name != "toc.dat" or toc != b"PGDMP":
                         raise BadDump("the tar archive is not a pg_dump archive (toc.dat is not its first member)",
                                       "Send a tar written by `pg_dump -Ft`")
-                    if toc[_FORMAT_AT:_FORMAT_AT + 1] == bytes([_DIRECTORY]):
-                        raise BadDump("the tar archive holds a directory-format dump",
-                                      "Import the directory itself: `tierbase import DIR` turns it into a plain "
-                                      "script on your side; or dump with `pg_dump -Fc`")
                     first = False
+                if member.name.endswith((".gz", ".lz4", ".zst")):  # -Ft never compresses; -Fd does
+                    raise BadDump("the tar archive holds a directory-format dump",
+                                  "Import the directory itself: `tierbase import DIR` turns it into a plain "
+                                  "script on your side; or dump with `pg_dump -Fc`")
             if first:
                 raise BadDump("the tar archive is empty", "Send a tar written by `pg_dump -Ft`")
     except tarfile.TarError as err:
