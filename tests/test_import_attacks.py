@@ -14,6 +14,7 @@ import random
 import secrets
 import shutil
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -358,3 +359,16 @@ def test_migration_endpoints_take_no_directory(svc: Svc, tmp_path: Path, fresh: 
         for op in ops.values():
             names = [p["name"] for p in op.get("parameters", [])]
             assert not {"dir", "path", "file"} & set(names), (route, names)
+
+
+def test_without_dir_the_client_reads_the_migrations_its_tierbase_toml_names(svc: Svc, tmp_path: Path,
+                                                                               fresh: str) -> None:
+    d = _migrations(tmp_path)
+    (tmp_path / "tierbase.toml").write_text(f'[project]\nmigrations = "{d.name}"\n')
+    got = subprocess.run([sys.executable, "-m", "tierbase.cli.main", "migrate", "status", "--branch", fresh, "--json"],
+                         env=svc.agent_env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert got.returncode == 0, got.stderr
+    assert [m["label"] for m in json.loads(got.stdout)["pending"]] == ["V0001__widgets"]
+    elsewhere = subprocess.run([sys.executable, "-m", "tierbase.cli.main", "migrate", "status", "--branch", fresh],
+                               env=svc.agent_env, cwd="/", capture_output=True, text=True, timeout=120)
+    assert elsewhere.returncode == 1 and "no migrations directory is known" in elsewhere.stderr

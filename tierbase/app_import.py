@@ -68,6 +68,15 @@ class ImportOps(FacadeBase):
         os.close(fd)
         return Path(name)
 
+    def clear_uploads(self) -> list[str]:
+        """Remove uploads a stopped service left behind (at start, before any import can run)."""
+        gone = []
+        if self.home.uploads.is_dir():
+            for p in self.home.uploads.iterdir():
+                p.unlink(missing_ok=True)
+                gone.append(p.name)
+        return gone
+
     def import_dump(self, path: str | os.PathLike[str], branch: str = "production",
                     dbname: str = "postgres") -> dict[str, Any]:
         """Restore a pg_dump output of the caller's (plain SQL, -Fc, -Ft, or a -Fd directory) into a branch."""

@@ -187,18 +187,19 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     async def import_dump(request: Request, me: As, branch: str = "production",
                           database: str = "postgres") -> dict[str, Any]:
         """The body is the dump itself (plain SQL, pg_dump -Fc or -Ft), streamed; never a path."""
+        body = request.stream()  # one iterator: a refusal part-way drains the rest of it
         try:
             require_octets(request)
             limit = await run_in_threadpool(me.import_check, branch, database)
             upload = await run_in_threadpool(me.new_upload)
         except TierbaseError:
-            await drain(request)
+            await drain(body)
             raise
         try:
             try:
-                await spool(request, upload, limit)
+                await spool(request, body, upload, limit)
             except TierbaseError:
-                await drain(request)
+                await drain(body)
                 raise
             return dict(await run_in_threadpool(me.import_upload, upload, branch, database))
         finally:

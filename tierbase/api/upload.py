@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import Request
@@ -24,14 +25,15 @@ def require_octets(request: Request) -> None:
                            "Send the file's content: `tierbase import FILE` and the SDK's import_dump do")
 
 
-async def spool(request: Request, dest: Path, limit: int) -> int:
-    """Write the body into ``dest`` (which the caller removes); refuse it past ``limit`` bytes."""
+async def spool(request: Request, body: AsyncIterator[bytes], dest: Path, limit: int) -> int:
+    """Write the ``body`` (``request.stream()``) into ``dest``, which the caller removes; refuse it past
+    ``limit`` bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large(limit)
     size, buf = 0, bytearray()
     with open(dest, "wb") as fh:
-        async for chunk in request.stream():
+        async for chunk in body:
             size += len(chunk)
             if size > limit:
                 raise too_large(limit)
@@ -43,11 +45,11 @@ async def spool(request: Request, dest: Path, limit: int) -> int:
     return size
 
 
-async def drain(request: Request) -> None:
+async def drain(body: AsyncIterator[bytes]) -> None:
     """Read what is left of a refused body, up to DRAIN_LIMIT, discarding it."""
     seen = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in body:
             seen += len(chunk)
             if seen > DRAIN_LIMIT:
                 return

@@ -28,6 +28,7 @@ import tarfile
 import tempfile
 import threading
 from enum import StrEnum
+from functools import cache
 from pathlib import Path
 from typing import IO
 
@@ -133,8 +134,10 @@ def restore_dump(pg: Postgres, admin: Endpoint, ep: Endpoint, src: Path, dbname:
     fmt, drop = inspect(src)
     made = dbname != "postgres" and _ensure_database(admin, dbname, ep.user)
     try:
+        offset = 0
         if fmt is DumpFormat.PLAIN:
-            code, err = _psql(pg, ep, src, dbname, drop, timeout)
+            offset = 1 if restricts(pg.bins["psql"]) else 0
+            code, err = _psql(pg, ep, src, dbname, drop, timeout, restrict=bool(offset))
         else:
             code, err = _pg_restore(pg, ep, src, dbname, timeout)
     except BaseException:
@@ -144,7 +147,8 @@ def restore_dump(pg: Postgres, admin: Endpoint, ep: Endpoint, src: Path, dbname:
     if code != 0:
         if made:
             _drop_database(admin, dbname)
-        raise RestoreFailed(f"restoring the {fmt.value} dump failed: {clean_errors(err) or f'exit code {code}'}",
+        raise RestoreFailed(f"restoring the {fmt.value} dump failed: "
+                            f"{clean_errors(err, offset) or f'exit code {code}'}",
                             "Fix the dump and try again; nothing was restored")
     return fmt
 
@@ -162,7 +166,20 @@ def _env(ep: Endpoint) -> dict[str, str]:
     return env
 
 
-def _psql(pg: Postgres, ep: Endpoint, src: Path, dbname: str, drop: set[int], timeout: float) -> tuple[int, bytes]:
+@cache
+def restricts(psql: str) -> bool:
+    """Whether this psql has ``\\restrict`` (15.14, 16.10, 17.6, 18 and later). Without it the scanner
+    alone keeps meta-commands out, which is what it is for; restricted mode is the second lock."""
+    try:
+        got = subprocess.run([psql, "--help=commands"], capture_output=True, text=True, timeout=30,
+                             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"})
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "\\restrict" in got.stdout
+
+
+def _psql(pg: Postgres, ep: Endpoint, src: Path, dbname: str, drop: set[int], timeout: float, *,
+          restrict: bool = True) -> tuple[int, bytes]:
     args = [pg.bins["psql"], "-X", "-q", "-v", "ON_ERROR_STOP=1", "--single-transaction", "-f", "-",
             *_conn_args(ep, dbname)]
     with tempfile.TemporaryFile() as errf:
@@ -172,7 +189,7 @@ def _psql(pg: Postgres, ep: Endpoint, src: Path, dbname: str, drop: set[int], ti
         killer.start()
         try:
             assert proc.stdin is not None
-            _feed(proc.stdin, src, drop)
+            _feed(proc.stdin, src, drop, secrets.token_hex(16) if restrict else None)
             code = proc.wait()
         finally:
             killer.cancel()
@@ -183,11 +200,12 @@ def _psql(pg: Postgres, ep: Endpoint, src: Path, dbname: str, drop: set[int], ti
         return code, errf.read()
 
 
-def _feed(stdin: IO[bytes], src: Path, drop: set[int]) -> None:
+def _feed(stdin: IO[bytes], src: Path, drop: set[int], key: str | None) -> None:
     """The dump on psql's stdin, after a \\restrict line of our own; a psql that stopped early is fine."""
     try:
         with stdin, open(src, "rb") as fh:
-            stdin.write(f"\\restrict {secrets.token_hex(16)}\n".encode())
+            if key:
+                stdin.write(f"\\restrict {key}\n".encode())
             buf: list[bytes] = []
             size = 0
             for n, line in enumerate(fh, 1):
