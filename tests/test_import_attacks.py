@@ -27,6 +27,7 @@ import pytest
 from tierbase.api.client import Client
 from tierbase.compute import find_binaries
 from tierbase.errors import InvalidInput, PolicyDenied, TierbaseError, UnsafeDump, UploadTooLarge
+from tierbase.migrate.files import MigrationError, discover, from_contents, read_dir
 
 from .conftest import free_port, make_home, needs_root_btrfs, query
 from .test_cli import leftovers, new_env, tierbase
@@ -372,3 +373,32 @@ def test_without_dir_the_client_reads_the_migrations_its_tierbase_toml_names(svc
     elsewhere = subprocess.run([sys.executable, "-m", "tierbase.cli.main", "migrate", "status", "--branch", fresh],
                                env=svc.agent_env, cwd="/", capture_output=True, text=True, timeout=120)
     assert elsewhere.returncode == 1 and "no migrations directory is known" in elsewhere.stderr
+
+
+def test_contents_load_like_the_directory_they_were_read_from(tmp_path: Path) -> None:
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "V0001__crlf.sql").write_bytes(b"\xef\xbb\xbfCREATE TABLE a (x int);\r\n")
+    (d / "U0001__crlf.sql").write_bytes(b"DROP TABLE a;\n")
+    (d / "V0002__plain.sql").write_bytes(b"CREATE TABLE b (x int);\n")
+    (d / "seeds.sql").write_bytes(b"not sent: not a migration name\n")
+    sent = read_dir(d)
+    assert sorted(sent) == ["U0001__crlf.sql", "V0001__crlf.sql", "V0002__plain.sql"]
+    on_disk, uploaded = discover(d), from_contents(sent)
+    assert [(m.label(), m.checksum, m.sql, m.undo_sql) for m in on_disk] == \
+        [(m.label(), m.checksum, m.sql, m.undo_sql) for m in uploaded]
+    assert all(m.uploaded and m.path == Path(m.path.name) for m in uploaded)
+    with pytest.raises(MigrationError, match="undo file"):
+        from_contents({"U0003__orphan.sql": "SELECT 1;"})
+    with pytest.raises(MigrationError, match="misnamed"):
+        from_contents({"v1_bad.sql": "SELECT 1;"})
+
+
+def test_lint_over_http_reads_the_contents_and_names_the_file(svc: Svc, tmp_path: Path) -> None:
+    d = tmp_path / "lintme"
+    d.mkdir()
+    (d / "V0001__index.sql").write_text("-- index\n\nCREATE INDEX seed_idx ON seed (id);\n")
+    got = tierbase(svc.agent_env, "migrate", "lint", "--dir", str(d), check=False)
+    assert got.returncode == 2, got.stderr
+    assert "V0001__index.sql:3" in got.stdout and "require-concurrent-index-creation" in got.stdout
+    assert str(d) not in got.stdout  # the server only knew the file's name
