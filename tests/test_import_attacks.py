@@ -182,9 +182,10 @@ def test_a_refused_dump_into_an_existing_database_changes_nothing(svc: Svc, tmp_
 
 
 # -- paths instead of content --------------------------------------------------------------------
-def test_a_path_sent_instead_of_content_is_refused_and_not_read(svc: Svc) -> None:
+@pytest.mark.parametrize("who", ["engineer", "agent"])
+def test_a_path_sent_instead_of_content_is_refused_and_not_read(svc: Svc, who: str) -> None:
     secret = str(svc.home / "api.token")
-    with svc.http(svc.agent_token) as http:
+    with svc.http(svc.agent_token if who == "agent" else None) as http:
         old_style = http.post("/v1/import", json={"path": secret, "branch": svc.agent_branch, "database": "x"})
         assert old_style.status_code == 400
         err = old_style.json()["error"]
@@ -258,7 +259,8 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tarfile
     ("gzip", "compressed"),
     ("empty", "is empty"),
 ])
-def test_bad_archives_are_refused_clearly(svc: Svc, tmp_path: Path, case: str, says: str) -> None:
+@pytest.mark.parametrize("who", ["engineer", "agent"])
+def test_bad_archives_are_refused_clearly(svc: Svc, tmp_path: Path, case: str, says: str, who: str) -> None:
     toc = b"PGDMP\x01\x0e\x00\x04\x08\x03" + b"\x00" * 64
     f = tmp_path / "bad.dump"
     if case == "garbage-archive":
@@ -285,10 +287,11 @@ def test_bad_archives_are_refused_clearly(svc: Svc, tmp_path: Path, case: str, s
     else:
         f.write_bytes(b"")
     db = f"bad_{secrets.token_hex(3)}"
-    got = tierbase(svc.agent_env, "import", str(f), "--branch", svc.agent_branch, "--database", db, check=False)
+    env, branch = (svc.env, "production") if who == "engineer" else (svc.agent_env, svc.agent_branch)
+    got = tierbase(env, "import", str(f), "--branch", branch, "--database", db, check=False)
     assert got.returncode == 1 and got.stderr.startswith("Error: ") and says in got.stderr, got.stderr
     assert "root id" not in got.stderr
-    assert not db_exists(svc, svc.agent_branch, db)
+    assert not db_exists(svc, branch, db)
     assert not Path("/etc/cron.d/evil").exists()
     assert uploads_left(svc) == []
 
