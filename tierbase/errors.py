@@ -130,6 +130,13 @@ class UnsafeDump(BadDump):
     code = "unsafe_dump"
 
 
+class RestoreFailed(TierbaseError):
+    """Postgres or the restore tool rejected a dump; nothing of it was kept."""
+
+    code = "restore_failed"
+    http_status = 422
+
+
 class UploadTooLarge(InvalidInput):
     code = "upload_too_large"
     http_status = 413

@@ -35,7 +35,7 @@ from typing import IO
 import psycopg
 from psycopg import sql
 
-from ..errors import BadDump, InvalidInput, TierbaseError
+from ..errors import BadDump, InvalidInput, RestoreFailed
 from .binaries import find_binaries
 from .postgres import Endpoint, Postgres
 from .psqlscan import scan
@@ -56,13 +56,6 @@ class DumpFormat(StrEnum):
     PLAIN = "plain"
     CUSTOM = "custom"
     TAR = "tar"
-
-
-class RestoreFailed(TierbaseError):
-    """Postgres or the restore tool rejected the dump; nothing of it was kept."""
-
-    code = "restore_failed"
-    http_status = 422
 
 
 def inspect(src: Path) -> tuple[DumpFormat, set[int]]:
