@@ -27,7 +27,7 @@ _TOKEN = re.compile(rb"""
    (?P<ws>[ \t\r\n\f\v]+)
   |(?P<lc>--[^\n]*)
   |(?P<bc>/\*)
-  |(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)
+  |(?P<num>\d+\.?\d*|\.\d+)
   |(?P<ident>[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*)
   |(?P<sq>')
   |(?P<dq>")
@@ -37,6 +37,20 @@ _TOKEN = re.compile(rb"""
   |(?P<ch>.)
 """, re.X | re.S)
 _IDENT_START = re.compile(rb"[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*")
+# The fast path inside a statement whose tokens no longer matter (not COPY, not CREATE FUNCTION):
+# skip identifiers (with the `$` they may hold), numbers (with psql's trailing junk) and plain bytes
+# in one match, stopping only where a string, comment, dollar quote, backslash, paren or `;` begins.
+_SKIP = re.compile(rb"""(?:
+    [A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*
+  | (?:\d+\.?\d*|\.\d+)(?:[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*)?
+  | [^'"$\\;()/\-A-Za-z0-9_\x80-\xff]
+  | /(?!\*) | -(?!-)
+)*""", re.X)
+_DOLQ = re.compile(rb"\$(?:[A-Za-z_\x80-\xff][A-Za-z0-9_\x80-\xff]*)?\$")
+_PARAM = re.compile(rb"\$\d+")
+# a quote right after an `E` that follows none of these opens an E'' string (the E is a token of its own)
+_NOT_BEFORE_E = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_$."
+                          + bytes(range(0x80, 0x100)))
 _SQ_BODY = re.compile(rb"(?:[^']+|'')*")
 _EQ_BODY = re.compile(rb"(?:[^'\\]+|''|\\.)*", re.S)
 _DQ_BODY = re.compile(rb'(?:[^"]+|"")*')
@@ -89,6 +103,7 @@ class _Scanner:
         self.queued = 0  # ... ended on the current line: their data starts on the next one
         self.lineno = 0
         self.e_end = -1  # where an identifier `E` ended on this line: a quote there opens an E'' string
+        self.fast = False  # the current statement's tokens are known enough: skip to what matters
 
     def scan(self, lines: Iterable[bytes]) -> Scan:
         out = Scan()
@@ -118,7 +133,7 @@ class _Scanner:
         self.e_end = -1
         while pos < end:
             if self.mode == "normal":
-                pos = self._normal(line, pos)
+                pos = self._fast(line, pos) if self.fast else self._normal(line, pos)
             elif self.mode == "sq":
                 pos = self._quoted(line, pos, _SQ_BODY, b"'")
             elif self.mode == "eq":
@@ -169,7 +184,9 @@ class _Scanner:
         elif kind == "bs":
             self._refuse(line, pos)
         elif kind == "num":
-            junk = _IDENT_START.match(line, nxt)  # psql reads 123abc as one (bad) token, not an identifier
+            # psql reads 1e5$a$ or 123abc as one (junk) token: a number and the identifier after it, `$`
+            # included. Exponents need no rule of their own: 1e+5 lexes as 1, e, +, 5 with the same boundaries
+            junk = _IDENT_START.match(line, nxt)
             nxt = junk.end() if junk else nxt
             self.stmt.add("num", text)
         elif kind == "ident":
@@ -177,7 +194,49 @@ class _Scanner:
         else:
             self._char(text)
         self.e_end = nxt if kind == "ident" and text in (b"E", b"e") else -1
+        self.fast = self.mode == "normal" and self._settled()
         return nxt
+
+    def _settled(self) -> bool:
+        """True once nothing more of the statement's tokens is needed (COPY and CREATE FUNCTION /
+        PROCEDURE statements are read token by token to their end)."""
+        t = self.stmt.tokens
+        if not t or t[0] == ("ident", b"COPY") or (t[0] == ("ident", b"PREPARE") and len(t) < 2):
+            return False
+        if t[0] == ("ident", b"CREATE"):
+            ids = self.stmt.idents
+            return len(t) >= 4 and not (ids[1] in ("f", "p") or (ids[1] == "o" and ids[2] == "r"))
+        return True
+
+    def _fast(self, line: bytes, pos: int) -> int:
+        m = _SKIP.match(line, pos)
+        pos = m.end() if m else pos
+        if pos >= len(line):
+            return pos
+        c = line[pos:pos + 1]
+        if c == b"'":
+            escaped = pos >= 1 and line[pos - 1] in b"Ee" and (pos < 2 or line[pos - 2] not in _NOT_BEFORE_E)
+            self.mode = "eq" if escaped else "sq"
+            return pos + 1
+        if c == b'"':
+            self.mode = "dq"
+            return pos + 1
+        if c == b"$":
+            d = _DOLQ.match(line, pos)
+            if d:
+                self.mode, self.tag = "dolq", d.group()
+                return d.end()
+            p = _PARAM.match(line, pos)
+            return p.end() if p else pos + 1
+        if c == b"\\":
+            self._refuse(line, pos)
+        if line.startswith(b"--", pos):
+            return len(line)
+        if line.startswith(b"/*", pos):
+            self.mode, self.depth = "comment", 1
+            return pos + 2
+        self._char(c)  # ( ) ;
+        return pos + 1
 
     def _ident(self, text: bytes) -> None:
         word = text.upper()
@@ -206,7 +265,7 @@ class _Scanner:
         self.stmt.add("ch", ch)
 
     def _end_statement(self) -> None:
-        st, self.stmt = self.stmt, _Statement()
+        st, self.stmt, self.fast = self.stmt, _Statement(), False
         first = st.tokens[0] if st.tokens else ("", b"")
         prepared = first == ("ident", b"PREPARE") and st.tokens[1:2] == [("ident", b"TRANSACTION")]
         if (first[0] == "ident" and first[1] in _TXN_CONTROL) or prepared:
