@@ -112,7 +112,8 @@ def test_the_fast_path_agrees_with_the_token_by_token_path(monkeypatch: pytest.M
 
 PIECES = [" t", " (", ")", " ", "'", "''", "E'", "e'", "\\\\", "\\echo MARK\n", " x", "$$", "$q$", "$1", "1", "1e",
           "1e5", "a$b", "\"", "\"\"", ";", "\n", "--", "/*", "*/", "SELECT", " CREATE", " FUNCTION", " BEGIN", " END",
-          " CASE", ".", ",", "-", "/", "E", "xE'", "(", "((", "))", "U&'", "$a$", "1.E'", " ATOMIC", "1e+5"]
+          " CASE", ".", ",", "-", "/", "E", "xE'", "(", "((", "))", "U&'", "$a$", "1.E'", " ATOMIC", "1e+5",
+          "1e-", "--x"]
 
 
 def _outcome(text: str) -> tuple[str, object]:

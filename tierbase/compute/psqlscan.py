@@ -27,7 +27,7 @@ _TOKEN = re.compile(rb"""
    (?P<ws>[ \t\r\n\f\v]+)
   |(?P<lc>--[^\n]*)
   |(?P<bc>/\*)
-  |(?P<num>\d+\.?\d*|\.\d+)
+  |(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][+-]\d*)?)
   |(?P<ident>[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*)
   |(?P<sq>')
   |(?P<dq>")
@@ -42,7 +42,8 @@ _IDENT_START = re.compile(rb"[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*")
 # in one match, stopping only where a string, comment, dollar quote, backslash, paren or `;` begins.
 _SKIP = re.compile(rb"""(?:
     [A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*
-  | (?:\d+\.?\d*|\.\d+)(?:[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*)?
+  | (?:\d+\.?\d*|\.\d+)(?:[eE][+-]\d+(?:[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*)?|[eE][+-]
+                            |[A-Za-z_\x80-\xff][A-Za-z0-9_$\x80-\xff]*)?
   | [^'"$\\;()/\-A-Za-z0-9_\x80-\xff]
   | /(?!\*) | -(?!-)
 )*""", re.X)
@@ -184,9 +185,10 @@ class _Scanner:
         elif kind == "bs":
             self._refuse(line, pos)
         elif kind == "num":
-            # psql reads 1e5$a$ or 123abc as one (junk) token: a number and the identifier after it, `$`
-            # included. Exponents need no rule of their own: 1e+5 lexes as 1, e, +, 5 with the same boundaries
-            junk = _IDENT_START.match(line, nxt)
+            # psql (flex: the longest match wins) reads 1e5$a$ and 123abc as one junk token, a number and
+            # the identifier after it with its `$`; 1e+5 and 1e+5x as a real (and its junk); 1e- as one
+            # bad token, so that 1e--x holds no comment
+            junk = _IDENT_START.match(line, nxt) if text[-1:].isdigit() or text[-1:] == b"." else None
             nxt = junk.end() if junk else nxt
             self.stmt.add("num", text)
         elif kind == "ident":
