@@ -9,10 +9,11 @@ Written here because nothing fits: pglast (libpg_query) parses server SQL and fa
 meta-command instead of locating it, and sqlparse knows neither psql's dollar-quote and E''-string
 rules nor where the data of ``COPY ... FROM stdin`` begins and ends. What matters is to see string,
 comment and COPY-data boundaries where psql's lexer (fe_utils/psqlscan.l) sees them, so the rules
-below follow it, including its BEGIN ... END heuristic for SQL-standard function bodies. Where the
-two could still disagree (a COPY statement of an unusual shape, a setting that changes how psql
-lexes strings) the scanner refuses; and psql itself runs restricted, so a disagreement cannot
-run a command either.
+below follow it, including its BEGIN ... END heuristic for SQL-standard function bodies and its
+longest-match reading of numbers (``1e5$a$`` is one token, ``1e-`` too); tests/test_psqlscan.py
+checks the scanner against psql itself on random fragments. Where the two could still disagree
+(a COPY statement of an unusual shape, a setting that changes how psql lexes strings) the scanner
+refuses; and psql itself runs restricted, so a disagreement cannot run a command either.
 """
 
 from __future__ import annotations
