@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tierbase import Tierbase
+from tierbase.compute import restore
 from tierbase.errors import InvalidInput, TierbaseError
 
 from .conftest import query
@@ -52,3 +53,26 @@ def test_import_errors_are_clear(platform: Tierbase, tmp_path: Path) -> None:
     with pytest.raises(TierbaseError, match="division by zero"):
         platform.import_dump(str(broken), "production", "postgres")
     assert query(prod, "SELECT to_regclass('half_made')") == [(None,)]
+
+
+def test_psql_runs_restricted_so_a_meta_command_the_scanner_missed_still_cannot_run(platform: Tierbase,
+                                                                                     tmp_path: Path) -> None:
+    """The second lock: _psql called without the scan (as if the scanner had missed the line)."""
+    if not restore.restricts(platform.branches.provider.pg.bins["psql"]):
+        pytest.skip("this psql has no \\restrict (older than 15.14)")
+    marker = Path("/tmp") / f"tierbase-restricted-{secrets.token_hex(4)}"
+    src = tmp_path / "evil.sql"  # under a 0700 dir: psql reads it from the service, on stdin
+    src.write_text(f"SELECT 1;\n\\! touch {marker}\n")
+    provider = platform.branches.provider
+    platform.start_branch("production")
+    code, err = restore._psql(provider.pg, provider.endpoint(platform.store.get("production").port), src,
+                              "postgres", set(), 60)
+    assert code != 0 and b"backslash commands are restricted" in err
+    assert not marker.exists()
+
+
+def test_uploads_are_private_and_cleared_at_start(platform: Tierbase) -> None:
+    up = platform.new_upload()
+    assert up.parent == platform.home.uploads and up.stat().st_mode & 0o777 == 0o600
+    assert platform.home.uploads.stat().st_mode & 0o777 == 0o700
+    assert platform.clear_uploads() == [up.name] and not up.exists()

@@ -19,9 +19,9 @@ import psycopg
 from psycopg import sql
 
 from .app_governance import GovernanceOps
+from .app_import import ImportOps
 from .app_migrate import MigrationOps
 from .compute import Postgres, compute_user, find_binaries
-from .compute.restore import restore_dump
 from .compute.roles import DIRECT_GROUP, OWNER_ROLE, READER_ROLE
 from .control.store import Branch, Kind, Store
 from .errors import BranchNotFound, InvalidInput, NotRunning, PolicyDenied, Refused, TierbaseError
@@ -38,7 +38,7 @@ DEFAULT_API_PORT = 55430
 DEFAULT_PROXY_PORT = 55431
 
 
-class Tierbase(GovernanceOps, MigrationOps):
+class Tierbase(GovernanceOps, MigrationOps, ImportOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------
@@ -359,22 +359,6 @@ class Tierbase(GovernanceOps, MigrationOps):
             "branches": len(branches), "computes_running": running,
         }
 
-    # -- import ------------------------------------------------------------------
-    def import_dump(self, path: str, branch: str = ROOT_BRANCH, dbname: str = "postgres") -> dict[str, Any]:
-        """Restore a pg_dump file (plain SQL or custom/directory/tar archive) into a branch."""
-        src = Path(path).absolute()
-        if not src.exists():
-            raise InvalidInput(f"dump file {path!r} does not exist", "Give the path of a pg_dump output")
-        with self.gate.act(self.actor, Action.BRANCH_IMPORT, self._subject(branch)) as rec:
-            self.branches.start(branch)
-            t0 = time.perf_counter()
-            provider = self.branches.provider
-            port = self.store.get(branch).port
-            restore_dump(provider.pg, provider.endpoint(port, role=OWNER_ROLE), src, dbname,
-                         admin=provider.endpoint(port))
-            rec.after = out = {"branch": branch, "database": dbname, "file": str(src),
-                               "seconds": round(time.perf_counter() - t0, 2)}
-        return out
 
 def _remove_made(root: Path, existed: set[Path] | None) -> None:
     """Undo a failed first `up`: the whole directory if it made it, else only the entries it added."""

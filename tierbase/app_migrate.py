@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,10 @@ from .compute.roles import OWNER_ROLE
 from .control.store import Branch, Kind
 from .errors import InvalidInput, Refused, TierbaseError
 from .governance.policy import Action, Subject
-from .migrate import files, ledger
+from .migrate import files as migration_files
+from .migrate import ledger
 from .migrate.diff import diff_urls
+from .migrate.files import Migration
 from .migrate.lint import lint
 from .migrate.promote import PromotionLog, pre_snapshot_name, rollback_name, run_smoke, to_promote
 from .migrate.verify import verify
@@ -53,8 +55,12 @@ class MigrationOps(FacadeBase):
         raise InvalidInput("no migrations directory is known",
                            "Pass --dir, or declare `[project] migrations = \"db/migrations\"` in tierbase.toml")
 
-    def _migrations(self, migrations_dir: str | None) -> list[files.Migration]:
-        return files.discover(self._migrations_dir(migrations_dir))
+    def _migrations(self, migrations_dir: str | None, contents: Mapping[str, str] | None) -> list[Migration]:
+        """From ``contents`` (name -> text) when given: what the API passes, so that no request makes the
+        server read a directory; from a directory only in-process (library use, the caller's own files)."""
+        if contents is not None:
+            return migration_files.from_contents(contents)
+        return migration_files.discover(self._migrations_dir(migrations_dir))
 
     @property
     def _database(self) -> str:
@@ -90,33 +96,37 @@ class MigrationOps(FacadeBase):
         return Subject(name=tier, kind="tier", protected=spec.protected, tier=tier)
 
     # -- migrations on one branch ------------------------------------------------------
-    def migrate_status(self, branch: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
+    def migrate_status(self, branch: str | None = None, migrations_dir: str | None = None, *,
+                       files: Mapping[str, str] | None = None) -> dict[str, Any]:
         b = self._serving(branch or self.config.entry)
-        migrations = self._migrations(migrations_dir)
+        migrations = self._migrations(migrations_dir, files)
         with self._connect(b.name) as conn:
             return {"branch": b.name, **ledger.status(conn, migrations).to_dict()}
 
-    def migrate_apply(self, branch: str, migrations_dir: str | None = None) -> dict[str, Any]:
+    def migrate_apply(self, branch: str, migrations_dir: str | None = None, *,
+                      files: Mapping[str, str] | None = None) -> dict[str, Any]:
         b = self._serving(branch)
-        migrations = self._migrations(migrations_dir)
+        migrations = self._migrations(migrations_dir, files)
         with self.gate.act(self.actor, Action.MIGRATE, self.gate.subject(b)) as rec, self._connect(b.name) as conn:
             applied = self._apply(conn, migrations)
             rec.after = {"applied": [a["version"] for a in applied]}
         return {"branch": b.name, "applied": applied}
 
     def migrate_new(self, name: str, migrations_dir: str | None = None, undo: bool = False) -> dict[str, Any]:
-        paths = files.new_migration(self._migrations_dir(migrations_dir), name, with_undo=undo)
+        paths = migration_files.new_migration(self._migrations_dir(migrations_dir), name, with_undo=undo)
         return {"created": [str(p) for p in paths]}
 
-    def migrate_lint(self, migrations_dir: str | None = None, block: list[str] | None = None) -> dict[str, Any]:
+    def migrate_lint(self, migrations_dir: str | None = None, block: list[str] | None = None, *,
+                     files: Mapping[str, str] | None = None) -> dict[str, Any]:
         rules = block if block is not None else self.config.raw.get("migrations", {}).get("lint_block")
-        return lint(self._migrations(migrations_dir), block=rules).to_dict()
+        return lint(self._migrations(migrations_dir, files), block=rules).to_dict()
 
-    def migrate_verify(self, parent: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
+    def migrate_verify(self, parent: str | None = None, migrations_dir: str | None = None, *,
+                       files: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Apply pending migrations on a throwaway branch of ``parent``: cleanly, idempotently, reversibly."""
         source = self._serving(parent or self.config.entry)
         rules = self.config.raw.get("migrations", {}).get("lint_block")
-        migrations = self._migrations(migrations_dir)
+        migrations = self._migrations(migrations_dir, files)
         report = verify(_VerifyPlatform(self), source.name, migrations,
                         actor=self.gate.principal(self.actor).name, dbname=self._database, lint_block=rules)
         out = report.to_dict()
@@ -134,7 +144,7 @@ class MigrationOps(FacadeBase):
     def _settings(self) -> dict[str, Any]:
         return dict(self.config.raw.get("migrations", {}))
 
-    def _apply(self, conn: psycopg.Connection[Any], migrations: list[files.Migration]) -> list[dict[str, Any]]:
+    def _apply(self, conn: psycopg.Connection[Any], migrations: list[Migration]) -> list[dict[str, Any]]:
         """ledger.apply with the declared [migrations] timeouts, as the acting principal."""
         return ledger.apply(conn, migrations, actor=self.gate.principal(self.actor).name,
                             statement_timeout=str(self._settings.get("statement_timeout", "5min")),
@@ -152,13 +162,14 @@ class MigrationOps(FacadeBase):
         raise InvalidInput(f"{tier!r} has no child tier on the promotion path from {cfg.entry!r}",
                            "Name the source: `tierbase promote TIER --from BRANCH`")
 
-    def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
+    def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None, *,
+                files: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Apply to TIER the migrations validated on SOURCE; roll back by repoint if anything fails."""
         target = self._tier_subject(tier)
         src_name = source or self._default_source(tier)
         src_branch = self._serving(src_name)
         src_subject = self.gate.subject(src_branch)
-        migrations = self._migrations(migrations_dir)
+        migrations = self._migrations(migrations_dir, files)
         log = PromotionLog(self.store)
         with self.gate.act(self.actor, Action.PROMOTE, target, src_subject) as rec:
             serving = self._serving(tier)
@@ -178,7 +189,7 @@ class MigrationOps(FacadeBase):
         return result
 
     def _promote(self, pid: int, log: PromotionLog, tier: str, serving: Branch, src: Branch,
-                 migrations: list[files.Migration], t0: float) -> dict[str, Any]:
+                 migrations: list[Migration], t0: float) -> dict[str, Any]:
         with self._connect(serving.name) as tconn, self._connect(src.name) as sconn:
             pending = to_promote(ledger.status(tconn, migrations), ledger.status(sconn, migrations), tier, src.name)
         snapshot = pre_snapshot_name(tier, pid)

@@ -119,6 +119,30 @@ class Unauthorized(TierbaseError):
     http_status = 401
 
 
+class BadDump(InvalidInput):
+    """An uploaded dump is not one tierbase can restore (format, archive members, encoding)."""
+
+    code = "bad_dump"
+
+
+class UnsafeDump(BadDump):
+    """A plain dump holds a psql meta-command: a dump is data, so nothing of it is run."""
+
+    code = "unsafe_dump"
+
+
+class RestoreFailed(TierbaseError):
+    """Postgres or the restore tool rejected a dump; nothing of it was kept."""
+
+    code = "restore_failed"
+    http_status = 422
+
+
+class UploadTooLarge(InvalidInput):
+    code = "upload_too_large"
+    http_status = 413
+
+
 def error_from_dict(payload: dict[str, Any]) -> TierbaseError:
     """Rebuild an error received over the API as the same class."""
     classes = {cls.code: cls for cls in _all_subclasses(TierbaseError)}

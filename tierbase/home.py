@@ -61,6 +61,11 @@ class Home:
     def write_marker(self) -> None:
         self.write_secret(self.marker, "tierbase data dir: `tierbase down --purge` may delete this directory\n")
 
+    @property
+    def uploads(self) -> Path:
+        """Where the service spools uploaded dumps: 0700, its own; each file 0600, removed after use."""
+        return self.root / "uploads"
+
     def exists(self) -> bool:
         return self.db.exists()
 

@@ -178,6 +178,8 @@ class Service:
         self.loop = asyncio.get_running_loop()
         for line in await asyncio.to_thread(self.tb.reconcile):
             log.info("reconcile: %s", line)
+        for name in await asyncio.to_thread(self.tb.clear_uploads):
+            log.info("removed the upload %s left by a service that stopped mid-import", name)
         app = create_app(self.tb, hooks=self)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.tb.api_port, log_level="warning",
                                                lifespan="off"))

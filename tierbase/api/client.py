@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
-from ..errors import NotRunning, TierbaseError, error_from_dict
+from ..compute.restore import directory_script
+from ..errors import InvalidInput, NotRunning, TierbaseError, error_from_dict
 from ..home import Home, default_home
+from ..migrate.files import read_dir
+
+_CHUNK = 1 << 20
 
 
 def service_info(home: Home) -> dict[str, Any] | None:
@@ -27,6 +35,27 @@ def _token_file() -> str | None:
         return path.read_text().strip() or None
     except OSError:
         return None
+
+
+@contextmanager
+def _dump_body(src: Path) -> Iterator[tuple[IO[bytes], int]]:
+    """The bytes to upload for ``src`` and their size: a file as it is, a -Fd directory as a script."""
+    if src.is_dir():
+        with tempfile.TemporaryFile() as fh:
+            directory_script(src, fh)
+            size = os.fstat(fh.fileno()).st_size  # pg_restore wrote through the shared descriptor
+            fh.seek(0)
+            yield fh, size
+        return
+    if not src.is_file():
+        raise InvalidInput(f"dump file {str(src)!r} does not exist", "Give the path of a pg_dump output")
+    with open(src, "rb") as fh:
+        yield fh, os.fstat(fh.fileno()).st_size
+
+
+def _chunks(fh: IO[bytes]) -> Iterator[bytes]:
+    while chunk := fh.read(_CHUNK):
+        yield chunk
 
 
 class Client:
@@ -115,8 +144,17 @@ class Client:
     def sweep(self) -> list[str]:
         return list(self._call("POST", "/v1/sweep")["deleted"])
 
-    def import_dump(self, path: str, branch: str = "production", dbname: str = "postgres") -> dict[str, Any]:
-        return dict(self._call("POST", "/v1/import", json={"path": path, "branch": branch, "database": dbname}))
+    def import_dump(self, path: str | os.PathLike[str], branch: str = "production",
+                    dbname: str = "postgres") -> dict[str, Any]:
+        """Send a pg_dump output of the caller's: its bytes are read here and streamed (the service opens
+        no path); a -Fd directory goes as the plain script pg_restore makes of it on this side."""
+        params = {"branch": branch, "database": dbname}
+        with _dump_body(Path(path)) as (fh, size):
+            # a refusal (policy, size) before sending the bytes, rather than after
+            self._call("POST", "/v1/import/check", params={**params, "size": size})
+            return dict(self._call("POST", "/v1/import", params=params, content=_chunks(fh),
+                                   headers={"Content-Type": "application/octet-stream",
+                                            "Content-Length": str(size)}))
 
     # -- governance ---------------------------------------------------------------
     def create_principal(self, name: str, role: str) -> dict[str, Any]:
@@ -172,21 +210,44 @@ class Client:
         return dict(self._call("POST", f"/v1/flow/{feature}", json=body))
 
     # -- migrations and promotion -------------------------------------------------------
+    def _migration_files(self, migrations_dir: str | os.PathLike[str] | None) -> dict[str, str]:
+        """The migration files, read on this side: the API takes contents, never a directory."""
+        return read_dir(Path(migrations_dir) if migrations_dir else self._default_migrations_dir())
+
+    def _default_migrations_dir(self) -> Path:
+        """[project] migrations of the tierbase.toml the platform loaded (relative to it), else of ./tierbase.toml."""
+        shown = self.show_config()
+        for source, text in ((shown.get("source"), shown.get("text")), ("tierbase.toml", None)):
+            if not source:
+                continue
+            try:
+                cfg = tomllib.loads(text) if text else tomllib.loads(Path(source).read_text())
+            except (OSError, tomllib.TOMLDecodeError):
+                continue
+            rel = cfg.get("project", {}).get("migrations")
+            if rel:
+                return Path(source).absolute().parent / str(rel)
+        raise InvalidInput("no migrations directory is known",
+                           "Pass --dir, or declare `[project] migrations = \"db/migrations\"` in tierbase.toml")
+
     def migrate_status(self, branch: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
-        params = {k: v for k, v in (("branch", branch), ("dir", migrations_dir)) if v}
-        return dict(self._call("GET", "/v1/migrations/status", params=params))
+        body = {"branch": branch, "files": self._migration_files(migrations_dir)}
+        return dict(self._call("POST", "/v1/migrations/status", json=body))
 
     def migrate_apply(self, branch: str, migrations_dir: str | None = None) -> dict[str, Any]:
-        return dict(self._call("POST", "/v1/migrations/apply", json={"branch": branch, "dir": migrations_dir}))
+        body = {"branch": branch, "files": self._migration_files(migrations_dir)}
+        return dict(self._call("POST", "/v1/migrations/apply", json=body))
 
     def migrate_verify(self, parent: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
-        return dict(self._call("POST", "/v1/migrations/verify", json={"branch": parent, "dir": migrations_dir}))
+        body = {"branch": parent, "files": self._migration_files(migrations_dir)}
+        return dict(self._call("POST", "/v1/migrations/verify", json=body))
 
     def migrate_lint(self, migrations_dir: str | None = None) -> dict[str, Any]:
-        return dict(self._call("GET", "/v1/migrations/lint", params={"dir": migrations_dir} if migrations_dir else {}))
+        return dict(self._call("POST", "/v1/migrations/lint", json={"files": self._migration_files(migrations_dir)}))
 
     def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
-        return dict(self._call("POST", f"/v1/tiers/{tier}/promote", json={"source": source, "dir": migrations_dir}))
+        body = {"source": source, "files": self._migration_files(migrations_dir)}
+        return dict(self._call("POST", f"/v1/tiers/{tier}/promote", json=body))
 
     def rollback(self, tier: str, to: str | None = None) -> dict[str, Any]:
         return dict(self._call("POST", f"/v1/tiers/{tier}/rollback", json={"to": to}))

@@ -9,13 +9,16 @@ import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .. import __version__
 from ..app import Tierbase
+from ..app_import import too_large
 from ..errors import InvalidInput, TierbaseError, Unauthorized, translate
+from .upload import drain, require_octets, spool
 
 log = logging.getLogger("tierbase.api")
 
@@ -33,12 +36,6 @@ class RouteSet(BaseModel):
     drain: float = 0.0
 
 
-class ImportDump(BaseModel):
-    path: str
-    branch: str = "production"
-    database: str = "postgres"
-
-
 class PrincipalCreate(BaseModel):
     name: str
     role: str
@@ -50,14 +47,36 @@ class FlowEvent(BaseModel):
     evidence: dict[str, Any] = {}
 
 
-class MigrateBody(BaseModel):
+class MigrationFiles(BaseModel):
+    """The migrations directory's .sql files as sent by the client, which read them on its side."""
+
+    model_config = ConfigDict(extra="forbid")
+    files: dict[str, str] | None = Field(
+        default=None, description="file name -> content of each V<n>__name.sql / U<n>__name.sql file; "
+                                  "the server computes the checksums from the contents")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_paths(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dir" in data:
+            raise ValueError("the server reads no directory it is sent: send the migration files' contents "
+                             "as `files` (name -> text); the CLI and the SDK read --dir on your side")
+        return data
+
+    def migrations(self) -> dict[str, str]:
+        if self.files is None:
+            raise InvalidInput("no migration files were sent",
+                               "Send the .sql files of the migrations directory as `files` (name -> content); "
+                               "`tierbase migrate ... --dir DIR` and the SDK read the directory for you")
+        return self.files
+
+
+class MigrateBody(MigrationFiles):
     branch: str | None = None
-    dir: str | None = None
 
 
-class PromoteBody(BaseModel):
+class PromoteBody(MigrationFiles):
     source: str | None = None
-    dir: str | None = None
 
 
 class RollbackBody(BaseModel):
@@ -179,9 +198,37 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     def sweep(me: As) -> dict[str, Any]:
         return {"deleted": me.sweep()}
 
-    @app.post("/v1/import")
-    def import_dump(me: As, body: ImportDump) -> dict[str, Any]:
-        return me.import_dump(body.path, body.branch, body.database)
+    @app.post("/v1/import/check")
+    def import_check(me: As, branch: str = "production", database: str = "postgres",
+                     size: int = 0) -> dict[str, Any]:
+        """Before uploading: may I import into this branch, and does a dump of ``size`` bytes fit?"""
+        limit = me.import_check(branch, database)
+        if size > limit:
+            raise too_large(limit)
+        return {"branch": branch, "database": database, "limit": limit}
+
+    @app.post("/v1/import", openapi_extra={"requestBody": {"required": True, "content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def import_dump(request: Request, me: As, branch: str = "production",
+                          database: str = "postgres") -> dict[str, Any]:
+        """The body is the dump itself (plain SQL, pg_dump -Fc or -Ft), streamed; never a path."""
+        body = request.stream()  # one iterator: a refusal part-way drains the rest of it
+        try:
+            require_octets(request)
+            limit = await run_in_threadpool(me.import_check, branch, database)
+            upload = await run_in_threadpool(me.new_upload)
+        except TierbaseError:
+            await drain(body)
+            raise
+        try:
+            try:
+                await spool(request, body, upload, limit)
+            except TierbaseError:
+                await drain(body)
+                raise
+            return dict(await run_in_threadpool(me.import_upload, upload, branch, database))
+        finally:
+            upload.unlink(missing_ok=True)
 
     # -- governance ---------------------------------------------------------------------
     @app.get("/v1/principals")
@@ -239,27 +286,27 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         return me.flow_record(feature, body.transition, body.state, body.evidence)
 
     # -- migrations, promotion, diff ----------------------------------------------------------
-    @app.get("/v1/migrations/status")
-    def migrate_status(me: As, branch: str | None = None, dir: str | None = None) -> dict[str, Any]:
-        return me.migrate_status(branch, dir)
+    @app.post("/v1/migrations/status")
+    def migrate_status(me: As, body: MigrateBody) -> dict[str, Any]:
+        return me.migrate_status(body.branch, files=body.migrations())
 
     @app.post("/v1/migrations/apply")
     def migrate_apply(me: As, body: MigrateBody) -> dict[str, Any]:
         if not body.branch:
             raise InvalidInput("no branch to migrate was given", "Pass the branch: --branch NAME")
-        return me.migrate_apply(body.branch, body.dir)
+        return me.migrate_apply(body.branch, files=body.migrations())
 
     @app.post("/v1/migrations/verify")
     def migrate_verify(me: As, body: MigrateBody) -> dict[str, Any]:
-        return me.migrate_verify(body.branch, body.dir)
+        return me.migrate_verify(body.branch, files=body.migrations())
 
-    @app.get("/v1/migrations/lint")
-    def migrate_lint(me: As, dir: str | None = None) -> dict[str, Any]:
-        return me.migrate_lint(dir)
+    @app.post("/v1/migrations/lint")
+    def migrate_lint(me: As, body: MigrationFiles) -> dict[str, Any]:
+        return me.migrate_lint(files=body.migrations())
 
     @app.post("/v1/tiers/{tier}/promote")
     def promote(me: As, tier: str, body: PromoteBody) -> dict[str, Any]:
-        return me.promote(tier, body.source, body.dir)
+        return me.promote(tier, body.source, files=body.migrations())
 
     @app.post("/v1/tiers/{tier}/rollback")
     def rollback(me: As, tier: str, body: RollbackBody) -> dict[str, Any]:

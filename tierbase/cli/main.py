@@ -77,16 +77,20 @@ def cli(ctx: click.Context, home: str | None) -> None:
               "(default 300; 0 never).")
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
               help="tierbase.toml declaring tiers, roles and masking (creates missing tiers).")
+@click.option("--import-limit", default=None, help="Largest dump `tierbase import` accepts, e.g. 512M, 8G "
+              "(default 4G).")
 @command
 @click.pass_context
 def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, proxy_port: int | None,
-       idle_timeout: int | None, config: str | None) -> None:
+       idle_timeout: int | None, config: str | None, import_limit: str | None) -> None:
     """Start the platform for the data dir (initialising it on first use)."""
     tb = Tierbase(home_of(ctx))
     said = tb.init(storage=storage, btrfs_size=btrfs_size, api_port=api_port, proxy_port=proxy_port,
                    config=config)
     if idle_timeout is not None:
         tb.store.set_setting("idle_timeout", idle_timeout)
+    if import_limit is not None:
+        tb.set_import_limit(import_limit)
     info = _running_service(tb.home)
     if info is None:
         info = _spawn_service(tb.home)
@@ -185,8 +189,10 @@ def status(ctx: click.Context) -> None:
 @command
 @click.pass_context
 def import_(ctx: click.Context, dump: str, branch: str, database: str) -> None:
-    """Restore a pg_dump file (plain SQL or archive) into a branch."""
-    data = client(ctx).import_dump(str(Path(dump).absolute()), branch, database)
+    """Restore a pg_dump output (plain SQL, -Fc, -Ft, or a -Fd directory) into a branch.
+
+    The file is read here and its bytes are sent to the service, which opens no path of yours."""
+    data = client(ctx).import_dump(dump, branch, database)
     emit_json(data) if as_json() else out.print(f"restored {dump} into {branch}/{database} in {data['seconds']} s")
 
 

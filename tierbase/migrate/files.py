@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ _FILE = re.compile(r"^(?P<kind>[VU])(?P<version>\d+)__(?P<name>[A-Za-z0-9_-]+)\.
 # a .sql file that looks like it means to be a migration but is misnamed (v1_x.sql, V1-x.sql, U3.sql)
 _LOOKS_LIKE = re.compile(r"^([VvUu]\d|[VU][^a-z].*__)")
 _NEW_NAME = re.compile(r"^[a-z0-9_]+$")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.sql", re.I)
 
 
 # -- errors -------------------------------------------------------------------------------------------
@@ -75,6 +77,8 @@ class Migration:
     transactional: bool
     undo_path: Path | None = None
     undo_sql: str | None = None
+    #: sent by a client over the API: ``path`` is the file's name only, there is no file on this side
+    uploaded: bool = False
 
     def label(self) -> str:
         return f"V{self.version:04d}__{self.name}"
@@ -100,19 +104,16 @@ def checksum(raw: bytes) -> str:
     return hashlib.sha256(raw.replace(b"\r\n", b"\n")).hexdigest()
 
 
-def _read(path: Path) -> tuple[str, str]:
-    raw = path.read_bytes()
+def _decode(raw: bytes, name: str) -> str:
     try:
-        text = raw.replace(b"\r\n", b"\n").decode("utf-8-sig")
+        return raw.replace(b"\r\n", b"\n").decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise MigrationError(f"migration file {path} is not UTF-8 ({err.reason} at byte {err.start})",
-                             "Save it as UTF-8", file=str(path)) from err
-    return text, checksum(raw)
+        raise MigrationError(f"migration file {name} is not UTF-8 ({err.reason} at byte {err.start})",
+                             "Save it as UTF-8", file=name) from err
 
 
-def discover(directory: Path) -> list[Migration]:
-    """Every migration in ``directory``, ordered by version; refuses an ambiguous or misnamed set."""
-    directory = Path(directory)
+def _read_dir(directory: Path) -> dict[str, bytes]:
+    """The bytes of every .sql file in ``directory`` that is or looks like a migration."""
     if not directory.is_dir():
         raise MigrationError(
             f"migration directory {directory} does not exist",
@@ -120,62 +121,113 @@ def discover(directory: Path) -> list[Migration]:
             "or set the migration dir in tierbase.toml",
             directory=str(directory),
         )
-    ups: dict[int, list[Path]] = {}
-    undos: dict[int, list[Path]] = {}
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())
+            if p.is_file() and p.suffix.lower() == ".sql" and (_FILE.match(p.name) or _LOOKS_LIKE.match(p.name))}
+
+
+def discover(directory: Path) -> list[Migration]:
+    """Every migration in ``directory``, ordered by version; refuses an ambiguous or misnamed set."""
+    directory = Path(directory)
+    return _parse(_read_dir(directory), str(directory), directory)
+
+
+def read_dir(directory: Path) -> dict[str, str]:
+    """The migration files of ``directory`` as name -> text: what a client sends to the API, which
+    reads no directory itself. The text is the file's exact content (no newline or BOM changes),
+    so the checksum the server computes from it is the file's."""
+    directory = Path(directory)
+    out = {}
+    for name, raw in _read_dir(directory).items():
+        try:
+            out[name] = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise MigrationError(f"migration file {directory / name} is not UTF-8 ({err.reason} at byte "
+                                 f"{err.start})", "Save it as UTF-8", file=str(directory / name)) from err
+    return out
+
+
+def from_contents(contents: Mapping[str, str], where: str = "the migration files sent") -> list[Migration]:
+    """Migrations from file contents (name -> text) sent over the API, with the same checks as ``discover``."""
+    bad = sorted(n for n in contents if not _PLAIN_NAME.fullmatch(n))
+    if bad:
+        raise MigrationError(f"not plain .sql file names in {where}: {', '.join(map(repr, bad[:5]))}",
+                             "Send each file under its own name (V0001__name.sql), without a directory part",
+                             files=bad)
+    raw = {}
+    for name, text in contents.items():
+        try:
+            raw[name] = text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise MigrationError(f"migration file {name} is not valid text ({err.reason})", "Save it as UTF-8",
+                                 file=name) from err
+    return _parse(raw, where, None)
+
+
+def _parse(found: dict[str, bytes], where: str, directory: Path | None) -> list[Migration]:
+    """Validate and load one set of migration files (from a directory, or sent by a client)."""
+    ups: dict[int, list[str]] = {}
+    undos: dict[int, list[str]] = {}
     bad: list[str] = []
-    for path in sorted(directory.iterdir()):
-        if not path.is_file() or path.suffix.lower() != ".sql":
-            continue  # README.md, seeds/, ...
-        match = _FILE.match(path.name)
+    for name in sorted(found):
+        match = _FILE.match(name)
         if match is None:
-            if _LOOKS_LIKE.match(path.name):
-                bad.append(path.name)
+            if _LOOKS_LIKE.match(name):
+                bad.append(name)
             continue
         version = int(match["version"])
-        (ups if match["kind"] == "V" else undos).setdefault(version, []).append(path)
+        (ups if match["kind"] == "V" else undos).setdefault(version, []).append(name)
     if bad:
         raise MigrationError(
-            f"misnamed migration file(s) in {directory}: {', '.join(bad)}",
+            f"misnamed migration file(s) in {where}: {', '.join(bad)}",
             "Name migrations V<digits>__<name>.sql and undo files U<digits>__<name>.sql "
             "(e.g. V0003__split_inventory_code.sql), or move other .sql files out of the directory",
-            directory=str(directory), files=bad,
+            directory=where, files=bad,
         )
-    _refuse_duplicates(directory, ups, "migration")
-    _refuse_duplicates(directory, undos, "undo")
-    too_big = [p.name for v, ps in ups.items() if v > MAX_VERSION for p in ps]
+    _refuse_duplicates(where, ups, "migration")
+    _refuse_duplicates(where, undos, "undo")
+    too_big = [p for v, ps in ups.items() if v > MAX_VERSION for p in ps]
     if too_big:
         raise MigrationError(f"migration version too large in {', '.join(too_big)} (max {MAX_VERSION})",
                              "Renumber the file with a smaller version", files=too_big)
-    orphans = [ps[0].name for v, ps in undos.items() if v not in ups]
+    orphans = [ps[0] for v, ps in undos.items() if v not in ups]
     if orphans:
         raise MigrationError(
-            f"undo file(s) without a migration in {directory}: {', '.join(sorted(orphans))}",
+            f"undo file(s) without a migration in {where}: {', '.join(sorted(orphans))}",
             "Each U<version>__<name>.sql undoes the V file of the same version and name: "
             "rename it to match its migration, or delete it",
-            directory=str(directory), files=sorted(orphans),
+            directory=where, files=sorted(orphans),
         )
-    return [_load(ups[v][0], undos.get(v, [None])[0]) for v in sorted(ups)]
+
+    def path(name: str) -> Path:
+        return directory / name if directory is not None else Path(name)
+
+    out = []
+    for v in sorted(ups):
+        up, undo = ups[v][0], undos.get(v, [None])[0]
+        out.append(_load(path(up), found[up], path(undo) if undo else None, found[undo] if undo else None,
+                         uploaded=directory is None))
+    return out
 
 
-def _refuse_duplicates(directory: Path, found: dict[int, list[Path]], what: str) -> None:
+def _refuse_duplicates(where: str, found: dict[int, list[str]], what: str) -> None:
     clashes = {v: ps for v, ps in found.items() if len(ps) > 1}
     if not clashes:
         return
-    names = [", ".join(p.name for p in ps) for _, ps in sorted(clashes.items())]
+    names = [", ".join(ps) for _, ps in sorted(clashes.items())]
     raise MigrationError(
-        f"two {what} files with one version in {directory}: {'; '.join(names)}",
+        f"two {what} files with one version in {where}: {'; '.join(names)}",
         "Each version must be unique: renumber one of them (`tierbase migrate new NAME` picks the next free "
         "number) — if one of them is already applied on a tier, renumber the other",
-        directory=str(directory), versions=sorted(clashes), files=[[p.name for p in ps] for ps in clashes.values()],
+        directory=where, versions=sorted(clashes), files=list(clashes.values()),
     )
 
 
-def _load(path: Path, undo_path: Path | None) -> Migration:
+def _load(path: Path, raw: bytes, undo_path: Path | None, undo_raw: bytes | None, *, uploaded: bool) -> Migration:
     match = _FILE.match(path.name)
-    assert match is not None  # discover only passes matching names
-    sql, digest = _read(path)
+    assert match is not None  # _parse only passes matching names
+    sql = _decode(raw, str(path))
     undo_sql = None
-    if undo_path is not None:
+    if undo_path is not None and undo_raw is not None:
         undo_match = _FILE.match(undo_path.name)
         if undo_match is None or undo_match["name"] != match["name"]:
             raise MigrationError(
@@ -183,9 +235,9 @@ def _load(path: Path, undo_path: Path | None) -> Migration:
                 f"Rename it to U{match['version']}__{match['name']}.sql",
                 files=[path.name, undo_path.name],
             )
-        undo_sql, _ = _read(undo_path)
-    return Migration(version=int(match["version"]), name=match["name"], path=path, sql=sql, checksum=digest,
-                     transactional=is_transactional(sql), undo_path=undo_path, undo_sql=undo_sql)
+        undo_sql = _decode(undo_raw, str(undo_path))
+    return Migration(version=int(match["version"]), name=match["name"], path=path, sql=sql, checksum=checksum(raw),
+                     transactional=is_transactional(sql), undo_path=undo_path, undo_sql=undo_sql, uploaded=uploaded)
 
 
 _TEMPLATE = """\

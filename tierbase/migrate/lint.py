@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,16 +110,28 @@ def lint(migrations: list[Migration], block: list[str] | None = None) -> LintRep
     if not migrations:
         return LintReport([], [], rules)
     binary = squawk_binary()
-    by_path = {str(m.path.resolve()): m for m in migrations}
     findings: list[Finding] = []
-    for in_txn in (True, False):
-        group = [m for m in migrations if m.transactional == in_txn]
-        if group:
-            findings += _run(binary, group, rules, in_txn, by_path)
+    with tempfile.TemporaryDirectory(prefix="tierbase-lint-") as tmp:
+        on_disk = [_on_disk(m, Path(tmp)) for m in migrations]
+        by_path = {str(d.path.resolve()): m for d, m in zip(on_disk, migrations, strict=True)}
+        for in_txn in (True, False):
+            group = [d for d in on_disk if d.transactional == in_txn]
+            if group:
+                findings += _run(binary, group, rules, in_txn, by_path)
     findings += _own_findings(migrations)
     findings.sort(key=lambda f: (f.file, f.line, f.column, f.rule))
     blocking = [f for f in findings if every or f.rule in rules or f.level == "error"]
     return LintReport(findings, blocking, rules)
+
+
+def _on_disk(m: Migration, tmp: Path) -> Migration:
+    """squawk reads files: a migration sent over the API is written to a private temp dir for it
+    (the server reads no path the client named)."""
+    if not m.uploaded:
+        return m
+    path = tmp / m.path.name
+    path.write_text(m.sql)
+    return replace(m, path=path)
 
 
 def _run(binary: str, group: list[Migration], rules: list[str], in_txn: bool,
