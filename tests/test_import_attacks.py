@@ -67,7 +67,10 @@ def svc() -> Iterator[Svc]:
         pe = Client(home)
         made = pe.create_principal("bot", "agent")
         agent = Client(home, url=up["api_url"], token=made["token"])
-        pe.create_branch("scratch")  # agents may not branch off the protected root; off a feature they may
+        # agents may not branch off the protected root, nor off anything holding its data (lineage): an
+        # unprotected entry tier under it is where they work
+        pe.apply_config('[tiers.production]\nprotected = true\n\n[tiers.scratch]\nparent = "production"\n'
+                        'entry = true\n', "test")
         agent_branch = agent.create_branch("bot-work", "scratch")["name"]
         src = pe.branch_url("production", direct=True)
         query(src, "CREATE DATABASE source")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -270,7 +271,8 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps):
         """The SCRAM verifier principal ``user`` logs in to the proxy with (None: unknown or revoked)."""
         return self.gate.principals.verifier(user)
 
-    def connect_role(self, user: str, branch: str, *, audit: bool = True) -> str:
+    def connect_role(self, user: str, branch: str, *, audit: bool = True,
+                     later: Callable[[Callable[[], None]], None] | None = None) -> str:
         """May principal ``user`` connect to ``branch``, and as which compute role? PolicyDenied if not.
 
         Owners of a branch and platform engineers get ``tb_owner``; everyone else the policy lets in
@@ -285,7 +287,8 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps):
         decision = self.gate.decide(user, action, subject)
         if audit:
             self.gate.audit_windowed(actor=who.name, action=f"{action.value}.proxy", target=b.name,
-                                     allowed=decision.allowed, reason=f"{decision.rule}: {decision.reason}")
+                                     allowed=decision.allowed, reason=f"{decision.rule}: {decision.reason}",
+                                     later=later)
         if not decision.allowed:
             raise PolicyDenied(action.value, b.name, decision.reason, decision.rule)
         if b.kind is Kind.SYSTEM:

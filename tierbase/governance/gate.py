@@ -11,7 +11,7 @@ import getpass
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,7 +54,8 @@ class Gate:
         self._windows: dict[tuple[str, str, str, bool], tuple[float, int]] = {}
         self._windows_lock = threading.Lock()
 
-    def audit_windowed(self, *, actor: str, action: str, target: str, allowed: bool, reason: str) -> None:
+    def audit_windowed(self, *, actor: str, action: str, target: str, allowed: bool, reason: str,
+                       later: Callable[[Callable[[], None]], None] | None = None) -> None:
         """Audit a frequent event (a proxied login) at most once per window per kind, with a count.
 
         The first event of a window is appended at once (with how many of its kind the previous
@@ -70,9 +71,14 @@ class Gate:
             if len(self._windows) > 10_000:  # forget the oldest windows rather than grow without bound
                 for k in sorted(self._windows, key=lambda k: self._windows[k][0])[:5_000]:
                     del self._windows[k]
-        self.audit.append(actor=actor, action=action, target=target, allowed=allowed, reason=reason,
-                          outcome="ok" if allowed else "refused",
-                          after={"folded_before": folded, "window_seconds": AUDIT_WINDOW})
+
+        def write() -> None:
+            self.audit.append(actor=actor, action=action, target=target, allowed=allowed, reason=reason,
+                              outcome="ok" if allowed else "refused",
+                              after={"folded_before": folded, "window_seconds": AUDIT_WINDOW})
+
+        # ``later``: the proxy's event loop must not wait on the audit's write lock and fsync
+        (later or (lambda f: f()))(write)
 
     # -- config ------------------------------------------------------------------
     @property
