@@ -34,9 +34,11 @@ def service_python() -> str:
     return os.environ.get("TIERBASE_PYTHON") or sys.executable
 
 
-def service_env(user: ComputeUser) -> dict[str, str]:
-    """The service's environment: ours (its settings: TIERBASE_*), as the service user, on our tierbase."""
+def service_env(user: ComputeUser, python: str) -> dict[str, str]:
+    """The service's environment: ours (its settings: TIERBASE_*), as the service user, on our tierbase,
+    with the tools installed beside its interpreter (squawk) first on PATH, as in an activated venv."""
     env = dict(os.environ)
+    env["PATH"] = os.pathsep.join(p for p in (str(Path(python).parent), env.get("PATH", "")) if p)
     env.pop("TIERBASE_TOKEN", None)  # the service authenticates others; it holds no one's token
     if not user.is_self:
         home = pwd.getpwuid(user.uid).pw_dir
@@ -55,7 +57,7 @@ def spawn_service(home: Home, user: ComputeUser) -> dict[str, Any]:
     user.chown(home.service_log)
     try:
         proc = subprocess.Popen([python, "-m", "tierbase.service", str(home.root)], stdin=subprocess.DEVNULL,
-                                stdout=fd, stderr=fd, start_new_session=True, cwd="/", env=service_env(user),
+                                stdout=fd, stderr=fd, start_new_session=True, cwd="/", env=service_env(user, python),
                                 **user.run_kwargs())  # type: ignore[call-overload]
     except OSError as err:
         raise TierbaseError(
