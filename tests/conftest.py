@@ -24,6 +24,8 @@ import pytest
 
 from tierbase import Tierbase
 from tierbase.compute.ports import ephemeral_range
+from tierbase.proxy import ProxyThread
+from tierbase.service import make_proxy
 
 ROOT = os.geteuid() == 0
 HAVE_BTRFS = shutil.which("mkfs.btrfs") is not None
@@ -121,14 +123,19 @@ def platform() -> Iterator[Tierbase]:
     home = make_home() / "home"
     os.environ["TIERBASE_PORT_BASE"] = str(free_port_base())
     tb = Tierbase(home)
+    proxy: ProxyThread | None = None
     try:
-        tb.init(storage="btrfs", btrfs_size="4G")
+        tb.init(storage="btrfs", btrfs_size="4G", proxy_port=free_port())
+        # the service's own proxy, in this process: URLs from branch_url() go through it, as in production
+        proxy = ProxyThread(make_proxy(tb)).start()
         tb.start_branch("production")
-        with psycopg.connect(tb.branch_url("production", direct=True), autocommit=True) as conn:
+        with psycopg.connect(tb.branch_url("production"), autocommit=True) as conn:
             conn.execute("CREATE TABLE seed (id int PRIMARY KEY, label text NOT NULL)")
             conn.execute("INSERT INTO seed SELECT g, 'row ' || g FROM generate_series(1, 1000) g")
         yield tb
     finally:
+        if proxy is not None:
+            proxy.stop()
         teardown_platform(tb, home.parent)
 
 
@@ -140,6 +147,31 @@ def branch(platform: Tierbase, request: pytest.FixtureRequest) -> Iterator[str]:
     yield name
     if platform.store.find(name):
         platform.delete_branch(name, recursive=True)
+
+
+#: tokens of the principals tests made, so that a test can act as one with its own credentials
+TOKENS: dict[tuple[str, str], str] = {}
+
+
+def make_principal(tb: Tierbase, name: str, role: str) -> str:
+    token = str(tb.create_principal(name, role)["token"])
+    TOKENS[(str(tb.home.root), name)] = token
+    return token
+
+
+def as_(tb: Tierbase, name: str) -> Tierbase:
+    """The platform acting as principal ``name`` (made by make_principal), holding its token."""
+    return tb.as_principal(name, token=TOKENS.get((str(tb.home.root), name)))
+
+
+@contextlib.contextmanager
+def serving(tb: Tierbase) -> Iterator[ProxyThread]:
+    """The service's own proxy for ``tb``, in this process: branch_url() URLs reach computes through it."""
+    t = ProxyThread(make_proxy(tb)).start()
+    try:
+        yield t
+    finally:
+        t.stop()
 
 
 def query(url: str, sql: str, *params: object) -> list[tuple[object, ...]]:

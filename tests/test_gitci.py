@@ -149,6 +149,6 @@ def test_github_workflows_are_valid_and_their_commands_work(setup: tuple[dict[st
     out = run_steps(merge["jobs"]["promote"], values, env, repo)
     assert json.loads(out[0])["status"] == "succeeded"
     # weekly: orphan CI branches (no open pull request) are deleted
-    as_json(env, "branch", "create", "ci-pr-99")
+    as_json(env, "branch", "create-ci", "pr-99")  # ci-* names are the platform's: it makes them
     run_steps(flows["tierbase-cleanup.yml"]["jobs"]["cleanup"], values, env, repo)
     assert "ci-pr-99" not in [b["name"] for b in as_json(env, "branch", "list", "--no-bytes")]

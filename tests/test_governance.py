@@ -14,7 +14,17 @@ from tierbase import Tierbase
 from tierbase.api.server import create_app
 from tierbase.errors import InvalidInput, PolicyDenied, Refused
 
-from .conftest import free_port_base, make_home, needs_root_btrfs, query, teardown_platform
+from .conftest import (
+    as_,
+    free_port,
+    free_port_base,
+    make_home,
+    make_principal,
+    needs_root_btrfs,
+    query,
+    serving,
+    teardown_platform,
+)
 
 pytestmark = needs_root_btrfs
 
@@ -60,11 +70,12 @@ def gov(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tierbase]:
     cfg.write_text(TOPOLOGY)
     tb = Tierbase(base / "home")
     try:
-        said = tb.init(storage="btrfs", btrfs_size="2G", config=str(cfg))
+        said = tb.init(storage="btrfs", btrfs_size="2G", config=str(cfg), proxy_port=free_port())
         assert "created tier 'staging' from 'production'" in said
         for name, role in (("dev1", "developer"), ("dev2", "developer"), ("bot", "agent"), ("ci", "ci")):
-            tb.create_principal(name, role)
-        yield tb
+            make_principal(tb, name, role)
+        with serving(tb):
+            yield tb
     finally:
         teardown_platform(tb, base)
 
@@ -82,16 +93,16 @@ def test_declared_tiers_exist_as_protected_tier_branches(gov: Tierbase) -> None:
 
 
 def test_features_fork_from_the_entry_tier_by_default(gov: Tierbase) -> None:
-    b = gov.as_principal("dev1").create_branch("dev1-feature")
+    b = as_(gov, "dev1").create_branch("dev1-feature")
     assert b["parent"] == "staging" and b["creator"] == "dev1"
-    gov.as_principal("dev1").delete_branch("dev1-feature")
+    as_(gov, "dev1").delete_branch("dev1-feature")
 
 
 @pytest.mark.parametrize(("who", "call", "rule"), [
     ("bot", lambda tb: tb.create_branch("bot-off-prod", "production"), "builtin.agent-no-branch-off-protected"),
     ("bot", lambda tb: tb.set_route("production", "staging"), "builtin.agent-no-repoint"),
     ("bot", lambda tb: tb.reload_config(), "builtin.agent-no-policy"),
-    ("bot", lambda tb: tb.create_principal("bot2", "agent"), "builtin.agent-no-policy"),
+    ("bot", lambda tb: make_principal(tb, "bot2", "agent"), "builtin.agent-no-policy"),
     ("bot", lambda tb: tb.branch_url("production"), "builtin.agent-no-credentials-on-protected"),
     ("dev1", lambda tb: tb.reload_config(), "default.deny"),
     ("dev1", lambda tb: tb.set_route("production", "staging"), "grants.repoint"),
@@ -103,7 +114,7 @@ def test_refusals_are_audited_and_change_nothing(gov: Tierbase, who: str, call: 
     routes = gov.list_routes()
     cfg = gov.config.digest
     with pytest.raises(PolicyDenied) as exc:
-        call(gov.as_principal(who))  # type: ignore[operator]
+        call(as_(gov, who))  # type: ignore[operator]
     assert exc.value.exit_code == 2 and exc.value.data["rule"] == rule
     last = audit_tail(gov)[0]
     assert last["actor"] == who and last["decision"] == "denied" and str(last["reason"]).startswith(rule)
@@ -115,14 +126,14 @@ def test_refusals_are_audited_and_change_nothing(gov: Tierbase, who: str, call: 
 
 
 def test_agent_works_on_its_own_branches_off_the_entry_tier(gov: Tierbase) -> None:
-    bot = gov.as_principal("bot")
+    bot = as_(gov, "bot")
     b = bot.create_branch("bot-task")
     assert b["parent"] == "staging"
     assert gov.explain("bot", "migrate.apply", "bot-task")["allowed"] is True
     assert gov.explain("bot", "migrate.apply", "qa")["rule"] == "builtin.agent-migrate-own-only"
     assert gov.explain("bot", "promote", "production", "staging")["rule"] == "builtin.agent-no-promote"
     with pytest.raises(PolicyDenied):
-        gov.as_principal("dev1").delete_branch("bot-task")  # not dev1's
+        as_(gov, "dev1").delete_branch("bot-task")  # not dev1's
     bot.delete_branch("bot-task")
 
 
@@ -131,7 +142,7 @@ def test_promotion_permissions(gov: Tierbase) -> None:
     dev = gov.explain("dev1", "promote", "production", "staging")
     assert dev["allowed"] is False and dev["rule"] == "tiers.production.promote"
     assert gov.explain("dev1", "promote", "staging", "qa")["allowed"] is True
-    gov.as_principal("dev1").create_branch("dev1-feat2")
+    as_(gov, "dev1").create_branch("dev1-feat2")
     try:
         feat = gov.explain("dev1", "promote", "production", "dev1-feat2")
         assert feat["allowed"] is False and feat["rule"] == "promote.tiers-only"
@@ -139,7 +150,7 @@ def test_promotion_permissions(gov: Tierbase) -> None:
         assert owner["allowed"] is False  # no role, not even platform engineers, promotes a feature past its tier
         assert gov.explain("dev1", "promote", "staging", "dev1-feat2")["allowed"] is True  # merge into its own tier
     finally:
-        gov.as_principal("dev1").delete_branch("dev1-feat2")
+        as_(gov, "dev1").delete_branch("dev1-feat2")
 
 
 def test_custom_role_behaves_like_its_base(gov: Tierbase) -> None:
@@ -183,19 +194,19 @@ def test_reload_is_audited_with_hash_and_diff(gov: Tierbase, tmp_path: Path) -> 
 
 
 def test_database_credentials_follow_the_policy(gov: Tierbase) -> None:
-    reader = gov.as_principal("dev2").branch_url("staging", direct=True)
+    reader = as_(gov, "dev2").branch_url("staging")
     assert reader.startswith("postgresql://dev2:")
     assert query(reader, "SELECT count(*) FROM pg_class") [0][0] > 0
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         query(reader, "CREATE TABLE staging_write (x int)")
-    gov.as_principal("dev2").create_branch("dev2-own")
+    as_(gov, "dev2").create_branch("dev2-own")
     try:
-        owner = gov.as_principal("dev2").branch_url("dev2-own", direct=True)
+        owner = as_(gov, "dev2").branch_url("dev2-own")
         query(owner, "CREATE TABLE mine (x int)")  # the owner has full rights on its own branch
         with pytest.raises(PolicyDenied):
-            gov.as_principal("dev1").branch_url("dev2-own")
+            as_(gov, "dev1").branch_url("dev2-own")
     finally:
-        gov.as_principal("dev2").delete_branch("dev2-own")
+        as_(gov, "dev2").delete_branch("dev2-own")
 
 
 def test_api_tokens_unknown_revoked_malformed(gov: Tierbase) -> None:
@@ -218,8 +229,8 @@ def test_api_tokens_unknown_revoked_malformed(gov: Tierbase) -> None:
 
 @pytest.mark.parametrize("tamper", ["edit", "delete", "insert"])
 def test_audit_tampering_is_detected_at_the_record(gov: Tierbase, tamper: str) -> None:
-    gov.as_principal("dev1").create_branch("audit-a")
-    gov.as_principal("dev1").delete_branch("audit-a")
+    as_(gov, "dev1").create_branch("audit-a")
+    as_(gov, "dev1").delete_branch("audit-a")
     assert gov.audit_verify()["ok"] is True
     db = sqlite3.connect(gov.home.db)
     rows = db.execute("SELECT id FROM audit ORDER BY id").fetchall()
@@ -250,8 +261,8 @@ def test_audit_tampering_is_detected_at_the_record(gov: Tierbase, tamper: str) -
 
 def test_audit_trail_is_sql_queryable_read_only(gov: Tierbase) -> None:
     with pytest.raises(PolicyDenied):
-        gov.as_principal("bot").delete_branch("staging")
-    url = gov.as_principal("dev1").audit_url(direct=True)
+        as_(gov, "bot").delete_branch("staging")
+    url = as_(gov, "dev1").audit_url()
     denied = query(url, "SELECT count(*) FROM audit_log WHERE decision = 'denied' AND actor = 'bot'")[0][0]
     assert denied == len(gov.audit_log(actor="bot", denied=True))
     last = query(url, "SELECT id, hash FROM audit_log ORDER BY id DESC LIMIT 1")[0]
@@ -264,7 +275,7 @@ def test_audit_trail_is_sql_queryable_read_only(gov: Tierbase) -> None:
 
 
 def test_control_plane_refuses_skipped_workflow_gates(gov: Tierbase) -> None:
-    dev = gov.as_principal("dev1")
+    dev = as_(gov, "dev1")
     dev.flow_record("forge-x", "claim", "feature-claimed", {})
     for transition, state in (("ci", "ci-green"), ("merge", "merged"), ("ready", "merged"), ("tdd-green", "merged")):
         with pytest.raises(Refused):

@@ -152,8 +152,14 @@ def new_branch(platform: Tierbase) -> Iterator[Any]:
 
 
 def mask(platform: Tierbase, branch: str, db: str, key: bytes = KEY) -> dict[str, Any]:
-    with psycopg.connect(platform.branch_url(branch, db, direct=True)) as conn:
+    with psycopg.connect(admin_url(platform, branch, db)) as conn:
         return apply_masking(conn, parse_rules(RULES), key)
+
+
+def admin_url(platform: Tierbase, branch: str, db: str) -> str:
+    """The platform's own superuser on a branch (unix socket, peer auth): masking is the platform's job."""
+    platform.branches.start(branch)
+    return platform.branches.provider.endpoint(platform.store.get(branch).port, db).dsn()
 
 
 def column(url: str, sql: str) -> set[Any]:
@@ -270,7 +276,7 @@ def test_masking_is_deterministic_per_key_and_inherited_by_children(platform: Ti
 
 def test_apply_refuses_bad_rules_and_changes_nothing(platform: Tierbase, pagila: Pagila, new_branch: Any) -> None:
     name = new_branch()
-    url = platform.branch_url(name, pagila.db, direct=True)
+    url = admin_url(platform, name, pagila.db)
     bad = [MaskRule("customer", "email", "email"), MaskRule("customer", "first_name", "null")]
     with psycopg.connect(url) as conn, pytest.raises(InvalidInput, match=r"masking\.customer\.first_name: null"):
         apply_masking(conn, bad, KEY)
@@ -294,7 +300,7 @@ OTHER_RULES = {
 
 def test_the_other_methods(platform: Tierbase, pagila: Pagila, new_branch: Any) -> None:
     name = new_branch()
-    url = platform.branch_url(name, pagila.db, direct=True)
+    url = admin_url(platform, name, pagila.db)
     with psycopg.connect(url) as conn:
         got = apply_masking(conn, parse_rules(OTHER_RULES), KEY)
     assert got["tables"] == {"staff": 2, "probe": 10, "film": 10}

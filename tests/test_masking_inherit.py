@@ -12,7 +12,17 @@ import pytest
 from tierbase import Tierbase
 from tierbase.errors import InvalidInput, Refused
 
-from .conftest import free_port_base, make_home, needs_root_btrfs, query, teardown_platform
+from .conftest import (
+    as_,
+    free_port,
+    free_port_base,
+    make_home,
+    make_principal,
+    needs_root_btrfs,
+    query,
+    serving,
+    teardown_platform,
+)
 from .test_masking import PAGILA, SEED
 
 pytestmark = [needs_root_btrfs,
@@ -49,16 +59,17 @@ def shop() -> Iterator[tuple[Tierbase, Path]]:
     os.environ["TIERBASE_PORT_BASE"] = str(free_port_base())
     tb = Tierbase(base / "home")
     try:
-        tb.init(storage="btrfs", btrfs_size="3G")
+        tb.init(storage="btrfs", btrfs_size="3G", proxy_port=free_port())
         tb.import_dump(str(PAGILA), "production", "shop")
         with psycopg.connect(tb.branch_url("production", "shop", direct=True), autocommit=True) as conn:
             conn.execute("SET search_path = public")
             conn.execute(SEED)
         (base / "tierbase.toml").write_text(CONFIG)
         tb.reload_config(str(base / "tierbase.toml"))
-        tb.create_principal("dev", "developer")
-        tb.create_principal("bot", "agent")
-        yield tb, base
+        make_principal(tb, "dev", "developer")
+        make_principal(tb, "bot", "agent")
+        with serving(tb):
+            yield tb, base
     finally:
         teardown_platform(tb, base)
 
@@ -82,7 +93,7 @@ def test_masking_is_applied_at_creation_and_inherited_two_levels_down(shop: tupl
     # qa is declared masked
     qa = tb.get_branch("qa")
     assert qa["masked"] and "customer.email=email" in qa["masking"]
-    dev = tb.as_principal("dev")
+    dev = as_(tb, "dev")
     child = dev.create_branch("dev-work")  # from staging (entry): sensitive lineage, no grant -> masked
     assert child["masked"] and sorted(child["masking"]) == sorted(
         ["address.phone=partial", "customer.email=email", "customer.first_name=hash", "customer.last_name=hash",
@@ -110,8 +121,8 @@ def test_masking_is_applied_at_creation_and_inherited_two_levels_down(shop: tupl
 
 def test_masked_branch_owner_gets_no_superuser(shop: tuple[Tierbase, Path]) -> None:
     tb, _ = shop
-    dev = tb.as_principal("dev")
-    url = dev.branch_url("dev-work", "shop", direct=True)
+    dev = as_(tb, "dev")
+    url = dev.branch_url("dev-work", "shop")
     assert url.startswith("postgresql://dev:")
     query(url, "UPDATE customer SET active = 0 WHERE customer_id = 1")  # reads and writes its data
     assert query(url, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user") == [(False,)]
@@ -122,7 +133,7 @@ def test_masked_branch_owner_gets_no_superuser(shop: tuple[Tierbase, Path]) -> N
 def test_reset_of_a_masked_branch_is_masked_again(shop: tuple[Tierbase, Path]) -> None:
     tb, _ = shop
     prod = tb.branch_url("production", "shop", direct=True)
-    info = tb.as_principal("dev").reset_branch("dev-work-2")
+    info = as_(tb, "dev").reset_branch("dev-work-2")
     assert info["masked"]
     url = tb.branch_url("dev-work-2", "shop", direct=True)
     assert values(url, ORIGINALS["email"]).isdisjoint(values(prod, ORIGINALS["email"]))
@@ -131,7 +142,7 @@ def test_reset_of_a_masked_branch_is_masked_again(shop: tuple[Tierbase, Path]) -
 def test_unmasked_snapshots_of_sensitive_data_are_refused(shop: tuple[Tierbase, Path]) -> None:
     tb, _ = shop
     with pytest.raises(Refused, match="snapshot of it would be unmasked"):
-        tb.as_principal("dev").create_branch("dev-snap", "staging", snapshot=True)
+        as_(tb, "dev").create_branch("dev-snap", "staging", snapshot=True)
     assert tb.store.find("dev-snap") is None
 
 

@@ -14,7 +14,7 @@ from tierbase import Tierbase
 from tierbase.errors import PolicyDenied, Refused, TierbaseError
 from tierbase.migrate.promote import NothingToPromote, NotValidatedOnSource, PromotionBusy
 
-from .conftest import free_port_base, make_home, needs_root_btrfs, query, teardown_platform
+from .conftest import as_, free_port_base, make_home, make_principal, needs_root_btrfs, query, teardown_platform
 
 pytestmark = needs_root_btrfs
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "inventory"
@@ -42,9 +42,9 @@ def project() -> Iterator[tuple[Tierbase, Path]]:
     tb = Tierbase(base / "home")
     try:
         tb.init(storage="btrfs", btrfs_size="3G")
-        tb.create_principal("dev", "developer")
-        tb.create_principal("bot", "agent")
-        tb.create_principal("ci", "ci")
+        make_principal(tb, "dev", "developer")
+        make_principal(tb, "bot", "agent")
+        make_principal(tb, "ci", "ci")
         # bootstrap: V0001 reaches production the only way it can, by promotion, then production's data arrives
         tb.create_branch("bootstrap")
         tb.migrate_apply("bootstrap", str(migrations))
@@ -68,7 +68,7 @@ def add(base: Path, *names: str) -> str:
 def test_feature_to_staging_to_production(project: tuple[Tierbase, Path]) -> None:
     tb, base = project
     mig = add(base, "V0002", "U0002")
-    dev = tb.as_principal("dev")
+    dev = as_(tb, "dev")
     dev.create_branch("split-code")
     assert dev.migrate_verify("split-code", mig)["ok"] is True
     dev.migrate_apply("split-code", mig)
@@ -84,7 +84,7 @@ def test_feature_to_staging_to_production(project: tuple[Tierbase, Path]) -> Non
     with pytest.raises(PolicyDenied, match="only platform-engineer, ci may promote"):
         dev.promote("production", migrations_dir=mig)
     assert counts(tb, "production") == before
-    prod = tb.as_principal("ci").promote("production", migrations_dir=mig)
+    prod = as_(tb, "ci").promote("production", migrations_dir=mig)
     assert prod["source"] == "staging" and prod["status"] == "succeeded"
     rows, cols = counts(tb, "production")
     assert (rows, cols) == (before[0], before[1] + 3)
@@ -101,7 +101,7 @@ def test_feature_to_staging_to_production(project: tuple[Tierbase, Path]) -> Non
 def test_agents_cannot_promote(project: tuple[Tierbase, Path]) -> None:
     tb, base = project
     with pytest.raises(PolicyDenied, match="agents cannot promote"):
-        tb.as_principal("bot").promote("staging", "qa", add(base))
+        as_(tb, "bot").promote("staging", "qa", add(base))
     assert tb.gate.audit.query(actor="bot")[-1]["decision"] == "denied"
 
 

@@ -25,10 +25,13 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import errors as pgerrors
+from scramp import ScramClient
 
 from tierbase import Tierbase, TierbaseError
+from tierbase.governance.principals import db_password
 from tierbase.proxy import Proxy, ProxyThread, RouteError, Target
 from tierbase.proxy import protocol as pq
+from tierbase.service import PlatformAuthority
 
 # -- a resolver over the facade ------------------------------------------------------
 
@@ -53,14 +56,18 @@ class BranchResolver:
                 await asyncio.to_thread(self.platform.start_branch, branch)
             except TierbaseError as err:
                 raise RouteError(err.message, err.hint, "57P03") from err
-        return Target(branch, "127.0.0.1", b.port)
+        return Target(branch, str(self.platform.branches.provider.sockets), b.port)
 
 
 @dataclass
 class Router:
+    """A proxy over a test resolver (routes of its own) and the platform's real authority."""
+
     thread: ProxyThread
     resolver: BranchResolver
-    password: str
+    authority: PlatformAuthority
+    user: str  # the platform's owner principal
+    password: str  # its Postgres password
     extra: list[ProxyThread] = field(default_factory=list)
 
     @property
@@ -73,7 +80,7 @@ class Router:
 
     def connect(self, dbname: str, *, port: int | None = None, password: str | None = None,
                 **kwargs: Any) -> psycopg.Connection[Any]:
-        return psycopg.connect(host="127.0.0.1", port=port or self.port, user="tierbase",
+        return psycopg.connect(host="127.0.0.1", port=port or self.port, user=self.user,
                                password=self.password if password is None else password, dbname=dbname,
                                connect_timeout=20, autocommit=True, **kwargs)
 
@@ -88,7 +95,7 @@ class Router:
 
     def spare(self, **kwargs: Any) -> ProxyThread:
         """Another proxy over the same resolver, with other settings; stopped at teardown."""
-        t = ProxyThread(Proxy(self.resolver, **kwargs)).start()
+        t = ProxyThread(Proxy(self.resolver, self.authority, **kwargs)).start()
         self.extra.append(t)
         return t
 
@@ -96,7 +103,10 @@ class Router:
 @pytest.fixture(scope="module")
 def router(platform: Tierbase) -> Iterator[Router]:
     resolver = BranchResolver(platform)
-    r = Router(ProxyThread(Proxy(resolver)).start(), resolver, platform.branches.provider.password)
+    authority = PlatformAuthority(platform)
+    owner = platform.gate.owner
+    r = Router(ProxyThread(Proxy(resolver, authority)).start(), resolver, authority, owner,
+               db_password(platform.home.token.read_text().strip()))
     try:
         yield r
     finally:
@@ -167,6 +177,24 @@ def startup(params: dict[str, str]) -> bytes:
     return pq.build_startup(pq.PROTOCOL_3, params)
 
 
+def login(s: socket.socket, router: Router, params: dict[str, str], password: str | None = None) -> None:
+    """Send the startup packet and do SCRAM-SHA-256 by hand; returns after AuthenticationSASLFinal."""
+    s.sendall(startup({"user": router.user, **params}))
+    kind, body = _read_message(s)
+    assert kind == "R" and struct.unpack("!I", body[:4])[0] == 10 and b"SCRAM-SHA-256" in body
+    client = ScramClient(["SCRAM-SHA-256"], router.user, router.password if password is None else password)
+    first = client.get_client_first().encode()
+    payload = b"SCRAM-SHA-256\x00" + struct.pack("!I", len(first)) + first
+    s.sendall(b"p" + struct.pack("!I", len(payload) + 4) + payload)
+    kind, body = _read_message(s)
+    assert kind == "R" and struct.unpack("!I", body[:4])[0] == 11, body
+    client.set_server_first(body[4:].decode())
+    final = client.get_client_final().encode()
+    s.sendall(b"p" + struct.pack("!I", len(final) + 4) + final)
+    kind, body = _read_message(s)
+    assert kind == "R" and struct.unpack("!I", body[:4])[0] == 12, (kind, body)
+
+
 # -- routing ---------------------------------------------------------------------------
 
 
@@ -204,19 +232,19 @@ def test_database_and_endpoint_option_forms(router: Router, platform: Tierbase,
         assert one(conn, "SHOW search_path") == "elsewhere"
         assert one(conn, "SHOW work_mem") == "7MB"
         assert one(conn, "SELECT current_setting('cluster_name')") == f"tierbase-{a}"
-    url = f"postgresql://tierbase:{router.password}@127.0.0.1:{router.port}/postgres?options=endpoint%3D{a}"
+    url = f"postgresql://{router.user}:{router.password}@127.0.0.1:{router.port}/postgres?options=endpoint%3D{a}"
     with psycopg.connect(url, autocommit=True) as conn:
         assert one(conn, "SELECT v FROM marker") == "from a"
 
 
 def test_psql_and_pgbench_through_the_proxy(router: Router, make_branch: Callable[..., str]) -> None:
     a = make_branch("psql sees a")
-    got = subprocess.run(["psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(router.port), "-U", "tierbase",
+    got = subprocess.run(["psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(router.port), "-U", router.user,
                           "-d", a, "-c", "SELECT v FROM marker"],
                          capture_output=True, text=True, env=router.env(), timeout=60)
     assert got.returncode == 0, got.stderr
     assert got.stdout.strip() == "psql sees a"
-    base = ["-h", "127.0.0.1", "-p", str(router.port), "-U", "tierbase"]
+    base = ["-h", "127.0.0.1", "-p", str(router.port), "-U", router.user]
     init = subprocess.run(["pgbench", "-i", "-s", "1", "-q", *base, a], capture_output=True, text=True,
                           env=router.env(), timeout=120)
     assert init.returncode == 0, init.stderr
@@ -235,7 +263,7 @@ def test_asyncpg_and_sqlalchemy(router: Router, make_branch: Callable[..., str])
 
     async def with_asyncpg() -> tuple[str, str, bool]:
         # asyncpg: SSLRequest first (answered 'N'), extended protocol, and cancel on timeout
-        conn = await asyncpg.connect(host="127.0.0.1", port=router.port, user="tierbase",
+        conn = await asyncpg.connect(host="127.0.0.1", port=router.port, user=router.user,
                                      password=router.password, database="postgres",
                                      server_settings={"options": f"endpoint={a}"})
         try:
@@ -254,7 +282,7 @@ def test_asyncpg_and_sqlalchemy(router: Router, make_branch: Callable[..., str])
 
     assert asyncio.run(with_asyncpg()) == ("from a", "postgres", True)
     engine = sqlalchemy.create_engine(
-        f"postgresql+psycopg://tierbase:{router.password}@127.0.0.1:{router.port}/{a}.postgres")
+        f"postgresql+psycopg://{router.user}:{router.password}@127.0.0.1:{router.port}/{a}.postgres")
     try:
         with engine.connect() as conn:
             assert conn.execute(sqlalchemy.text("SELECT v FROM marker")).scalar() == "from a"
@@ -310,7 +338,7 @@ def test_compute_that_fails_to_start_reports_the_reason(router: Router, platform
     text = str(info.value)
     assert "did not start" in text and "postgresql.conf\" contains errors" in text
     with raw(router.port) as s:
-        s.sendall(startup({"user": "tierbase", "database": a}))
+        login(s, router, {"database": a})
         fields = error_fields(recv_until_closed(s))
     assert fields["S"] == "FATAL" and fields["C"] == "57P03"
     assert "contains errors" in fields["M"] and "See the full log" in fields["H"]
@@ -494,7 +522,7 @@ def test_cancel_reaches_the_right_compute(router: Router, make_branch: Callable[
 
 def test_psql_cancel_on_ctrl_c(router: Router, platform: Tierbase, make_branch: Callable[..., str]) -> None:
     a = make_branch("a")
-    psql = subprocess.Popen(["psql", "-X", "-h", "127.0.0.1", "-p", str(router.port), "-U", "tierbase", "-d", a,
+    psql = subprocess.Popen(["psql", "-X", "-h", "127.0.0.1", "-p", str(router.port), "-U", router.user, "-d", a,
                              "-c", "SELECT pg_sleep(30)"], env=router.env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -520,7 +548,7 @@ def test_wrong_password_is_relayed(router: Router) -> None:
         router.connect("production", password="not-the-password")
     # and the exact SQLSTATE, by speaking SCRAM by hand with a wrong proof
     with raw(router.port) as s:
-        s.sendall(startup({"user": "tierbase", "database": "production"}))
+        s.sendall(startup({"user": router.user, "database": "production"}))
         kind, body = _read_message(s)
         assert kind == "R" and struct.unpack("!I", body[:4])[0] == 10 and b"SCRAM-SHA-256" in body
         nonce = base64.b64encode(secrets.token_bytes(18)).decode()
@@ -559,7 +587,7 @@ def test_unknown_route_names_it_and_how_to_list(router: Router) -> None:
     assert "no-such-route" in str(info.value)
     assert "tierbase branch list" in str(info.value)
     with raw(router.port) as s:
-        s.sendall(startup({"user": "tierbase", "database": "no-such-route"}))
+        login(s, router, {"database": "no-such-route"})
         fields = error_fields(recv_until_closed(s))
     assert fields["S"] == "FATAL" and fields["C"] == "3D000"
     assert "no-such-route" in fields["M"] and "tierbase branch list" in fields["H"]
@@ -567,8 +595,8 @@ def test_unknown_route_names_it_and_how_to_list(router: Router) -> None:
 
 @pytest.mark.parametrize("database", ["Not_A_Route", "prod.", "a/b"])
 def test_database_that_is_no_route(router: Router, database: str) -> None:
-    with raw(router.port) as s:
-        s.sendall(startup({"user": "tierbase", "database": database}))
+    with raw(router.port) as s:  # refused before authentication: the startup packet alone says so
+        s.sendall(startup({"user": router.user, "database": database}))
         fields = error_fields(recv_until_closed(s))
     assert fields["C"] == "3D000"
 
@@ -577,7 +605,7 @@ def test_resolver_crash_becomes_an_error_response(router: Router) -> None:
     router.resolver.broken["boom"] = RuntimeError("the route table is on fire")
     try:
         with raw(router.port) as s:
-            s.sendall(startup({"user": "tierbase", "database": "boom"}))
+            login(s, router, {"database": "boom"})
             fields = error_fields(recv_until_closed(s))
     finally:
         del router.resolver.broken["boom"]
@@ -590,9 +618,9 @@ def test_ssl_and_gss_requests_are_declined(router: Router) -> None:
         assert _recv_exact(s, 1) == b"N"
         s.sendall(struct.pack("!II", 8, pq.SSL_REQUEST))
         assert _recv_exact(s, 1) == b"N"
-        s.sendall(startup({"user": "tierbase", "database": "production"}))
-        kind, _ = _read_message(s)
-        assert kind == "R"  # the compute's authentication request: the session is on
+        login(s, router, {"database": "production"})
+        kind, body = _read_message(s)
+        assert kind == "R" and body[:4] == b"\x00\x00\x00\x00"  # AuthenticationOk: the session is on
 
 
 @pytest.mark.parametrize("garbage, sqlstate, words", [
@@ -633,7 +661,7 @@ def test_500_idle_connections_do_not_hurt_others(router: Router, make_branch: Ca
         with router.connect(a) as conn:
             assert one(conn, "SELECT v FROM marker") == "a"
         got = subprocess.run(["psql", "-X", "-A", "-t", "-h", "127.0.0.1", "-p", str(router.port),
-                              "-U", "tierbase", "-d", a, "-c", "SELECT v FROM marker"],
+                              "-U", router.user, "-d", a, "-c", "SELECT v FROM marker"],
                              capture_output=True, text=True, env=router.env(), timeout=60)
         assert got.stdout.strip() == "a", got.stderr
     finally:
@@ -643,7 +671,7 @@ def test_500_idle_connections_do_not_hurt_others(router: Router, make_branch: Ca
 
 def test_close_ends_sessions_with_a_message(router: Router, make_branch: Callable[..., str]) -> None:
     a = make_branch("a")
-    spare = ProxyThread(Proxy(router.resolver)).start()
+    spare = ProxyThread(Proxy(router.resolver, router.authority)).start()
     try:
         conn = router.connect(a, port=spare.proxy.port)
         with conn, raw(spare.proxy.port) as waiting:

@@ -8,7 +8,7 @@ the audit record.
 
 from __future__ import annotations
 
-import hmac
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -23,13 +23,14 @@ from .app_migrate import MigrationOps
 from .compute import Postgres, compute_user, find_binaries
 from .compute.ports import COMPUTE_PORTS, Ports, check_base, check_port, default_ports, ephemeral_range
 from .compute.restore import restore_dump
+from .compute.roles import DIRECT_GROUP, OWNER_ROLE, READER_ROLE
 from .control.store import Branch, Kind, Store
-from .errors import BranchNotFound, InvalidInput, Refused, TierbaseError
+from .errors import BranchNotFound, InvalidInput, NotRunning, PolicyDenied, Refused, TierbaseError
 from .governance.config import load_config
 from .governance.gate import os_principal_name
 from .governance.policy import Action, Subject
-from .governance.principals import new_token
-from .names import check_name, format_duration, parse_ttl
+from .governance.principals import db_password, new_token
+from .names import check_name, check_unreserved, format_duration, parse_ttl
 from .storage import DEFAULT_IMAGE_SIZE, VolumeDriver, make_driver
 from .storage.btrfs import parse_size
 
@@ -70,7 +71,6 @@ class Tierbase(GovernanceOps, MigrationOps):
                 self.store.set_setting("api_port", api_port or ports.api)
                 self.store.set_setting("proxy_port", proxy_port or ports.proxy)
                 self._driver = driver
-                self.home.read_secret(self.home.secret, create=True)
                 owner = os_principal_name()
                 self.store.set_setting("owner", owner)
                 token = new_token()
@@ -135,12 +135,19 @@ class Tierbase(GovernanceOps, MigrationOps):
 
     # -- branches --------------------------------------------------------------
     def create_branch(self, name: str, parent: str | None = None, *, ttl: str | None = None,
-                      snapshot: bool = False, start: bool = False) -> dict[str, Any]:
+                      snapshot: bool = False, start: bool = False, platform_name: bool = False) -> dict[str, Any]:
+        """Branch ``parent`` (default: the entry tier) as ``name``.
+
+        ``platform_name``: set only by platform code that made ``name`` itself (migrate verify, the CI
+        branch); no request can set it, so the names the platform reserves stay its own.
+        """
         check_name(name)
         ttl_seconds = parse_ttl(ttl) if ttl else None
         parent = parent or self.config.entry
         parent = self.store.resolve_route(check_name(parent, "parent")) or parent  # a tier's route may have moved
         with self.gate.act(self.actor, Action.BRANCH_CREATE, self._subject(parent)) as rec:
+            if not platform_name:
+                check_unreserved(name)  # inside the gate: an attempt to take a platform name is audited
             t0 = time.perf_counter()
             pb = self.store.get(parent)
             hook = None if snapshot else self._mask_hook(name, pb, self._masking_plan(pb))
@@ -154,6 +161,10 @@ class Tierbase(GovernanceOps, MigrationOps):
             rec.after = info = self.describe(b)
         info["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         return info
+
+    def create_ci_branch(self, feature: str, parent: str | None = None, *, ttl: str | None = None) -> dict[str, Any]:
+        """The workflow's CI branch of ``feature``: the platform names it `ci-<feature>` (reserved)."""
+        return self.create_branch(f"ci-{check_name(feature, 'feature')}", parent, ttl=ttl, platform_name=True)
 
     def delete_branch(self, name: str, recursive: bool = False) -> list[str]:
         subject = self._subject(name)
@@ -192,12 +203,14 @@ class Tierbase(GovernanceOps, MigrationOps):
     def list_branches(self, *, with_bytes: bool = True) -> list[dict[str, Any]]:
         return [self.describe(b, with_bytes=with_bytes) for b in self.store.all() if b.kind is not Kind.SYSTEM]
 
-    def branch_url(self, name: str, dbname: str = "postgres", *, direct: bool = False) -> str:
-        """A URL for psql/psycopg with this principal's credentials: through the proxy (stable), or direct.
+    def branch_url(self, name: str, dbname: str = "postgres", *, direct: bool = False,
+                   sslmode: str | None = None) -> str:
+        """A URL for psql/psycopg with this principal's own credentials, through the proxy (stable).
 
-        Platform engineers and the owner of an unmasked branch get the cluster's superuser; the owner
-        of a masked branch a read-write role; any other principal allowed to connect a read-only role
-        of its own, created on the branch.
+        The user is the principal and the password its Postgres password (derived from its token:
+        the platform keeps only the SCRAM verifier). What the principal may do once connected is
+        decided by the proxy at each login (policy ``branch.connect``, then the compute role).
+        ``direct``: the compute's own port, for platform engineers only, with a login role of their own.
         """
         check_name(name)
         target = self.store.resolve_route(name)
@@ -205,38 +218,93 @@ class Tierbase(GovernanceOps, MigrationOps):
             raise BranchNotFound(name)
         branch = self.store.get(target)
         subject = self.gate.subject(branch)
-        with self.gate.act(self.actor, Action.BRANCH_CONNECT, subject) as rec:
-            user, password = self._credentials(subject, branch)
-            rec.after = {"user": user}
-        userinfo = f"{quote(user, safe='')}:{quote(password, safe='')}"
-        if direct:  # no proxy to wake the compute on connect: start it now
-            self.branches.start(target)
-            port = self.store.get(target).port
-            return f"postgresql://{userinfo}@127.0.0.1:{port}/{quote(dbname, safe='')}"
-        route = name if dbname == "postgres" else f"{name}.{dbname}"
-        return f"postgresql://{userinfo}@127.0.0.1:{self.proxy_port}/{quote(route, safe='')}"
-
-    def _credentials(self, subject: Subject, branch: Branch) -> tuple[str, str]:
         who = self.gate.principal(self.actor)
-        provider = self.branches.provider
-        masked = bool(branch.masked_by)
-        if self.config.base_role(who.role) == "platform-engineer" or (subject.owner == who.name and not masked):
-            return provider.endpoint(0).user, provider.password
-        # a superuser could read what masking replaced (old row versions, shared files): on a masked
-        # branch its owner gets a role that reads and writes data, and changes schema through migrations
-        writer = subject.owner == who.name
-        # a read-only login of the principal's own, the same password on every branch
-        password = hmac.new(provider.password.encode(), f"login:{who.name}".encode(), "sha256").hexdigest()[:32]
-        self.branches.start(branch.name)
-        with psycopg.connect(provider.endpoint(branch.port).dsn(), autocommit=True) as conn:
-            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname=%s", (who.name,)).fetchone()
-            verb = "ALTER" if exists else "CREATE"
-            conn.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(who.name),
-                                                                            sql.Literal(password)))
-            conn.execute(sql.SQL("GRANT pg_read_all_data TO {}").format(sql.Identifier(who.name)))
-            if writer:
-                conn.execute(sql.SQL("GRANT pg_write_all_data TO {}").format(sql.Identifier(who.name)))
-        return who.name, password
+        if direct and self.config.base_role(who.role) != "platform-engineer":
+            reason = "only platform engineers get URLs around the proxy"
+            self.gate.audit.append(actor=who.name, action="branch.connect.direct", target=name, allowed=False,
+                                   reason=f"builtin.direct-pe-only: {reason}", outcome="refused")
+            raise PolicyDenied("branch.connect.direct", name, reason, "builtin.direct-pe-only")
+        with self.gate.act(self.actor, Action.BRANCH_CONNECT, subject) as rec:
+            password = self._db_password()
+            if direct:
+                self.branches.start(target)
+                user = self._direct_login(self.store.get(target), who.name)
+                rec.after = {"user": user, "direct": True}
+                port = self.store.get(target).port
+                return f"postgresql://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{port}/" \
+                       f"{quote(dbname, safe='')}"
+            rec.after = {"user": who.name, "role": self.connect_role(who.name, branch.name, audit=False)}
+        route = name if dbname == "postgres" else f"{name}.{dbname}"
+        query = f"?sslmode={sslmode}" if sslmode else ""
+        return f"postgresql://{quote(who.name, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.proxy_port}/" \
+               f"{quote(route, safe='')}{query}"
+
+    def _db_password(self) -> str:
+        """This principal's Postgres password: derived from the token it acts with."""
+        token = self.token
+        if token is None and (self.actor is None or self.actor == self.gate.owner):
+            with contextlib.suppress(OSError):
+                token = self.home.token.read_text().strip()
+        if not token:
+            raise InvalidInput(f"no token is known for principal {self.gate.principal(self.actor).name!r}, so its "
+                               "database password cannot be derived",
+                               "Use the CLI/SDK with TIERBASE_TOKEN, or Tierbase.as_principal(name, token=...)")
+        return db_password(token)
+
+    def _direct_login(self, b: Branch, principal: str) -> str:
+        """A platform engineer's own TCP login role on one compute (member of tb_owner and tb_direct)."""
+        verifier = self.gate.principals.verifier(principal)
+        if verifier is None:
+            raise InvalidInput(f"principal {principal!r} has no database password yet",
+                               "Use its token once with the CLI or API, then ask again")
+        role = f"pe_{principal}"
+        with psycopg.connect(self.branches.provider.endpoint(b.port).dsn(), autocommit=True) as conn:
+            ident = sql.Identifier(role)
+            exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname=%s", (role,)).fetchone()
+            if not exists:
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEROLE NOREPLICATION IN ROLE {}, {}")
+                             .format(ident, sql.Identifier(OWNER_ROLE), sql.Identifier(DIRECT_GROUP)))
+                # objects it makes belong to tb_owner, like everything the proxy's owners make
+                conn.execute(sql.SQL("ALTER ROLE {} SET role = {}").format(ident, sql.Literal(OWNER_ROLE)))
+            conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(verifier)))
+        return role
+
+    def tls_ca(self) -> dict[str, Any]:
+        """The CA certificate that signs the proxy's (public): clients verify the proxy with it."""
+        cert = self.store.get_setting("tls_cert")
+        path = Path(cert) if cert else self.home.root / "tls" / "ca.crt"
+        if not path.exists():
+            raise NotRunning("the proxy has no TLS certificate yet", "Start the platform with `tierbase up`")
+        return {"pem": path.read_text(), "operator_supplied": bool(cert)}
+
+    # -- the proxy's questions -------------------------------------------------------------
+    def login_verifier(self, user: str) -> str | None:
+        """The SCRAM verifier principal ``user`` logs in to the proxy with (None: unknown or revoked)."""
+        return self.gate.principals.verifier(user)
+
+    def connect_role(self, user: str, branch: str, *, audit: bool = True) -> str:
+        """May principal ``user`` connect to ``branch``, and as which compute role? PolicyDenied if not.
+
+        Owners of a branch and platform engineers get ``tb_owner``; everyone else the policy lets in
+        gets ``tb_reader``; the audit trail's own cluster is read-only for all.
+        """
+        b = self.store.get(branch)
+        who = self.gate.principal(user)
+        if b.kind is Kind.SYSTEM:
+            action, subject = Action.AUDIT_READ, Subject(name=b.name, kind="none")
+        else:
+            action, subject = Action.BRANCH_CONNECT, self.gate.subject(b)
+        decision = self.gate.decide(user, action, subject)
+        if audit:
+            self.gate.audit_windowed(actor=who.name, action=f"{action.value}.proxy", target=b.name,
+                                     allowed=decision.allowed, reason=f"{decision.rule}: {decision.reason}")
+        if not decision.allowed:
+            raise PolicyDenied(action.value, b.name, decision.reason, decision.rule)
+        if b.kind is Kind.SYSTEM:
+            return READER_ROLE
+        if self.config.base_role(who.role) == "platform-engineer" or subject.owner == who.name:
+            return OWNER_ROLE
+        return READER_ROLE
 
     # -- routes ------------------------------------------------------------------
     def list_routes(self) -> list[dict[str, Any]]:
@@ -313,7 +381,9 @@ class Tierbase(GovernanceOps, MigrationOps):
             self.branches.start(branch)
             t0 = time.perf_counter()
             provider = self.branches.provider
-            restore_dump(provider.pg, provider.endpoint(self.store.get(branch).port), src, dbname)
+            port = self.store.get(branch).port
+            restore_dump(provider.pg, provider.endpoint(port, role=OWNER_ROLE), src, dbname,
+                         admin=provider.endpoint(port))
             rec.after = out = {"branch": branch, "database": dbname, "file": str(src),
                                "seconds": round(time.perf_counter() - t0, 2)}
         return out

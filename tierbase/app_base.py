@@ -34,16 +34,19 @@ class FacadeBase:
         self.home = Home(Path(home).absolute() if home else default_home())
         #: the principal this facade acts as; None is the data dir's owner (the first platform engineer)
         self.actor = actor
+        #: the API token this facade acts with, when known (its Postgres password is derived from it)
+        self.token: str | None = None
         self._store: Store | None = None
         self._branches: Branches | None = None
         self._driver: VolumeDriver | None = None
         self._gate: Gate | None = None
 
-    def as_principal(self, name: str | None) -> Self:
+    def as_principal(self, name: str | None, token: str | None = None) -> Self:
         """The same platform, acting as another principal (shares every connection)."""
         _ = (self.branches, self.gate)  # wire once, so that every view shares them
         view = copy.copy(self)
         view.actor = name
+        view.token = token
         return view
 
     # -- wiring ----------------------------------------------------------------
@@ -73,7 +76,7 @@ class FacadeBase:
     @property
     def branches(self) -> Branches:
         if self._branches is None:
-            provider = LocalProvider(self.home.root, self.driver, Postgres(), self.home.read_secret(self.home.secret))
+            provider = LocalProvider(self.home.root, self.driver, Postgres())
             self._branches = Branches(self.store, provider)
         return self._branches
 

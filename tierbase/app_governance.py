@@ -3,68 +3,94 @@
 from __future__ import annotations
 
 import contextlib
-import hmac
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import psycopg
-from psycopg import sql
 
 from .app_base import NOBODY, FacadeBase
 from .control.branches import Prepare
 from .control.store import Branch, Kind
-from .errors import BranchExists, InvalidInput
-from .governance.config import Config, ConfigError, load_config
+from .errors import BranchExists, InvalidInput, TierbaseError
+from .governance import mirror
+from .governance.config import Config, ConfigError, parse_config
 from .governance.masking import MaskRule, apply_masking, check_rules, describe, masking_key, parse_rules
 from .governance.policy import Action, Subject, parse_action
 from .workflow.history import FlowHistory
 
 AUDIT_BRANCH = "tierbase-audit"
-AUDIT_DDL = """
-CREATE TABLE IF NOT EXISTS audit_log (
-    id bigint PRIMARY KEY, ts timestamptz NOT NULL, actor text NOT NULL, action text NOT NULL,
-    target text NOT NULL, decision text NOT NULL, reason text NOT NULL, outcome text NOT NULL,
-    before jsonb, after jsonb, prev_hash text NOT NULL, hash text NOT NULL
-);
-COMMENT ON TABLE audit_log IS 'tierbase audit trail: a read-only mirror; `tierbase audit verify` checks the chain';
-"""
 
 
 class GovernanceOps(FacadeBase):
     # -- governance ----------------------------------------------------------------
-    def reload_config(self, path: str | None = None) -> dict[str, Any]:
-        """Load tierbase.toml (validated whole before anything changes), then create missing tiers."""
+    def reload_config(self, path: str | Path | None = None, *, dry_run: bool = False) -> dict[str, Any]:
+        """Load the tierbase.toml at ``path`` (in-process callers: `tierbase up --config`, scripts, tests).
+
+        The file is read here, by the process owner; the API never calls this with a path from a
+        request (it uploads the text to :meth:`apply_config`). Without a path nothing is re-read: the
+        stored source may sit in a repo that agents can write.
+        """
+        text = None
+        if path is not None:
+            try:
+                text = Path(path).read_text()
+            except OSError as err:
+                raise InvalidInput(f"cannot read {path}: {err.strerror}", "Give the path of your tierbase.toml") \
+                    from err
+        return self.apply_config(text, str(Path(path).absolute()) if path is not None else "", dry_run=dry_run)
+
+    def apply_config(self, text: str | None, source: str, *, dry_run: bool = False) -> dict[str, Any]:
+        """Validate a tierbase.toml's text whole, show its diff, then (unless ``dry_run``) create missing
+        tiers and put it in force. ``source`` is a label (where the platform engineer read it)."""
         old = self.config
-        with self.gate.act(self.actor, Action.POLICY_RELOAD, NOBODY, before={"sha256": old.digest}) as rec:
-            source = path or self.store.get_setting("config_source")
-            if source is None:
-                raise InvalidInput("no tierbase.toml was given and none was loaded before",
-                                   "Pass the path: `tierbase policy reload --file tierbase.toml`")
-            cfg = load_config(source)
+        with self.gate.act(self.actor, Action.POLICY_RELOAD, NOBODY, before={"sha256": old.digest},
+                           quiet=dry_run) as rec:  # policy first: an agent is refused before anything is read
+            if text is None:
+                raise InvalidInput("no tierbase.toml was given: the platform does not re-read a stored file",
+                                   "Name the file: `tierbase policy reload --file tierbase.toml` (add --dry-run "
+                                   "to see the diff first)")
+            cfg = parse_config(text, source or "the uploaded config")
             self.gate.check_against_branches(cfg)
+            self.gate.check_roles_kept(cfg, old)
             self._check_masking(cfg)
-            said = []
-            # tiers first, config last: a failure half way leaves the last good config in force, and a
-            # second reload finds the tiers it already made
-            for name in cfg.tier_order():
-                tier = cfg.tiers[name]
-                b = self.store.find(name)
-                if b is None and tier.parent is not None:
-                    parent = self.store.resolve_route(tier.parent) or tier.parent
-                    pb = self.store.get(parent)
-                    hook = self._mask_hook(name, pb, self._masking_plan(pb, force=tier.masked, cfg=cfg),
-                                           database=str(cfg.project.get("database", "postgres")))
-                    self.branches.create(name, parent, kind=Kind.TIER, creator=self.gate.owner,
-                                         protected=tier.protected, prepare=hook)
-                    said.append(f"created tier {name!r} from {tier.parent!r}")
-                elif b is not None and b.protected != tier.protected:
+            diff = cfg.diff(old)
+            said = self._apply_tiers(cfg, dry_run=dry_run)
+            if dry_run:
+                said.insert(0, f"dry run: {source or 'the config'} (sha256 {cfg.digest[:12]}) is valid; "
+                               "nothing was changed")
+            else:
+                self.gate.store_config(cfg, source)
+                said.insert(0, f"loaded {source or 'the config'} (sha256 {cfg.digest[:12]})")
+                rec.after = {"sha256": cfg.digest, "diff": diff}
+        return {"sha256": cfg.digest, "source": source, "said": said, "entry": cfg.entry, "diff": diff,
+                "changed": cfg.digest != old.digest, "applied": not dry_run}
+
+    def _apply_tiers(self, cfg: Config, *, dry_run: bool) -> list[str]:
+        """Create the tiers ``cfg`` declares that do not exist; sync protection (or say what would be done)."""
+        said = []
+        # tiers first, config last: a failure half way leaves the last good config in force, and a
+        # second reload finds the tiers it already made
+        for name in cfg.tier_order():
+            tier = cfg.tiers[name]
+            b = self.store.find(name)
+            if b is None and tier.parent is not None:
+                if dry_run:
+                    said.append(f"would create tier {name!r} from {tier.parent!r}")
+                    continue
+                parent = self.store.resolve_route(tier.parent) or tier.parent
+                pb = self.store.get(parent)
+                hook = self._mask_hook(name, pb, self._masking_plan(pb, force=tier.masked, cfg=cfg),
+                                       database=str(cfg.project.get("database", "postgres")))
+                self.branches.create(name, parent, kind=Kind.TIER, creator=self.gate.owner,
+                                     protected=tier.protected, prepare=hook)
+                said.append(f"created tier {name!r} from {tier.parent!r}")
+            elif b is not None and b.protected != tier.protected:
+                state = "protected" if tier.protected else "unprotected"
+                if not dry_run:
                     self.store.set_protected(name, tier.protected)
-                    said.append(f"tier {name!r} is now {'protected' if tier.protected else 'unprotected'}")
-            self.gate.store_config(cfg, str(Path(source).absolute()))
-            said.insert(0, f"loaded {source} (sha256 {cfg.digest[:12]})")
-            rec.after = {"sha256": cfg.digest, "diff": cfg.diff(old)}
-        return {"sha256": cfg.digest, "source": str(source), "said": said, "entry": cfg.entry}
+                said.append(f"tier {name!r} {'would become' if dry_run else 'is now'} {state}")
+        return said
 
     def show_config(self) -> dict[str, Any]:
         cfg = self.config
@@ -100,7 +126,12 @@ class GovernanceOps(FacadeBase):
         return self.gate.audit.query(**filters)
 
     def audit_verify(self) -> dict[str, Any]:
-        return self.gate.audit.verify().to_dict()
+        """The chain, its head outside the database, and the SQL mirror against the chain."""
+        out = self.gate.audit.verify().to_dict()
+        out["mirror"] = self._verify_mirror()
+        if out["ok"] and out["mirror"] is not None and not out["mirror"]["ok"]:
+            out.update(ok=False, problem=out["mirror"]["problem"])
+        return out
 
     # -- workflow history (the authoritative record behind .tierbase/workflow-state.json) --------
     def flow_record(self, feature: str, transition: str, state: str, evidence: dict[str, Any]) -> dict[str, Any]:
@@ -139,33 +170,42 @@ class GovernanceOps(FacadeBase):
         self.branches.start(name)
         ep = self.branches.provider.endpoint(self.store.get(name).port)
         with psycopg.connect(ep.dsn(), autocommit=True, connect_timeout=10) as conn:
-            conn.execute(AUDIT_DDL)
-            row = conn.execute("SELECT coalesce(max(id), 0) FROM audit_log").fetchone()
-            new = self.gate.audit.after(int(row[0]) if row else 0)
-            with conn.transaction(), conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO audit_log VALUES (%s, to_timestamp(%s), %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                    " ON CONFLICT (id) DO NOTHING",
-                    [(r["id"], r["ts"], r["actor"], r["action"], r["target"], r["decision"], r["reason"],
-                      r["outcome"], r["before"], r["after"], r["prev_hash"], r["hash"]) for r in new])
-        return len(new)
+            copied, top = mirror.sync(conn, self.gate.audit.after)
+        self._mirror_synced(top)
+        return copied
 
-    def audit_url(self, direct: bool = False) -> str:
-        """A read-only URL on the SQL mirror of the audit trail (table audit_log), for this principal."""
+    def _mirror_synced(self, top: int) -> None:
+        """Remember the newest id the mirror held: rows up to it missing later were deleted, not yet to come."""
+        with self.store.write() as db:
+            row = db.execute("SELECT value FROM settings WHERE key = 'audit_mirror_to'").fetchone()
+            if row is None or int(row[0]) < top:  # concurrent syncs: never lower it
+                db.execute("INSERT INTO settings(key, value) VALUES('audit_mirror_to', ?)"
+                           " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(top),))
+
+    def _verify_mirror(self) -> dict[str, Any] | None:
+        b = self.store.find(AUDIT_BRANCH)
+        if b is None:
+            return None  # no mirror was ever asked for
+        synced_to = int(self.store.get_setting("audit_mirror_to", 0))
+        try:
+            self.branches.start(AUDIT_BRANCH)
+            with psycopg.connect(self.branches.provider.endpoint(b.port).dsn(), autocommit=True,
+                                 connect_timeout=10) as conn:
+                problems = mirror.check(conn, self.gate.audit.after, synced_to)
+        except (TierbaseError, psycopg.Error) as err:
+            problems = [f"the SQL mirror could not be read: {str(err).strip()}"]
+        return {"ok": not problems, "synced_to": synced_to, "problem": problems[0] if problems else "",
+                "problems": problems}
+
+    def audit_url(self) -> str:
+        """A read-only URL on the SQL mirror of the audit trail (table audit_log), through the proxy,
+        with this principal's own credentials; the proxy maps every reader to tb_reader there."""
         self._require(Action.AUDIT_READ, NOBODY, quiet=True)
         self.audit_sync()
         who = self.gate.principal(self.actor).name
-        provider = self.branches.provider
-        b = self.store.get(AUDIT_BRANCH)
-        password = hmac.new(provider.password.encode(), f"audit:{who}".encode(), "sha256").hexdigest()[:32]
-        with psycopg.connect(provider.endpoint(b.port).dsn(), autocommit=True) as conn:
-            verb = "ALTER" if conn.execute("SELECT 1 FROM pg_roles WHERE rolname=%s", (who,)).fetchone() else "CREATE"
-            conn.execute(sql.SQL(verb + " ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(who),
-                                                                            sql.Literal(password)))
-            conn.execute(sql.SQL("ALTER ROLE {} SET default_transaction_read_only = on").format(sql.Identifier(who)))
-            conn.execute(sql.SQL("GRANT SELECT ON audit_log TO {}").format(sql.Identifier(who)))
-        port, dbname = (b.port, "postgres") if direct else (self.proxy_port, AUDIT_BRANCH)
-        return f"postgresql://{quote(who, safe='')}:{password}@127.0.0.1:{port}/{dbname}"
+        password = self._db_password()  # type: ignore[attr-defined]
+        return f"postgresql://{quote(who, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.proxy_port}/" \
+               f"{AUDIT_BRANCH}"
 
     # -- masking that branches inherit -------------------------------------------------------
     def _sensitive_lineage(self, b: Branch, cfg: Config) -> bool:

@@ -7,19 +7,38 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import psycopg
 
 from .app_base import FacadeBase
+from .compute.roles import OWNER_ROLE
 from .control.store import Branch, Kind
 from .errors import InvalidInput, Refused, TierbaseError
 from .governance.policy import Action, Subject
 from .migrate import files, ledger
 from .migrate.diff import diff_urls
 from .migrate.lint import lint
-from .migrate.promote import PromotionLog, run_smoke, to_promote
-from .migrate.verify import BranchPlatform, verify
+from .migrate.promote import PromotionLog, pre_snapshot_name, rollback_name, run_smoke, to_promote
+from .migrate.verify import verify
+
+
+class _VerifyPlatform:
+    """verify's view of the platform: its throwaway branch is made and deleted as the acting principal,
+    and reached as that branch's owner role (never the superuser)."""
+
+    def __init__(self, tb: MigrationOps) -> None:
+        self.tb = tb
+
+    def create_branch(self, name: str, parent: str | None = None, *, platform_name: bool = False) -> Any:
+        return self.tb.create_branch(name, parent, platform_name=platform_name)  # type: ignore[attr-defined]
+
+    def delete_branch(self, name: str, recursive: bool = False) -> Any:
+        return self.tb.delete_branch(name, recursive)  # type: ignore[attr-defined]
+
+    def branch_url(self, name: str, dbname: str = "postgres", *, direct: bool = False) -> str:
+        self.tb.branches.start(name)
+        return self.tb._url(name, dbname)
 
 
 class MigrationOps(FacadeBase):
@@ -48,15 +67,20 @@ class MigrationOps(FacadeBase):
 
     @contextmanager
     def _connect(self, branch: str) -> Iterator[psycopg.Connection[Any]]:
-        """A superuser connection to a branch's project database (starting its compute)."""
+        """A connection to a branch's project database as its owner role (starting its compute).
+
+        Never the superuser: migrations, the ledger and smoke checks run with what the branch's
+        owner may do in SQL, so a migration can do nothing its author could not do by hand. The
+        caller has been authorized (migrate.apply / promote) before it gets here.
+        """
         self.branches.start(branch)
-        ep = self.branches.provider.endpoint(self.store.get(branch).port, self._database)
-        with psycopg.connect(ep.dsn(), autocommit=True, connect_timeout=10) as conn:
+        with psycopg.connect(self._url(branch), autocommit=True, connect_timeout=10) as conn:
             yield conn
 
-    def _url(self, branch: str) -> str:
-        ep = self.branches.provider.endpoint(self.store.get(branch).port, self._database)
-        return f"postgresql://{ep.user}:{ep.password}@{ep.host}:{ep.port}/{ep.dbname}"
+    def _url(self, branch: str, dbname: str | None = None) -> str:
+        """A libpq conninfo for the branch's owner role over the compute's private socket."""
+        return self.branches.provider.endpoint(self.store.get(branch).port, dbname or self._database,
+                                               role=OWNER_ROLE).dsn()
 
     def _tier_subject(self, tier: str) -> Subject:
         spec = self.config.tiers.get(tier)
@@ -93,7 +117,7 @@ class MigrationOps(FacadeBase):
         source = self._serving(parent or self.config.entry)
         rules = self.config.raw.get("migrations", {}).get("lint_block")
         migrations = self._migrations(migrations_dir)
-        report = verify(cast(BranchPlatform, self), source.name, migrations,
+        report = verify(_VerifyPlatform(self), source.name, migrations,
                         actor=self.gate.principal(self.actor).name, dbname=self._database, lint_block=rules)
         out = report.to_dict()
         if self._settings.get("require_undo"):
@@ -157,7 +181,7 @@ class MigrationOps(FacadeBase):
                  migrations: list[files.Migration], t0: float) -> dict[str, Any]:
         with self._connect(serving.name) as tconn, self._connect(src.name) as sconn:
             pending = to_promote(ledger.status(tconn, migrations), ledger.status(sconn, migrations), tier, src.name)
-        snapshot = f"{tier}-pre-{pid}"
+        snapshot = pre_snapshot_name(tier, pid)
         self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.gate.owner)
         log.update(pid, snapshot=snapshot, migrations=[m.label() for m in pending])
         spec = self.config.tiers[tier]
@@ -170,7 +194,7 @@ class MigrationOps(FacadeBase):
             why = f"migration failed: {err.message}"
         if why is None:
             return log.finish(pid, "succeeded", "ok", t0, serving_now=serving.name)
-        back = self._repoint_to_snapshot(tier, snapshot, f"{tier}-rb-{pid}")
+        back = self._repoint_to_snapshot(tier, snapshot, rollback_name(tier, str(pid)))
         return log.finish(pid, "rolled-back", why, t0, serving_now=back)
 
     def _project_dir(self) -> str | None:
@@ -204,7 +228,7 @@ class MigrationOps(FacadeBase):
         with self.gate.act(self.actor, Action.PROMOTE, target, before={"serving": self._serving(tier).name}) as rec:
             t0 = time.perf_counter()
             replaced = self._serving(tier).name
-            name = f"{tier}-rb-{secrets.token_hex(3)}"
+            name = rollback_name(tier, secrets.token_hex(3))
             self._repoint_to_snapshot(tier, snapshot, name)
             with self._connect(name) as conn:
                 conn.execute("SELECT 1")

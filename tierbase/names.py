@@ -11,6 +11,19 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 _TTL_RE = re.compile(r"(\d+)([smhdw])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
+#: the names the platform makes itself, with what it makes them for. Taking one first would block the
+#: platform (a promotion whose `-pre-N` snapshot name is taken cannot start) or plant a branch where
+#: the platform expects its own, so no principal may create them; the platform's own code paths pass
+#: ``platform_name=True`` to the facade instead.
+RESERVED: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"^.+-pre-\d+$"), "pre-promotion snapshots (<tier>-pre-<n>)"),
+    (re.compile(r"^.+-rb-.+$"), "rollback branches (<tier>-rb-...)"),
+    (re.compile(r"^.+-replaced-.+$"), "branches a rollback or restore replaced (*-replaced-*)"),
+    (re.compile(r"^.+-before-restore-.+$"), "the state kept before a restore (*-before-restore-*)"),
+    (re.compile(r"^ci-.+$"), "the workflow's CI branches (ci-<feature>)"),
+    (re.compile(r"^verify-.+$"), "migration verify branches (verify-*)"),
+)
+
 
 def check_name(name: str, what: str = "branch") -> str:
     """Return ``name`` if it is a valid branch/route name, else raise InvalidName."""
@@ -21,6 +34,25 @@ def check_name(name: str, what: str = "branch") -> str:
             name=name,
             rule=NAME_RULE,
         )
+    return name
+
+
+class ReservedName(InvalidName):
+    code = "reserved_name"
+
+
+def reserved_for(name: str) -> str | None:
+    """What the platform makes branches named like ``name`` for, or None when the name is free to take."""
+    return next((what for pattern, what in RESERVED if pattern.fullmatch(name)), None)
+
+
+def check_unreserved(name: str) -> str:
+    """Return ``name`` unless the platform reserves it for its own branches (then raise ReservedName)."""
+    what = reserved_for(name)
+    if what is not None:
+        raise ReservedName(f"branch name {name!r} is reserved for the platform: it names {what}",
+                           "Pick a name without that pattern (e.g. drop the `ci-`/`verify-` prefix or the "
+                           "`-pre-<n>`/`-rb-` part)", name=name, reserved_for=what)
     return name
 
 

@@ -15,20 +15,29 @@ from .storage import Source, VolumeDriver
 
 
 class LocalProvider:
-    def __init__(self, home: Path, driver: VolumeDriver, pg: Postgres, password: str) -> None:
+    def __init__(self, home: Path, driver: VolumeDriver, pg: Postgres) -> None:
         self.home = home
         self.driver = driver
         self.pg = pg
-        self.password = password
         self.locks = home / "locks"
         self.logs = home / "logs"
+        #: every compute's unix socket: a 0700 directory of the compute user, so that only it (the
+        #: service) and root can reach the sockets, where peer auth maps them to the platform roles
+        self.sockets = home / "sockets"
 
     @property
     def copy_on_write(self) -> bool:
         return self.driver.copy_on_write
 
-    def endpoint(self, port: int, dbname: str = "postgres") -> Endpoint:
-        return Endpoint("127.0.0.1", port, SUPERUSER, self.password, dbname)
+    def endpoint(self, port: int, dbname: str = "postgres", role: str = SUPERUSER) -> Endpoint:
+        """The platform's own way in to a compute, as one of the fixed roles (peer auth, no password)."""
+        return Endpoint(str(self.sockets), port, role, "", dbname)
+
+    def _ensure_sockets(self) -> None:
+        if not self.sockets.is_dir():
+            self.sockets.mkdir(parents=True, exist_ok=True)
+            self.pg.user.chown(self.sockets)
+        self.sockets.chmod(0o700)
 
     def datadir(self, volume: str) -> Path:
         return self.driver.path(volume)
@@ -37,7 +46,7 @@ class LocalProvider:
     def create_root(self, volume: str) -> None:
         path = self.driver.create(volume)
         try:
-            self.pg.initdb(path, self.password)
+            self.pg.initdb(path)
         except BaseException:
             self.driver.delete(volume)
             raise
@@ -71,8 +80,10 @@ class LocalProvider:
 
     # -- computes ------------------------------------------------------------
     def start(self, name: str, volume: str, port: int) -> int:
+        self._ensure_sockets()
         with branch_lock(self.locks, name):
-            return self.pg.start(self.datadir(volume), port, self.logs / f"{name}.log", name=name)
+            return self.pg.start(self.datadir(volume), port, self.logs / f"{name}.log", name=name,
+                                 sockets=self.sockets)
 
     def start_private(self, name: str, volume: str, port: int) -> Endpoint:
         """Start a compute reachable only through a unix socket in a 0700 directory: nobody else can
@@ -82,8 +93,9 @@ class LocalProvider:
         self.pg.user.chown(sockdir)
         sockdir.chmod(0o700)
         with branch_lock(self.locks, name):
-            self.pg.start(self.datadir(volume), port, self.logs / f"{name}.log", name=name, private=sockdir)
-        return Endpoint(str(sockdir), port, SUPERUSER, self.password)
+            self.pg.start(self.datadir(volume), port, self.logs / f"{name}.log", name=name, sockets=self.sockets,
+                          private=sockdir)
+        return Endpoint(str(sockdir), port, SUPERUSER)
 
     def stop(self, name: str, volume: str) -> bool:
         with branch_lock(self.locks, name):

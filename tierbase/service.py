@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -23,8 +24,10 @@ import uvicorn
 from .api.server import create_app
 from .app import Tierbase
 from .control.store import Kind
-from .errors import TierbaseError
+from .errors import PolicyDenied, TierbaseError
 from .proxy import Proxy, RouteError, Target
+from .proxy.auth import Verifier
+from .proxy.tls import TlsFiles, ensure_certificates
 
 log = logging.getLogger("tierbase.service")
 
@@ -46,20 +49,54 @@ class Resolver:
         if b.kind is Kind.SNAPSHOT:
             raise RouteError(f'branch "{branch}" is a read-only snapshot and has no compute',
                              f"Create a branch from it: `tierbase branch create NAME --parent {branch}`")
+        sockets = str(self.tb.branches.provider.sockets)
         if self.tb.branches.provider.running_pid(b.volume) is not None:
-            return Target(branch, "127.0.0.1", b.port)  # the common case: no lock, no thread
+            return Target(branch, sockets, b.port)  # the common case: no lock, no thread
         try:
             await asyncio.to_thread(self.tb.branches.start, branch)
         except TierbaseError as err:
             raise RouteError(err.message, err.hint, sqlstate="57P03") from err
-        return Target(branch, "127.0.0.1", b.port)
+        return Target(branch, sockets, b.port)
+
+
+class PlatformAuthority:
+    """The proxy's questions (who is this, what may it do) answered by the facade, off the event loop."""
+
+    def __init__(self, tb: Tierbase) -> None:
+        self.tb = tb
+
+    async def verifier(self, user: str) -> Verifier | None:
+        text = await asyncio.to_thread(self.tb.login_verifier, user)
+        return Verifier.parse(text) if text else None
+
+    async def authorize(self, user: str, route: str, branch: str, peer: str) -> str:
+        try:
+            return await asyncio.to_thread(self.tb.connect_role, user, branch)
+        except PolicyDenied as err:
+            raise RouteError(f'permission denied for branch "{branch}": {err.data.get("reason", err.message)}',
+                             "Ask a platform engineer, or see `tierbase policy explain`", sqlstate="42501") from err
+
+    async def failed(self, user: str, peer: str, reason: str) -> None:
+        # folded per source and minute by the audit log: a storm cannot grow the trail without bound
+        await asyncio.to_thread(self.tb.gate.audit.note_failure, peer, "anonymous", "proxy.login",
+                                f"authentication failed for user {user!r}: {reason}")
+
+
+def make_proxy(tb: Tierbase, *, port: int | None = None) -> Proxy:
+    """The proxy as the service runs it: the platform's resolver and authority, TLS with its certificates."""
+    cert, key = tb.store.get_setting("tls_cert"), tb.store.get_setting("tls_key")
+    tls = TlsFiles(Path(cert), Path(cert), Path(key)) if cert and key else ensure_certificates(tb.home.root / "tls")
+    return Proxy(Resolver(tb), PlatformAuthority(tb), host="127.0.0.1",
+                 port=tb.proxy_port if port is None else port, tls=tls,
+                 plain_loopback=bool(tb.store.get_setting("plain_loopback", True)),
+                 decoy_key=tb.home.read_secret(tb.home.root / "audit.key", create=True).encode())
 
 
 class Service:
     def __init__(self, home: Path) -> None:
         self.tb = Tierbase(home)
         self.tb.router = self
-        self.proxy = Proxy(Resolver(self.tb), host="127.0.0.1", port=self.tb.proxy_port)
+        self.proxy = make_proxy(self.tb)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.idle_timeout = float(self.tb.store.get_setting("idle_timeout", 300))
         self.sweep_interval = float(os.environ.get("TIERBASE_SWEEP_INTERVAL", "30"))
@@ -145,6 +182,9 @@ class Service:
         app = create_app(self.tb, hooks=self)
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.tb.api_port, log_level="warning",
                                                lifespan="off"))
+        # uvicorn re-raises SIGTERM once it stopped serving; under the default handler that would kill the
+        # process before the finally below (the audit's pending counts, the proxy's sessions, service.json)
+        signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
         await self.proxy.start()
         tasks = [asyncio.create_task(self.sweeper()), asyncio.create_task(self.suspender())]
         serving = asyncio.create_task(server.serve())
@@ -159,6 +199,7 @@ class Service:
         finally:
             for t in tasks:
                 t.cancel()
+            await asyncio.to_thread(self.tb.gate.audit.flush)  # the counts of folded failures still open
             await self.proxy.close()
             self.tb.home.service.unlink(missing_ok=True)
 

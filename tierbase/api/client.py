@@ -130,6 +130,9 @@ class Client:
         body = {"name": name, "parent": parent, "ttl": ttl, "snapshot": snapshot, "start": start}
         return dict(self._call("POST", "/v1/branches", json=body))
 
+    def create_ci_branch(self, feature: str, parent: str | None = None, *, ttl: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/flow/{feature}/ci-branch", json={"parent": parent, "ttl": ttl}))
+
     def get_branch(self, name: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/v1/branches/{name}"))
 
@@ -145,8 +148,12 @@ class Client:
     def stop_branch(self, name: str) -> dict[str, Any]:
         return dict(self._call("POST", f"/v1/branches/{name}/stop"))
 
-    def branch_url(self, name: str, dbname: str = "postgres", direct: bool = False) -> str:
-        got = self._call("GET", f"/v1/branches/{name}/url", params={"database": dbname, "direct": direct})
+    def branch_url(self, name: str, dbname: str = "postgres", direct: bool = False,
+                   sslmode: str | None = None) -> str:
+        params: dict[str, Any] = {"database": dbname, "direct": direct}
+        if sslmode:
+            params["sslmode"] = sslmode
+        got = self._call("GET", f"/v1/branches/{name}/url", params=params)
         return str(got["url"])
 
     def list_routes(self) -> list[dict[str, Any]]:
@@ -174,8 +181,18 @@ class Client:
     def show_config(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/policy"))
 
-    def reload_config(self, path: str | None = None) -> dict[str, Any]:
-        return dict(self._call("POST", "/v1/policy/reload", json={"file": path}))
+    def reload_config(self, path: str | os.PathLike[str], *, dry_run: bool = False) -> dict[str, Any]:
+        """Read the tierbase.toml here, on the client, and upload its text (the server reads no path)."""
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise TierbaseError(f"cannot read {path}: {err.strerror}", "Give the path of your tierbase.toml") \
+                from err
+        return self.apply_config(text, str(Path(path).absolute()), dry_run=dry_run)
+
+    def apply_config(self, text: str | None, source: str = "", *, dry_run: bool = False) -> dict[str, Any]:
+        body = {"text": text, "source": source, "dry_run": dry_run}
+        return dict(self._call("POST", "/v1/policy/reload", json=body))
 
     def explain(self, principal: str, action: str, target: str, source: str | None = None) -> dict[str, Any]:
         params = {"principal": principal, "action": action, "target": target}
@@ -191,6 +208,9 @@ class Client:
         return dict(self._call("GET", "/v1/audit/verify"))
 
     # -- workflow -------------------------------------------------------------------
+    def tls_ca(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/tls/ca"))
+
     def whoami(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/whoami"))
 
@@ -228,5 +248,5 @@ class Client:
         params = {"a": a, "format": fmt, **({"b": b} if b else {})}
         return dict(self._call("GET", "/v1/diff", params=params))
 
-    def audit_url(self, direct: bool = False) -> str:
-        return str(self._call("GET", "/v1/audit/url", params={"direct": direct})["url"])
+    def audit_url(self) -> str:
+        return str(self._call("GET", "/v1/audit/url")["url"])

@@ -6,12 +6,12 @@ proxy shares.
 """
 
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..app import Tierbase
@@ -63,7 +63,16 @@ class RollbackBody(BaseModel):
 
 
 class ConfigReload(BaseModel):
-    file: str | None = None
+    # the server reads no path a request names: the client uploads the file's text
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(default=None, max_length=1_000_000, description="the tierbase.toml to load")
+    source: str = Field(default="", max_length=4096, description="where the client read it (a label)")
+    dry_run: bool = Field(default=False, description="validate and show the diff; change nothing")
+
+
+class CiBranch(BaseModel):
+    parent: str | None = None
+    ttl: str | None = None
 
 
 def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
@@ -78,10 +87,11 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         try:
             who = tb.gate.principals.authenticate(token)
         except Unauthorized as err:
-            tb.gate.audit.append(actor="anonymous", action="auth", target=request.url.path, allowed=False,
-                                 reason=err.message, outcome="refused")
+            # folded per client address and minute: a flood of bad tokens cannot grow the trail without bound
+            source = request.client.host if request.client else "unknown"
+            tb.gate.audit.note_failure(source, "anonymous", "auth", err.message)
             raise
-        return tb.as_principal(who.name)
+        return tb.as_principal(who.name, token=token)
 
     As = Annotated[Tierbase, Depends(auth)]
 
@@ -116,6 +126,10 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     def create_branch(me: As, body: BranchCreate) -> dict[str, Any]:
         return me.create_branch(body.name, body.parent, ttl=body.ttl, snapshot=body.snapshot, start=body.start)
 
+    @app.post("/v1/flow/{feature}/ci-branch", status_code=201)
+    def create_ci_branch(me: As, feature: str, body: CiBranch) -> dict[str, Any]:
+        return me.create_ci_branch(feature, body.parent, ttl=body.ttl)
+
     @app.get("/v1/branches/{name}")
     def show_branch(me: As, name: str) -> dict[str, Any]:
         return _with_sessions([me.get_branch(name)], hooks)[0]
@@ -137,8 +151,10 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         return me.stop_branch(name)
 
     @app.get("/v1/branches/{name}/url")
-    def branch_url(me: As, name: str, database: str = "postgres", direct: bool = False) -> dict[str, Any]:
-        return {"name": name, "url": me.branch_url(name, database, direct=direct)}
+    def branch_url(me: As, name: str, database: str = "postgres", direct: bool = False,
+                   sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] | None = None,
+                   ) -> dict[str, Any]:
+        return {"name": name, "url": me.branch_url(name, database, direct=direct, sslmode=sslmode)}
 
     @app.get("/v1/routes")
     def routes(me: As) -> list[dict[str, Any]]:
@@ -177,7 +193,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
 
     @app.post("/v1/policy/reload")
     def reload_policy(me: As, body: ConfigReload) -> dict[str, Any]:
-        return me.reload_config(body.file)
+        return me.apply_config(body.text, body.source, dry_run=body.dry_run)
 
     @app.get("/v1/policy/explain")
     def explain(me: As, principal: str, action: str, target: str, source: str | None = None) -> dict[str, Any]:
@@ -193,8 +209,12 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         return me.audit_verify()
 
     @app.get("/v1/audit/url")
-    def audit_url(me: As, direct: bool = False) -> dict[str, Any]:
-        return {"url": me.audit_url(direct)}
+    def audit_url(me: As) -> dict[str, Any]:
+        return {"url": me.audit_url()}
+
+    @app.get("/v1/tls/ca")
+    def tls_ca(me: As) -> dict[str, Any]:
+        return me.tls_ca()
 
     @app.get("/v1/whoami")
     def whoami(me: As) -> dict[str, Any]:

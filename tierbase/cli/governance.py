@@ -73,19 +73,22 @@ def policy_show(ctx: click.Context) -> None:
 
 @policy.command("reload")
 @click.option("--file", "path", type=click.Path(dir_okay=False), default=None,
-              help="A new tierbase.toml (default: the one loaded before).")
+              help="The tierbase.toml to load (required: the platform never re-reads a file on its own).")
+@click.option("--dry-run", is_flag=True, help="Validate it and show the diff; change nothing.")
 @command
 @click.pass_context
-def policy_reload(ctx: click.Context, path: str | None) -> None:
-    """Validate and load tierbase.toml (platform engineers only; audited with hash and diff)."""
-    import os
-
-    data = client(ctx).reload_config(os.path.abspath(path) if path else None)
+def policy_reload(ctx: click.Context, path: str | None, dry_run: bool) -> None:
+    """Validate and load tierbase.toml, showing the diff (platform engineers only; audited with hash and diff)."""
+    sdk = client(ctx)
+    # without --file nothing is uploaded: the server decides (policy first, exit 2), then refuses to
+    # re-read any stored file (exit 1, naming --file)
+    data = sdk.reload_config(path, dry_run=dry_run) if path else sdk.apply_config(None, dry_run=dry_run)
     if as_json():
         emit_json(data)
         return
+    click.echo(data["diff"] or "(no change to the config text)")
     for line in data["said"]:
-        out.print(f"- {line}")
+        out.print(f"- {line}", markup=False)
 
 
 @policy.command("explain")
@@ -137,12 +140,11 @@ def audit_log(ctx: click.Context, actor: str | None, action: str | None, target:
 
 
 @audit.command("url")
-@click.option("--direct", is_flag=True, help="The cluster's own port instead of the proxy.")
 @command
 @click.pass_context
-def audit_url(ctx: click.Context, direct: bool) -> None:
-    """A read-only postgresql:// URL where the audit trail is the table audit_log."""
-    url = client(ctx).audit_url(direct)
+def audit_url(ctx: click.Context) -> None:
+    """A read-only postgresql:// URL (through the proxy) where the audit trail is the table audit_log."""
+    url = client(ctx).audit_url()
     emit_json({"url": url}) if as_json() else click.echo(url)
 
 
@@ -150,14 +152,22 @@ def audit_url(ctx: click.Context, direct: bool) -> None:
 @command
 @click.pass_context
 def audit_verify(ctx: click.Context) -> None:
-    """Check the hash chain; names the first bad record. Exit 1 if broken."""
+    """Check the hash chain, its head outside meta.db and the SQL mirror; names what is missing. Exit 1 if broken."""
     v = client(ctx).audit_verify()
-    if as_json():
+    if as_json() and v["ok"]:
         emit_json(v)
     elif v["ok"]:
-        out.print(f"audit trail intact: {v['records']} records")
+        mirror = v.get("mirror")
+        out.print(f"audit trail intact: {v['records']} records"
+                  + (f"; the SQL mirror matches (up to record {mirror['synced_to']})" if mirror else ""),
+                  markup=False)
+        if v.get("note"):
+            out.print(f"note: {v['note']}", markup=False)
     if not v["ok"]:
         from ..errors import TierbaseError
 
-        raise TierbaseError(f"the audit trail is broken at record {v['first_bad']}: {v['problem']}",
-                            "Restore meta.db from a backup and investigate who changed it")
+        where = f" at record {v['first_bad']}" if v.get("first_bad") else ""
+        # with --json this is the one document printed: the error envelope, carrying the verdict
+        raise TierbaseError(f"the audit trail is broken{where}: {v['problem']}",
+                            "Investigate who changed meta.db, audit.head or the mirror; keep copies of all three",
+                            verdict=v)

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import click
 import httpx
@@ -211,6 +212,18 @@ def branch_create(ctx: click.Context, name: str, parent: str | None, ttl: str | 
     out.print(f"created {b['kind']} branch {b['name']!r} from {b['parent']!r} in {b['elapsed_ms']} ms ({how})")
 
 
+@branch.command("create-ci")
+@click.argument("feature")
+@click.option("--parent", default=None, help="Branch to fork (default: the entry tier).")
+@click.option("--ttl", default=None, help="Delete automatically after this long (e.g. 2h, 7d).")
+@command
+@click.pass_context
+def branch_create_ci(ctx: click.Context, feature: str, parent: str | None, ttl: str | None) -> None:
+    """Create the CI branch of FEATURE, ci-FEATURE (a name the platform reserves, so it makes it)."""
+    b = client(ctx).create_ci_branch(feature, parent, ttl=ttl)
+    emit_json(b) if as_json() else out.print(f"created {b['name']!r} from {b['parent']!r} in {b['elapsed_ms']} ms")
+
+
 @branch.command("list")
 @click.option("--no-bytes", is_flag=True, help="Skip measuring each branch's own bytes.")
 @click.option("--prefix", default="", help="Only branches whose name starts with this.")
@@ -264,13 +277,47 @@ def branch_reset(ctx: click.Context, name: str) -> None:
 @branch.command("url")
 @click.argument("name")
 @click.option("--database", default="postgres", show_default=True)
-@click.option("--direct", is_flag=True, help="The compute's own port instead of the proxy (no wake-up).")
+@click.option("--direct", is_flag=True, help="The compute's own port instead of the proxy (platform engineers).")
+@click.option("--sslmode", type=click.Choice(["disable", "prefer", "require", "verify-ca", "verify-full"]),
+              default=None, help="TLS to the proxy; verify-* also fetch the platform's CA into ~/.config/tierbase.")
 @command
 @click.pass_context
-def branch_url(ctx: click.Context, name: str, database: str, direct: bool) -> None:
-    """A postgresql:// URL for NAME (through the proxy, stable)."""
-    url = client(ctx).branch_url(name, database, direct)
+def branch_url(ctx: click.Context, name: str, database: str, direct: bool, sslmode: str | None) -> None:
+    """A postgresql:// URL for NAME with your own credentials (through the proxy, stable)."""
+    sdk = client(ctx)
+    url = sdk.branch_url(name, database, direct, sslmode=sslmode)
+    if sslmode in ("verify-ca", "verify-full"):
+        url += f"&sslrootcert={quote(str(_save_ca(sdk)), safe='/')}"
     emit_json({"name": name, "url": url}) if as_json() else click.echo(url)
+
+
+def _save_ca(sdk: Client) -> Path:
+    """The platform's CA certificate, kept where the caller's own libpq can read it."""
+    base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "tierbase"
+    base.mkdir(parents=True, exist_ok=True)
+    path = base / "ca.crt"
+    path.write_text(sdk.tls_ca()["pem"])
+    return path
+
+
+@cli.group()
+def tls() -> None:
+    """The proxy's TLS certificate."""
+
+
+@tls.command("ca")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Write the PEM here (default: stdout).")
+@command
+@click.pass_context
+def tls_ca(ctx: click.Context, out: str | None) -> None:
+    """The CA certificate clients verify the proxy with (sslmode=verify-full sslrootcert=FILE)."""
+    pem = client(ctx).tls_ca()["pem"]
+    if out:
+        Path(out).write_text(pem)
+    if as_json():
+        emit_json({"pem": pem, "file": out})
+    elif not out:
+        click.echo(pem, nl=False)
 
 
 @branch.command("start")

@@ -13,12 +13,12 @@ import errno
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import make_conninfo
 
 from ..errors import ComputeError, DiskFull
 from .binaries import ComputeUser, PgBinaries, compute_user, find_binaries
@@ -35,12 +35,36 @@ password_encryption = 'scram-sha-256'
 logging_collector = off
 log_line_prefix = '%m [%p] '
 """
-HBA = """# tierbase: every connection authenticates with SCRAM-SHA-256
-local   all             all                                     scram-sha-256
-host    all             all             127.0.0.1/32            scram-sha-256
-host    all             all             ::1/128                 scram-sha-256
-host    replication     all             127.0.0.1/32            scram-sha-256
-host    replication     all             ::1/128                 scram-sha-256
+#: pg_ident map naming the OS users that may log in over the unix socket, and as which roles
+IDENT_MAP = "tierbase"
+# Who may log in how. The unix socket lives in a 0700 directory of the compute user, and peer
+# auth maps only that OS user (the service) and root (the library used in-process by root) to
+# the platform's roles. Over TCP only the platform engineers' own direct roles (group tb_direct)
+# log in, with SCRAM; the superuser and every principal role are refused there.
+HBA = """# tierbase: managed; see tierbase/compute/postgres.py
+local   all             all                                     peer map=tierbase
+local   replication     all                                     peer map=tierbase
+host    all             +tb_direct      127.0.0.1/32            scram-sha-256
+host    all             +tb_direct      ::1/128                 scram-sha-256
+host    all             all             0.0.0.0/0               reject
+host    all             all             ::/0                    reject
+"""
+# The fixed roles (see roles.py), made once in the root cluster and inherited by every branch.
+# tb_owner is a member of the NOLOGIN role ``postgres`` so that dumps saying `OWNER TO postgres`
+# restore as they are; it owns the ``postgres`` database (and with it the ``public`` schema,
+# whose owner is pg_database_owner since PostgreSQL 15).
+ROLES_SQL = """CREATE ROLE postgres NOLOGIN;
+
+CREATE ROLE tb_owner LOGIN NOSUPERUSER NOCREATEROLE CREATEDB NOREPLICATION NOBYPASSRLS IN ROLE postgres, pg_checkpoint;
+
+CREATE ROLE tb_reader LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS IN ROLE pg_read_all_data;
+
+ALTER ROLE tb_reader SET default_transaction_read_only = on;
+
+CREATE ROLE tb_direct NOLOGIN;
+
+ALTER DATABASE postgres OWNER TO tb_owner;
+
 """
 # Skip the fork-time CHECKPOINT when less WAL than this was written since the last one.
 CHECKPOINT_MIN_WAL = int(os.environ.get("TIERBASE_CHECKPOINT_MIN_WAL", 16 * 1024 * 1024))
@@ -50,17 +74,22 @@ RUNTIME_FILES = ("postmaster.pid", "postmaster.opts")
 
 @dataclass(frozen=True)
 class Endpoint:
+    """How to reach one compute: a unix socket directory (peer auth, no password) or a TCP host."""
+
     host: str
     port: int
     user: str
-    password: str
+    password: str = ""
     dbname: str = "postgres"
 
     def dsn(self, dbname: str | None = None) -> str:
-        return (
-            f"host={self.host} port={self.port} user={self.user} "
-            f"password={self.password} dbname={dbname or self.dbname}"
-        )
+        return make_conninfo("", host=self.host, port=self.port, user=self.user, dbname=dbname or self.dbname,
+                             **({"password": self.password} if self.password else {}))
+
+    @property
+    def socket(self) -> str | None:
+        """The unix socket file, when ``host`` is a socket directory."""
+        return f"{self.host}/.s.PGSQL.{self.port}" if self.host.startswith("/") else None
 
 
 def _space_error(err: BaseException | str, where: Path) -> DiskFull:
@@ -95,26 +124,16 @@ class Postgres:
         return str(got.stdout)
 
     # -- creating ------------------------------------------------------------
-    def initdb(self, datadir: Path, password: str) -> None:
-        """Create a cluster whose superuser ``tierbase`` authenticates with SCRAM."""
-        with tempfile.NamedTemporaryFile("w", dir=datadir.parent, delete=False) as pw:
-            pw.write(password + "\n")
-        pwfile = Path(pw.name)
-        try:
-            self.user.chown(pwfile)
-            self.run(
-                [self.bins["initdb"], "-D", str(datadir), "-U", SUPERUSER, f"--pwfile={pwfile}",
-                 "--auth-local=scram-sha-256", "--auth-host=scram-sha-256", "-E", "UTF8",
-                 "--locale=C.UTF-8", "--no-instructions", "--no-sync"],
-                what="initdb", where=datadir,
-            )
-        finally:
-            pwfile.unlink(missing_ok=True)
+    def initdb(self, datadir: Path) -> None:
+        """Create a cluster whose superuser ``tierbase`` has no password: it is reached by peer auth only."""
+        self.run(
+            [self.bins["initdb"], "-D", str(datadir), "-U", SUPERUSER, "--auth-local=peer", "--auth-host=reject",
+             "-E", "UTF8", "--locale=C.UTF-8", "--no-instructions", "--no-sync"],
+            what="initdb", where=datadir,
+        )
         self.write_settings(datadir)
-        # Most dumps say `OWNER TO postgres`; give them that role (no login) so they restore as is.
         self.run([self.bins["postgres"], "--single", "-D", str(datadir), "-j", "postgres"],
-                 what="creating the postgres role", where=datadir,
-                 input_text="CREATE ROLE postgres NOLOGIN;\n")
+                 what="creating the platform's roles", where=datadir, input_text=ROLES_SQL)
         # --no-sync above keeps initdb fast; make the result durable once, at the end.
         self.run(["sync", "-f", str(datadir)], what="sync", where=datadir)
 
@@ -125,6 +144,7 @@ class Postgres:
             if "--- tierbase:" not in text:
                 conf.write_text(text + BASE_CONF)
             (datadir / "pg_hba.conf").write_text(HBA)
+            (datadir / "pg_ident.conf").write_text(ident_conf(self.user.name))
         except OSError as err:
             if err.errno == errno.ENOSPC:
                 raise _space_error(err, datadir) from err
@@ -158,12 +178,14 @@ class Postgres:
         return len(lines) >= 8 and lines[7].strip() == "ready"
 
     # -- start / stop ----------------------------------------------------------
-    def start(self, datadir: Path, port: int, logfile: Path, *, name: str, timeout: float = 120,
+    def start(self, datadir: Path, port: int, logfile: Path, *, name: str, sockets: Path, timeout: float = 120,
               private: Path | None = None) -> int:
-        """Start the postmaster; ``private``: listen only on a unix socket in that (0700) directory."""
+        """Start the postmaster: loopback TCP (direct roles only) and a unix socket in ``sockets``;
+        ``private``: no TCP, and the socket in that (0700) directory instead."""
         if (pid := self.running_pid(datadir)) is not None:
             return pid
         self.clear_runtime_files(datadir)
+        _clear_stale_socket(private or sockets, port)
         logfile.parent.mkdir(parents=True, exist_ok=True)
         if not logfile.exists():
             logfile.touch()
@@ -172,7 +194,8 @@ class Postgres:
         self.run(
             [self.bins["pg_ctl"], "start", "-W", "-D", str(datadir), "-l", str(logfile), "-s",
              "-o", f"-p {port} -c cluster_name=tierbase-{name}" + (
-                 f" -c listen_addresses='' -c unix_socket_directories='{private}'" if private else "")],
+                 f" -c listen_addresses='' -c unix_socket_directories='{private}'" if private
+                 else f" -c unix_socket_directories='{sockets}'")],
             what=f"starting the compute of {name!r}", where=datadir,
         )
         deadline = time.monotonic() + timeout
@@ -235,6 +258,28 @@ class Postgres:
             if line.startswith("Latest checkpoint's REDO location:"):
                 return line.split(":", 1)[1].strip()
         return ""
+
+
+def _clear_stale_socket(directory: Path, port: int) -> None:
+    """Remove the socket lock of a compute that died (kill -9): postgres itself takes an unreaped
+    zombie's pid in it for a live server and refuses to start. The port is this branch's own."""
+    lock = directory / f".s.PGSQL.{port}.lock"
+    try:
+        pid = int(lock.read_text().splitlines()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    if not pid_alive(pid):
+        lock.unlink(missing_ok=True)
+        (directory / f".s.PGSQL.{port}").unlink(missing_ok=True)
+
+
+def ident_conf(service_user: str) -> str:
+    """pg_ident.conf: the service's OS user (and root, for in-process use) may be the platform roles."""
+    from .roles import PLATFORM_ROLES
+
+    users = dict.fromkeys((service_user, "root"))
+    lines = [f"{IDENT_MAP:<12} {u:<20} {role}" for u in users for role in PLATFORM_ROLES]
+    return "# tierbase: managed; MAPNAME SYSTEM-USERNAME PG-USERNAME\n" + "\n".join(lines) + "\n"
 
 
 def pid_alive(pid: int) -> bool:

@@ -19,8 +19,14 @@ from typing import Any
 import jsonschema
 
 from ..errors import InvalidInput
+from ..names import reserved_for
 
 BUILTIN_ROLES = ("platform-engineer", "developer", "agent", "ci")
+#: how much a built-in role may do; a built-in role may be declared like itself or a weaker one only
+POWER = {"platform-engineer": 3, "developer": 2, "ci": 2, "agent": 1}
+#: the grants agents never hold, whatever the config says (the built-in agent rules deny them anyway:
+#: a config saying otherwise would only mislead its reader)
+AGENT_NEVER = ("unmasked_read", "repoint", "delete_any")
 DEFAULT_TIERS: dict[str, Any] = {"production": {"protected": True, "entry": True}}
 
 
@@ -72,7 +78,12 @@ class Config:
         return next((t.name for t in self.tiers.values() if t.entry), self.root)
 
     def base_role(self, role: str) -> str:
-        return self.roles.get(role, role)
+        """The built-in role ``role`` behaves like; a role the config no longer declares is an agent
+        (least power: dropping a declaration must not lift the agent rules off its holders)."""
+        return self.roles.get(role, "agent")
+
+    def agent_roles(self) -> set[str]:
+        return {r for r, base in self.roles.items() if base == "agent"}
 
     def tier_order(self) -> list[str]:
         """Tiers parents-first, so each can be created from an existing parent."""
@@ -120,7 +131,7 @@ def parse_config(text: str, source: str = "tierbase.toml") -> Config:
     tiers = {name: _tier(name, spec) for name, spec in raw.get("tiers", DEFAULT_TIERS).items()}
     grants = {k: tuple(v) for k, v in raw.get("grants", {}).items()}
     grants.setdefault("unmasked_read", ("platform-engineer",))
-    problems = _meaning(tiers, roles, grants)
+    problems = _meaning(tiers, roles, grants) + _no_weakening(raw.get("roles", {}), tiers, roles, grants)
     if problems:
         raise ConfigError(problems, source)
     try:
@@ -176,3 +187,36 @@ def _meaning(tiers: dict[str, Tier], roles: dict[str, str], grants: dict[str, tu
             if role not in roles:
                 problems.append(f"grants.{grant}: unknown role {role!r} (known: {', '.join(roles)})")
     return sorted(set(problems))
+
+
+def _no_weakening(declared: dict[str, Any], tiers: dict[str, Tier], roles: dict[str, str],
+                  grants: dict[str, tuple[str, ...]]) -> list[str]:
+    """Keys that would weaken the built-in rules: refused, not silently overridden at decision time."""
+    problems: list[str] = []
+    for name, spec in declared.items():
+        like = spec["like"]
+        if name == "platform-engineer" and like != name:
+            problems.append(f"roles.platform-engineer.like: the platform-engineer role cannot be redefined "
+                            f"(it would take the platform from its engineers); declare a new role like {like!r}")
+        elif name in POWER and POWER[like] > POWER[name]:
+            problems.append(f"roles.{name}.like: the built-in role {name!r} cannot be like the stronger "
+                            f"{like!r}; declare a new role like {like!r} and give it to the principals who "
+                            "need it")
+    for t in tiers.values():
+        what = reserved_for(t.name)
+        if what is not None:  # the tier's own snapshots and rollbacks would be named like it
+            problems.append(f"tiers.{t.name}: the name is reserved for the platform ({what}); rename the tier")
+    agents = {r for r, base in roles.items() if base == "agent"}
+    for grant in AGENT_NEVER:
+        for role in sorted(agents & set(grants.get(grant, ()))):
+            problems.append(f"grants.{grant}: {role!r} is an agent role and agents never hold {grant} "
+                            "(built-in rule); remove it")
+    for t in tiers.values():
+        for role in sorted(agents & set(t.promote)):
+            problems.append(f"tiers.{t.name}.promote: {role!r} is an agent role and agents never promote "
+                            "(built-in rule); remove it")
+        reachable = t.entry and t.parent is not None  # agents branch off the entry tier only, never the root
+        for role in sorted(agents & set(t.branch or ())) if t.protected and not reachable else ():
+            problems.append(f"tiers.{t.name}.branch: {role!r} is an agent role and agents never branch off "
+                            f"the protected tier {t.name!r} (built-in rule); remove it")
+    return problems

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import getpass
 import re
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,12 +40,39 @@ def os_principal_name() -> str:
     return name or "owner"
 
 
+#: Connections are many: the trail records the first of each (who, what, where, outcome) per window
+#: and carries the number of the others into the next record of that kind.
+AUDIT_WINDOW = 60.0
+
+
 class Gate:
     def __init__(self, store: Store, home: Home) -> None:
         self.store = store
         self.principals = Principals(store)
         self.audit = AuditLog(store, home.read_secret(home.root / "audit.key", create=True).encode())
         self._config: Config | None = None
+        self._windows: dict[tuple[str, str, str, bool], tuple[float, int]] = {}
+        self._windows_lock = threading.Lock()
+
+    def audit_windowed(self, *, actor: str, action: str, target: str, allowed: bool, reason: str) -> None:
+        """Audit a frequent event (a proxied login) at most once per window per kind, with a count.
+
+        The first event of a window is appended at once (with how many of its kind the previous
+        window folded in); the rest only count. A flood thus grows the trail by one record a minute.
+        """
+        key, now = (actor, action, target, allowed), time.monotonic()
+        with self._windows_lock:
+            start, folded = self._windows.get(key, (0.0, 0))
+            if now - start < AUDIT_WINDOW:
+                self._windows[key] = (start, folded + 1)
+                return
+            self._windows[key] = (now, 0)
+            if len(self._windows) > 10_000:  # forget the oldest windows rather than grow without bound
+                for k in sorted(self._windows, key=lambda k: self._windows[k][0])[:5_000]:
+                    del self._windows[k]
+        self.audit.append(actor=actor, action=action, target=target, allowed=allowed, reason=reason,
+                          outcome="ok" if allowed else "refused",
+                          after={"folded_before": folded, "window_seconds": AUDIT_WINDOW})
 
     # -- config ------------------------------------------------------------------
     @property
@@ -69,6 +98,17 @@ class Gate:
         if problems:
             raise ConfigError(problems, "the config")
 
+    def check_roles_kept(self, cfg: Config, old: Config) -> None:
+        """An agent role stays agent: a reload may not lift the agent rules off a role (or off the
+        principals holding it) that they bound under the config in force."""
+        held = {p.role for p in self.principals.all() if p.revoked_at is None}
+        bound = {r for r in {*old.agent_roles(), *held} if old.base_role(r) == "agent"}
+        problems = [f"roles.{r}.like: {r!r} is an agent role under the config in force and an agent role "
+                    f"stays agent (the new config makes it {cfg.base_role(r)!r}); declare a new role for "
+                    "principals that need more" for r in sorted(bound) if cfg.base_role(r) != "agent"]
+        if problems:
+            raise ConfigError(problems, "the config")
+
     def store_config(self, cfg: Config, source: str) -> None:
         self.store.set_setting("config_text", cfg.text)
         self.store.set_setting("config_source", source)
@@ -88,19 +128,30 @@ class Gate:
 
     # -- subjects ----------------------------------------------------------------
     def subject(self, b: Branch) -> Subject:
-        """How the policy sees a branch; a branch serving a tier's route (after a rollback) is that tier."""
-        name = b.name
-        if b.kind is Kind.TIER and name not in self.config.tiers:
-            name = next((r for r, t in self.store.routes().items() if t == b.name and r in self.config.tiers), name)
-        return Subject(name=name, kind=b.kind.value, protected=b.protected, owner=b.creator, tier=self.tier_of(b))
+        """How the policy sees a branch; a branch serving a tier's route (after a rollback) is that tier,
+        and every branch carries the declared tier whose data it holds (rules follow lineage)."""
+        routes = self.store.routes()
+        name = self._declared_tier(b, routes) or b.name
+        tier = self.tier_of(b, routes)
+        spec = self.config.tiers.get(tier) if tier else None
+        return Subject(name=name, kind=b.kind.value, protected=b.protected, owner=b.creator, tier=tier,
+                       protected_tier=tier if spec is not None and spec.protected else None)
 
-    def tier_of(self, b: Branch) -> str | None:
-        cur: Branch | None = b
-        while cur is not None:
-            if cur.kind is Kind.TIER:
-                return cur.name
-            cur = self.store.find(cur.parent) if cur.parent else None
-        return None
+    def tier_of(self, b: Branch, routes: dict[str, str] | None = None) -> str | None:
+        """The declared tier whose data ``b`` holds: the nearest ancestor (or itself) that is one.
+
+        Names do not count: a snapshot (`production-pre-3`), a rollback branch (`production-rb-2`,
+        serving the route or not) and a branch of either all walk up to `production`.
+        """
+        routes = self.store.routes() if routes is None else routes
+        return next((t for x in self.lineage(b) if (t := self._declared_tier(x, routes)) is not None), None)
+
+    def _declared_tier(self, b: Branch, routes: dict[str, str]) -> str | None:
+        if b.kind is not Kind.TIER:
+            return None
+        if b.name in self.config.tiers:
+            return b.name
+        return next((r for r, t in routes.items() if t == b.name and r in self.config.tiers), None)
 
     def lineage(self, b: Branch) -> list[Branch]:
         out, cur = [], b

@@ -7,6 +7,12 @@ Order of evaluation, first match wins:
 4. the declared rules of tierbase.toml (tier `branch`/`promote` lists, grants),
 5. ownership (a principal may do what it likes with the branches it created),
 6. otherwise denied.
+
+Rules follow lineage: a Subject carries the declared tier whose data it holds (``tier``) and that
+tier when protected (``protected_tier``), so a snapshot, a rollback branch or any descendant of a
+tier is decided as that tier, whatever it is named. tierbase.toml cannot loosen step 1: a config
+that tries (a role like a stronger one, grants or promote lists naming agent roles) is refused
+when it is loaded (config.py), not overridden here.
 """
 
 from __future__ import annotations
@@ -52,7 +58,11 @@ class Subject:
     kind: str = "feature"          # tier | feature | snapshot | none (not a branch: policy, principals)
     protected: bool = False
     owner: str | None = None
-    tier: str | None = None        # the nearest tier at or above it
+    #: the declared tier whose data this is: itself, or the nearest declared tier it descends from
+    #: (a snapshot, a rollback branch, a branch of a branch of it), whatever the branch is named
+    tier: str | None = None
+    #: that tier when it is protected: whatever holds a protected tier's data is that tier for agents
+    protected_tier: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,11 +100,16 @@ class PolicyEngine:
                      source: Subject | None) -> Decision | None:
         if role != "agent":
             return None
-        if (action is Action.BRANCH_CREATE and target.kind == "tier" and target.protected
-                and (target.name != self.config.entry or target.name == self.config.root)):
-            # features fork from the entry tier; every other protected tier is out of an agent's reach
+        lineage = self._protected_lineage(target)
+        if (action is Action.BRANCH_CREATE and lineage is not None
+                and (lineage != self.config.entry or lineage == self.config.root)):
+            # features fork from the entry tier; every other protected tier, and whatever holds its
+            # data (its snapshots, rollback branches, descendants), is out of an agent's reach
+            what = (f"the protected tier {lineage!r}" if target.name == lineage else
+                    f"{target.name!r}, which holds the data of the protected tier {lineage!r} "
+                    f"(a {target.kind} descending from it)")
             return deny("builtin.agent-no-branch-off-protected",
-                        f"agents cannot create branches off the protected tier {target.name!r}; "
+                        f"agents cannot create branches off {what}; "
                         f"branch off the entry tier {self.config.entry!r} instead")
         if action is Action.PROMOTE:
             return deny("builtin.agent-no-promote", "agents cannot promote between tiers")
@@ -105,10 +120,21 @@ class PolicyEngine:
             return deny("builtin.agent-no-repoint", "agents cannot repoint routes")
         if action in (Action.POLICY_RELOAD, Action.PRINCIPAL_MANAGE):
             return deny("builtin.agent-no-policy", "agents cannot change policy or principals")
-        if action is Action.BRANCH_CONNECT and target.kind == "tier" and target.protected:
+        if (action is Action.BRANCH_CONNECT and lineage is not None and target.kind != "feature"
+                and target.owner != who.name):
             return deny("builtin.agent-no-credentials-on-protected",
-                        f"agents get no database credentials on the protected tier {target.name!r}")
+                        f"agents get no database credentials on {target.name!r}: it is (or holds the data "
+                        f"of) the protected tier {lineage!r}")
         return None
+
+    def _protected_lineage(self, target: Subject) -> str | None:
+        """The protected tier whose data ``target`` holds (a subject built without lineage: itself)."""
+        if target.protected_tier is not None:
+            return target.protected_tier
+        if target.kind == "tier" and target.protected:
+            return target.name
+        spec = self.config.tiers.get(target.tier) if target.tier else None
+        return target.tier if spec is not None and spec.protected else None
 
     # 2 -------------------------------------------------------------------------
     def _protection(self, who: Principal, role: str, action: Action, target: Subject,
@@ -138,13 +164,14 @@ class PolicyEngine:
                   source: Subject | None) -> Decision | None:
         tiers = self.config.tiers
         if action is Action.BRANCH_CREATE and target.kind == "tier":
-            allowed = tiers[target.name].branch if target.name in tiers else None
+            # a tier branch no longer serving its route (an older rollback) keeps its tier's rules
+            name = target.tier or target.name
+            allowed = tiers[name].branch if name in tiers else None
             if allowed is None:
-                return allow("default.branch-off-tier", f"any principal may branch off tier {target.name!r}")
+                return allow("default.branch-off-tier", f"any principal may branch off tier {name!r}")
             if who.role in allowed:
-                return allow(f"tiers.{target.name}.branch", f"{who.role} may branch off {target.name!r}")
-            return deny(f"tiers.{target.name}.branch",
-                        f"only {', '.join(allowed) or 'nobody'} may branch off {target.name!r}")
+                return allow(f"tiers.{name}.branch", f"{who.role} may branch off {name!r}")
+            return deny(f"tiers.{name}.branch", f"only {', '.join(allowed) or 'nobody'} may branch off {name!r}")
         if action is Action.PROMOTE:
             allowed = tiers[target.name].promote if target.name in tiers else ()
             if who.role in allowed:

@@ -7,10 +7,14 @@ stored table useless to whoever reads it.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
 import secrets
 import time
 from dataclasses import dataclass
+
+from scramp import ScramMechanism
 
 from ..control.store import Store
 from ..errors import InvalidInput, TierbaseError, Unauthorized
@@ -25,9 +29,11 @@ CREATE TABLE IF NOT EXISTS principals (
     token_hash  TEXT NOT NULL UNIQUE,
     created_at  REAL NOT NULL,
     created_by  TEXT NOT NULL,
-    revoked_at  REAL
+    revoked_at  REAL,
+    scram       TEXT            -- SCRAM-SHA-256 verifier of the principal's Postgres password (never the password)
 );
 """
+SCRAM_ITERATIONS = 4096  # what Postgres itself stores; the client pays the PBKDF2, the proxy only HMACs
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,25 @@ def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def db_password(token: str) -> str:
+    """The Postgres password of a token's principal, derived from the token.
+
+    Whoever holds the token can compute it (the CLI and SDK fill it into URLs),
+    the platform stores only its SCRAM verifier, and a leaked database URL does
+    not give away the API token (HMAC is one-way).
+    """
+    mac = hmac.new(token.encode(), b"tierbase postgres login", "sha256").digest()
+    return "tbp_" + base64.urlsafe_b64encode(mac).decode().rstrip("=")[:40]
+
+
+def scram_verifier(password: str, salt: bytes | None = None) -> str:
+    """Postgres's own verifier format: ``SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>``."""
+    salt_, stored, server, i = ScramMechanism("SCRAM-SHA-256").make_auth_info(
+        password, iteration_count=SCRAM_ITERATIONS, salt=salt or secrets.token_bytes(16))
+    b64 = base64.b64encode
+    return f"SCRAM-SHA-256${i}:{b64(salt_).decode()}${b64(stored).decode()}:{b64(server).decode()}"
+
+
 class PrincipalExists(TierbaseError):
     code = "principal_exists"
     http_status = 409
@@ -60,6 +85,10 @@ class Principals:
     def __init__(self, store: Store) -> None:
         self.store = store
         store.db.executescript(SCHEMA)
+        cols = {r[1] for r in store.db.execute("PRAGMA table_info(principals)")}
+        if "scram" not in cols:  # a data dir made before the proxy authenticated principals
+            with store.write() as db:
+                db.execute("ALTER TABLE principals ADD COLUMN scram TEXT")
 
     def create(self, name: str, role: str, created_by: str, token: str | None = None) -> tuple[Principal, str]:
         check_name(name, "principal")
@@ -68,8 +97,9 @@ class Principals:
             if db.execute("SELECT 1 FROM principals WHERE name=?", (name,)).fetchone():
                 raise PrincipalExists(f"principal {name!r} already exists",
                                       "Pick another name, or revoke the old one and create it again")
-            db.execute("INSERT INTO principals(name, role, token_hash, created_at, created_by) VALUES(?,?,?,?,?)",
-                       (name, role, digest(token), time.time(), created_by))
+            db.execute("INSERT INTO principals(name, role, token_hash, created_at, created_by, scram) "
+                       "VALUES(?,?,?,?,?,?)",
+                       (name, role, digest(token), time.time(), created_by, scram_verifier(db_password(token))))
         return self.get(name), token
 
     def get(self, name: str) -> Principal:
@@ -101,4 +131,14 @@ class Principals:
         p = self.get(row[0])
         if p.revoked_at is not None:
             raise Unauthorized(f"the API token of {p.name!r} was revoked", "Ask a platform engineer for a new token")
+        if self.verifier(p.name) is None:  # made before verifiers existed: the token is here, derive it now
+            with self.store.write() as db:
+                db.execute("UPDATE principals SET scram=? WHERE name=? AND scram IS NULL",
+                           (scram_verifier(db_password(token)), p.name))
         return p
+
+    def verifier(self, name: str) -> str | None:
+        """The SCRAM verifier a live principal logs in to Postgres with; None if unknown or revoked."""
+        row = self.store.db.execute("SELECT scram FROM principals WHERE name=? AND revoked_at IS NULL",
+                                    (name,)).fetchone()
+        return str(row[0]) if row and row[0] else None

@@ -103,6 +103,7 @@ jobs:
     runs-on: self-hosted
     env:
       TIERBASE_TOKEN: ${{ secrets.TIERBASE_TOKEN }}
+      CI_FEATURE: pr-${{ github.event.pull_request.number }}
       CI_BRANCH: ci-pr-${{ github.event.pull_request.number }}
       BASE_REF: ${{ github.base_ref }}
     steps:
@@ -113,7 +114,7 @@ jobs:
         run: |
           TIER=$(tierbase git tier "$BASE_REF")
           tierbase branch delete "$CI_BRANCH" --recursive >/dev/null 2>&1 || true
-          tierbase branch create "$CI_BRANCH" --parent "$TIER" --ttl 3d --json
+          tierbase branch create-ci "$CI_FEATURE" --parent "$TIER" --ttl 3d --json  # makes $CI_BRANCH
       - name: Apply the migrations
         run: tierbase migrate apply --branch "$CI_BRANCH" --json
       - name: Run the tests against the CI branch

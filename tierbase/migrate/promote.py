@@ -50,6 +50,20 @@ CREATE UNIQUE INDEX IF NOT EXISTS one_running_promotion ON promotions(tier) WHER
 """
 
 
+def pre_snapshot_name(tier: str, promotion: int) -> str:
+    """The read-only snapshot promotion #``promotion`` takes of ``tier`` first.
+
+    Predictable on purpose (operators find it by the promotion's number), so reserved: no principal
+    may create a branch named like it (tierbase.names.RESERVED); only the platform makes it.
+    """
+    return f"{tier}-pre-{promotion}"
+
+
+def rollback_name(tier: str, tag: str) -> str:
+    """The writable tier branch that takes over ``tier``'s route on a rollback (reserved, as above)."""
+    return f"{tier}-rb-{tag}"
+
+
 class PromotionBusy(Refused):
     code = "promotion_running"
     http_status = 409

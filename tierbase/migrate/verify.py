@@ -31,7 +31,7 @@ _MAX_DIFF_LINES = 12
 class BranchPlatform(Protocol):
     """The part of the tierbase facade verify uses."""
 
-    def create_branch(self, name: str, parent: str | None = ...) -> Any: ...
+    def create_branch(self, name: str, parent: str | None = ..., *, platform_name: bool = ...) -> Any: ...
     def branch_url(self, name: str, dbname: str = ..., *, direct: bool = ...) -> str: ...
     def delete_branch(self, name: str, recursive: bool = ...) -> Any: ...
 
@@ -58,7 +58,7 @@ def verify(platform: BranchPlatform, parent: str, migrations: list[Migration], *
     """Fork ``parent``, run the checks on the fork, delete the fork; the report says what passed."""
     name = branch_name or f"verify-{secrets.token_hex(3)}"
     report = VerifyReport(ok=False, branch=name, applied=[], problems=[], lint=None, checks={})
-    platform.create_branch(name, parent)
+    platform.create_branch(name, parent, platform_name=branch_name is None)  # `verify-*` is the platform's
     try:
         url = platform.branch_url(name, dbname, direct=True)
         with psycopg.connect(url, autocommit=True) as conn:

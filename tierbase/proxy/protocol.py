@@ -114,6 +114,9 @@ def route_startup(params: dict[str, str]) -> Routed:
     database ``postgres`` of ROUTE, ``ROUTE.DBNAME`` the database DBNAME.
     """
     out = dict(params)
+    if params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
+        raise StartupError("replication connections are not served through the tierbase proxy", "28000",
+                           hint="Branch with `tierbase branch create` instead of replicating")
     endpoint, rest = _take_endpoint(params.get("options", ""))
     if endpoint is not None:
         if rest:
@@ -235,6 +238,10 @@ class BackendScanner:
             end = pos + 1 + length
             if end > n:
                 break
+            if kind == ord("R") and (length < 8 or self.buf[pos + 5:pos + 9] != b"\x00\x00\x00\x00"):
+                # the proxy logs in by peer auth: a compute asking for a password is misconfigured
+                raise StartupError("the compute asked the proxy for a password; its pg_hba.conf is not tierbase's",
+                                   "XX000")
             if kind == ord("K") and 12 <= length <= 8 + MAX_SECRET:
                 self.key = bytes(self.buf[pos + 5:end])
             pos = end

@@ -9,18 +9,23 @@ psycopg, asyncpg, SQLAlchemy, JDBC and pgbench):
   ROUTE, ``ROUTE.DBNAME`` database DBNAME on ROUTE. The compute receives the
   rewritten ``database`` (and ``options`` without ``endpoint=``).
 
-TLS: the proxy does not terminate TLS. SSLRequest and GSSENCRequest are
-answered ``N`` ("not supported, go on in plain text"), which libpq's default
-``sslmode=prefer`` accepts; clients that insist on ``sslmode=require`` are
-refused by their own driver. The proxy listens on loopback by default.
+TLS: with certificates (``tls.py``) an SSLRequest is answered ``S`` and the
+connection upgraded; GSSENCRequest is answered ``N``. Without TLS a client
+may go on in plain text only from loopback, and only while the
+``plain_loopback`` setting allows it.
 
-Authentication is end to end: the proxy forwards the startup packet to the
-compute and then relays bytes both ways untouched, so the client does
-SCRAM-SHA-256 with the real Postgres; the proxy holds no credentials. It
-reads the server's messages only until the first ReadyForQuery, to learn the
-BackendKeyData so that a CancelRequest (which arrives on a new connection)
-reaches the right compute. After that a session is a bare byte relay (see
-``session.py``), which is what keeps it near PgBouncer's throughput.
+Authentication is the proxy's: the startup packet's ``user`` is a principal,
+who proves its password with SCRAM-SHA-256 (``-PLUS`` over TLS) against the
+verifier the platform stores (``auth.py``). Then the :class:`Authority`
+decides whether that principal may connect to the branch behind the route
+(the policy engine, audited) and which fixed role it gets there; the proxy
+logs in to the compute as that role over the compute's private unix socket
+(peer auth), so no principal ever holds a compute password. From the
+compute's AuthenticationOk on, server messages are read only until the
+first ReadyForQuery, to learn the BackendKeyData so that a CancelRequest
+(which arrives on a new connection) reaches the right compute. After that a
+session is a bare byte relay (see ``session.py``), which is what keeps it
+near PgBouncer's throughput.
 
 Waking a stopped compute is the resolver's job; the proxy only waits for it.
 Every error the proxy itself produces is a FATAL ErrorResponse before the
@@ -36,7 +41,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -45,7 +52,9 @@ from typing import Any, Protocol, TypeVar
 
 from ..errors import TierbaseError
 from . import protocol as pq
+from .auth import AuthFailed, Verifier, channel_binding_data, scram_exchange
 from .session import Backend, ClientGone, Inbound, Session
+from .tls import TlsFiles
 
 log = logging.getLogger("tierbase.proxy")
 T = TypeVar("T")
@@ -86,6 +95,22 @@ class Resolver(Protocol):
         ...
 
 
+class Authority(Protocol):
+    """Who a client is, and what it may do: the platform's side of authentication."""
+
+    async def verifier(self, user: str) -> Verifier | None:
+        """The SCRAM verifier of a live principal; None if unknown or revoked."""
+        ...
+
+    async def authorize(self, user: str, route: str, branch: str, peer: str) -> str:
+        """The compute role ``user`` logs in as on ``branch``; RouteError (42501) when refused."""
+        ...
+
+    async def failed(self, user: str, peer: str, reason: str) -> None:
+        """A client failed to authenticate (for the audit trail, which aggregates floods)."""
+        ...
+
+
 class _Hold:
     def __init__(self) -> None:
         self.count = 0
@@ -93,9 +118,16 @@ class _Hold:
 
 
 class Proxy:
-    def __init__(self, resolver: Resolver, *, host: str = "127.0.0.1", port: int = 0,
-                 startup_timeout: float = 10.0, max_startup_packet: int = 10_000) -> None:
+    def __init__(self, resolver: Resolver, authority: Authority, *, host: str = "127.0.0.1", port: int = 0,
+                 startup_timeout: float = 10.0, max_startup_packet: int = 10_000, tls: TlsFiles | None = None,
+                 plain_loopback: bool = True, decoy_key: bytes = b"") -> None:
         self.resolver = resolver
+        self.authority = authority
+        self.tls = tls
+        self._ssl = tls.context() if tls else None
+        self._cb_data = channel_binding_data(tls.certificate_pem()) if tls else None
+        self.plain_loopback = plain_loopback
+        self.decoy_key = decoy_key or secrets.token_bytes(32)
         self.host = host
         self.port = port
         self.startup_timeout = startup_timeout
@@ -216,24 +248,35 @@ class Proxy:
     # -- one connection's startup ----------------------------------------------------
     async def _serve(self, conn: Inbound) -> None:
         session: Session | None = None
+        user, peer = "", _peer(conn)
         try:
             try:
                 async with asyncio.timeout(self.startup_timeout):
                     version, payload = await self._read_startup(conn)
+                    if version == pq.CANCEL_REQUEST:
+                        conn.handed_off = True  # its closing must not cancel this task
+                        conn.close()  # the protocol sends nothing back for a cancel
+                        await self._forward_cancel(payload, self.cancel_keys.get(payload))
+                        return
+                    params = pq.parse_parameters(payload)
+                    routed = pq.route_startup(params)
+                    user = params["user"]
+                    self._check_transport(conn, peer)
+                    verifier = await self.authority.verifier(user)
+                    await scram_exchange(conn, user, verifier, decoy_key=self.decoy_key,
+                                         cb_data=self._cb_data if conn.tls else None)
             except TimeoutError:
                 raise pq.StartupError("timeout expired while waiting for the startup packet") from None
-            if version == pq.CANCEL_REQUEST:
-                conn.handed_off = True  # its closing must not cancel this task
-                conn.close()  # the protocol sends nothing back for a cancel
-                await self._forward_cancel(payload, self.cancel_keys.get(payload))
-                return
-            routed = pq.route_startup(pq.parse_parameters(payload))
             target = await self._resolve(routed.route)
+            role = await self.authority.authorize(user, routed.route, target.branch, peer)
             assert conn.transport is not None
             session = self._open(routed.route, target, conn.transport)
-            await self._connect(conn, session, pq.build_startup(version, routed.params))
+            await self._connect(conn, session, pq.build_startup(version, {**routed.params, "user": role}))
         except ClientGone:
             conn.close()
+        except AuthFailed as err:
+            conn.fail(err.message, err.sqlstate)
+            await self.authority.failed(user, peer, err.detail)
         except pq.StartupError as err:
             conn.fail(err.message, err.sqlstate, err.hint)
         except RouteError as err:
@@ -252,6 +295,16 @@ class Proxy:
             if session is not None and not conn.handed_off:
                 session.drop()
 
+    def _check_transport(self, conn: Inbound, peer: str) -> None:
+        """Plain text only from loopback, and only while the setting allows it (TLS otherwise)."""
+        if conn.tls or (self.tls is None and _loopback(peer)):
+            return
+        if self.plain_loopback and _loopback(peer):
+            return
+        raise pq.StartupError("the tierbase proxy accepts only TLS connections here", "28000",
+                              hint="Connect with sslmode=require (or verify-full with the platform's CA: "
+                                   "`tierbase tls ca`)")
+
     async def _read_startup(self, conn: Inbound) -> tuple[int, bytes]:
         """(protocol version or CANCEL_REQUEST, packet body); answers SSL/GSS negotiation."""
         for _ in range(3):  # GSSENCRequest, then SSLRequest, then the real thing
@@ -262,6 +315,12 @@ class Proxy:
                 raise pq.StartupError(
                     f"startup packet of {length} bytes is over the limit of {self.max_startup_packet} bytes")
             body = await conn.read(length - 8)
+            if code == pq.SSL_REQUEST and length == 8 and self._ssl is not None and not conn.tls:
+                if conn.buf:  # bytes sent before the handshake must not be taken as if they came over TLS
+                    raise pq.StartupError("received unencrypted data after SSL request")
+                conn.write(b"S")
+                await conn.start_tls(self._ssl)
+                continue
             if code in pq.NEGOTIATION_CODES and length == 8:
                 conn.write(pq.DECLINE)
                 continue
@@ -293,7 +352,10 @@ class Proxy:
         loop = asyncio.get_running_loop()
         target = session.target
         try:
-            server, _ = await loop.create_connection(lambda: Backend(session), target.host, target.port)
+            if target.host.startswith("/"):
+                server, _ = await loop.create_unix_connection(lambda: Backend(session), _socket(target))
+            else:
+                server, _ = await loop.create_connection(lambda: Backend(session), target.host, target.port)
         except OSError as err:
             raise RouteError(
                 f"could not connect to the compute of branch {target.branch!r} at {target.host}:{target.port}: "
@@ -310,13 +372,32 @@ class Proxy:
             return  # like the postmaster: an unknown key is ignored without a word
         try:
             async with asyncio.timeout(CANCEL_TIMEOUT):
-                _, writer = await asyncio.open_connection(target.host, target.port)
+                if target.host.startswith("/"):
+                    _, writer = await asyncio.open_unix_connection(_socket(target))
+                else:
+                    _, writer = await asyncio.open_connection(target.host, target.port)
                 writer.write(pq.cancel_request(key))
                 await writer.drain()
                 writer.close()
                 await writer.wait_closed()
         except (OSError, TimeoutError) as err:
             log.warning("proxy: could not forward a cancel request to %s:%d: %s", target.host, target.port, err)
+
+
+def _socket(target: Target) -> str:
+    return f"{target.host}/.s.PGSQL.{target.port}"
+
+
+def _peer(conn: Inbound) -> str:
+    info = conn.transport.get_extra_info("peername") if conn.transport is not None else None
+    return str(info[0]) if isinstance(info, tuple) and info else "unknown"
+
+
+def _loopback(peer: str) -> bool:
+    try:
+        return ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

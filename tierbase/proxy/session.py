@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from enum import StrEnum
 from typing import TYPE_CHECKING, cast
 
@@ -115,6 +116,7 @@ class Inbound(asyncio.Protocol):
         self.buf = bytearray()
         self.transport: asyncio.Transport | None = None
         self.task: asyncio.Task[None] | None = None
+        self.tls = False
         self.gone = False
         self.handed_off = False
         self._waiter: asyncio.Future[None] | None = None
@@ -160,6 +162,19 @@ class Inbound(asyncio.Protocol):
             self._paused = False
             self.transport.resume_reading()
         return data
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        """Upgrade the client connection (after answering SSLRequest with ``S``)."""
+        assert self.transport is not None
+        try:
+            tr = await asyncio.get_running_loop().start_tls(self.transport, self, context, server_side=True,
+                                                            ssl_handshake_timeout=10)
+        except (OSError, ssl.SSLError, ConnectionError) as err:
+            raise ClientGone from err
+        if tr is None:
+            raise ClientGone
+        self.transport = tr
+        self.tls = True
 
     def take_rest(self) -> bytes:
         """What the client sent after the startup packet; reading resumes for the relay."""

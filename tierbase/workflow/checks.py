@@ -191,7 +191,7 @@ def ci(ws: Workspace) -> dict[str, Any]:
     except BranchNotFound:
         pass
     try:
-        ws.platform.create_branch(branch, tier, ttl=CI_TTL)
+        ws.platform.create_ci_branch(branch.removeprefix("ci-"), tier, ttl=CI_TTL)  # the platform names it
     except PolicyDenied as err:
         ws.refuse("ci", [ws.policy_failure(err)], cur)
     said.append(f"created {branch!r} from tier {tier!r}")
