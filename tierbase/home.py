@@ -87,9 +87,10 @@ class Home:
 
         ``tierbase up`` as root mounts and sets up before it starts the unprivileged service; the files
         made on the way (SQLite's -wal/-shm, locks, secrets, logs) must be the service's afterwards.
-        Left as they are: the volumes' contents (postgres owns its clusters; a mount is not walked),
-        the btrfs image (root's: who can write a mounted filesystem's image can crash the kernel), and
-        api.token (the OS owner's own credential; the service never reads it).
+        Certificates stay readable (they are public). Left to their owners: the volumes' contents
+        (postgres owns its clusters; a mount is not walked), the btrfs image (root's: who can write a
+        mounted filesystem's image can crash the kernel), and api.token (the OS owner's own credential;
+        the service never reads it, and its owner is who may act without a token).
         """
         keep_owner = {self.token, self.image}
         for dirpath, dirnames, filenames in os.walk(self.root):
@@ -100,7 +101,8 @@ class Home:
             _restrict(here, user, 0o700)
             for name in filenames:
                 path = here / name
-                _restrict(path, None if path in keep_owner else user, None)
+                public = name.endswith(".crt")  # certificates are public by design (tls/*.crt are 0644)
+                _restrict(path, None if path in keep_owner else user, 0o644 if public else None)
 
     def private_file(self, path: Path, user: ComputeUser) -> None:
         """Create ``path`` empty (if missing) as 0600 of the service user, before anything writes it.

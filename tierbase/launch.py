@@ -78,5 +78,8 @@ def spawn_service(home: Home, user: ComputeUser) -> dict[str, Any]:
     proc.kill()
     proc.wait()
     tail = home.service_log.read_text(errors="replace").strip().splitlines()[-5:]
-    raise TierbaseError(f"the service did not start: {' | '.join(tail) or 'no output'}",
-                        f"See {home.service_log}; a port may be taken (choose --api-port/--proxy-port)")
+    hint = f"See {home.service_log}; a port may be taken (choose --api-port/--proxy-port)"
+    if any("ModuleNotFoundError" in line for line in tail):
+        hint = (f"The service's interpreter {python} lacks a dependency of tierbase: install them there "
+                "(as root: scripts/service-python.sh), or set TIERBASE_PYTHON to one that has them")
+    raise TierbaseError(f"the service did not start: {' | '.join(tail) or 'no output'}", hint)
