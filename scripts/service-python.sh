@@ -17,5 +17,11 @@ if as_user "$exe" -c "$probe" 2>/dev/null; then exit 0; fi
 /usr/bin/python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
   > "$venv/requirements.txt"
 "$venv/bin/pip" install -q -r "$venv/requirements.txt"
+if ! as_user "$venv/bin/python" -c 'import tierbase' 2>/dev/null || [ -d "$venv/lib/tierbase-copy" ]; then
+  # this checkout is out of the service user's reach too (a clone under /root): give the venv a copy of
+  # tierbase; a reachable checkout still comes first on the service's PYTHONPATH (tierbase/launch.py)
+  tmp="$(mktemp -d)"; cp -r pyproject.toml README.md tierbase "$tmp/"
+  "$venv/bin/pip" install -q --no-deps "$tmp"; rm -rf "$tmp"; mkdir -p "$venv/lib/tierbase-copy"
+fi
 chmod -R go+rX "$venv"
 as_user "$venv/bin/python" -c "$probe"
