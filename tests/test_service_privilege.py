@@ -27,7 +27,7 @@ from tierbase.compute.ports import COMPUTE_PORTS, check_base, check_port, defaul
 from tierbase.errors import InvalidInput
 from tierbase.launch import service_python
 
-from .conftest import free_port, make_home, needs_root_btrfs
+from .conftest import free_port, free_port_base, make_home, needs_root_btrfs, teardown_platform
 from .test_cli import as_json, leftovers, new_env
 from .test_cli import tierbase as run_cli
 
@@ -268,3 +268,29 @@ def test_a_compute_port_held_by_another_process_is_not_reused(plat: Platform) ->
     assert as_json(plat.env, "branch", "start", "port-held")["compute"] == "running"
     as_json(plat.env, "branch", "delete", "port-held")
 
+
+
+def test_an_older_data_dir_gets_compute_ports_below_the_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A data dir made when ports lay in the ephemeral range: new computes move below it, and up says so."""
+    if ephemeral_range() != (32768, 60999):
+        pytest.skip("the ports in this test assume Linux's default ephemeral range")
+    from tierbase import Tierbase
+
+    home = make_home() / "home"
+    monkeypatch.setenv("TIERBASE_PORT_BASE", str(free_port_base()))
+    tb = Tierbase(home)
+    try:
+        tb.init(storage="copy", api_port=free_port(), proxy_port=free_port())
+        tb.store.set_setting("port_base", 55432)  # as an earlier tierbase chose
+        tb.store.set_setting("api_port", 55430)
+        tb.close()
+        said = Tierbase(home).init()
+        assert any("new computes get ports from 25432 (existing ones keep theirs)" in s for s in said), said
+        assert any("the API port 55430 lies in the kernel's ephemeral port range" in s for s in said), said
+        again = Tierbase(home)
+        assert again.store.get_setting("port_base") == 25432
+        made = again.create_branch("moved-port")
+        assert not 32768 <= made["port"] <= 60999
+        again.close()
+    finally:
+        teardown_platform(Tierbase(home), home.parent)
