@@ -45,7 +45,7 @@ from tierbase import Tierbase  # noqa: E402
 from tierbase.compute import find_binaries  # noqa: E402
 from tierbase.governance.masking import apply_masking, parse_rules  # noqa: E402
 
-PAGILA = REPO.parent / "shared" / "fixtures" / "pagila" / "pagila-schema.sql"
+PAGILA = REPO / "tests" / "fixtures" / "pagila" / "pagila-schema.sql"
 RULES = {"customer.email": "email", "customer.first_name": "hash", "customer.last_name": "hash",
          "address.phone": "partial", "payment.amount": "noise"}
 KEY = secrets.token_bytes(32)

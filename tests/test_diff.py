@@ -23,7 +23,7 @@ from tierbase.migrate.diff import Change, SchemaDiff, diff, diff_urls, snapshot,
 
 from .conftest import free_port, query
 
-PAGILA = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pagila" / "pagila-schema.sql"
+PAGILA = Path(__file__).resolve().parent / "fixtures" / "pagila" / "pagila-schema.sql"
 
 pytestmark = pytest.mark.skipif(not PAGILA.exists(), reason=f"the pagila fixture is not at {PAGILA}")
 

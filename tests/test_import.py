@@ -12,7 +12,7 @@ from tierbase.errors import InvalidInput, TierbaseError
 
 from .conftest import query
 
-PAGILA = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pagila" / "pagila-schema.sql"
+PAGILA = Path(__file__).resolve().parent / "fixtures" / "pagila" / "pagila-schema.sql"
 
 
 @pytest.mark.skipif(not PAGILA.exists(), reason=f"the pagila fixture is not at {PAGILA}")

@@ -35,7 +35,7 @@ from tierbase.governance.masking import (
 
 from .conftest import query as raw_query
 
-PAGILA = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "pagila" / "pagila-schema.sql"
+PAGILA = Path(__file__).resolve().parent / "fixtures" / "pagila" / "pagila-schema.sql"
 CUSTOMERS = 2000
 PAYMENTS = 4000
 KEY = b"project-secret-one"
@@ -239,7 +239,7 @@ def test_partial_keeps_the_shape_and_noise_stays_close(platform: Tierbase, pagil
 
     # short values take an unrolled expression, long ones a per-character subquery: both give the same
     other = new_branch()
-    other_url = platform.branch_url(other, pagila.db, direct=True)
+    other_url = admin_url(platform, other, pagila.db)
     with psycopg.connect(other_url) as conn:
         conn.execute("SET session_replication_role = replica")
         rule = MaskRule("address", "phone", "partial")

@@ -30,7 +30,7 @@ from tierbase.governance.config import ConfigError
 from tierbase.migrate.promote import pre_snapshot_name, rollback_name
 from tierbase.names import ReservedName, reserved_for
 
-from .conftest import free_port, free_port_base, make_home, needs_root_btrfs, query, teardown_platform
+from .conftest import free_port, free_port_base, make_home, needs_root_btrfs, query, serving, teardown_platform
 
 pytestmark = needs_root_btrfs
 
@@ -59,7 +59,7 @@ class Lin:
     tokens: dict[str, str]
 
     def as_(self, who: str) -> Tierbase:
-        return self.tb.as_principal(who)
+        return self.tb.as_principal(who, token=self.tokens.get(who))
 
     def names(self) -> list[tuple[str, str | None]]:
         return sorted((b.name, b.parent) for b in self.tb.store.all())
@@ -82,7 +82,7 @@ def lin() -> Iterator[Lin]:
     migrations = base / "migrations"
     migrations.mkdir()
     try:
-        tb.init(storage="btrfs", btrfs_size="2G")
+        tb.init(storage="btrfs", btrfs_size="2G", proxy_port=free_port())
         with psycopg.connect(tb.branch_url("production", direct=True), autocommit=True) as conn:
             conn.execute("CREATE TABLE customer (id int PRIMARY KEY, email text NOT NULL)")
             conn.execute("INSERT INTO customer SELECT g, 'person' || g || '@real.example' "
@@ -97,7 +97,8 @@ def lin() -> Iterator[Lin]:
         tb.reload_config(str(base / "tierbase.toml"))  # staging from production, by the platform engineer
         tokens = {name: tb.create_principal(name, role)["token"]
                   for name, role in (("bot", "agent"), ("dev", "developer"))}
-        yield Lin(tb, base, migrations, tokens)
+        with serving(tb):
+            yield Lin(tb, base, migrations, tokens)
     finally:
         teardown_platform(tb, base)
 
@@ -191,7 +192,7 @@ def test_agent_branches_of_the_entry_tier_snapshots_are_masked(lin: Lin) -> None
     made = bot.create_branch("bot-off-pre", snap)
     try:
         assert made["masked"] is True and made["creator"] == "bot"
-        got = [r[0] for r in query(bot.branch_url("bot-off-pre", direct=True), EMAILS)]
+        got = [r[0] for r in query(bot.branch_url("bot-off-pre"), EMAILS)]
         assert len(got) == len(originals) and not set(got) & set(originals)
         for parent in (snap, "staging"):  # a snapshot of sensitive lineage would be unmasked: refused
             with pytest.raises(Refused, match="sensitive data"):

@@ -109,3 +109,22 @@ def test_fake_driver_clones_directories(tmp_path: Path) -> None:
     driver.delete("b.1")
     driver.delete("b.1")  # idempotent
     assert driver.volumes() == ["a.1"]
+
+
+def test_foreign_errors_get_the_envelope_with_what_to_do() -> None:
+    import errno
+
+    import psycopg
+
+    from tierbase.errors import ComputeBusy, DiskFull, TierbaseError, translate
+
+    full = translate(OSError(errno.ENOSPC, "No space left on device"))
+    assert isinstance(full, DiskFull) and full.http_status == 507 and full.hint
+    assert isinstance(translate(psycopg.errors.DiskFull("could not extend file")), DiskFull)
+    busy = translate(psycopg.OperationalError("FATAL:  the database system is in recovery mode"))
+    assert isinstance(busy, ComputeBusy) and busy.http_status == 503 and "Retry" in busy.hint
+    other = translate(RuntimeError("boom"))
+    assert type(other) is TierbaseError and "RuntimeError" in other.message and other.hint
+    assert other.to_dict()["code"] and other.to_dict()["hint"]
+    mine = TierbaseError("x", "y")
+    assert translate(mine) is mine

@@ -58,8 +58,13 @@ class Tierbase(GovernanceOps, MigrationOps):
         fresh = not self.home.exists()
         if fresh:
             check_base(self._port_base())
+        if fresh and self.home.root.exists() and any(self.home.root.iterdir()) and not self.home.owned():
+            raise InvalidInput(f"{self.home.root} is not empty and is not a tierbase data dir",
+                               "Choose an empty or new directory for TIERBASE_HOME")
+        existed = set(self.home.root.iterdir()) if self.home.root.exists() else None
         self.home.make(user)
         if fresh:
+            self.home.write_marker()
             driver = make_driver(storage, self.home.root, Postgres(), image_size=btrfs_size)
             try:
                 said += driver.prepare()
@@ -80,7 +85,7 @@ class Tierbase(GovernanceOps, MigrationOps):
             except BaseException:
                 self.close()
                 driver.release(purge=True)
-                shutil.rmtree(self.home.root, ignore_errors=True)
+                _remove_made(self.home.root, existed)  # only what this first `up` made
                 raise
             said.append(f"created the root branch {ROOT_BRANCH!r} with initdb (storage driver: {driver.name})")
         else:
@@ -91,6 +96,8 @@ class Tierbase(GovernanceOps, MigrationOps):
             for key, value in (("api_port", api_port), ("proxy_port", proxy_port)):
                 if value:
                     self.store.set_setting(key, value)
+            if not self.home.owned():  # made by a tierbase from before the marker: its meta.db says so
+                self.home.write_marker()
             said += self._move_ports_out_of_ephemeral_range(ports)
             said += self.driver.prepare() if not _mounted_ok(self.driver) else []
             said += self.branches.reconcile()
@@ -113,7 +120,10 @@ class Tierbase(GovernanceOps, MigrationOps):
         return said
 
     def down(self, purge: bool = False) -> list[str]:
-        """Stop every compute; unmount; with purge, remove every byte of the data dir."""
+        """Stop every compute; unmount; with purge, remove every byte of the data dir (only one tierbase made)."""
+        if purge and self.home.root.exists() and not self.home.owned():
+            raise Refused(f"{self.home.root} is not a tierbase data dir (it has no {self.home.marker.name}); "
+                          "nothing was deleted", "Check TIERBASE_HOME / --home")
         if not self.home.exists():
             if purge and self.home.root.exists():
                 shutil.rmtree(self.home.root, ignore_errors=True)
@@ -387,6 +397,18 @@ class Tierbase(GovernanceOps, MigrationOps):
             rec.after = out = {"branch": branch, "database": dbname, "file": str(src),
                                "seconds": round(time.perf_counter() - t0, 2)}
         return out
+
+def _remove_made(root: Path, existed: set[Path] | None) -> None:
+    """Undo a failed first `up`: the whole directory if it made it, else only the entries it added."""
+    if existed is None:
+        shutil.rmtree(root, ignore_errors=True)
+        return
+    for entry in set(root.iterdir()) - existed:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
 
 def _mounted_ok(driver: VolumeDriver) -> bool:
     """True when the driver's volume root is ready to use as it is."""

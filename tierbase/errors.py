@@ -6,6 +6,7 @@ CLI, the HTTP API and ``--json`` all render the same two sentences.
 
 from __future__ import annotations
 
+import errno
 from typing import Any, ClassVar
 
 
@@ -140,3 +141,34 @@ def _all_subclasses(cls: type[TierbaseError]) -> list[type[TierbaseError]]:
     for sub in cls.__subclasses__():
         out.extend(_all_subclasses(sub))
     return out
+
+
+class ComputeBusy(TierbaseError):
+    """A compute that cannot answer now (starting up, in crash recovery, shutting down)."""
+
+    code = "compute_busy"
+    http_status = 503
+
+
+def translate(err: BaseException) -> TierbaseError:
+    """Errors that are not tierbase's own (psycopg, the OS), as one of ours with what to do.
+
+    Called at the layer edges (the gate's audit, the API's envelope) so that a client always gets
+    ``code``, ``message`` and ``hint``, never a bare 500.
+    """
+    if isinstance(err, TierbaseError):
+        return err
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in text:
+        return DiskFull(f"no space left on the device: {text}",
+                        "Free space (delete branches you no longer need) or give tierbase more room")
+    sqlstate = getattr(err, "sqlstate", None)
+    if sqlstate == "53100":
+        return DiskFull(f"a compute ran out of disk space: {text}", "Delete branches you no longer need")
+    if sqlstate in ("57P03", "57P01", "57P02") or any(w in text for w in (
+            "the database system is starting up", "the database system is in recovery mode",
+            "the database system is shutting down", "Connection refused")):
+        return ComputeBusy(f"a compute is not ready: {text}", "Retry in a few seconds; `tierbase branch list` "
+                           "shows its state")
+    return TierbaseError(f"internal error ({type(err).__name__}): {text}",
+                         "This is a tierbase bug or a problem of the machine; see the service log (service.log)")

@@ -55,6 +55,17 @@ class Home:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def marker(self) -> Path:
+        """Written at init: proof that this directory is a tierbase data dir (``down --purge`` checks it)."""
+        return self.root / ".tierbase-data-dir"
+
+    def owned(self) -> bool:
+        return self.marker.is_file()
+
+    def write_marker(self) -> None:
+        self.write_secret(self.marker, "tierbase data dir: `tierbase down --purge` may delete this directory\n")
+
     def exists(self) -> bool:
         return self.db.exists()
 

@@ -5,7 +5,7 @@ blocks on subprocesses and SQLite, and must not stall the event loop that the
 proxy shares.
 """
 
-
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request
@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..app import Tierbase
-from ..errors import InvalidInput, TierbaseError, Unauthorized
+from ..errors import InvalidInput, TierbaseError, Unauthorized, translate
+
+log = logging.getLogger("tierbase.api")
 
 
 class BranchCreate(BaseModel):
@@ -98,6 +100,13 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     @app.exception_handler(TierbaseError)
     async def tierbase_error(_: Request, err: TierbaseError) -> JSONResponse:
         return JSONResponse({"error": err.to_dict()}, status_code=err.http_status)
+
+    @app.exception_handler(Exception)
+    async def other_error(_: Request, err: Exception) -> JSONResponse:
+        # psycopg or OS errors that escaped the facade: the same envelope, with what to do
+        log.exception("API: unexpected error")
+        ours = translate(err)
+        return JSONResponse({"error": ours.to_dict()}, status_code=ours.http_status)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_: Request, err: RequestValidationError) -> JSONResponse:

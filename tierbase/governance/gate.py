@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..control.store import Branch, Kind, Store
-from ..errors import PolicyDenied, TierbaseError
+from ..errors import PolicyDenied, TierbaseError, translate
 from ..home import Home
 from .audit import AuditLog
 from .config import Config, ConfigError, default_config, parse_config
@@ -186,5 +186,10 @@ class Gate:
             self.audit.append(actor=who.name, action=action.value, target=target.name, allowed=True, reason=reason,
                               outcome=f"error: {err.message}", before=before)
             raise
+        except Exception as err:  # psycopg, OS: audited too, and raised as ours with what to do
+            ours = translate(err)
+            self.audit.append(actor=who.name, action=action.value, target=target.name, allowed=True, reason=reason,
+                              outcome=f"error: {ours.message}", before=before)
+            raise ours from err
         self.audit.append(actor=who.name, action=action.value, target=target.name, allowed=True, reason=reason,
                           outcome="ok", before=rec.before, after=rec.after)
