@@ -8,8 +8,9 @@ export TIERBASE_DEMO_HOME ?= /tmp/tierbase-demo
 deps:            ## Debian packages: postgres, btrfs-progs, pgbouncer (for the proxy benchmark)
 	@scripts/install-deps.sh
 
-install: deps    ## tierbase and its test tools into the current Python
+install: deps    ## tierbase and its test tools into the current Python (+ one the service user can run)
 	$(PYTHON) -m pip install -q -e '.[test]'
+	PYTHON=$(PYTHON) scripts/service-python.sh
 
 demo: install    ## start a platform on the best storage available and walk through branching
 	scripts/demo.sh

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import secrets
 import socket
 import time
 from pathlib import Path
@@ -37,9 +38,12 @@ def port_free(port: int) -> bool:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port for an API or proxy: tierbase refuses ports in the kernel's ephemeral range."""
+    for _ in range(200):
+        port = 7000 + secrets.randbelow(3000)
+        if port_free(port):
+            return port
+    raise RuntimeError("no free port in 7000-9999")
 
 
 def write_results(doc: dict[str, Any], out: Path, *, report: bool = True) -> None:

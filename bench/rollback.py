@@ -53,7 +53,7 @@ def main() -> None:
     base.chmod(0o711)
     mig = base / "migrations"
     mig.mkdir()
-    env = dict(os.environ, TIERBASE_HOME=str(base / "home"), TIERBASE_PORT_BASE=str(30000 + os.getpid() % 500 * 20))
+    env = dict(os.environ, TIERBASE_HOME=str(base / "home"), TIERBASE_PORT_BASE=str(12000 + os.getpid() % 500 * 20))
     try:
         tb(env, "up", "--btrfs-size", "8G", "--api-port", str(free_port()), "--proxy-port", str(free_port()))
         url = tb(env, "branch", "url", "production")["url"]

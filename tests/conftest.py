@@ -12,7 +12,9 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ import psycopg
 import pytest
 
 from tierbase import Tierbase
+from tierbase.compute.ports import ephemeral_range
 from tierbase.proxy import ProxyThread
 from tierbase.service import make_proxy
 
@@ -33,10 +36,15 @@ needs_root_btrfs = pytest.mark.skipif(
 )
 
 
+def _below_ephemeral() -> int:
+    """Test ports stay below the kernel's ephemeral range, as the platform's own do."""
+    return min(ephemeral_range()[0], 32768)
+
+
 def free_port_base(span: int = 2000) -> int:
     """A random base with the first few ports free; homes in one run must not share ports."""
     for _ in range(50):
-        base = 20000 + secrets.randbelow(20) * span
+        base = 10000 + secrets.randbelow((_below_ephemeral() - 10000 - span) // span + 1) * span
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", base))
@@ -47,9 +55,32 @@ def free_port_base(span: int = 2000) -> int:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free single port (API, proxy) below the ephemeral range and below every compute block."""
+    for _ in range(200):
+        port = 7000 + secrets.randbelow(3000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def _service_python() -> None:
+    """The service runs as the compute user, who cannot run an interpreter under /root (pyenv):
+    use the venv `make install` (scripts/service-python.sh) made for it, unless one was chosen."""
+    if not ROOT or os.environ.get("TIERBASE_PYTHON"):
+        return
+    exe = Path(sys.executable).resolve()
+    if all(p.stat().st_mode & stat.S_IXOTH for p in exe.parents):
+        return
+    venv = Path(os.environ.get("TIERBASE_SERVICE_VENV", "/opt/tierbase/venv")) / "bin" / "python"
+    if venv.exists():
+        os.environ["TIERBASE_PYTHON"] = str(venv)
+
+
+_service_python()
 
 
 def make_home() -> Path:

@@ -23,6 +23,7 @@ from .app_governance import GovernanceOps
 from .app_import import ImportOps
 from .app_migrate import MigrationOps
 from .compute import Postgres, compute_user, find_binaries
+from .compute.ports import COMPUTE_PORTS, Ports, check_base, check_port, default_ports, ephemeral_range
 from .compute.roles import DIRECT_GROUP, OWNER_ROLE, READER_ROLE
 from .control.store import Branch, Kind, Store
 from .errors import BranchNotFound, InvalidInput, NotRunning, PolicyDenied, Refused, TierbaseError
@@ -35,8 +36,6 @@ from .storage import DEFAULT_IMAGE_SIZE, VolumeDriver, make_driver
 from .storage.btrfs import parse_size
 
 ROOT_BRANCH = "production"
-DEFAULT_API_PORT = 55430
-DEFAULT_PROXY_PORT = 55431
 
 
 class Tierbase(GovernanceOps, MigrationOps, ImportOps):
@@ -51,24 +50,32 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps):
         find_binaries()  # fail before touching anything if postgres is missing
         parse_size(btrfs_size)
         cfg = load_config(config) if config else None  # a bad config changes nothing
+        ports = default_ports()
+        if api_port is not None:
+            check_port(api_port, "the API port", f"--api-port {ports.api}")
+        if proxy_port is not None:
+            check_port(proxy_port, "the proxy port", f"--proxy-port {ports.proxy}")
         user = compute_user()
         fresh = not self.home.exists()
+        if fresh:
+            check_base(self._port_base())
         if fresh and self.home.root.exists() and any(self.home.root.iterdir()) and not self.home.owned():
             raise InvalidInput(f"{self.home.root} is not empty and is not a tierbase data dir",
                                "Choose an empty or new directory for TIERBASE_HOME")
         existed = set(self.home.root.iterdir()) if self.home.root.exists() else None
-        self.home.make(user.uid)
+        self.home.make(user)
         if fresh:
             self.home.write_marker()
             driver = make_driver(storage, self.home.root, Postgres(), image_size=btrfs_size)
             try:
                 said += driver.prepare()
+                self.home.private_file(self.home.db, user)
                 self._store = Store(self.home.db, self._port_base())
                 self.store.set_setting("driver", driver.name)
                 self.store.set_setting("btrfs_size", btrfs_size)
                 self.store.set_setting("port_base", self._port_base())
-                self.store.set_setting("api_port", api_port or DEFAULT_API_PORT)
-                self.store.set_setting("proxy_port", proxy_port or DEFAULT_PROXY_PORT)
+                self.store.set_setting("api_port", api_port or ports.api)
+                self.store.set_setting("proxy_port", proxy_port or ports.proxy)
                 self._driver = driver
                 owner = os_principal_name()
                 self.store.set_setting("owner", owner)
@@ -92,10 +99,25 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps):
                     self.store.set_setting(key, value)
             if not self.home.owned():  # made by a tierbase from before the marker: its meta.db says so
                 self.home.write_marker()
+            said += self._move_ports_out_of_ephemeral_range(ports)
             said += self.driver.prepare() if not _mounted_ok(self.driver) else []
             said += self.branches.reconcile()
         if cfg is not None:
             said += self.reload_config(config)["said"]
+        return said
+
+    def _move_ports_out_of_ephemeral_range(self, ports: Ports) -> list[str]:
+        """A data dir made before ports left the ephemeral range: new computes get ports below it."""
+        said, eph = [], ephemeral_range()
+        base = int(self.store.get_setting("port_base", ports.base))
+        if min(base + COMPUTE_PORTS - 1, 65535) >= eph[0] and base <= eph[1]:
+            self.store.set_setting("port_base", ports.base)
+            said.append(f"compute ports from {base} reached into the kernel's ephemeral port range "
+                        f"{eph[0]}-{eph[1]}: new computes get ports from {ports.base} (existing ones keep theirs)")
+        for what, option, port in (("API", "--api-port", self.api_port), ("proxy", "--proxy-port", self.proxy_port)):
+            if eph[0] <= port <= eph[1]:
+                said.append(f"warning: the {what} port {port} lies in the kernel's ephemeral port range "
+                            f"{eph[0]}-{eph[1]}; move it with `tierbase up {option} N` (N below {eph[0]})")
         return said
 
     def down(self, purge: bool = False) -> list[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from .compute import Postgres
+from .compute.ports import API_PORT, PROXY_PORT, default_ports
 from .control.branches import Branches
 from .control.store import Store
 from .errors import NotRunning
@@ -61,7 +62,8 @@ class FacadeBase:
     @staticmethod
     def _port_base() -> int:
         """Default first compute port; the one chosen at first `up` is kept in the settings."""
-        return int(os.environ.get("TIERBASE_PORT_BASE", "55432"))
+        env = os.environ.get("TIERBASE_PORT_BASE")
+        return int(env) if env else default_ports().base
 
     @property
     def driver(self) -> VolumeDriver:
@@ -105,11 +107,11 @@ class FacadeBase:
 
     @property
     def proxy_port(self) -> int:
-        return int(self.store.get_setting("proxy_port", 55431))
+        return int(self.store.get_setting("proxy_port", PROXY_PORT))
 
     @property
     def api_port(self) -> int:
-        return int(self.store.get_setting("api_port", 55430))
+        return int(self.store.get_setting("api_port", API_PORT))
 
     #: set by the service: moves live proxy sessions when a route is repointed
     router: Any = None

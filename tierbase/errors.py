@@ -105,6 +105,13 @@ class ComputeError(TierbaseError):
     http_status = 500
 
 
+class PortInUse(ComputeError):
+    """A compute's own port is held by another process: it is neither taken over nor swapped silently."""
+
+    code = "port_in_use"
+    http_status = 409
+
+
 class BinariesNotFound(ComputeError):
     code = "postgres_not_found"
 

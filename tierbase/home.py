@@ -8,6 +8,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from .compute.binaries import ComputeUser
 from .errors import TierbaseError
 
 
@@ -47,6 +48,10 @@ class Home:
         return self.root / "service.log"
 
     @property
+    def image(self) -> Path:
+        return self.root / "btrfs.img"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 
@@ -69,17 +74,21 @@ class Home:
     def exists(self) -> bool:
         return self.db.exists()
 
-    def make(self, compute_uid: int | None) -> None:
-        """Create the data dir; make sure the compute user can reach into it."""
+    def make(self, user: ComputeUser) -> None:
+        """Create the data dir owned by the service user (who is also the compute user), mode 0700.
+
+        Nobody else needs to look inside: clients reach the service by URL and token.
+        """
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise TierbaseError(f"cannot create the data dir {self.root}: {err.strerror}",
                                 "Choose another TIERBASE_HOME") from err
-        self.root.chmod(0o711)
         self.logs.mkdir(exist_ok=True)
-        if compute_uid is not None and compute_uid != os.geteuid():
-            os.chown(self.logs, compute_uid, -1)
+        for path in (self.root, self.logs):
+            path.chmod(0o700)
+            user.chown(path)
+        if not user.is_self:
             for parent in self.root.parents:
                 mode = parent.stat().st_mode
                 if not mode & stat.S_IXOTH:
@@ -88,6 +97,38 @@ class Home:
                         f"Choose a TIERBASE_HOME outside {parent} (for example /var/lib/tierbase), "
                         f"or `chmod o+x {parent}`",
                     )
+
+    def hand_over(self, user: ComputeUser) -> None:
+        """Give what root made in the data dir to the service user; take group and other access away.
+
+        ``tierbase up`` as root mounts and sets up before it starts the unprivileged service; the files
+        made on the way (SQLite's -wal/-shm, locks, secrets, logs) must be the service's afterwards.
+        Certificates stay readable (they are public). Left to their owners: the volumes' contents
+        (postgres owns its clusters; a mount is not walked), the btrfs image (root's: who can write a
+        mounted filesystem's image can crash the kernel), and api.token (the OS owner's own credential;
+        the service never reads it, and its owner is who may act without a token).
+        """
+        keep_owner = {self.token, self.image}
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            here = Path(dirpath)
+            if here == self.root and "volumes" in dirnames:
+                dirnames.remove("volumes")
+                _restrict(here / "volumes", user, 0o700)
+            _restrict(here, user, 0o700)
+            for name in filenames:
+                path = here / name
+                public = name.endswith(".crt")  # certificates are public by design (tls/*.crt are 0644)
+                _restrict(path, None if path in keep_owner else user, 0o644 if public else None)
+
+    def private_file(self, path: Path, user: ComputeUser) -> None:
+        """Create ``path`` empty (if missing) as 0600 of the service user, before anything writes it.
+
+        SQLite gives its -wal and -shm files the mode and, under root, the owner of the database file,
+        so an empty meta.db made here keeps every later file of the store private to the service.
+        """
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        os.close(fd)
+        user.chown(path)
 
     @staticmethod
     def write_secret(path: Path, value: str) -> None:
@@ -103,3 +144,18 @@ class Home:
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_urlsafe(24))
         return path.read_text().strip()
+
+
+def _restrict(path: Path, user: ComputeUser | None, mode: int | None) -> None:
+    """Own ``path`` by ``user`` (None: keep the owner) and drop group/other bits (or set ``mode``)."""
+    try:
+        st = path.lstat()
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return  # sockets and fifos belong to the process that made them
+        if user is not None and not user.is_self and (st.st_uid, st.st_gid) != (user.uid, user.gid):
+            os.chown(path, user.uid, user.gid)
+        want = mode if mode is not None else stat.S_IMODE(st.st_mode) & 0o700
+        if stat.S_IMODE(st.st_mode) != want:
+            path.chmod(want)
+    except FileNotFoundError:
+        pass  # a lock or socket that went away while we walked

@@ -1,7 +1,8 @@
 """The background service of one data dir: HTTP API, proxy, TTL sweeper, idle suspend.
 
-Started by `tierbase up` as ``python -m tierbase.service HOME``; writes
-``service.json`` once every port is bound and removes it on exit.
+Started by `tierbase up` as ``python -m tierbase.service HOME``, as the
+unprivileged compute user (never root); writes ``service.json`` once every
+port is bound and removes it on exit.
 """
 
 from __future__ import annotations
@@ -238,6 +239,11 @@ def _client_backends(ep: Any) -> int:
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.geteuid() == 0:
+        # root mounts the storage in `tierbase up`; everything that serves requests runs unprivileged
+        raise SystemExit("tierbase.service does not run as root. Start it with `tierbase up`, which runs it "
+                         "as the compute user (TIERBASE_COMPUTE_USER, default postgres)")
+    os.umask(0o077)  # every file the service or its computes make is the service user's alone
     home = Path(sys.argv[1])
     with contextlib.suppress(ImportError):
         import uvloop

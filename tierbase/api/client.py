@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import sys
 import tempfile
 import tomllib
 from collections.abc import Iterator
@@ -14,7 +16,7 @@ from typing import IO, Any
 import httpx
 
 from ..compute.restore import directory_script
-from ..errors import InvalidInput, NotRunning, TierbaseError, error_from_dict
+from ..errors import InvalidInput, NotRunning, TierbaseError, Unauthorized, error_from_dict
 from ..home import Home, default_home
 from ..migrate.files import read_dir
 
@@ -22,8 +24,13 @@ _CHUNK = 1 << 20
 
 
 def service_info(home: Home) -> dict[str, Any] | None:
+    """What the running service wrote about itself (pid, API URL); None when it does not run."""
     try:
         return dict(json.loads(home.service.read_text()))
+    except PermissionError as err:
+        raise TierbaseError(f"OS user {_os_user(os.geteuid())} cannot read the data dir {home.root}",
+                            "It is the service's alone: set TIERBASE_API (or `tierbase --api URL`) to the "
+                            "service's URL and TIERBASE_TOKEN to your token") from err
     except (OSError, ValueError):
         return None
 
@@ -58,23 +65,66 @@ def _chunks(fh: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
+def _os_user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+#: data dirs whose owner this process already said it acts as
+_told: set[Path] = set()
+
+
+def owner_token(home: Home) -> str:
+    """The data dir owner's token, for a caller without one who is that OS user (or root).
+
+    The token file belongs to the OS user who first ran ``tierbase up`` (mode 0600): its owner
+    is who may act without a token. Anyone else is refused, never silently promoted.
+    """
+    me = os.geteuid()
+    hint = ("Set TIERBASE_TOKEN to your token (a platform engineer makes one with `tierbase principal create`), "
+            "and TIERBASE_API (or --api URL) to the service's URL")
+    try:
+        owner: int | None = home.token.stat().st_uid
+    except FileNotFoundError as err:
+        raise Unauthorized(f"no TIERBASE_TOKEN is set, and OS user {_os_user(me)} owns no data dir at {home.root} "
+                           "(only a data dir's owner acts without a token)", hint) from err
+    except PermissionError:
+        owner = None  # cannot even look inside: not the owner
+    if owner is None or me not in (0, owner):
+        raise Unauthorized(f"no TIERBASE_TOKEN is set, and OS user {_os_user(me)} is not the owner of the "
+                           f"data dir {home.root} (only its owner acts without a token)", hint)
+    try:
+        token = home.token.read_text().strip()
+    except OSError as err:
+        raise Unauthorized(f"no TIERBASE_TOKEN is set, and the owner's token at {home.token} cannot be read "
+                           f"({err.strerror})", hint) from err
+    if not token:
+        raise Unauthorized(f"no TIERBASE_TOKEN is set, and the owner's token file {home.token} is empty", hint)
+    if home.root not in _told:
+        _told.add(home.root)
+        print(f"acting as {_os_user(owner)}, the data dir's owner: no TIERBASE_TOKEN", file=sys.stderr)
+    return token
+
+
 class Client:
-    """Talks to the service of one data dir (or to ``url`` with ``token``)."""
+    """Talks to the service of one data dir, or to ``url`` (env TIERBASE_API) with ``token``.
+
+    The token is ``token``, else TIERBASE_TOKEN, else ~/.config/tierbase/token; an empty one counts
+    as none. Without any, only the data dir's OS owner (or root) acts, as the owner, and is told so.
+    """
 
     def __init__(self, home: str | os.PathLike[str] | None = None, *, url: str | None = None,
                  token: str | None = None, timeout: float = 600) -> None:
         self.home = Home(default_home() if home is None else Path(home))
-        info = service_info(self.home) if url is None else {"api_url": url}
+        url = url or os.environ.get("TIERBASE_API") or None
+        info = service_info(self.home) if url is None else {"api_url": url.rstrip("/")}
         if info is None:
             raise NotRunning(f"tierbase is not running for the data dir {self.home.root}",
-                             "Start it with `tierbase up` (or set TIERBASE_HOME to the right data dir)")
-        tok = token or os.environ.get("TIERBASE_TOKEN") or _token_file()
-        if tok is None:
-            try:
-                tok = self.home.token.read_text().strip()
-            except OSError as err:
-                raise TierbaseError(f"cannot read the API token at {self.home.token}",
-                                    "Set TIERBASE_TOKEN, or run as the user who ran `tierbase up`") from err
+                             "Start it with `tierbase up` (or set TIERBASE_HOME to the right data dir, or "
+                             "TIERBASE_API to the service's URL)")
+        tok = (token or os.environ.get("TIERBASE_TOKEN") or "").strip() or _token_file() or owner_token(self.home)
         self._http = httpx.Client(base_url=str(info["api_url"]), timeout=timeout,
                                   headers={"Authorization": f"Bearer {tok}"})
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -18,9 +17,10 @@ import httpx
 
 from ..api.client import Client, service_info
 from ..app import Tierbase
-from ..compute import pid_alive
+from ..compute import compute_user, pid_alive
 from ..errors import NotRunning, TierbaseError
 from ..home import Home, default_home
+from ..launch import spawn_service
 from .render import branch_details, branch_tree, emit_json, err, out
 
 F = Callable[..., Any]
@@ -54,25 +54,33 @@ def home_of(ctx: click.Context) -> Path:
 
 
 def client(ctx: click.Context) -> Client:
-    return Client(home_of(ctx))
+    """One SDK client per command (so that acting as the data dir's owner is said once)."""
+    root = ctx.find_root()
+    if root.obj.get("client") is None:
+        root.obj["client"] = Client(home_of(ctx), url=root.obj.get("api"))
+    return root.obj["client"]  # type: ignore[no-any-return]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--home", envvar="TIERBASE_HOME", type=click.Path(file_okay=False), default=None,
+@click.option("--home", envvar="TIERBASE_HOME", type=click.Path(file_okay=False, readable=False), default=None,
               help="Data dir of the platform (env TIERBASE_HOME).")
+@click.option("--api", "api", envvar="TIERBASE_API", default=None, metavar="URL",
+              help="URL of the service's API, e.g. http://127.0.0.1:25430 (env TIERBASE_API); with "
+                   "TIERBASE_TOKEN, for clients that cannot read the data dir (other OS users, agents).")
 @click.version_option(package_name="tierbase")
 @click.pass_context
-def cli(ctx: click.Context, home: str | None) -> None:
+def cli(ctx: click.Context, home: str | None, api: str | None) -> None:
     """tierbase: copy-on-write branches of a real PostgreSQL."""
-    ctx.obj = {"home": str(Path(home).absolute()) if home else str(default_home())}
+    ctx.obj = {"home": str(Path(home).absolute()) if home else str(default_home()), "api": api or None}
 
 
 # -- platform ------------------------------------------------------------------------
 @cli.command()
 @click.option("--storage", type=click.Choice(["auto", "btrfs", "copy"]), default="auto", show_default=True)
 @click.option("--btrfs-size", default="20G", show_default=True, help="Size of the loop-mounted btrfs image.")
-@click.option("--api-port", type=int, default=None, help="HTTP API port (default 55430).")
-@click.option("--proxy-port", type=int, default=None, help="Postgres proxy port (default 55431).")
+@click.option("--api-port", type=int, default=None, help="HTTP API port (default 25430; below the kernel's "
+              "ephemeral port range).")
+@click.option("--proxy-port", type=int, default=None, help="Postgres proxy port (default 25431).")
 @click.option("--idle-timeout", type=int, default=None, help="Seconds before an idle compute is suspended "
               "(default 300; 0 never).")
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
@@ -83,7 +91,11 @@ def cli(ctx: click.Context, home: str | None) -> None:
 @click.pass_context
 def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, proxy_port: int | None,
        idle_timeout: int | None, config: str | None, import_limit: str | None) -> None:
-    """Start the platform for the data dir (initialising it on first use)."""
+    """Start the platform for the data dir (initialising it on first use).
+
+    As root, root only mounts the storage; the service and the computes run as the compute user.
+    """
+    os.umask(0o077)  # nothing up makes (as root, before the hand-over) is for other users' eyes
     tb = Tierbase(home_of(ctx))
     said = tb.init(storage=storage, btrfs_size=btrfs_size, api_port=api_port, proxy_port=proxy_port,
                    config=config)
@@ -91,15 +103,18 @@ def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, 
         tb.store.set_setting("idle_timeout", idle_timeout)
     if import_limit is not None:
         tb.set_import_limit(import_limit)
+    driver, user = tb.driver, compute_user()
+    tb.close()
+    tb.home.hand_over(user)
     info = _running_service(tb.home)
     if info is None:
-        info = _spawn_service(tb.home)
-        said.append(f"started the service (pid {info['pid']})")
+        info = spawn_service(tb.home, user)
+        said.append(f"started the service as OS user {user.name!r} (pid {info['pid']})")
     else:
         said.append(f"the service is already running (pid {info['pid']})")
-    result = {"home": str(tb.home.root), "driver": tb.driver.name, "copy_on_write": tb.driver.copy_on_write,
-              "api_url": info["api_url"], "proxy_port": info["proxy_port"], "said": said}
-    tb.close()
+    result = {"home": str(tb.home.root), "driver": driver.name, "copy_on_write": driver.copy_on_write,
+              "api_url": info["api_url"], "proxy_port": info["proxy_port"], "service_user": user.name,
+              "said": said}
     if as_json():
         emit_json(result)
         return
@@ -119,24 +134,6 @@ def _running_service(home: Home) -> dict[str, Any] | None:
     except httpx.HTTPError:
         return None
     return info
-
-
-def _spawn_service(home: Home) -> dict[str, Any]:
-    with open(home.service_log, "ab") as logf:
-        proc = subprocess.Popen([sys.executable, "-m", "tierbase.service", str(home.root)], stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=logf, start_new_session=True, cwd="/")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        info = service_info(home)
-        if info is not None and info.get("pid") == proc.pid:
-            return info
-        if proc.poll() is not None:
-            break
-        time.sleep(0.05)
-    proc.kill()
-    tail = home.service_log.read_text(errors="replace").strip().splitlines()[-5:]
-    raise TierbaseError(f"the service did not start: {' | '.join(tail) or 'no output'}",
-                        f"See {home.service_log}; a port may be taken (choose --api-port/--proxy-port)")
 
 
 @cli.command()
@@ -172,7 +169,7 @@ def down(ctx: click.Context, purge: bool) -> None:
 def status(ctx: click.Context) -> None:
     """Show whether the platform runs, its storage driver and computes."""
     home = Home(home_of(ctx))
-    if _running_service(home) is None:
+    if ctx.obj.get("api") is None and _running_service(home) is None:
         raise NotRunning(f"tierbase is not running for the data dir {home.root}", "Start it with `tierbase up`")
     data = client(ctx).status()
     if as_json():

@@ -19,7 +19,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from ..errors import Refused, TierbaseError
+from ..compute.ports import port_held
+from ..errors import ComputeError, PortInUse, Refused, TierbaseError
 from ..failpoints import failpoint
 from ..names import check_name
 from .store import Branch, Kind, State, Store, token_alive
@@ -160,7 +161,14 @@ class Branches:
                           name=name)
         if b.state is not State.READY:
             raise TierbaseError(f"branch {name!r} is {b.state.value}", "Wait for its operation to finish")
-        return self.provider.start(name, b.volume, b.port)
+        try:
+            return self.provider.start(name, b.volume, b.port)
+        except ComputeError as err:
+            if port_held(b.port):
+                raise PortInUse(f"the compute of {name!r} cannot listen on its port {b.port}: another process "
+                                "holds it", f"Find it with `ss -tanp 'sport = :{b.port}'` and stop it; tierbase does "
+                                "not move a branch to another port behind your back", name=name, port=b.port) from err
+            raise
 
     def stop(self, name: str) -> bool:
         b = self.store.get(name)

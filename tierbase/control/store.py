@@ -19,6 +19,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from ..compute.ports import COMPUTE_PORTS, PORT_BASE
 from ..errors import BranchExists, BranchNotFound, TierbaseError
 
 SCHEMA = """
@@ -115,9 +116,9 @@ def token_alive(token: str | None) -> bool:
 
 
 class Store:
-    PORTS = 2000
+    PORTS = COMPUTE_PORTS
 
-    def __init__(self, path: Path, default_port_base: int = 55432) -> None:
+    def __init__(self, path: Path, default_port_base: int = PORT_BASE) -> None:
         self.path = path
         self.default_port_base = default_port_base
         # one connection per thread: the API serves requests from a thread pool, and a
@@ -226,7 +227,7 @@ class Store:
     def _free_port(self, db: sqlite3.Connection) -> int:
         used = {r[0] for r in db.execute("SELECT port FROM branches")}
         lo = int(self.get_setting("port_base", self.default_port_base))
-        hi = lo + self.PORTS
+        hi = min(lo + self.PORTS, 65536)
         for port in range(lo, hi):
             if port not in used and port_free(port):
                 return port

@@ -61,7 +61,7 @@ class BtrfsDriver(VolumeDriver):
     def prepare(self) -> list[str]:
         self.root.mkdir(parents=True, exist_ok=True)
         if fs_type(self.root) == "btrfs":
-            self.root.chmod(0o755)
+            self._own_dir(self.root)  # the unprivileged service makes and deletes subvolumes here
             return []
         if self.image is None:
             raise StorageError(f"{self.root} is not on btrfs", "Use --storage copy, or run as root to loop-mount one")
@@ -75,7 +75,9 @@ class BtrfsDriver(VolumeDriver):
             if free < min(size, 256 * 1024 ** 2):
                 raise StorageError(f"only {free // 1024 ** 2} MiB free for the btrfs image at {self.image}",
                                    "Free space, or pass a smaller --btrfs-size")
-            with open(self.image, "wb") as fh:
+            # root's alone: whoever may write the image of a mounted filesystem can corrupt it under the kernel
+            fd = os.open(self.image, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
                 fh.truncate(size)
             try:
                 run_tool(["mkfs.btrfs", "-q", "-f", str(self.image)], what="mkfs.btrfs", where=self.image)
@@ -85,7 +87,7 @@ class BtrfsDriver(VolumeDriver):
             said.append(f"created a sparse {self.image_size} btrfs image at {self.image}")
         run_tool(["mount", "-o", "loop,user_subvol_rm_allowed,noatime", str(self.image), str(self.root)],
                  what="loop-mounting the btrfs image", where=self.root)
-        self.root.chmod(0o755)
+        self._own_dir(self.root)  # the unprivileged service snapshots and deletes subvolumes here
         said.append(f"loop-mounted it at {self.root} (user_subvol_rm_allowed)")
         return said
 

@@ -24,7 +24,7 @@ class CopyDriver(VolumeDriver):
 
     def prepare(self) -> list[str]:
         super().prepare()
-        self.root.chmod(0o755)
+        self._own_dir(self.root)
         return ["storage driver 'copy': every branch is a full copy (O(size) in time and disk); "
                 "use btrfs (run as root, or put TIERBASE_HOME on btrfs) for O(1) branches"]
 
