@@ -20,10 +20,12 @@ import psycopg
 import pytest
 
 from tierbase import Tierbase
+from tierbase.compute import compute_user, pid_alive
 from tierbase.compute.roles import READER_ROLE
 from tierbase.control.store import Store
 from tierbase.governance.anchor import Head, HeadFile
 from tierbase.governance.audit import AuditLog
+from tierbase.launch import spawn_service
 
 from .conftest import free_port, needs_root_btrfs, query
 
@@ -365,27 +367,30 @@ def running_service(platform: Tierbase, tmp_path: Path) -> Iterator[str]:
     ports = {k: platform.store.get_setting(k) for k in ("api_port", "proxy_port")}
     platform.store.set_setting("api_port", free_port())
     platform.store.set_setting("proxy_port", free_port())
-    logfile = tmp_path / "service.log"
-    with logfile.open("w") as out:
-        service = subprocess.Popen([sys.executable, "-m", "tierbase.service", str(platform.home.root)],
-                                   stdout=out, stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 60
-        while not platform.home.service.exists():
-            assert service.poll() is None and time.monotonic() < deadline, logfile.read_text()
-            time.sleep(0.1)
-        yield str(json.loads(platform.home.service.read_text())["api_url"])
+        # started as `tierbase up` starts it: the data dir handed to the compute user, the service as that user
+        user = compute_user()
+        platform.home.hand_over(user)
+        info = spawn_service(platform.home, user)
+        try:
+            yield str(info["api_url"])
+        finally:
+            pid = int(info["pid"])
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 60
+            while pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not pid_alive(pid), platform.home.service_log.read_text()[-2000:]
     finally:
-        service.send_signal(signal.SIGTERM)
-        assert service.wait(60) == 0, logfile.read_text()
-        for k, v in ports.items():
+        for k, v in ports.items():  # whatever happened: the session's proxy keeps its port
             platform.store.set_setting(k, v)
 
 
 @needs_root_btrfs
 def test_cli_audit_verify_names_the_missing_records_and_exits_1(platform: Tierbase, tmp_path: Path) -> None:
     append(platform.gate.audit, 2)
-    env = dict(os.environ, TIERBASE_HOME=str(platform.home.root))
+    env = dict(os.environ, TIERBASE_HOME=str(platform.home.root),
+               TIERBASE_TOKEN=platform.home.token.read_text().strip())
     cli = [sys.executable, "-m", "tierbase.cli.main", "audit", "verify"]
     with running_service(platform, tmp_path):
         good = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=120)

@@ -64,6 +64,8 @@ def svc() -> Iterator[Svc]:
     try:
         up = json.loads(tierbase(env, "up", "--btrfs-size", "2G", "--api-port", str(free_port()), "--proxy-port",
                                  str(free_port()), "--import-limit", "4M", "--json").stdout)
+        # act as the owner by token, as a script would (without one, every command says so on stderr)
+        env["TIERBASE_TOKEN"] = (home / "api.token").read_text().strip()
         pe = Client(home)
         made = pe.create_principal("bot", "agent")
         agent = Client(home, url=up["api_url"], token=made["token"])
