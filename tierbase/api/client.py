@@ -15,10 +15,8 @@ from typing import IO, Any
 
 import httpx
 
-from ..compute.restore import directory_script
 from ..errors import InvalidInput, NotRunning, TierbaseError, Unauthorized, error_from_dict
 from ..home import Home, default_home
-from ..migrate.files import read_dir
 
 _CHUNK = 1 << 20
 
@@ -49,6 +47,8 @@ def _dump_body(src: Path) -> Iterator[tuple[IO[bytes], int]]:
     """The bytes to upload for ``src`` and their size: a file as it is, a -Fd directory as a script."""
     if src.is_dir():
         with tempfile.TemporaryFile() as fh:
+            from ..compute.restore import directory_script  # pg_restore + psycopg: only for -Fd dumps
+
             directory_script(src, fh)
             size = os.fstat(fh.fileno()).st_size  # pg_restore wrote through the shared descriptor
             fh.seek(0)
@@ -262,6 +262,8 @@ class Client:
     # -- migrations and promotion -------------------------------------------------------
     def _migration_files(self, migrations_dir: str | os.PathLike[str] | None) -> dict[str, str]:
         """The migration files, read on this side: the API takes contents, never a directory."""
+        from ..migrate.files import read_dir
+
         return read_dir(Path(migrations_dir) if migrations_dir else self._default_migrations_dir())
 
     def _default_migrations_dir(self) -> Path:

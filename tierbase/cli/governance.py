@@ -8,11 +8,11 @@ import time
 import click
 
 from ..names import parse_ttl
-from .main import as_json, cli, client, command
+from .base import as_json, client, command
 from .render import emit_json, out
 
 
-@cli.group()
+@click.group()
 def principal() -> None:
     """Humans, agents and CI: who may do what, through which token."""
 
@@ -54,7 +54,7 @@ def principal_revoke(ctx: click.Context, name: str) -> None:
     emit_json(p) if as_json() else out.print(f"revoked {name!r}")
 
 
-@cli.group()
+@click.group()
 def policy() -> None:
     """The declared config (tierbase.toml) and the decisions it leads to."""
 
@@ -107,7 +107,7 @@ def policy_explain(ctx: click.Context, who: str, source: str | None, action: str
     out.print(f"{'ALLOWED' if d['allowed'] else 'DENIED'}: {d['reason']} (rule {d['rule']})")
 
 
-@cli.group()
+@click.group()
 def audit() -> None:
     """The tamper-evident trail of every decision."""
 

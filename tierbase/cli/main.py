@@ -2,72 +2,34 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import signal
-import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import click
-import httpx
 
-from ..api.client import Client, service_info
-from ..app import Tierbase
-from ..compute import compute_user, pid_alive
-from ..errors import NotRunning, TierbaseError
+from .. import __version__
+from ..errors import NotRunning
 from ..home import Home, default_home
-from ..launch import spawn_service
-from .render import branch_details, branch_tree, emit_json, err, out
+from .base import LazyGroup, as_json, client, command, home_of
+from .render import branch_details, branch_tree, emit_json, out
 
-F = Callable[..., Any]
+if TYPE_CHECKING:
+    from ..api.client import Client
 
-
-def command(fn: F) -> F:
-    """Give a command --json and the one error path: message + hint on stderr, exit 1 or 2."""
-
-    @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-    @functools.wraps(fn)
-    def wrapper(*args: Any, as_json: bool, **kwargs: Any) -> None:
-        ctx = click.get_current_context()
-        ctx.meta["json"] = as_json
-        try:
-            fn(*args, **kwargs)
-        except TierbaseError as e:
-            if as_json:
-                emit_json({"error": e.to_dict()})
-            err.print(f"Error: {e.message}." + (f" {e.hint}." if e.hint else ""), markup=False)
-            sys.exit(e.exit_code)
-
-    return wrapper
+__all__ = ["as_json", "cli", "client", "command", "home_of", "main"]
 
 
-def as_json() -> bool:
-    return bool(click.get_current_context().meta.get("json"))
-
-
-def home_of(ctx: click.Context) -> Path:
-    return Path(ctx.obj["home"])
-
-
-def client(ctx: click.Context) -> Client:
-    """One SDK client per command (so that acting as the data dir's owner is said once)."""
-    root = ctx.find_root()
-    if root.obj.get("client") is None:
-        root.obj["client"] = Client(home_of(ctx), url=root.obj.get("api"))
-    return root.obj["client"]  # type: ignore[no-any-return]
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", envvar="TIERBASE_HOME", type=click.Path(file_okay=False, readable=False), default=None,
               help="Data dir of the platform (env TIERBASE_HOME).")
 @click.option("--api", "api", envvar="TIERBASE_API", default=None, metavar="URL",
               help="URL of the service's API, e.g. http://127.0.0.1:25430 (env TIERBASE_API); with "
                    "TIERBASE_TOKEN, for clients that cannot read the data dir (other OS users, agents).")
-@click.version_option(package_name="tierbase")
+@click.version_option(version=__version__, prog_name="tierbase")
 @click.pass_context
 def cli(ctx: click.Context, home: str | None, api: str | None) -> None:
     """tierbase: copy-on-write branches of a real PostgreSQL."""
@@ -96,6 +58,10 @@ def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, 
     As root, root only mounts the storage; the service and the computes run as the compute user.
     """
     os.umask(0o077)  # nothing up makes (as root, before the hand-over) is for other users' eyes
+    from ..app import Tierbase
+    from ..compute import compute_user
+    from ..launch import spawn_service
+
     tb = Tierbase(home_of(ctx))
     said = tb.init(storage=storage, btrfs_size=btrfs_size, api_port=api_port, proxy_port=proxy_port,
                    config=config)
@@ -125,6 +91,11 @@ def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, 
 
 
 def _running_service(home: Home) -> dict[str, Any] | None:
+    import httpx
+
+    from ..api.client import service_info
+    from ..procs import pid_alive
+
     info = service_info(home)
     if info is None or not pid_alive(int(info.get("pid", 0))):
         home.service.unlink(missing_ok=True)
@@ -142,6 +113,9 @@ def _running_service(home: Home) -> dict[str, Any] | None:
 @click.pass_context
 def down(ctx: click.Context, purge: bool) -> None:
     """Stop the service and every compute; --purge removes all data."""
+    from ..api.client import service_info
+    from ..procs import pid_alive
+
     home = Home(home_of(ctx))
     said = []
     info = service_info(home)
@@ -155,6 +129,8 @@ def down(ctx: click.Context, purge: bool) -> None:
             os.kill(pid, signal.SIGKILL)
         said.append(f"stopped the service (pid {pid})")
     home.service.unlink(missing_ok=True)
+    from ..app import Tierbase
+
     said += Tierbase(home.root).down(purge=purge)
     if as_json():
         emit_json({"home": str(home.root), "purged": purge, "said": said})
@@ -381,15 +357,8 @@ def route_set(ctx: click.Context, route_name: str, branch_name: str, drain: floa
 
 
 def main() -> None:
-    from . import governance, migrate, scm, workflow  # noqa: F401  (they register their commands on `cli`)
-
     cli(prog_name="tierbase")
 
 
-
-
 if __name__ == "__main__":
-    # run the importable module's main: the command modules register on *its* `cli`, not on __main__'s
-    from tierbase.cli.main import main as _main
-
-    _main()
+    main()

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import Refused
-from .main import as_json, cli, client, command
+from .base import as_json, client, command
 from .render import emit_json, out
 
 DIR = click.option("--dir", "migrations_dir", type=click.Path(file_okay=False), default=None,
@@ -19,7 +19,7 @@ def _abs(path: str | None) -> str | None:
     return os.path.abspath(path) if path else None
 
 
-@cli.group()
+@click.group()
 def migrate() -> None:
     """Versioned SQL migrations: status, apply, new, lint, verify."""
 
@@ -120,7 +120,7 @@ def migrate_verify(ctx: click.Context, parent: str | None, migrations_dir: str |
         raise Refused("migrations did not verify: " + "; ".join(rep["problems"]), "Fix the migrations and verify again")
 
 
-@cli.command()
+@click.command()
 @click.argument("tier")
 @click.option("--from", "source", default=None, help="Source tier or feature branch (default: the child tier).")
 @DIR
@@ -136,7 +136,7 @@ def promote(ctx: click.Context, tier: str, source: str | None, migrations_dir: s
               f"in {rec['duration_ms']} ms; snapshot {rec['snapshot']}")
 
 
-@cli.command()
+@click.command()
 @click.argument("tier")
 @click.option("--to", "to", default=None, help="Snapshot to return to (default: the last pre-promotion snapshot).")
 @command
@@ -152,7 +152,7 @@ def rollback(ctx: click.Context, tier: str, to: str | None) -> None:
     out.print(rec["hint"])
 
 
-@cli.command()
+@click.command()
 @click.option("--tier", default=None)
 @command
 @click.pass_context
@@ -167,7 +167,7 @@ def promotions(ctx: click.Context, tier: str | None) -> None:
                   f"{r['duration_ms'] or '-'} ms  {', '.join(r['migrations'])}  {r['reason'] or ''}", markup=False)
 
 
-@cli.command()
+@click.command()
 @click.argument("a")
 @click.argument("b", required=False)
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text")

@@ -10,7 +10,7 @@ import click
 from ..errors import BranchExists, InvalidInput, PolicyDenied, Refused
 from ..governance.config import parse_config
 from ..migrate.gitci import db_branch_for, git, install_hooks, tier_for_git_branch, write_env, write_github_workflows
-from .main import as_json, cli, client, command
+from .base import as_json, client, command
 from .render import emit_json, out
 
 REPO = click.option("--repo", type=click.Path(file_okay=False, exists=True), default=".", show_default=True)
@@ -21,7 +21,7 @@ def _git_branches(ctx: click.Context) -> dict[str, str]:
     return {name: t.git_branch for name, t in cfg.tiers.items() if t.git_branch}
 
 
-@cli.group("git")
+@click.group("git")
 def git_group() -> None:
     """Pair git branches with database branches."""
 
@@ -123,7 +123,7 @@ def _merged_source(root: Path, mapping: dict[str, str], current: str) -> str | N
     return db_branch_for(heads[0]) if heads else None
 
 
-@cli.group("ci")
+@click.group("ci")
 def ci_group() -> None:
     """Continuous integration with a database branch per pull request."""
 

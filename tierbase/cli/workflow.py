@@ -19,7 +19,7 @@ from ..workflow import checks, doctor, flow, scaffold, tdd
 from ..workflow.errors import GateFailed
 from ..workflow.validate import SCHEMAS, schema
 from ..workflow.workspace import Workspace
-from .main import as_json, cli, client, command
+from .base import as_json, client, command
 from .render import emit_json, err, out
 
 repo_option = click.option("--repo", type=click.Path(file_okay=False, exists=True), default=".",
@@ -56,7 +56,7 @@ def render(data: dict[str, Any]) -> None:
 
 
 # -- init -----------------------------------------------------------------------------------
-@cli.command("init")
+@click.command("init")
 @repo_option
 @click.option("--no-commit", is_flag=True, help="Do not commit the scaffold files (tierbase.toml, migrations dir).")
 @command
@@ -78,7 +78,7 @@ def init(ctx: click.Context, repo: str, no_commit: bool) -> None:
 
 
 # -- flow -----------------------------------------------------------------------------------
-@cli.group("flow")
+@click.group("flow")
 def flow_group() -> None:
     """The five-state workflow: claim -> ready -> ci -> merge, with blocking gates."""
 
@@ -196,7 +196,7 @@ def flow_schema(name: str, list_all: bool) -> None:
 
 
 # -- tdd ------------------------------------------------------------------------------------
-@cli.group("tdd")
+@click.group("tdd")
 def tdd_group() -> None:
     """The opt-in TDD layer: roles, artifacts, RED and GREEN recorded by tierbase."""
 

@@ -21,6 +21,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from ..errors import ComputeError, DiskFull
+from ..procs import pid_alive
 from .binaries import ComputeUser, PgBinaries, compute_user, find_binaries
 
 SUPERUSER = "tierbase"
@@ -280,16 +281,6 @@ def ident_conf(service_user: str) -> str:
     users = dict.fromkeys((service_user, "root"))
     lines = [f"{IDENT_MAP:<12} {u:<20} {role}" for u in users for role in PLATFORM_ROLES]
     return "# tierbase: managed; MAPNAME SYSTEM-USERNAME PG-USERNAME\n" + "\n".join(lines) + "\n"
-
-
-def pid_alive(pid: int) -> bool:
-    """True if ``pid`` runs and is not a zombie waiting to be reaped."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def _log_has_fatal(logfile: Path, offset: int) -> bool:
