@@ -167,8 +167,14 @@ class Gate:
 
     @contextmanager
     def act(self, actor: str | None, action: Action, target: Subject, source: Subject | None = None,
-            before: Any = None, quiet: bool = False) -> Iterator[Record]:
-        """``quiet``: record only a denial (for reads such as reading the audit trail itself)."""
+            before: Any = None, quiet: bool = False, intent: dict[str, Any] | None = None) -> Iterator[Record]:
+        """``quiet``: record only a denial (for reads such as reading the audit trail itself).
+
+        ``intent``: the action changes a branch, route or tier; once allowed, a record with outcome
+        ``intent`` (carrying ``intent``) is appended *before* the caller acts, so that a process killed
+        after the change took effect but before its outcome record still leaves the change audited
+        (reconcile then records how it finished, see control/branches.py).
+        """
         who = self.principal(actor)
         decision = self.policy.decide(who, action, target, source)
         reason = f"{decision.rule}: {decision.reason}"
@@ -177,6 +183,9 @@ class Gate:
                               reason=reason, outcome="refused", before=before)
             raise PolicyDenied(action.value, target.name, decision.reason, decision.rule)
         rec = Record(before=before)
+        if intent is not None:
+            self.audit.append(actor=who.name, action=action.value, target=target.name, allowed=True, reason=reason,
+                              outcome="intent", before=before, after=intent)
         if quiet:
             yield rec
             return
