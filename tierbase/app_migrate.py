@@ -183,6 +183,9 @@ class MigrationOps(FacadeBase):
         with self._connect(serving.name) as tconn, self._connect(src.name) as sconn:
             pending = to_promote(ledger.status(tconn, migrations), ledger.status(sconn, migrations), tier, src.name)
         snapshot = pre_snapshot_name(tier, pid)
+        self.gate.audit.append(actor="tierbase", action="promote.snapshot", target=tier, allowed=True,
+                               reason=f"promotion #{pid}: the pre-promotion snapshot of {serving.name!r}",
+                               outcome="intent", after={"promotion": pid, "snapshot": snapshot})
         self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.gate.owner)
         log.update(pid, snapshot=snapshot, migrations=[m.label() for m in pending])
         spec = self.config.tiers[tier]
@@ -208,13 +211,13 @@ class MigrationOps(FacadeBase):
         repoint path (``_move_route``: the proxy's hold, only the route's sessions ended). Audited
         before the switch (intent) and after it, so that a kill between leaves the change recorded."""
         spec = self.config.tiers[tier]
+        old = self._serving(tier).name
+        self.gate.audit.append(actor="tierbase", action="route.repoint", target=tier, allowed=True, reason=why,
+                               outcome="intent", before={"branch": old}, after={"branch": name, "from": snapshot})
         if self.store.find(name) is None:  # a reconcile may finish a rollback whose branch was made
             self.branches.create(name, snapshot, kind=Kind.TIER, creator=self.gate.owner, protected=spec.protected,
                                  actor="tierbase")
         self.branches.start(name)
-        old = self._serving(tier).name
-        self.gate.audit.append(actor="tierbase", action="route.repoint", target=tier, allowed=True, reason=why,
-                               outcome="intent", before={"branch": old}, after={"branch": name})
         self._move_route(tier, name)
         self.gate.audit.append(actor="tierbase", action="route.repoint", target=tier, allowed=True, reason=why,
                                before={"branch": old}, after={"branch": name})
@@ -281,11 +284,11 @@ class MigrationOps(FacadeBase):
         snap = self.store.get(snapshot)
         if snap.kind is not Kind.SNAPSHOT:
             raise InvalidInput(f"{snapshot!r} is not a snapshot", "Pass a `<tier>-pre-<n>` snapshot branch")
+        name = rollback_name(tier, secrets.token_hex(3))
         with self.gate.act(self.actor, Action.PROMOTE, target, before={"serving": self._serving(tier).name},
-                           intent={"op": "rollback", "tier": tier, "snapshot": snapshot}) as rec:
+                           intent={"op": "rollback", "tier": tier, "snapshot": snapshot, "branch": name}) as rec:
             t0 = time.perf_counter()
             replaced = self._serving(tier).name
-            name = rollback_name(tier, secrets.token_hex(3))
             self._repoint_to_snapshot(tier, snapshot, name)
             with self._connect(name) as conn:
                 conn.execute("SELECT 1")
