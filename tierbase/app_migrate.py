@@ -15,6 +15,7 @@ from .app_base import FacadeBase
 from .compute.roles import OWNER_ROLE
 from .control.store import Branch, Kind
 from .errors import InvalidInput, Refused, TierbaseError
+from .failpoints import failpoint
 from .governance.policy import Action, Subject
 from .migrate import files, ledger
 from .migrate.diff import diff_urls
@@ -188,10 +189,12 @@ class MigrationOps(FacadeBase):
                                outcome="intent", after={"promotion": pid, "snapshot": snapshot})
         self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.gate.owner)
         log.update(pid, snapshot=snapshot, migrations=[m.label() for m in pending])
+        failpoint("promote:snapshot")
         spec = self.config.tiers[tier]
         try:
             with self._connect(serving.name) as conn:
                 self._apply(conn, pending)
+            failpoint("promote:applied")
             why = run_smoke(spec.smoke, self.config.raw["tiers"].get(tier, {}).get("smoke_command"),
                             self._url(serving.name), self._project_dir())
         except TierbaseError as err:

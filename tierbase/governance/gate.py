@@ -18,6 +18,7 @@ from typing import Any
 
 from ..control.store import Branch, Kind, Store
 from ..errors import PolicyDenied, TierbaseError
+from ..failpoints import failpoint
 from ..home import Home
 from .audit import AuditLog
 from .config import Config, ConfigError, default_config, parse_config
@@ -195,5 +196,6 @@ class Gate:
             self.audit.append(actor=who.name, action=action.value, target=target.name, allowed=True, reason=reason,
                               outcome=f"error: {err.message}", before=before)
             raise
+        failpoint("gate:acted")  # the act took effect, its outcome record is not written yet
         self.audit.append(actor=who.name, action=action.value, target=target.name, allowed=True, reason=reason,
                           outcome="ok", before=rec.before, after=rec.after)
