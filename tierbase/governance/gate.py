@@ -3,6 +3,9 @@
 ``with gate.act(actor, action, subject) as rec:`` decides first (a denial is
 audited and raised as PolicyDenied, exit 2), lets the caller act, then writes
 the audit record only after the action committed (or failed, with why).
+Changes of a branch, route or tier pass ``intent=``: their intent is audited
+before the act too, so that a kill between the act and its outcome record
+still leaves the change on the trail.
 """
 
 from __future__ import annotations
