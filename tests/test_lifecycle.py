@@ -369,3 +369,41 @@ def test_a_dead_promotion_is_rolled_back_or_completed_at_start_up(promo: tuple[T
     tb.migrate_apply("feat", str(mig))
     if status == "rolled-back":
         assert tb.promote("production", "feat", str(mig))["status"] == "succeeded"
+
+
+def test_the_idle_suspender_spares_a_branch_just_resolved(platform: Tierbase, branch: str) -> None:
+    t = ProxyThread(make_proxy(platform, port=0)).start()
+    try:
+        svc = Service.__new__(Service)  # the parts suspend_idle uses
+        svc.tb, svc.proxy, svc.idle_timeout = platform, t.proxy, 0.5
+        # every other branch of the shared platform counts as busy: only this one may be suspended
+        svc._busy_at = {b.name: time.monotonic() + 3600 for b in platform.store.all() if b.name != branch}
+        svc.resolver = t.proxy.resolver  # type: ignore[assignment]
+        platform.start_branch(branch)
+        svc.suspend_idle()  # first sight: its idle clock starts now
+        time.sleep(0.6)
+        svc.resolver.touched[branch] = time.monotonic()  # a connection resolved it a moment ago (fast path)
+        assert branch not in svc.suspend_idle()
+        assert platform.get_branch(branch)["compute"] == "running"
+        seen: list[bool] = []
+        real = platform.branches.suspend
+
+        def spy(name: str, idle: Any) -> bool:  # what a resolution sees while the suspender decides
+            def watched(b: Any) -> bool:
+                verdict = bool(idle(b))
+                seen.append(name in svc.resolver.stopping)
+                return verdict
+            return real(name, watched)
+
+        platform.branches.suspend = spy  # type: ignore[method-assign]
+        try:
+            time.sleep(0.6)
+            assert branch in svc.suspend_idle()
+        finally:
+            del platform.branches.suspend
+        assert True in seen and branch not in svc.resolver.stopping  # announced while deciding, then cleared
+        assert platform.get_branch(branch)["compute"] == "stopped"
+        # the next connection wakes it through the locked path
+        assert query(_url(platform, t, branch), "SELECT count(*) FROM seed") == [(1000,)]
+    finally:
+        t.stop()
