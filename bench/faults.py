@@ -186,17 +186,24 @@ class Harness:
         return r.json()
 
     def teardown(self) -> None:
-        if self.writer is not None:
-            self.writer.stop()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(30)
-        for z in self.zombies:
-            z.wait()
+        """Leave nothing behind, whatever failed: service, zombies, computes, mount, files."""
+        try:
+            if self.writer is not None:
+                self.writer.stop()
+        finally:
+            if self.proc is not None and self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            for z in self.zombies:
+                z.wait()
         tb = self.tb or Tierbase(self.home)
         try:
-            tb.down(purge=True)
+            if self.home.exists():
+                tb.down(purge=True)
         finally:
             _kill_postgres_of(self.base)
             with contextlib.suppress(Exception):
