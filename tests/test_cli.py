@@ -240,7 +240,9 @@ def test_governance_commands(env: dict[str, str]) -> None:
     assert "DENIED" in tierbase(env, "policy", "explain", "--as", "ada", "route.set", "production").stdout
     log = tierbase(env, "audit", "log", "--actor", "ada", "--jsonl").stdout.splitlines()
     records = [json.loads(line) for line in log]
-    assert [r["action"] for r in records] == ["branch.create", "policy.reload"]
+    # a change is audited twice: its intent before the act (crash-safe), its outcome after
+    assert [(r["action"], r["outcome"]) for r in records] == \
+        [("branch.create", "intent"), ("branch.create", "ok"), ("policy.reload", "refused")]
     assert records[-1]["decision"] == "denied"
     assert as_json(env, "audit", "verify")["ok"] is True
     as_json(env, "principal", "revoke", "ada")

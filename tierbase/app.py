@@ -101,7 +101,7 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps):
                 self.home.write_marker()
             said += self._move_ports_out_of_ephemeral_range(ports)
             said += self.driver.prepare() if not _mounted_ok(self.driver) else []
-            said += self.branches.reconcile()
+            said += self.reconcile()
         if cfg is not None:
             said += self.reload_config(config)["said"]
         return said
@@ -142,7 +142,8 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps):
         return said
 
     def reconcile(self) -> list[str]:
-        return self.branches.reconcile()
+        """Finish or undo what dead processes left: branch operations, then promotions (audited)."""
+        return self.branches.reconcile() + self.reconcile_promotions()
 
     # -- branches --------------------------------------------------------------
     def create_branch(self, name: str, parent: str | None = None, *, ttl: str | None = None,
@@ -156,7 +157,8 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps):
         ttl_seconds = parse_ttl(ttl) if ttl else None
         parent = parent or self.config.entry
         parent = self.store.resolve_route(check_name(parent, "parent")) or parent  # a tier's route may have moved
-        with self.gate.act(self.actor, Action.BRANCH_CREATE, self._subject(parent)) as rec:
+        with self.gate.act(self.actor, Action.BRANCH_CREATE, self._subject(parent),
+                           intent={"op": "create", "branch": name, "parent": parent}) as rec:
             if not platform_name:
                 check_unreserved(name)  # inside the gate: an attempt to take a platform name is audited
             t0 = time.perf_counter()
@@ -166,9 +168,9 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps):
                 raise Refused(f"{parent!r} holds sensitive data you may not read unmasked: a snapshot of it "
                               "would be unmasked", f"Create a (masked) branch instead: `tierbase branch create "
                               f"{name} --parent {parent}`")
+            who = self.gate.principal(self.actor).name
             b = self.branches.create(name, parent, kind=Kind.SNAPSHOT if snapshot else Kind.FEATURE,
-                                     creator=self.gate.principal(self.actor).name, ttl_seconds=ttl_seconds,
-                                     start=start, prepare=hook)
+                                     creator=who, ttl_seconds=ttl_seconds, start=start, prepare=hook, actor=who)
             rec.after = info = self.describe(b)
         info["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         return info
@@ -179,22 +181,26 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps):
 
     def delete_branch(self, name: str, recursive: bool = False) -> list[str]:
         subject = self._subject(name)
-        with self.gate.act(self.actor, Action.BRANCH_DELETE, subject, before=self.describe(self.store.get(name))) \
-                as rec:
+        doomed = [d.name for d in self.branches.subtree(name)]
+        with self.gate.act(self.actor, Action.BRANCH_DELETE, subject, before=self.describe(self.store.get(name)),
+                           intent={"op": "delete", "branch": name, "subtree": doomed}) as rec:
             for d in self.branches.subtree(name)[:-1]:  # every descendant needs the same right
                 self._require(Action.BRANCH_DELETE, self.gate.subject(d))
-            rec.after = {"deleted": (gone := self.branches.delete(name, recursive=recursive))}
+            gone = self.branches.delete(name, recursive=recursive, actor=self.gate.principal(self.actor).name)
+            rec.after = {"deleted": gone}
         return gone
 
     def reset_branch(self, name: str) -> dict[str, Any]:
-        with self.gate.act(self.actor, Action.BRANCH_RESET, self._subject(name)) as rec:
+        with self.gate.act(self.actor, Action.BRANCH_RESET, self._subject(name),
+                           intent={"op": "reset", "branch": name}) as rec:
             b = self.store.get(name)
             parent = self.store.get(str(b.parent))
             # a masked branch comes back masked: its owner's grant decides as it did at creation
             plan = self.as_principal(b.creator)._masking_plan(parent) if b.parent else None
             if b.masked_by and plan is None:
                 plan = self._masking_plan(parent, force=True)
-            rec.after = info = self.describe(self.branches.reset(name, self._mask_hook(name, parent, plan)))
+            rec.after = info = self.describe(self.branches.reset(name, self._mask_hook(name, parent, plan),
+                                                                 actor=self.gate.principal(self.actor).name))
         return info
 
     def start_branch(self, name: str) -> dict[str, Any]:
@@ -327,8 +333,9 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps):
                 for b in self.store.all() if b.name not in moved and b.kind is not Kind.SNAPSHOT]
         return sorted(out, key=lambda r: str(r["route"]))
 
-    def set_route(self, route: str, branch: str) -> dict[str, Any]:
-        """Point a stable route at a branch (the store change only; the service also moves live sessions)."""
+    def set_route(self, route: str, branch: str, *, drain: float = 0.0) -> dict[str, Any]:
+        """Point a stable route at a branch; under the service, live sessions of the route move too
+        (``_move_route``: the one repoint path, shared with promotion and rollback)."""
         check_name(route, "route")
         subject = self._subject(branch)
         if subject.kind == Kind.SNAPSHOT.value:
@@ -336,20 +343,42 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps):
                                "Create a branch from it and route to that: "
                                f"`tierbase branch create NAME --parent {branch}`")
         with self.gate.act(self.actor, Action.ROUTE_SET, Subject(name=route, kind="route"),
-                           before={"branch": self.store.resolve_route(route)}) as rec:
-            previous = self.store.set_route(route, branch)
-            rec.after = out = {"route": route, "branch": branch, "previous": previous or self._own_branch(route)}
+                           before={"branch": self.store.resolve_route(route)},
+                           intent={"op": "route.set", "route": route, "branch": branch}) as rec:
+            out = self._move_route(route, branch, drain=drain)
+            rec.after = {k: out[k] for k in ("route", "branch", "previous")}
         return out
 
     def _own_branch(self, route: str) -> str | None:
         return route if self.store.find(route) else None
 
     def sweep(self, now: float | None = None) -> list[str]:
-        """Delete expired branches (the platform's own action: audited as such)."""
-        gone = self.branches.sweep(now)
-        for name in gone:
-            self.gate.audit.append(actor="tierbase", action="branch.expire", target=name, allowed=True,
-                                   reason="ttl: the branch's TTL expired", after={"deleted": [name]})
+        """Delete expired branches (the platform's own action: audited as such, intent first).
+
+        A branch with children waits until they are gone (they go first, in the same sweep when
+        they expired too); one behind a route, or busy, is skipped and the sweep goes on.
+        """
+        gone: list[str] = []
+        progress = True
+        while progress:
+            progress = False
+            routed = set(self.store.routes().values())
+            for b in self.branches.expired(now):
+                if b.protected or b.name in routed or b.name in gone or self.store.children(b.name):
+                    continue
+                why = "ttl: the branch's TTL expired"
+                self.gate.audit.append(actor="tierbase", action="branch.expire", target=b.name, allowed=True,
+                                       reason=why, outcome="intent", after={"delete": [b.name]})
+                try:
+                    deleted = self.branches.delete(b.name, actor="tierbase")
+                except TierbaseError as err:  # busy, or a route appeared meanwhile: the others still go
+                    self.gate.audit.append(actor="tierbase", action="branch.expire", target=b.name, allowed=True,
+                                           reason=why, outcome=f"error: {err.message}")
+                    continue
+                self.gate.audit.append(actor="tierbase", action="branch.expire", target=b.name, allowed=True,
+                                       reason=why, after={"deleted": deleted})
+                gone += deleted
+                progress = True
         return gone
 
     def describe(self, b: Branch, *, with_bytes: bool = False) -> dict[str, Any]:

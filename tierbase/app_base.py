@@ -78,7 +78,14 @@ class FacadeBase:
         if self._branches is None:
             provider = LocalProvider(self.home.root, self.driver, Postgres())
             self._branches = Branches(self.store, provider)
+            # what the platform does on its own (reconcile, a moved port) is audited like any action
+            self._branches.audit = self._platform_audit
         return self._branches
+
+    def _platform_audit(self, *, actor: str, action: str, target: str, reason: str, before: Any = None,
+                        after: Any = None) -> None:
+        self.gate.audit.append(actor=actor, action=action, target=target, allowed=True, reason=reason,
+                               before=before, after=after)
 
     @property
     def gate(self) -> Gate:
@@ -113,5 +120,19 @@ class FacadeBase:
     def api_port(self) -> int:
         return int(self.store.get_setting("api_port", API_PORT))
 
-    #: set by the service: moves live proxy sessions when a route is repointed
+    #: set by the service: moves live proxy sessions when a route is repointed (Service.switch)
     router: Any = None
+
+    def _move_route(self, route: str, branch: str, *, drain: float = 0.0) -> dict[str, Any]:
+        """The one repoint path (route set, promotion, rollback): the store's switch under the target
+        branch's lock (it must be ready and stay so), inside the service's hold of the route when
+        there is a service, which then ends the sessions that came through the route."""
+        def change() -> dict[str, Any]:
+            with self.branches.lock(branch):
+                previous = self.store.set_route(route, branch)
+            own = route if self.store.find(route) else None
+            return {"route": route, "branch": branch, "previous": previous or own}
+
+        if self.router is not None:
+            return dict(self.router.switch(route, change, drain))
+        return change()

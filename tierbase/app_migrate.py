@@ -15,6 +15,7 @@ from .app_base import FacadeBase
 from .compute.roles import OWNER_ROLE
 from .control.store import Branch, Kind
 from .errors import InvalidInput, Refused, TierbaseError
+from .failpoints import failpoint
 from .governance.policy import Action, Subject
 from .migrate import files as migration_files
 from .migrate import ledger
@@ -171,7 +172,8 @@ class MigrationOps(FacadeBase):
         src_subject = self.gate.subject(src_branch)
         migrations = self._migrations(migrations_dir, files)
         log = PromotionLog(self.store)
-        with self.gate.act(self.actor, Action.PROMOTE, target, src_subject) as rec:
+        with self.gate.act(self.actor, Action.PROMOTE, target, src_subject,
+                           intent={"op": "promote", "tier": tier, "source": src_name}) as rec:
             serving = self._serving(tier)
             pid = log.begin(tier, src_name, self.gate.principal(self.actor).name, serving.name)
             t0 = time.perf_counter()
@@ -193,12 +195,17 @@ class MigrationOps(FacadeBase):
         with self._connect(serving.name) as tconn, self._connect(src.name) as sconn:
             pending = to_promote(ledger.status(tconn, migrations), ledger.status(sconn, migrations), tier, src.name)
         snapshot = pre_snapshot_name(tier, pid)
+        self.gate.audit.append(actor="tierbase", action="promote.snapshot", target=tier, allowed=True,
+                               reason=f"promotion #{pid}: the pre-promotion snapshot of {serving.name!r}",
+                               outcome="intent", after={"promotion": pid, "snapshot": snapshot})
         self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.gate.owner)
         log.update(pid, snapshot=snapshot, migrations=[m.label() for m in pending])
+        failpoint("promote:snapshot")
         spec = self.config.tiers[tier]
         try:
             with self._connect(serving.name) as conn:
                 self._apply(conn, pending)
+            failpoint("promote:applied")
             why = run_smoke(spec.smoke, self.config.raw["tiers"].get(tier, {}).get("smoke_command"),
                             self._url(serving.name), self._project_dir())
         except TierbaseError as err:
@@ -212,18 +219,73 @@ class MigrationOps(FacadeBase):
         source = self.store.get_setting("config_source")
         return str(Path(source).parent) if source else None
 
-    def _repoint_to_snapshot(self, tier: str, snapshot: str, name: str) -> str:
-        """A writable tier branch of ``snapshot`` takes over the tier's route (O(1))."""
+    def _repoint_to_snapshot(self, tier: str, snapshot: str, name: str,
+                             why: str = "rollback: the tier returns to its pre-promotion snapshot") -> str:
+        """A writable tier branch of ``snapshot`` takes over the tier's route (O(1)), through the one
+        repoint path (``_move_route``: the proxy's hold, only the route's sessions ended). Audited
+        before the switch (intent) and after it, so that a kill between leaves the change recorded."""
         spec = self.config.tiers[tier]
-        self.branches.create(name, snapshot, kind=Kind.TIER, creator=self.gate.owner, protected=spec.protected)
+        old = self._serving(tier).name
+        self.gate.audit.append(actor="tierbase", action="route.repoint", target=tier, allowed=True, reason=why,
+                               outcome="intent", before={"branch": old}, after={"branch": name, "from": snapshot})
+        if self.store.find(name) is None:  # a reconcile may finish a rollback whose branch was made
+            self.branches.create(name, snapshot, kind=Kind.TIER, creator=self.gate.owner, protected=spec.protected,
+                                 actor="tierbase")
         self.branches.start(name)
-        old = self.store.set_route(tier, name) or tier
-        if self.router is not None:
-            self.router.after_switch(tier, old, name)
-        self.gate.audit.append(actor="tierbase", action="route.repoint", target=tier, allowed=True,
-                               reason="rollback: the tier returns to its pre-promotion snapshot",
+        self._move_route(tier, name)
+        self.gate.audit.append(actor="tierbase", action="route.repoint", target=tier, allowed=True, reason=why,
                                before={"branch": old}, after={"branch": name})
         return name
+
+    def reconcile_promotions(self) -> list[str]:
+        """Promotions whose process died: completed when every migration reached the tier and its smoke
+        check passes, else rolled back to their snapshot (when one was taken); each audited in the
+        name of the promoting principal. Without a snapshot the tier was never touched: marked failed."""
+        log = PromotionLog(self.store)
+        done: list[str] = []
+        for rec in log.dead():
+            pid, tier, actor = int(rec["id"]), str(rec["tier"]), str(rec["actor"])
+            result, reason, serving_now = "failed", "the promoting process died before it touched the tier", None
+            if rec["snapshot"] and self.store.find(rec["snapshot"]) is not None and tier in self.config.tiers:
+                serving = self._serving(tier).name
+                why = self._promotion_unfinished(tier, serving, rec)
+                if why is None:
+                    result, serving_now = "succeeded", serving
+                    reason = "completed by reconcile: every migration had reached the tier and the smoke check passed"
+                else:
+                    serving_now = self._repoint_to_snapshot(
+                        tier, rec["snapshot"], rollback_name(tier, str(pid)),
+                        why=f"reconcile: promotion #{pid} by {actor!r} died unfinished ({why}); the tier returns "
+                            "to its pre-promotion snapshot")
+                    result, reason = "rolled-back", f"rolled back by reconcile: the promoting process died ({why})"
+            log.update(pid, status=result, reason=reason, owner=None, finished_at=time.time(),
+                       **({"serving_now": serving_now} if serving_now else {}))
+            self.gate.audit.append(actor="tierbase", action="promote.reconcile", target=tier, allowed=True,
+                                   reason=f"reconcile: promotion #{pid} of {tier!r} by {actor!r} was interrupted; "
+                                          f"{result}", after={"promotion": pid, "original_actor": actor,
+                                                              "result": result, "serving_now": serving_now})
+            done.append(f"promotion #{pid} of {tier!r} (by {actor}): {result}")
+        return done
+
+    def _promotion_unfinished(self, tier: str, serving: str, rec: dict[str, Any]) -> str | None:
+        """None if promotion ``rec`` reached its end on ``serving`` (all its migrations in the ledger and the
+        smoke check passing); else why not."""
+        if serving != rec["served_by"]:
+            return f"{tier!r} is served by {serving!r}, not {rec['served_by']!r} as when it began"
+        wanted = {int(label[1:].split("__")[0]) for label in rec["migrations"]}
+        if not wanted:
+            return "it had not chosen its migrations yet"
+        try:
+            with self._connect(serving) as conn:
+                have = {int(r["version"]) for r in ledger.ledger_rows(conn)}
+            missing = wanted - have
+            if missing:
+                return f"migrations {sorted(missing)} were not applied"
+            return run_smoke(self.config.tiers[tier].smoke,
+                             self.config.raw["tiers"].get(tier, {}).get("smoke_command"),
+                             self._url(serving), self._project_dir())
+        except (TierbaseError, psycopg.Error) as err:
+            return f"cannot check the tier: {err}"
 
     def rollback(self, tier: str, to: str | None = None) -> dict[str, Any]:
         """Point TIER's route at a writable copy of a pre-promotion snapshot; keep what it replaces."""
@@ -236,10 +298,11 @@ class MigrationOps(FacadeBase):
         snap = self.store.get(snapshot)
         if snap.kind is not Kind.SNAPSHOT:
             raise InvalidInput(f"{snapshot!r} is not a snapshot", "Pass a `<tier>-pre-<n>` snapshot branch")
-        with self.gate.act(self.actor, Action.PROMOTE, target, before={"serving": self._serving(tier).name}) as rec:
+        name = rollback_name(tier, secrets.token_hex(3))
+        with self.gate.act(self.actor, Action.PROMOTE, target, before={"serving": self._serving(tier).name},
+                           intent={"op": "rollback", "tier": tier, "snapshot": snapshot, "branch": name}) as rec:
             t0 = time.perf_counter()
             replaced = self._serving(tier).name
-            name = rollback_name(tier, secrets.token_hex(3))
             self._repoint_to_snapshot(tier, snapshot, name)
             with self._connect(name) as conn:
                 conn.execute("SELECT 1")

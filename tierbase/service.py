@@ -24,6 +24,7 @@ import uvicorn
 
 from .api.server import create_app
 from .app import Tierbase
+from .control.lifecycle import State
 from .control.store import Kind
 from .errors import PolicyDenied, TierbaseError
 from .proxy import Proxy, RouteError, Target
@@ -34,16 +35,29 @@ log = logging.getLogger("tierbase.service")
 
 
 class Resolver:
-    """Route name -> the branch serving it, waking its compute on the way."""
+    """Route name -> the branch serving it, waking its compute on the way.
+
+    The common case (the compute runs) takes no lock and no thread. It must not race the idle
+    suspender: every resolution first marks the branch ``touched``, and the suspender, under the
+    branch's lock, announces itself in ``stopping`` before it looks at ``touched`` one last time;
+    a resolution that sees ``stopping`` takes the slow path (``Branches.start`` under the same
+    lock, which waits for the stop and starts again). A reset holds that lock from its stop to its
+    swap, so the slow path never starts the old volume: it re-reads the row under the lock.
+    """
 
     def __init__(self, tb: Tierbase) -> None:
         self.tb = tb
+        #: branch -> time.monotonic() of its last resolution (read by the idle suspender)
+        self.touched: dict[str, float] = {}
+        #: branches whose compute the idle suspender is deciding to stop, or stopping
+        self.stopping: set[str] = set()
 
     async def resolve(self, route: str) -> Target:
         branch = self.tb.store.resolve_route(route)  # SQLite reads inline: see PlatformAuthority
         if branch is None:
             raise RouteError(f'route "{route}" does not exist',
                              "Run `tierbase branch list` (or `tierbase route list`) to see the routes")
+        self.touched[branch] = time.monotonic()  # before the running check: see the class's comment
         b = self.tb.store.get(branch)
         if b.kind is Kind.SYSTEM:  # the audit trail's SQL mirror: bring it up to date for this reader
             await asyncio.to_thread(self.tb.audit_sync)
@@ -51,12 +65,14 @@ class Resolver:
             raise RouteError(f'branch "{branch}" is a read-only snapshot and has no compute',
                              f"Create a branch from it: `tierbase branch create NAME --parent {branch}`")
         sockets = str(self.tb.branches.provider.sockets)
-        if self.tb.branches.provider.running_pid(b.volume) is not None:
+        if (branch not in self.stopping and b.state is State.READY
+                and self.tb.branches.provider.running_pid(b.volume) is not None):
             return Target(branch, sockets, b.port)  # the common case: no lock, no thread
         try:
             await asyncio.to_thread(self.tb.branches.start, branch)
         except TierbaseError as err:
             raise RouteError(err.message, err.hint, sqlstate="57P03") from err
+        b = await asyncio.to_thread(self.tb.store.get, branch)  # the start may have moved its port
         return Target(branch, sockets, b.port)
 
 
@@ -109,6 +125,7 @@ class Service:
         self.tb = Tierbase(home)
         self.tb.router = self
         self.proxy = make_proxy(self.tb)
+        self.resolver: Resolver = self.proxy.resolver  # type: ignore[assignment]
         self.loop: asyncio.AbstractEventLoop | None = None
         self.idle_timeout = float(self.tb.store.get_setting("idle_timeout", 300))
         self.sweep_interval = float(os.environ.get("TIERBASE_SWEEP_INTERVAL", "30"))
@@ -119,32 +136,46 @@ class Service:
         return {"service_pid": os.getpid(), "api_port": self.tb.api_port, "proxy_port": self.proxy.port,
                 "idle_timeout": self.idle_timeout}
 
-    def after_switch(self, route: str, old: str, new: str) -> None:
-        """A route was repointed by the platform itself (rollback): end the old target's sessions."""
-        if self.loop is None or old == new:
-            return
-        msg = f'route "{route}" now points to branch "{new}"; reconnect'
-        asyncio.run_coroutine_threadsafe(self.proxy.terminate(old, msg), self.loop).result()
-
     def sessions(self, branch: str) -> int:
         return self.proxy.sessions(branch)
 
     def repoint(self, me: Tierbase, route: str, branch: str, drain: float) -> dict[str, Any]:
-        """Called from an API worker thread: switch the route atomically on the proxy's loop."""
-        assert self.loop is not None
-        return asyncio.run_coroutine_threadsafe(self._repoint(me, route, branch, drain), self.loop).result()
+        """The API's `route set`: the facade's set_route, which comes back through ``switch``."""
+        return me.set_route(route, branch, drain=drain)
 
-    async def _repoint(self, me: Tierbase, route: str, branch: str, drain: float) -> dict[str, Any]:
+    def switch(self, route: str, change: Callable[[], dict[str, Any]], drain: float = 0.0) -> dict[str, Any]:
+        """The one repoint path (route set, promotion, rollback), called from a worker thread.
+
+        Hold the route (new connections to it wait), run ``change`` (the store's switch, in the
+        caller's thread: it holds the target's lock and audits), end the sessions that came through
+        this route to the previous target, release. With ``drain`` the hold is released right after
+        the switch, so new connections go to the new target at once while the old sessions get up
+        to ``drain`` seconds to finish before they are ended.
+        """
+        assert self.loop is not None
         t0 = time.perf_counter()
-        async with self.proxy.hold(route):
-            out = await asyncio.to_thread(me.set_route, route, branch)
-            old = out.get("previous")
+        held = self.proxy.hold(route)
+        self._on_loop(held.__aenter__())
+        released = False
+        try:
+            out = change()
+            old, new = out.get("previous"), out.get("branch")
+            msg = f'route "{route}" now points to branch "{new}"; reconnect'
             ended = 0
-            if old and old != branch:
-                ended = await self.proxy.terminate(
-                    old, f'route "{route}" now points to branch "{branch}"; reconnect', drain=drain)
+            if old and old != new:
+                if drain > 0:
+                    self._on_loop(held.__aexit__(None, None, None))
+                    released = True
+                ended = self._on_loop(self.proxy.terminate(old, msg, drain=drain, route=route))
+        finally:
+            if not released:
+                self._on_loop(held.__aexit__(None, None, None))
         out.update(sessions_ended=ended, switch_ms=round((time.perf_counter() - t0) * 1000, 1))
         return out
+
+    def _on_loop(self, coro: Any) -> Any:
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     # -- background duties ------------------------------------------------------
     async def sweeper(self) -> None:
@@ -168,28 +199,49 @@ class Service:
                 log.exception("idle suspend failed")
 
     def suspend_idle(self) -> list[str]:
-        """Stop computes with no client for idle_timeout (proxied or direct: postgres tells)."""
+        """Stop computes with no client for idle_timeout (proxied or direct: postgres tells).
+
+        The decision is taken again under the branch's lock (Branches.suspend) after announcing the
+        stop to the resolver, so a connection resolved meanwhile keeps its compute (see Resolver).
+        """
         stopped, now = [], time.monotonic()
         provider = self.tb.branches.provider
         for b in self.tb.store.all():
             if provider.running_pid(b.volume) is None:
                 self._busy_at.pop(b.name, None)
                 continue
-            if self.proxy.sessions(b.name) > 0 or _client_backends(provider.endpoint(b.port)) > 0:
-                self._busy_at[b.name] = now
+            if not self._idle(b.name, now):
                 continue
-            since = max(self._busy_at.setdefault(b.name, now), self.proxy.last_active(b.name))
-            if now - since >= self.idle_timeout:
-                provider.stop(b.name, b.volume)
-                self._busy_at.pop(b.name, None)
-                stopped.append(b.name)
-                log.info("suspended idle compute of %s", b.name)
+
+            def still_idle(cur: Any) -> bool:
+                self.resolver.stopping.add(cur.name)
+                return self._idle(cur.name, time.monotonic())
+
+            try:
+                if self.tb.branches.suspend(b.name, still_idle):
+                    self._busy_at.pop(b.name, None)
+                    stopped.append(b.name)
+                    log.info("suspended idle compute of %s", b.name)
+            finally:
+                self.resolver.stopping.discard(b.name)
         return stopped
+
+    def _idle(self, name: str, now: float) -> bool:
+        b = self.tb.store.find(name)
+        if b is None:
+            return False
+        ep = self.tb.branches.provider.endpoint(b.port)
+        if self.proxy.sessions(name) > 0 or _client_backends(ep) > 0:
+            self._busy_at[name] = now
+            return False
+        since = max(self._busy_at.setdefault(name, now), self.proxy.last_active(name),
+                    self.resolver.touched.get(name, 0.0))
+        return now - since >= self.idle_timeout
 
     # -- main -------------------------------------------------------------------
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
-        for line in await asyncio.to_thread(self.tb.reconcile):
+        for line in await asyncio.to_thread(self.tb.reconcile):  # branches, intents and promotions, audited
             log.info("reconcile: %s", line)
         for name in await asyncio.to_thread(self.tb.clear_uploads):
             log.info("removed the upload %s left by a service that stopped mid-import", name)

@@ -1,29 +1,39 @@
 """Branch operations: record intent, act on the substrate, commit metadata.
 
 Every operation leaves the store in a state that ``reconcile`` can finish or
-undo if the process dies at any instruction:
+undo if the process dies at any instruction (the states and their transitions
+are in lifecycle.py):
 
 * create: the row is inserted as ``creating`` (the intent) before the volume
   exists; a dead owner means undo (drop the volume, drop the row).
 * delete: the rows are marked ``deleting`` first; a dead owner means roll
   forward (stop, drop the volume, drop the row).
-* reset: the new volume is recorded in ``intents`` before it exists and the
-  branch is repointed to it in one transaction; whichever volume is then not
-  referenced is an orphan and is removed.
+* reset: the branch is marked ``resetting`` and the new volume recorded in
+  ``intents`` before it exists; the branch is repointed to it (and ``ready``
+  again) in one transaction; a dead owner before that means undo (the old
+  volume stays), and whichever volume is not referenced is removed.
+
+Start, stop, suspend, reset and delete take the branch's lock (locks.py) from
+their check to their act and re-read the row under it: a wake-up arriving in
+the middle of a reset waits for it and starts the new volume, never the old.
+Reconcile audits every roll-forward and undo in the name of the principal the
+dead operation acted for (``audit``, wired by the facade).
 """
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..compute.ports import port_held
-from ..errors import ComputeError, PortInUse, Refused, TierbaseError
+from ..errors import ComputeError, Refused
 from ..failpoints import failpoint
 from ..names import check_name
-from .store import Branch, Kind, State, Store, token_alive
+from .lifecycle import Op, State, check_op
+from .locks import branch_lock
+from .store import Branch, Kind, Store, port_free, token_alive
 
 if TYPE_CHECKING:
     from ..provider import LocalProvider
@@ -31,6 +41,10 @@ if TYPE_CHECKING:
 
 #: prepare(volume, port) -> the masking rules applied (None: unmasked)
 Prepare = Callable[[str, int], list[str] | None]
+#: audit(actor=, action=, target=, reason=, after=): an effect the platform made on its own
+Audit = Callable[..., None]
+
+PLATFORM = "tierbase"
 
 
 def new_volume(name: str) -> str:
@@ -41,6 +55,15 @@ class Branches:
     def __init__(self, store: Store, provider: LocalProvider) -> None:
         self.store = store
         self.provider = provider
+        self.audit: Audit | None = None
+
+    def lock(self, name: str, *, shared: bool = False) -> contextlib.AbstractContextManager[None]:
+        """The branch's lifecycle lock (re-entrant in a thread; excludes other threads and processes)."""
+        return branch_lock(self.provider.locks, name, shared=shared)
+
+    def _audit(self, **record: Any) -> None:
+        if self.audit is not None:
+            self.audit(**record)
 
     def create_root(self, name: str, creator: str, kind: Kind = Kind.TIER) -> Branch:
         check_name(name)
@@ -56,7 +79,7 @@ class Branches:
 
     def create(self, name: str, parent: str, *, kind: Kind, creator: str, ttl_seconds: int | None = None,
                protected: bool = False, start: bool = False,
-               prepare: Prepare | None = None) -> Branch:
+               prepare: Prepare | None = None, actor: str | None = None) -> Branch:
         """``prepare(volume, port)`` runs on the new volume before anyone can reach it (masking); it
         returns the masking rules the branch's data went through, which the branch records."""
         check_name(name)
@@ -66,10 +89,13 @@ class Branches:
             raise Refused(f"{parent!r} is one of tierbase's own clusters and cannot be branched",
                           "Branch off a tier instead", name=parent)
         b = self.store.reserve(name=name, parent=parent, kind=kind, volume=new_volume(name), creator=creator,
-                               ttl_seconds=ttl_seconds, protected=protected)
+                               ttl_seconds=ttl_seconds, protected=protected, actor=actor)
         failpoint("create:reserved")
         try:
-            lsn = self.provider.fork(parent, p.volume, p.port, b.volume, readonly=kind is Kind.SNAPSHOT)
+            with self.lock(parent, shared=True):  # the parent's row and volume hold still while it is copied
+                p = self.store.get(parent)
+                check_op(parent, p.state, Op.BRANCH)
+                lsn = self.provider.fork(parent, p.volume, p.port, b.volume, readonly=kind is Kind.SNAPSHOT)
             masking = p.masked_by or None
             if prepare is not None:
                 masking = prepare(b.volume, b.port)
@@ -83,32 +109,35 @@ class Branches:
             self.start(name)
         return self.store.get(name)
 
-    def delete(self, name: str, *, recursive: bool = False) -> list[str]:
+    def delete(self, name: str, *, recursive: bool = False, actor: str | None = None) -> list[str]:
         b = self.store.get(name)
         if b.parent is None:
             raise Refused(f"branch {name!r} is the root of every branch and cannot be deleted",
                           "Use `tierbase down --purge` to remove the whole platform", name=name)
-        doomed = self._subtree(b)
-        if len(doomed) > 1 and not recursive:
-            kids = ", ".join(c.name for c in self.store.children(name))
-            raise Refused(f"branch {name!r} has child branches ({kids})",
-                          "Delete them first, or pass --recursive to delete the whole subtree", name=name)
-        for d in doomed:
-            if d.protected:
-                raise Refused(f"branch {d.name!r} is protected and cannot be deleted",
-                              "Protection is declared in tierbase.toml; change it there if this is intended",
-                              name=d.name)
-        names = [d.name for d in doomed]
-        for route, target in self.store.routes().items():
-            if target in names and route not in names:
-                raise Refused(f"route {route!r} points at branch {target!r}",
-                              f"Point it elsewhere first: `tierbase route set {route} BRANCH`", name=target)
-        self.store.mark_deleting(names)
-        failpoint("delete:marked")
-        for d in doomed:  # children first: _subtree is post-order
-            self.provider.delete(d.name, d.volume)
-            failpoint("delete:volume-gone")
-            self.store.remove(d.name)
+        with contextlib.ExitStack() as locks:
+            for d in self._subtree(b):  # children first, as reset does (child, then its parent shared)
+                locks.enter_context(self.lock(d.name))
+            doomed = self._subtree(self.store.get(name))  # re-read under the locks
+            if len(doomed) > 1 and not recursive:
+                kids = ", ".join(c.name for c in self.store.children(name))
+                raise Refused(f"branch {name!r} has child branches ({kids})",
+                              "Delete them first, or pass --recursive to delete the whole subtree", name=name)
+            for d in doomed:
+                if d.protected:
+                    raise Refused(f"branch {d.name!r} is protected and cannot be deleted",
+                                  "Protection is declared in tierbase.toml; change it there if this is intended",
+                                  name=d.name)
+            names = [d.name for d in doomed]
+            for route, target in self.store.routes().items():
+                if target in names and route not in names:
+                    raise Refused(f"route {route!r} points at branch {target!r}",
+                                  f"Point it elsewhere first: `tierbase route set {route} BRANCH`", name=target)
+            self.store.mark_deleting(names, actor)  # checks every state (ready) and late children
+            failpoint("delete:marked")
+            for d in doomed:  # children first: _subtree is post-order
+                self.provider.delete(d.name, d.volume)
+                failpoint("delete:volume-gone")
+                self.store.remove(d.name)
         return names
 
     def subtree(self, name: str) -> list[Branch]:
@@ -122,76 +151,101 @@ class Branches:
         out.append(b)
         return out
 
-    def reset(self, name: str, prepare: Prepare | None = None) -> Branch:
+    def reset(self, name: str, prepare: Prepare | None = None, actor: str | None = None) -> Branch:
         """Replace the branch's data with its parent's current state; same name, port and URL."""
-        b = self.store.get(name)
-        if b.parent is None:
-            raise Refused(f"branch {name!r} has no parent to reset to", "Only child branches can be reset", name=name)
-        if b.protected:
-            raise Refused(f"branch {name!r} is protected and cannot be reset",
-                          "Protection is declared in tierbase.toml", name=name)
-        if b.state is not State.READY:
-            raise TierbaseError(f"branch {name!r} is {b.state.value}", "Wait for its operation to finish")
-        p = self.store.get(b.parent)
-        volume = new_volume(name)
-        self.store.add_intent("reset", name, volume)
-        try:
-            lsn = self.provider.fork(p.name, p.volume, p.port, volume, readonly=b.kind is Kind.SNAPSHOT)
-            masking = p.masked_by or None
-            if prepare is not None:
-                masking = prepare(volume, b.port)
-        except BaseException:
-            self.provider.delete(name, volume)
-            self.store.drop_intent(volume)
-            raise
-        failpoint("reset:cloned")
-        was_running = self.provider.stop(name, b.volume)
-        old = self.store.swap_volume(name, volume, lsn, masking)
-        failpoint("reset:swapped")
-        self.provider.driver.delete(old)
-        if was_running:
-            self.start(name)
+        with self.lock(name):
+            b = self.store.get(name)
+            if b.parent is None:
+                raise Refused(f"branch {name!r} has no parent to reset to", "Only child branches can be reset",
+                              name=name)
+            if b.protected:
+                raise Refused(f"branch {name!r} is protected and cannot be reset",
+                              "Protection is declared in tierbase.toml", name=name)
+            check_op(name, b.state, Op.RESET)
+            volume = new_volume(name)
+            self.store.begin_reset(name, volume, actor)
+            try:
+                with self.lock(b.parent, shared=True):
+                    p = self.store.get(b.parent)
+                    check_op(p.name, p.state, Op.BRANCH)
+                    lsn = self.provider.fork(p.name, p.volume, p.port, volume, readonly=b.kind is Kind.SNAPSHOT)
+                masking = p.masked_by or None
+                if prepare is not None:
+                    masking = prepare(volume, b.port)
+                failpoint("reset:cloned")
+                was_running = self.provider.stop(name, b.volume)
+                failpoint("reset:stopped")
+            except BaseException:
+                self.provider.delete(name, volume)
+                self.store.end_reset(name, volume)
+                raise
+            old = self.store.swap_volume(name, volume, lsn, masking)
+            failpoint("reset:swapped")
+            self.provider.driver.delete(old)
+            if was_running:
+                self.start(name)
         return self.store.get(name)
 
     def start(self, name: str) -> int:
-        b = self.store.get(name)
-        if b.kind is Kind.SNAPSHOT:
-            raise Refused(f"branch {name!r} is a read-only snapshot and has no compute",
-                          f"Create a branch from it (`tierbase branch create NAME --parent {name}`) to query it",
-                          name=name)
-        if b.state is not State.READY:
-            raise TierbaseError(f"branch {name!r} is {b.state.value}", "Wait for its operation to finish")
-        try:
-            return self.provider.start(name, b.volume, b.port)
-        except ComputeError as err:
-            if port_held(b.port):
-                raise PortInUse(f"the compute of {name!r} cannot listen on its port {b.port}: another process "
-                                "holds it", f"Find it with `ss -tanp 'sport = :{b.port}'` and stop it; tierbase does "
-                                "not move a branch to another port behind your back", name=name, port=b.port) from err
-            raise
+        """Start the branch's compute (a no-op if it runs). A port something else took is replaced by a
+        free one, recorded in the store and the audit trail."""
+        with self.lock(name):
+            b = self.store.get(name)  # re-read under the lock: a reset may just have swapped the volume
+            if b.kind is Kind.SNAPSHOT:
+                raise Refused(f"branch {name!r} is a read-only snapshot and has no compute",
+                              f"Create a branch from it (`tierbase branch create NAME --parent {name}`) to query it",
+                              name=name)
+            check_op(name, b.state, Op.START)
+            if (pid := self.provider.running_pid(b.volume)) is not None:
+                return pid
+            port = b.port if port_free(b.port) else self._move_port(b, "it was taken before the start")
+            try:
+                return self.provider.start(name, b.volume, port)
+            except ComputeError:
+                if port_free(port):
+                    raise  # not the port's fault
+                port = self._move_port(b, "the compute could not bind it")
+                return self.provider.start(name, b.volume, port)
+
+    def _move_port(self, b: Branch, why: str) -> int:
+        port = self.store.reassign_port(b.name)
+        self._audit(actor=PLATFORM, action="compute.port", target=b.name,
+                    reason=f"port: {b.port} was in use by another process ({why})",
+                    before={"port": b.port}, after={"port": port})
+        return port
 
     def stop(self, name: str) -> bool:
-        b = self.store.get(name)
-        return self.provider.stop(name, b.volume)
+        with self.lock(name):
+            b = self.store.get(name)
+            check_op(name, b.state, Op.STOP)
+            return self.provider.stop(name, b.volume)
+
+    def suspend(self, name: str, idle: Callable[[Branch], bool]) -> bool:
+        """Stop the compute if ``idle(branch)`` still says so under the lock (the idle suspender):
+        a wake-up that came in meanwhile wins. True if it was stopped."""
+        with self.lock(name):
+            b = self.store.find(name)
+            if b is None or b.state is not State.READY or self.provider.running_pid(b.volume) is None:
+                return False
+            if not idle(b):
+                return False
+            return self.provider.stop(name, b.volume)
 
     def expired(self, now: float | None = None) -> list[Branch]:
         now = time.time() if now is None else now
         return [b for b in self.store.all()
                 if b.expires_at is not None and b.expires_at <= now and b.state is State.READY]
 
-    def sweep(self, now: float | None = None) -> list[str]:
-        """Delete expired branches. One with children waits until they are gone."""
-        gone: list[str] = []
-        for b in self.expired(now):
-            if self.store.children(b.name) or b.protected:
-                continue
-            gone.extend(self.delete(b.name))
-        return gone
-
     def reconcile(self) -> list[str]:
-        """Finish or undo what dead processes left behind; returns what was done."""
+        """Finish or undo what dead processes left behind; returns what was done (and audits it)."""
         done: list[str] = []
-        pending = [b for b in self.store.all() if b.state is not State.READY and not token_alive(b.owner)]
+        for b in self.store.all():  # a reset that never swapped: the branch stays on its old volume
+            if b.state is State.RESETTING and not token_alive(b.owner):
+                self.store.end_reset(b.name, None)  # its new volume is an orphan, removed below
+                done.append(f"undid the unfinished reset of {b.name!r}")
+                self._reconciled(b, "branch.reset", "undone: the branch keeps its data from before the reset")
+        pending = [b for b in self.store.all()
+                   if b.state in (State.CREATING, State.DELETING) and not token_alive(b.owner)]
         while pending:  # leaves first: a row cannot go while a child still references it
             leaves = [b for b in pending if not self.store.children(b.name)]
             if not leaves:
@@ -199,8 +253,12 @@ class Branches:
             for b in leaves:
                 self.provider.delete(b.name, b.volume)
                 self.store.remove(b.name)
-                verb = "undid the unfinished creation of" if b.state is State.CREATING else "finished deleting"
-                done.append(f"{verb} {b.name!r}")
+                if b.state is State.CREATING:
+                    done.append(f"undid the unfinished creation of {b.name!r}")
+                    self._reconciled(b, "branch.create", "undone: the branch never became ready")
+                else:
+                    done.append(f"finished deleting {b.name!r}")
+                    self._reconciled(b, "branch.delete", "finished: the branch and its volume are gone")
                 pending.remove(b)
         live_intents = set()
         for row in self.store.intents():
@@ -214,3 +272,10 @@ class Branches:
                 self.provider.driver.delete(vol)
                 done.append(f"removed orphan volume {vol!r}")
         return done
+
+    def _reconciled(self, b: Branch, action: str, result: str) -> None:
+        actor = b.actor or b.creator
+        self._audit(actor=PLATFORM, action=f"{action}.reconcile", target=b.name,
+                    reason=f"reconcile: the {action} of {b.name!r} by {actor!r} was interrupted (its process died); "
+                           f"{result}", after={"original_actor": actor, "result": result.split(":")[0],
+                                               "volume": b.volume})

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..compute.ports import COMPUTE_PORTS, PORT_BASE
 from ..errors import BranchExists, BranchNotFound, TierbaseError
+from .lifecycle import Op, State, check_op, check_transition
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -38,7 +39,8 @@ CREATE TABLE IF NOT EXISTS branches (
     expires_at  REAL,
     protected   INTEGER NOT NULL DEFAULT 0,
     masking     TEXT,           -- JSON list of the masking rules its data went through; NULL: unmasked
-    owner       TEXT            -- process doing an unfinished operation, "pid:starttime"
+    owner       TEXT,           -- process doing an unfinished operation, "pid:starttime"
+    actor       TEXT            -- the principal that operation acts for (reconcile audits in its name)
 );
 CREATE TABLE IF NOT EXISTS routes (
     name        TEXT PRIMARY KEY,   -- a stable name clients connect to
@@ -51,7 +53,8 @@ CREATE TABLE IF NOT EXISTS intents (
     branch      TEXT NOT NULL,
     volume      TEXT NOT NULL,
     owner       TEXT NOT NULL,
-    started_at  REAL NOT NULL
+    started_at  REAL NOT NULL,
+    actor       TEXT
 );
 """
 
@@ -61,12 +64,6 @@ class Kind(StrEnum):
     FEATURE = "feature"
     SNAPSHOT = "snapshot"
     SYSTEM = "system"    # tierbase's own clusters (the SQL mirror of the audit trail); never forked
-
-
-class State(StrEnum):
-    CREATING = "creating"
-    READY = "ready"
-    DELETING = "deleting"
 
 
 @dataclass
@@ -85,6 +82,7 @@ class Branch:
     protected: bool
     masking: str | None
     owner: str | None
+    actor: str | None = None
 
     @property
     def masked_by(self) -> list[str]:
@@ -109,10 +107,19 @@ def process_token(pid: int | None = None) -> str:
 
 
 def token_alive(token: str | None) -> bool:
+    """True while the process named by ``token`` runs. A zombie (killed, not yet reaped: where PID 1
+    never reaps, for ever) is dead: it will never finish what it started."""
     if not token:
         return False
     pid = int(token.split(":")[0])
-    return process_token(pid) == token and os.path.exists(f"/proc/{pid}")
+    if process_token(pid) != token:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            state = fh.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 class Store:
@@ -135,6 +142,12 @@ class Store:
         if "masking" not in cols:
             with self.write() as db:
                 db.execute("ALTER TABLE branches ADD COLUMN masking TEXT")
+        if "actor" not in cols:
+            with self.write() as db:
+                db.execute("ALTER TABLE branches ADD COLUMN actor TEXT")
+        if "actor" not in {r[1] for r in self._conn.execute("PRAGMA table_info(intents)")}:
+            with self.write() as db:
+                db.execute("ALTER TABLE intents ADD COLUMN actor TEXT")
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -203,7 +216,8 @@ class Store:
         return [Branch.from_row(r) for r in rows]
 
     def reserve(self, *, name: str, parent: str | None, kind: Kind, volume: str, creator: str,
-                ttl_seconds: int | None, protected: bool, port: int | None = None) -> Branch:
+                ttl_seconds: int | None, protected: bool, port: int | None = None,
+                actor: str | None = None) -> Branch:
         """Insert a branch in state 'creating' (the intent), with a port of its own."""
         now = time.time()
         with self.write() as db:
@@ -216,16 +230,18 @@ class Store:
                 if prow[0] != State.READY.value:
                     raise TierbaseError(f"parent branch {parent!r} is {prow[0]}",
                                         "Wait for its operation to finish, then try again")
+            check_transition(name, None, State.CREATING)
             db.execute(
                 "INSERT INTO branches(name, parent, kind, state, volume, port, created_at, creator, ttl_seconds,"
-                " expires_at, protected, owner) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                " expires_at, protected, owner, actor) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (name, parent, kind.value, State.CREATING.value, volume, port or self._free_port(db), now, creator,
-                 ttl_seconds, now + ttl_seconds if ttl_seconds else None, int(protected), process_token()),
+                 ttl_seconds, now + ttl_seconds if ttl_seconds else None, int(protected), process_token(),
+                 actor or creator),
             )
         return self.get(name)
 
-    def _free_port(self, db: sqlite3.Connection) -> int:
-        used = {r[0] for r in db.execute("SELECT port FROM branches")}
+    def _free_port(self, db: sqlite3.Connection, also_used: int | None = None) -> int:
+        used = {r[0] for r in db.execute("SELECT port FROM branches")} | {also_used}
         lo = int(self.get_setting("port_base", self.default_port_base))
         hi = min(lo + self.PORTS, 65536)
         for port in range(lo, hi):
@@ -233,21 +249,61 @@ class Store:
                 return port
         raise TierbaseError(f"no free compute port in {lo}-{hi}", "Delete unused branches or widen the port range")
 
+    def _state(self, db: sqlite3.Connection, name: str) -> State:
+        row = db.execute("SELECT state FROM branches WHERE name=?", (name,)).fetchone()
+        if row is None:
+            raise BranchNotFound(name)
+        return State(row[0])
+
     def commit_created(self, name: str, fork_lsn: str | None, masking: list[str] | None = None) -> None:
         with self.write() as db:
+            check_transition(name, self._state(db, name), State.READY)
             db.execute("UPDATE branches SET state=?, fork_lsn=?, masking=?, owner=NULL WHERE name=?",
                        (State.READY.value, fork_lsn, json.dumps(masking) if masking is not None else None, name))
 
-    def mark_deleting(self, names: list[str]) -> None:
+    def mark_deleting(self, names: list[str], actor: str | None = None) -> None:
+        """Mark a whole subtree ``deleting`` in one transaction, or none of it."""
         with self.write() as db:
+            marks = ",".join("?" * len(names))
+            late = db.execute(f"SELECT name FROM branches WHERE parent IN ({marks}) AND name NOT IN ({marks})",
+                              (*names, *names)).fetchall()
+            if late:  # a child was created after the caller looked at the subtree
+                raise TierbaseError(f"branch {late[0][0]!r} was just created under {names[-1]!r}",
+                                    "Run the delete again (with --recursive to take it too)")
             for name in names:
-                row = db.execute("SELECT state FROM branches WHERE name=?", (name,)).fetchone()
-                if row is None:
-                    raise BranchNotFound(name)
-                if row[0] == State.CREATING.value:
-                    raise TierbaseError(f"branch {name!r} is still being created", "Try again in a moment")
-                db.execute("UPDATE branches SET state=?, owner=? WHERE name=?",
-                           (State.DELETING.value, process_token(), name))
+                check_op(name, self._state(db, name), Op.DELETE)
+                check_transition(name, State.READY, State.DELETING)
+                db.execute("UPDATE branches SET state=?, owner=?, actor=? WHERE name=?",
+                           (State.DELETING.value, process_token(), actor, name))
+
+    def begin_reset(self, name: str, volume: str, actor: str | None = None) -> None:
+        """The reset's intent, in one transaction: the branch is ``resetting`` and the new volume is known
+        before it exists (reconcile removes it if the process dies before the swap)."""
+        with self.write() as db:
+            check_op(name, self._state(db, name), Op.RESET)
+            check_transition(name, State.READY, State.RESETTING)
+            db.execute("UPDATE branches SET state=?, owner=?, actor=? WHERE name=?",
+                       (State.RESETTING.value, process_token(), actor, name))
+            db.execute("INSERT INTO intents(op, branch, volume, owner, started_at, actor) VALUES(?,?,?,?,?,?)",
+                       ("reset", name, volume, process_token(), time.time(), actor))
+
+    def end_reset(self, name: str, volume: str | None) -> None:
+        """Undo a reset that did not swap: the branch is ``ready`` on its old volume again."""
+        with self.write() as db:
+            check_transition(name, self._state(db, name), State.READY)
+            db.execute("UPDATE branches SET state=?, owner=NULL, actor=NULL WHERE name=?", (State.READY.value, name))
+            if volume is not None:
+                db.execute("DELETE FROM intents WHERE volume=?", (volume,))
+
+    def reassign_port(self, name: str) -> int:
+        """Give a branch another free port (its own is taken by something else); returns it."""
+        with self.write() as db:
+            row = db.execute("SELECT port FROM branches WHERE name=?", (name,)).fetchone()
+            if row is None:
+                raise BranchNotFound(name)
+            port = self._free_port(db, int(row[0]))
+            db.execute("UPDATE branches SET port=? WHERE name=?", (port, name))
+        return port
 
     def set_protected(self, name: str, protected: bool) -> None:
         with self.write() as db:
@@ -258,13 +314,15 @@ class Store:
             db.execute("DELETE FROM branches WHERE name=?", (name,))
 
     def swap_volume(self, name: str, volume: str, fork_lsn: str | None, masking: list[str] | None = None) -> str:
-        """Point a branch at a new volume (reset); return the old volume."""
+        """Point a branch at a new volume (reset) and settle it ``ready``; return the old volume."""
         with self.write() as db:
-            old = db.execute("SELECT volume FROM branches WHERE name=?", (name,)).fetchone()
+            old = db.execute("SELECT volume, state FROM branches WHERE name=?", (name,)).fetchone()
             if old is None:
                 raise BranchNotFound(name)
-            db.execute("UPDATE branches SET volume=?, fork_lsn=?, masking=? WHERE name=?",
-                       (volume, fork_lsn, json.dumps(masking) if masking is not None else None, name))
+            check_transition(name, State(old[1]), State.READY)
+            db.execute("UPDATE branches SET volume=?, fork_lsn=?, masking=?, state=?, owner=NULL, actor=NULL "
+                       "WHERE name=?", (volume, fork_lsn, json.dumps(masking) if masking is not None else None,
+                                        State.READY.value, name))
             db.execute("DELETE FROM intents WHERE volume=?", (volume,))
         return str(old[0])
 
@@ -281,18 +339,17 @@ class Store:
     def set_route(self, name: str, branch: str) -> str | None:
         """Point ``name`` at ``branch``; returns the previous target."""
         with self.write() as db:
-            if not db.execute("SELECT 1 FROM branches WHERE name=?", (branch,)).fetchone():
-                raise BranchNotFound(branch)
+            check_op(branch, self._state(db, branch), Op.REPOINT)
             old = db.execute("SELECT branch FROM routes WHERE name=?", (name,)).fetchone()
             db.execute("INSERT INTO routes(name, branch, updated_at) VALUES(?,?,?) ON CONFLICT(name) DO UPDATE"
                        " SET branch=excluded.branch, updated_at=excluded.updated_at", (name, branch, time.time()))
         return str(old[0]) if old else None
 
     # -- intents for volumes not yet referenced by a branch ---------------------
-    def add_intent(self, op: str, branch: str, volume: str) -> int:
+    def add_intent(self, op: str, branch: str, volume: str, actor: str | None = None) -> int:
         with self.write() as db:
-            cur = db.execute("INSERT INTO intents(op, branch, volume, owner, started_at) VALUES(?,?,?,?,?)",
-                             (op, branch, volume, process_token(), time.time()))
+            cur = db.execute("INSERT INTO intents(op, branch, volume, owner, started_at, actor) VALUES(?,?,?,?,?,?)",
+                             (op, branch, volume, process_token(), time.time(), actor))
             return int(cur.lastrowid or 0)
 
     def drop_intent(self, volume: str) -> None:

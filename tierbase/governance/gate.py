@@ -3,6 +3,9 @@
 ``with gate.act(actor, action, subject) as rec:`` decides first (a denial is
 audited and raised as PolicyDenied, exit 2), lets the caller act, then writes
 the audit record only after the action committed (or failed, with why).
+Changes of a branch, route or tier pass ``intent=``: their intent is audited
+before the act too, so that a kill between the act and its outcome record
+still leaves the change on the trail.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 from ..control.store import Branch, Kind, Store
 from ..errors import PolicyDenied, TierbaseError, translate
+from ..failpoints import failpoint
 from ..home import Home
 from .audit import AuditLog
 from .config import Config, ConfigError, default_config, parse_config
@@ -173,8 +177,14 @@ class Gate:
 
     @contextmanager
     def act(self, actor: str | None, action: Action, target: Subject, source: Subject | None = None,
-            before: Any = None, quiet: bool = False) -> Iterator[Record]:
-        """``quiet``: record only a denial (for reads such as reading the audit trail itself)."""
+            before: Any = None, quiet: bool = False, intent: dict[str, Any] | None = None) -> Iterator[Record]:
+        """``quiet``: record only a denial (for reads such as reading the audit trail itself).
+
+        ``intent``: the action changes a branch, route or tier; once allowed, a record with outcome
+        ``intent`` (carrying ``intent``) is appended *before* the caller acts, so that a process killed
+        after the change took effect but before its outcome record still leaves the change audited
+        (reconcile then records how it finished, see control/branches.py).
+        """
         who = self.principal(actor)
         decision = self.policy.decide(who, action, target, source)
         reason = f"{decision.rule}: {decision.reason}"
@@ -183,6 +193,9 @@ class Gate:
                               reason=reason, outcome="refused", before=before)
             raise PolicyDenied(action.value, target.name, decision.reason, decision.rule)
         rec = Record(before=before)
+        if intent is not None:
+            self.audit.append(actor=who.name, action=action.value, target=target.name, allowed=True, reason=reason,
+                              outcome="intent", before=before, after=intent)
         if quiet:
             yield rec
             return
@@ -197,5 +210,6 @@ class Gate:
             self.audit.append(actor=who.name, action=action.value, target=target.name, allowed=True, reason=reason,
                               outcome=f"error: {ours.message}", before=before)
             raise ours from err
+        failpoint("gate:acted")  # the act took effect, its outcome record is not written yet
         self.audit.append(actor=who.name, action=action.value, target=target.name, allowed=True, reason=reason,
                           outcome="ok", before=rec.before, after=rec.after)

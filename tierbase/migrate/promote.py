@@ -124,15 +124,11 @@ class PromotionLog:
                                     "AND status = 'succeeded' ORDER BY id DESC LIMIT 1", (tier,)).fetchone()
         return str(row[0]) if row else None
 
-    def reconcile(self) -> list[str]:
-        """A promotion whose process died is marked failed (its tier was never repointed half way)."""
-        done = []
-        for row in self.store.db.execute("SELECT id, tier, owner FROM promotions WHERE status='running'").fetchall():
-            if not token_alive(row[2]):
-                self.update(row[0], status="failed", reason="the promoting process died", owner=None,
-                            finished_at=time.time())
-                done.append(f"marked promotion #{row[0]} of {row[1]!r} failed (its process died)")
-        return done
+    def dead(self) -> list[dict[str, Any]]:
+        """Running promotions whose process died (a zombie counts as dead): the facade finishes them
+        at start-up (Tierbase.reconcile_promotions: completed or rolled back, and audited)."""
+        rows = self.store.db.execute("SELECT * FROM promotions WHERE status='running' ORDER BY id").fetchall()
+        return [_public(r) for r in rows if not token_alive(r["owner"])]
 
 
 def _public(row: sqlite3.Row) -> dict[str, Any]:

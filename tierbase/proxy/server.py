@@ -200,7 +200,7 @@ class Proxy:
                 del self._holds[route]
                 h.released.set()
 
-    async def terminate(self, branch: str, message: str, *, drain: float = 0.0) -> int:
+    async def terminate(self, branch: str, message: str, *, drain: float = 0.0, route: str | None = None) -> int:
         """End the sessions relayed to ``branch`` with FATAL 57P01 ``message``; returns how many.
 
         With ``drain``, first wait up to that many seconds for them to end on
@@ -208,14 +208,20 @@ class Proxy:
         compute, and none is counted by ``sessions`` any more; each client
         gets its error at a message boundary a moment later (see
         ``Session.kill``), so a hold can be released at once.
+
+        ``route``: only the sessions that came in through that route (a repoint moves one route:
+        sessions that reached the branch by its own name or another route stay where they are).
         """
+        def victims() -> list[Session]:
+            return [s for s in self._by_branch.get(branch, ()) if route is None or s.route == route]
+
         deadline = time.monotonic() + drain
-        while self._by_branch.get(branch) and time.monotonic() < deadline:
+        while victims() and time.monotonic() < deadline:
             await asyncio.sleep(min(0.02, max(deadline - time.monotonic(), 0)))
-        victims = list(self._by_branch.get(branch, ()))
-        for s in victims:
+        ending = victims()
+        for s in ending:
             s.kill(message, self.boundary_timeout)
-        return len(victims)
+        return len(ending)
 
     # -- bookkeeping used by sessions ----------------------------------------------
     def forget(self, session: Session) -> None:
