@@ -52,8 +52,11 @@ if str(ROOT) not in sys.path:
 
 from bench.common import free_port, log  # noqa: E402
 from tierbase import Tierbase  # noqa: E402
+from tierbase.compute import compute_user  # noqa: E402
 from tierbase.control.store import Kind  # noqa: E402
 from tierbase.governance.principals import db_password  # noqa: E402
+from tierbase.home import Home  # noqa: E402
+from tierbase.launch import service_env, service_python  # noqa: E402
 
 CHECKS = ("unsettled", "orphan_volume", "missing_volume", "stray_postgres", "promotion", "rows_kept", "routes",
           "audited", "audit_verify", "writer")
@@ -132,7 +135,8 @@ class Harness:
 
     # -- the platform ---------------------------------------------------------------
     def setup(self) -> None:
-        os.environ["TIERBASE_PORT_BASE"] = self.env["TIERBASE_PORT_BASE"] = str(20000 + self.rng.randrange(40) * 500)
+        base = str(20000 + self.rng.randrange(20) * 500)  # computes' ports stay below the ephemeral range
+        os.environ["TIERBASE_PORT_BASE"] = self.env["TIERBASE_PORT_BASE"] = base
         self.migrations.mkdir(parents=True)
         tb = Tierbase(self.home)
         tb.init(storage="btrfs", btrfs_size="6G", api_port=free_port(), proxy_port=free_port())
@@ -152,9 +156,17 @@ class Harness:
         self.wait_writer(30)
 
     def start_service(self) -> None:
+        # as `tierbase up` starts it: the data dir handed to the compute user, the service run as that user
+        # (kept as a Popen of ours, so that a killed one can be left unreaped: a zombie owner)
+        user = compute_user()
+        Home(self.home).hand_over(user)
+        python = service_python()
+        env = {**service_env(user, python), **{k: v for k, v in self.env.items() if k.startswith("TIERBASE_")}}
+        env["PYTHONPATH"] = self.env["PYTHONPATH"]
         log_file = open(self.home / "service.log", "ab")  # noqa: SIM115 - handed to the child
-        self.proc = subprocess.Popen([sys.executable, "-m", "tierbase.service", str(self.home)], env=self.env,
-                                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([python, "-m", "tierbase.service", str(self.home)], env=env, cwd="/",
+                                     stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                     **user.run_kwargs())  # type: ignore[call-overload]
         log_file.close()
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -280,9 +292,9 @@ class Harness:
             self.version += 1
             (self.migrations / f"V{self.version:04d}__t{self.version}.sql").write_text(
                 f"CREATE TABLE t{self.version} (id int);\n")
-            self.api("POST", "/v1/migrations/apply", json={"branch": "feat", "dir": str(self.migrations)})
-            return ("POST", "/v1/tiers/production/promote", 300, {"json": {"source": "feat",
-                                                                           "dir": str(self.migrations)}})
+            files = {f.name: f.read_text() for f in sorted(self.migrations.glob("*.sql"))}  # content, not a path
+            self.api("POST", "/v1/migrations/apply", json={"branch": "feat", "files": files})
+            return ("POST", "/v1/tiers/production/promote", 300, {"json": {"source": "feat", "files": files}})
         if op == "rollback":
             return ("POST", "/v1/tiers/production/rollback", 300, {"json": {}})
         raise ValueError(op)
