@@ -24,6 +24,7 @@ import uvicorn
 
 from .api.server import create_app
 from .app import Tierbase
+from .compute.postgres import Postgres
 from .control.lifecycle import State
 from .control.store import Kind
 from .errors import PolicyDenied, TierbaseError
@@ -66,7 +67,8 @@ class Resolver:
                              f"Create a branch from it: `tierbase branch create NAME --parent {branch}`")
         sockets = str(self.tb.branches.provider.sockets)
         if (branch not in self.stopping and b.state is State.READY
-                and self.tb.branches.provider.running_pid(b.volume) is not None):
+                and self.tb.branches.provider.running_pid(b.volume) is not None
+                and Postgres.is_ready(self.tb.branches.provider.datadir(b.volume))):  # not still starting up
             return Target(branch, sockets, b.port)  # the common case: no lock, no thread
         try:
             await asyncio.to_thread(self.tb.branches.start, branch)

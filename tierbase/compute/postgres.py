@@ -184,7 +184,12 @@ class Postgres:
         """Start the postmaster: loopback TCP (direct roles only) and a unix socket in ``sockets``;
         ``private``: no TCP, and the socket in that (0700) directory instead."""
         if (pid := self.running_pid(datadir)) is not None:
-            return pid
+            # started by someone else (another process's start, a restart): answer once it is ready
+            deadline = time.monotonic() + timeout
+            while not self.is_ready(datadir) and self.running_pid(datadir) == pid and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if self.running_pid(datadir) == pid:
+                return pid
         self.clear_runtime_files(datadir)
         _clear_stale_socket(private or sockets, port)
         logfile.parent.mkdir(parents=True, exist_ok=True)
