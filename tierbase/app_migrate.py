@@ -154,6 +154,13 @@ class MigrationOps(FacadeBase):
 
     def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
         """Apply to TIER the migrations validated on SOURCE; roll back by repoint if anything fails."""
+        # authorization before validation: a principal that may not promote into ``tier`` is refused by
+        # the policy whatever the platform looks like (no child tier, no such tier, no migrations)
+        spec = self.config.tiers.get(tier)
+        pre = Subject(name=tier, kind="tier" if spec else "none", protected=bool(spec and spec.protected),
+                      tier=tier if spec else None)
+        if not self.gate.decide(self.actor, Action.PROMOTE, pre).allowed:
+            self._require(Action.PROMOTE, pre)  # audits the denial and raises it
         target = self._tier_subject(tier)
         src_name = source or self._default_source(tier)
         src_branch = self._serving(src_name)
