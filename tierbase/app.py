@@ -18,6 +18,7 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
+from .app_flow import FlowOps
 from .app_governance import GovernanceOps
 from .app_migrate import MigrationOps
 from .compute import Postgres, compute_user, find_binaries
@@ -38,7 +39,7 @@ DEFAULT_API_PORT = 55430
 DEFAULT_PROXY_PORT = 55431
 
 
-class Tierbase(GovernanceOps, MigrationOps):
+class Tierbase(GovernanceOps, MigrationOps, FlowOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------
