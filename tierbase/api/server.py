@@ -310,11 +310,11 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
 
     @app.post("/v1/flow/{feature}/claim")
     def flow_claim(me: As, feature: str, body: FlowClaim) -> dict[str, Any]:
-        return me.flow_claim(body.workspace, feature, body.parent, body.local.model_dump())
+        return me.flow_claim(body.workspace, feature, body.parent, body.local.model_dump(exclude_unset=True))
 
     @app.post("/v1/flow/{feature}/ready")
     def flow_ready(me: As, feature: str, body: FlowReady) -> dict[str, Any]:
-        return me.flow_ready(feature, body.bundle, body.local.model_dump())
+        return me.flow_ready(feature, body.bundle, body.local.model_dump(exclude_unset=True))
 
     @app.post("/v1/flow/{feature}/approve-tests")
     def flow_approve_tests(me: As, feature: str, body: ApproveTests) -> dict[str, Any]:
@@ -322,7 +322,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
 
     @app.post("/v1/flow/{feature}/ci")
     def flow_ci(me: As, feature: str, body: FlowLocal) -> dict[str, Any]:
-        return me.flow_ci(feature, body.local.model_dump())
+        return me.flow_ci(feature, body.local.model_dump(exclude_unset=True))
 
     @app.get("/v1/flow/{feature}/ci")
     def flow_ci_runs(me: As, feature: str) -> list[dict[str, Any]]:
@@ -342,11 +342,11 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
 
     @app.post("/v1/flow/{feature}/merge")
     def flow_merge(me: As, feature: str, body: FlowLocal) -> dict[str, Any]:
-        return me.flow_merge(feature, body.local.model_dump())
+        return me.flow_merge(feature, body.local.model_dump(exclude_unset=True))
 
     @app.post("/v1/flow/{feature}/abandon")
     def flow_abandon(me: As, feature: str, body: FlowLocal) -> dict[str, Any]:
-        return me.flow_abandon(feature, body.local.model_dump())
+        return me.flow_abandon(feature, body.local.model_dump(exclude_unset=True))
 
     @app.post("/v1/flow/{feature}/tdd/enable")
     def tdd_enable(me: As, feature: str) -> dict[str, Any]:

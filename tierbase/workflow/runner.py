@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import TierbaseError
+from ..errors import Refused, TierbaseError
 from . import testrun
 
 
@@ -86,8 +86,10 @@ def serve(platform: RunnerPlatform, *, os_user: str | None = None, poll: float =
     while not stop.is_set():
         try:
             got = run_one(platform, os_user=os_user)
+        except Refused:
+            raise  # not a runner's token: stop at once rather than be refused every poll
         except TierbaseError:
-            got = None
+            got = None  # the service restarting: look again at the next poll
             if once:
                 raise
         if got is not None:
