@@ -251,3 +251,31 @@ def test_runner_drops_to_its_own_os_user(tmp_path: Path) -> None:
     finally:
         if made:
             subprocess.run(["userdel", name], capture_output=True)
+
+
+def test_merge_is_one_operation_a_failed_promotion_merges_nothing(plat: Platform) -> None:
+    """Two features race for the same table: the second merge's promotion fails, so git, the tier's record
+    and the state stay as they were, and the refusal is in the history and the audit trail."""
+    a, b = new_app(plat, "racer-a", who="dev"), new_app(plat, "racer-b", who="alice")
+    a.ok("flow", "claim", "race-a")
+    b.ok("flow", "claim", "race-b")
+    for app, version in ((a, 501), (b, 502)):
+        app.write(f"db/migrations/V{version:04d}__race.sql", "CREATE TABLE race_t (id int);\n")
+        app.commit("The race table")
+        app.ok("flow", "ready")
+        app.ok("flow", "ci")
+    a.ok("flow", "merge")
+    tiers = api(plat, "dev", "GET", "/v1/flow-tiers").json()["tiers"]
+    before = world(plat, b, "race-b")
+    got = b.cli("flow", "merge")
+    assert got.returncode == 2
+    failure = json.loads(got.stdout)["error"]["data"]["failures"]
+    assert [f["code"] for f in failure] == ["promotion-failed"] and "rolled back" in failure[0]["message"]
+    after = world(plat, b, "race-b")
+    assert after["tiers"] == tiers and after["refs"] == before["refs"] and after["history"] == before["history"]
+    # the only new branches are the promotion's own: the snapshot the tier is served from again, the failed state
+    assert {n.rsplit("-", 1)[0] for n in set(after["branches"]) - set(before["branches"])} <= \
+        {"staging-pre", "staging-rb"}
+    assert b.state()["state"] == "ci-green" and b.branch() == "feature/race-b"
+    assert plat.json("audit", "log", "--action", "flow.merge-refused", "--target", "race-b")
+    b.ok("flow", "abandon", "--delete-git-branch")
