@@ -87,6 +87,9 @@ def test_forged_events_and_other_principals_features_are_refused(plat: Platform)
     assert codes_of(api(plat, "bot", "POST", f"/v1/flow/workspaces/{ws}", json={"workspace": ws})) == \
         ["not-workspace-owner"]
     assert codes_of(api(plat, "bot", "POST", "/v1/flow/victim-f/tdd/enable")) == ["not-feature-owner"]
+    # roles before state: not "TDD is not enabled", which would tell the agent about dev's feature
+    red = {"item": "T1", "test": "tests/x.py::test_x", "fingerprint": "0" * 64}
+    assert codes_of(api(plat, "bot", "POST", "/v1/flow/victim-f/tdd/red", json=red)) == ["not-your-role"]
     # an unknown feature is refused the same way, saying nothing about it
     assert codes_of(api(plat, "bot", "POST", "/v1/flow/no-such/abandon", json={})) == ["no-such-feature"]
     assert world(plat, app, "victim-f") == before

@@ -25,6 +25,7 @@ import json
 import tempfile
 import time
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -673,9 +674,14 @@ class Flow:
     def tdd(self, feature: str) -> dict[str, Any]:
         return dict(self.doc(feature).get("tdd") or {})
 
-    def _tdd_begin(self, gate: str, feature: str, enabled: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _tdd_begin(self, gate: str, feature: str, authorize: Callable[[dict[str, Any], dict[str, Any]], Failure | None],
+                   *, enabled: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The feature's TDD fold, after ``authorize`` (a role check, before any state is looked at)."""
         doc = self.in_flight(gate, feature)
-        t = dict(doc.get("tdd") or {})
+        t = {"roles": {}, "artifacts": {}, "items": {}, "baselines": {}, **dict(doc.get("tdd") or {})}
+        refused = authorize(doc, t)
+        if refused is not None:
+            self.deny(gate, feature, refused.code, refused.message, refused.hint)
         if doc["state"] not in IN_FLIGHT:
             self.refuse(feature, gate, [Failure("no-feature", "the TDD layer works on a claimed feature; the state "
                                                 f"is {doc['state']}", "Claim one: `tierbase flow claim FEATURE`")])
@@ -683,6 +689,13 @@ class Flow:
             self.refuse(feature, gate, [Failure("tdd-not-enabled", f"TDD is not enabled for {feature!r}",
                                                 "Enable it: `tierbase tdd enable`")])
         return doc, t
+
+    def _owner(self, doc: dict[str, Any], t: dict[str, Any]) -> Failure | None:
+        owner = doc["transitions"]["claim"].get("owner")
+        if owner == self.me or self.base_role() == "platform-engineer":
+            return None
+        return Failure("not-feature-owner", f"{self.me!r} does not own feature {doc['feature']!r} (claimed by "
+                       f"{owner!r})", "Only the principal that claimed a feature enables TDD on it")
 
     def _holds(self, t: dict[str, Any], role: str) -> Failure | None:
         if t["roles"].get(role) != self.me:
@@ -697,8 +710,7 @@ class Flow:
         return None
 
     def tdd_enable(self, feature: str) -> dict[str, Any]:
-        doc, t = self._tdd_begin("tdd-enable", feature, enabled=False)
-        self.owner_only("tdd-enable", feature, doc)
+        doc, t = self._tdd_begin("tdd-enable", feature, self._owner, enabled=False)
         if not t.get("enabled"):
             self.record(feature, "tdd-enable", str(doc["state"]), {})
         return {"feature": feature}
@@ -707,7 +719,7 @@ class Flow:
         if self.base_role() == "agent":
             self.deny("tdd-assign", feature, "agent-cannot-assign", "agents cannot hand out TDD roles",
                       "A developer or platform engineer assigns the roles")
-        doc, t = self._tdd_begin("tdd-assign", feature)
+        doc, t = self._tdd_begin("tdd-assign", feature, lambda d, t: None)  # any developer: agents refused above
         failures = []
         if role not in ROLES:
             failures.append(Failure("unknown-role", f"{role!r} is not a TDD role", f"Use one of: {', '.join(ROLES)}"))
@@ -726,25 +738,27 @@ class Flow:
         return {"feature": feature}
 
     def tdd_submit(self, feature: str, artifact: str, sha256: str) -> dict[str, Any]:
-        doc, t = self._tdd_begin("tdd-submit", feature)
+        doc, _ = self._tdd_begin("tdd-submit", feature,
+                                 lambda d, t: self._holds(t, ARTIFACTS[artifact]) if artifact in ARTIFACTS else None)
         if artifact not in ARTIFACTS:
             self.refuse(feature, "tdd-submit", [Failure("unknown-artifact", f"{artifact!r} is not a TDD artifact")])
-        held = self._holds(t, ARTIFACTS[artifact])
-        if held is not None:
-            self.deny("tdd-submit", feature, held.code, held.message, held.hint)
         self.record(feature, "tdd-submit", str(doc["state"]), {"artifact": artifact, "sha256": sha256,
                                                                "path": f".tierbase/tdd/{feature}/{artifact}.json"})
         return {"feature": feature}
 
     def tdd_approve(self, feature: str, artifact: str, sha256: str, fingerprints: dict[str, Any],
                     items: list[str]) -> dict[str, Any]:
-        doc, t = self._tdd_begin("tdd-approve", feature)
-        art = t.get("artifacts", {}).get(artifact)
+        def own(d: dict[str, Any], t: dict[str, Any]) -> Failure | None:
+            art = t["artifacts"].get(artifact)
+            if art is not None and art["submitted"]["by"] == self.me:
+                return Failure("self-approval", f"{self.me!r} submitted the {artifact}; someone else approves it",
+                               "Another principal runs `tierbase tdd approve`")
+            return None
+
+        doc, t = self._tdd_begin("tdd-approve", feature, own)
+        art = t["artifacts"].get(artifact)
         if art is None:
             self.refuse(feature, "tdd-approve", [Failure("not-submitted", f"no {artifact} was submitted")])
-        if art["submitted"]["by"] == self.me:
-            self.deny("tdd-approve", feature, "self-approval", f"{self.me!r} submitted the {artifact}; someone else "
-                      "approves it", "Another principal runs `tierbase tdd approve`")
         if art["sha256"] != sha256:
             self.refuse(feature, "tdd-approve", [Failure("artifact-drift", f"the {artifact} to approve is not the "
                                                          "one submitted", "Submit it again")])
@@ -755,20 +769,14 @@ class Flow:
         return {"feature": feature}
 
     def tdd_red(self, feature: str, item: str, test: str, fingerprint: str) -> dict[str, Any]:
-        doc, t = self._tdd_begin("tdd-red", feature)
-        held = self._holds(t, "navigator")
-        if held is not None:
-            self.deny("tdd-red", feature, held.code, held.message, held.hint)
+        doc, t = self._tdd_begin("tdd-red", feature, lambda d, t: self._holds(t, "navigator"))
         if item in t.get("items", {}):
             self.refuse(feature, "tdd-red", [Failure("red-recorded", f"{item} went RED already")])
         self.record(feature, "tdd-red", str(doc["state"]), {"item": item, "test": test, "fingerprint": fingerprint})
         return {"feature": feature}
 
     def tdd_green(self, feature: str, items: list[str], sha: str | None, passed: int) -> dict[str, Any]:
-        doc, t = self._tdd_begin("tdd-green", feature)
-        held = self._holds(t, "driver")
-        if held is not None:
-            self.deny("tdd-green", feature, held.code, held.message, held.hint)
+        doc, t = self._tdd_begin("tdd-green", feature, lambda d, t: self._holds(t, "driver"))
         pending = [i for i, v in t.get("items", {}).items() if v.get("green") is None]
         if sorted(items) != sorted(pending) or not pending:
             self.refuse(feature, "tdd-green", [Failure("nothing-red", "the items to turn GREEN are not the RED ones",
