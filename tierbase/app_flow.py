@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from .app_base import FacadeBase
+from .names import check_name
 from .workflow.commands import Flow
 
 
@@ -31,13 +32,17 @@ class FlowOps(FacadeBase):
         return self._flow().claim(workspace, feature, parent, dict(local or {}))
 
     def flow_ready(self, feature: str, bundle: str | None, local: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self._flow().ready(feature, bundle, dict(local or {}))
+        f = self._flow()
+        with f.lock(f"feature-{check_name(feature, 'feature')}"):  # one command per feature at a time
+            return f.ready(feature, bundle, dict(local or {}))
 
     def flow_approve_tests(self, feature: str, sha: str) -> dict[str, Any]:
         return self._flow().approve_tests(feature, sha)
 
     def flow_ci(self, feature: str, local: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self._flow().ci_request(feature, dict(local or {}))
+        f = self._flow()
+        with f.lock(f"feature-{check_name(feature, 'feature')}"):  # one command per feature at a time
+            return f.ci_request(feature, dict(local or {}))
 
     def flow_ci_run(self, run: int) -> dict[str, Any]:
         self.gate.principal(self.actor)
@@ -51,13 +56,20 @@ class FlowOps(FacadeBase):
         return self._flow().ci_next()
 
     def ci_report(self, run: int, junit: str | None, output: str, exit_code: int, duration_s: float) -> dict[str, Any]:
-        return self._flow().ci_report(run, junit, output, exit_code, duration_s)
+        f = self._flow()
+        f.runner_only("ci-report", f"ci-{run}")  # before looking the run up: a non-runner learns nothing
+        with f.lock(f"feature-{f.ci_job(run)['feature']}"):
+            return f.ci_report(run, junit, output, exit_code, duration_s)
 
     def flow_merge(self, feature: str, local: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self._flow().merge(feature, dict(local or {}))
+        f = self._flow()
+        with f.lock(f"feature-{check_name(feature, 'feature')}"):  # one command per feature at a time
+            return f.merge(feature, dict(local or {}))
 
     def flow_abandon(self, feature: str, local: dict[str, Any] | None = None) -> dict[str, Any]:
-        return self._flow().abandon(feature, dict(local or {}))
+        f = self._flow()
+        with f.lock(f"feature-{check_name(feature, 'feature')}"):  # one command per feature at a time
+            return f.abandon(feature, dict(local or {}))
 
     def tdd_command(self, feature: str, verb: str, **args: Any) -> dict[str, Any]:
         """One TDD verb (enable, assign, submit, approve, red, green); the roles are checked here."""

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from ..control.locks import branch_lock
 from ..errors import BranchNotFound, InvalidInput, PolicyDenied, TierbaseError
 from ..governance.policy import Action, Subject
 from ..names import check_name
@@ -471,14 +472,14 @@ class Flow:
         rows = self.tb.store.db.execute("SELECT id FROM ci_jobs WHERE feature=? ORDER BY id", (feature,))
         return [self.ci_job(int(r["id"])) for r in rows.fetchall()]
 
-    def _runner_only(self, gate: str, target: str) -> None:
+    def runner_only(self, gate: str, target: str) -> None:
         if self.base_role() != "ci":
             self.deny(gate, target, "not-a-runner", f"{self.me!r} ({self.base_role()}) is not a CI runner",
                       "CI results are recorded only from a runner holding a `ci` token (`tierbase ci runner`)")
 
     def ci_next(self) -> dict[str, Any] | None:
         """A runner takes the oldest queued run: the platform makes its branch and applies its migrations."""
-        self._runner_only("ci-take", "ci")
+        self.runner_only("ci-take", "ci")
         with self.tb.store.write() as db:
             row = db.execute("SELECT id FROM ci_jobs WHERE state='queued' ORDER BY id LIMIT 1").fetchone()
             if row is None:
@@ -518,7 +519,7 @@ class Flow:
     def ci_report(self, job_id: int, junit: str | None, output: str, exit_code: int,
                   duration_s: float) -> dict[str, Any]:
         """The runner's report: the platform parses the JUnit itself and records ci-green for that SHA only."""
-        self._runner_only("ci-report", f"ci-{job_id}")
+        self.runner_only("ci-report", f"ci-{job_id}")
         job = self.ci_job(job_id)
         if job["state"] != "running" or job["runner"] != self.me:
             self.deny("ci-report", f"ci-{job_id}", "not-your-run", f"CI run #{job_id} is not running on "
@@ -568,8 +569,17 @@ class Flow:
             self.tb.gate.audit.append(actor=self.me, action="flow.ci-refused", target=feature, allowed=False,
                                       reason=f"gate failed: {codes}", outcome="refused")
 
+    def lock(self, name: str) -> contextlib.AbstractContextManager[None]:
+        """An exclusive lock shared by every service process (commands on one feature, merges into one tier)."""
+        return branch_lock(self.tb.home.root / "flow" / "locks", name)
+
     # == merge: one operation ========================================================================
     def merge(self, feature: str, local: dict[str, Any]) -> dict[str, Any]:
+        tier = self.in_flight("merge", feature)["transitions"]["claim"]["parent"]
+        with self.lock(f"tier-{tier}"):  # one merge into a tier at a time: its recorded commit cannot move under it
+            return self._merge(feature, local)
+
+    def _merge(self, feature: str, local: dict[str, Any]) -> dict[str, Any]:
         doc = self.in_flight("merge", feature)
         c = doc["transitions"]["claim"]
         tier, fsubject = c["parent"], self.tb.store.find(c["db_branch"])
