@@ -159,8 +159,11 @@ class MigrationOps(FacadeBase):
         spec = self.config.tiers.get(tier)
         pre = Subject(name=tier, kind="tier" if spec else "none", protected=bool(spec and spec.protected),
                       tier=tier if spec else None)
-        if not self.gate.decide(self.actor, Action.PROMOTE, pre).allowed:
-            self._require(Action.PROMOTE, pre)  # audits the denial and raises it
+        found = self.store.find(source) if source else None
+        pre_src = self.gate.subject(self._serving(source)) if source and found is not None else None
+        if not self.gate.decide(self.actor, Action.PROMOTE, pre, pre_src).allowed:
+            with self.gate.act(self.actor, Action.PROMOTE, pre, pre_src):  # audits the denial and raises it
+                pass
         target = self._tier_subject(tier)
         src_name = source or self._default_source(tier)
         src_branch = self._serving(src_name)
