@@ -47,6 +47,8 @@ class Platform:
     base: Path
     tokens: dict[str, str] = field(default_factory=dict)
     first_init: subprocess.CompletedProcess[str] | None = None
+    runner: subprocess.Popen[str] | None = None
+    api_url: str = ""
     second_init: dict[str, Any] = field(default_factory=dict)
     shop: Path | None = None
 
@@ -152,6 +154,7 @@ def plat() -> Iterator[Platform]:
         p.first_init = run_cli(env, "init", cwd=p.shop)  # no platform yet: writes the files, then says so
         up = p.json("up", "--config", str(p.shop / "tierbase.toml"), "--btrfs-size", "2G",
                     "--api-port", str(free_port()), "--proxy-port", str(free_port()))
+        p.api_url = str(up["api_url"])
         missing = [path for path in ("/v1/whoami", "/v1/flow/x", "/v1/principals")
                    if httpx.get(up["api_url"] + path).status_code == 404]
         if missing:
@@ -162,16 +165,32 @@ def plat() -> Iterator[Platform]:
         for name, role in (("dev", "developer"), ("alice", "developer"), ("bot", "agent"), ("ci", "ci")):
             p.tokens[name] = p.json("principal", "create", name, "--role", role)["token"]
         p.second_init = App(p, p.shop).ok("init", who=None)
+        # the CI runner: a `ci` principal taking the runs that `flow ci` asks for
+        p.runner = subprocess.Popen([sys.executable, "-c", ENTRY, "ci", "runner", "--poll", "0.3"],
+                                    env=p.as_("ci"), stdout=subprocess.DEVNULL,
+                                    stderr=(base / "runner.log").open("w"), text=True)
         yield p
     finally:
+        if p.runner is not None:
+            p.runner.terminate()
+            p.runner.wait(30)
         run_cli(env, "down", "--purge")
         assert leftovers(home) == []
         shutil.rmtree(base, ignore_errors=True)
 
 
-def new_app(plat: Platform, name: str, who: str = "dev") -> App:
+def clone(plat: Platform, name: str) -> Path:
+    """Another clone of the shop: the platform judges every workspace of a project by its own git record."""
     assert plat.shop is not None
-    app = App(plat, make_repo(plat.base / name, config=plat.shop / "tierbase.toml"), who)
+    path = plat.base / name
+    git(plat.base, "clone", "--quiet", str(plat.shop), str(path))
+    git(path, "config", "user.email", "dev@example.com")
+    git(path, "config", "user.name", "Dev")
+    return path
+
+
+def new_app(plat: Platform, name: str, who: str = "dev") -> App:
+    app = App(plat, clone(plat, name), who)
     app.ok("init", who=None)
     return app
 
@@ -275,6 +294,8 @@ def test_developer_claims_prepares_tests_and_merges(plat: Platform) -> None:
     status = shop.ok("flow", "status", kind="status")
     merge_gates = {g["gate"]: g["status"] for g in status["next"][0]["gates"]}
     assert status["next"][0]["transition"] == "merge" and merge_gates["head-changed-since-ci"] == "pass"
+    assert status["evidence"]["ci"]["runner"] == "ci" and status["evidence"]["ci"]["by"] == "ci"  # not the author
+    assert status["ci_runs"][-1]["sha"] == head and status["ci_runs"][-1]["requested_by"] == "dev"
 
     merged = shop.ok("flow", "merge")
     assert merged["state"] == "merged" and shop.branch() == "staging"

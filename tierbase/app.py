@@ -19,6 +19,7 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
+from .app_flow import FlowOps
 from .app_governance import GovernanceOps
 from .app_import import ImportOps
 from .app_migrate import MigrationOps
@@ -38,7 +39,7 @@ from .storage.btrfs import parse_size
 ROOT_BRANCH = "production"
 
 
-class Tierbase(GovernanceOps, MigrationOps, ImportOps):
+class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------

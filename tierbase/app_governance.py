@@ -134,19 +134,7 @@ class GovernanceOps(FacadeBase):
         return out
 
     # -- workflow history (the authoritative record behind .tierbase/workflow-state.json) --------
-    def flow_record(self, feature: str, transition: str, state: str, evidence: dict[str, Any]) -> dict[str, Any]:
-        actor = self.gate.principal(self.actor).name
-        out = FlowHistory(self.store).record(feature, transition, state, actor, evidence)
-        if transition.endswith("-refused"):
-            codes = [str(f.get("code")) for f in evidence.get("failures", []) if isinstance(f, dict)]
-            self.gate.audit.append(actor=actor, action=f"flow.{transition}", target=feature, allowed=False,
-                                   reason="gate failed: " + ", ".join(codes), outcome="refused",
-                                   after={"state": state})
-        else:
-            self.gate.audit.append(actor=actor, action=f"flow.{transition}", target=feature, allowed=True,
-                                   reason="workflow transition whose gates passed", after={"state": state})
-        return out
-
+    # read-only here: transitions are commands (app_flow.py); no method appends a client's event
     def flow_history(self, feature: str) -> dict[str, Any]:
         return FlowHistory(self.store).summary(feature)
 

@@ -166,6 +166,16 @@ class MigrationOps(FacadeBase):
     def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None, *,
                 files: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Apply to TIER the migrations validated on SOURCE; roll back by repoint if anything fails."""
+        # authorization before validation: a principal that may not promote into ``tier`` is refused by
+        # the policy whatever the platform looks like (no child tier, no such tier, no migrations)
+        spec = self.config.tiers.get(tier)
+        pre = Subject(name=tier, kind="tier" if spec else "none", protected=bool(spec and spec.protected),
+                      tier=tier if spec else None)
+        found = self.store.find(source) if source else None
+        pre_src = self.gate.subject(self._serving(source)) if source and found is not None else None
+        if not self.gate.decide(self.actor, Action.PROMOTE, pre, pre_src).allowed:
+            with self.gate.act(self.actor, Action.PROMOTE, pre, pre_src):  # audits the denial and raises it
+                pass
         target = self._tier_subject(tier)
         src_name = source or self._default_source(tier)
         src_branch = self._serving(src_name)

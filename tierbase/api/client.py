@@ -255,9 +255,50 @@ class Client:
     def flow_history(self, feature: str) -> dict[str, Any]:
         return dict(self._call("GET", f"/v1/flow/{feature}"))
 
-    def flow_record(self, feature: str, transition: str, state: str, evidence: dict[str, Any]) -> dict[str, Any]:
-        body = {"transition": transition, "state": state, "evidence": evidence}
-        return dict(self._call("POST", f"/v1/flow/{feature}", json=body))
+    # transitions are commands (the platform checks every precondition); there is no event to post
+    def flow_register(self, workspace: str, bundle: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/flow/workspaces/{workspace}", json={"workspace": workspace,
+                                                                                "bundle": bundle}))
+
+    def flow_tiers(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/flow-tiers"))
+
+    def flow_claim(self, workspace: str, feature: str, parent: str | None = None,
+                   local: dict[str, Any] | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/flow/{feature}/claim",
+                               json={"workspace": workspace, "parent": parent, "local": local or {}}))
+
+    def flow_ready(self, feature: str, bundle: str | None, local: dict[str, Any] | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/flow/{feature}/ready", json={"bundle": bundle, "local": local or {}}))
+
+    def flow_approve_tests(self, feature: str, sha: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/flow/{feature}/approve-tests", json={"sha": sha}))
+
+    def flow_ci(self, feature: str, local: dict[str, Any] | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/flow/{feature}/ci", json={"local": local or {}}))
+
+    def flow_ci_run(self, run: int) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/ci/runs/{run}"))
+
+    def flow_ci_runs(self, feature: str) -> list[dict[str, Any]]:
+        return list(self._call("GET", f"/v1/flow/{feature}/ci"))
+
+    def ci_take(self) -> dict[str, Any] | None:
+        got = self._call("POST", "/v1/ci/take")["run"]
+        return dict(got) if got else None
+
+    def ci_report(self, run: int, junit: str | None, output: str, exit_code: int, duration_s: float) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/ci/runs/{run}/report", json={
+            "junit": junit, "output": output, "exit_code": exit_code, "duration_s": duration_s}))
+
+    def flow_merge(self, feature: str, local: dict[str, Any] | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/flow/{feature}/merge", json={"local": local or {}}))
+
+    def flow_abandon(self, feature: str, local: dict[str, Any] | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/flow/{feature}/abandon", json={"local": local or {}}))
+
+    def tdd_command(self, feature: str, verb: str, **args: Any) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/flow/{feature}/tdd/{verb}", json=args or None))
 
     # -- migrations and promotion -------------------------------------------------------
     def _migration_files(self, migrations_dir: str | os.PathLike[str] | None) -> dict[str, str]:

@@ -41,10 +41,84 @@ class PrincipalCreate(BaseModel):
     role: str
 
 
-class FlowEvent(BaseModel):
-    transition: str
-    state: str
-    evidence: dict[str, Any] = {}
+class Local(BaseModel):
+    """What a client reports of its working copy: the platform uses it only to refuse."""
+    model_config = ConfigDict(extra="forbid")
+    git_branch: str | None = None
+    dirty: list[str] = Field(default_factory=list, max_length=10_000)
+    head: str | None = Field(default=None, max_length=64)
+    delete_git_branch: bool = False
+
+
+class FlowRegister(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    workspace: str
+    bundle: str | None = Field(default=None, max_length=90_000_000, description="base64 git bundle of the tiers")
+
+
+class FlowClaim(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    workspace: str
+    parent: str | None = None
+    local: Local = Local()
+
+
+class FlowReady(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    bundle: str | None = Field(default=None, max_length=90_000_000, description="base64 git bundle of the branch")
+    local: Local = Local()
+
+
+class FlowLocal(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    local: Local = Local()
+
+
+class ApproveTests(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sha: str = Field(pattern="^[0-9a-f]{40}$")
+
+
+class CiReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    junit: str | None = Field(default=None, max_length=50_000_000)
+    output: str = Field(default="", max_length=10_000_000)
+    exit_code: int
+    duration_s: float = Field(ge=0)
+
+
+class TddAssign(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: str
+    principal: str
+
+
+class TddSubmit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    artifact: str
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+
+
+class TddApprove(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    artifact: str
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+    fingerprints: dict[str, str | None] = {}
+    items: list[str] = []
+
+
+class TddRed(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    item: str
+    test: str
+    fingerprint: str
+
+
+class TddGreen(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[str]
+    sha: str | None = None
+    passed: int = Field(ge=0)
 
 
 class MigrationFiles(BaseModel):
@@ -281,9 +355,78 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     def flow_history(me: As, feature: str) -> dict[str, Any]:
         return me.flow_history(feature)
 
-    @app.post("/v1/flow/{feature}")
-    def flow_record(me: As, feature: str, body: FlowEvent) -> dict[str, Any]:
-        return me.flow_record(feature, body.transition, body.state, body.evidence)
+    # transitions are commands: the platform checks every precondition; no route takes an event
+    @app.post("/v1/flow/workspaces/{workspace}")
+    def flow_register(me: As, workspace: str, body: FlowRegister) -> dict[str, Any]:
+        return me.flow_register(workspace, body.bundle)
+
+    @app.get("/v1/flow-tiers")
+    def flow_tiers(me: As) -> dict[str, Any]:
+        return me.flow_tiers()
+
+    @app.post("/v1/flow/{feature}/claim")
+    def flow_claim(me: As, feature: str, body: FlowClaim) -> dict[str, Any]:
+        return me.flow_claim(body.workspace, feature, body.parent, body.local.model_dump(exclude_unset=True))
+
+    @app.post("/v1/flow/{feature}/ready")
+    def flow_ready(me: As, feature: str, body: FlowReady) -> dict[str, Any]:
+        return me.flow_ready(feature, body.bundle, body.local.model_dump(exclude_unset=True))
+
+    @app.post("/v1/flow/{feature}/approve-tests")
+    def flow_approve_tests(me: As, feature: str, body: ApproveTests) -> dict[str, Any]:
+        return me.flow_approve_tests(feature, body.sha)
+
+    @app.post("/v1/flow/{feature}/ci")
+    def flow_ci(me: As, feature: str, body: FlowLocal) -> dict[str, Any]:
+        return me.flow_ci(feature, body.local.model_dump(exclude_unset=True))
+
+    @app.get("/v1/flow/{feature}/ci")
+    def flow_ci_runs(me: As, feature: str) -> list[dict[str, Any]]:
+        return me.flow_ci_runs(feature)
+
+    @app.get("/v1/ci/runs/{run}")
+    def flow_ci_run(me: As, run: int) -> dict[str, Any]:
+        return me.flow_ci_run(run)
+
+    @app.post("/v1/ci/take")
+    def ci_take(me: As) -> dict[str, Any]:
+        return {"run": me.ci_take()}
+
+    @app.post("/v1/ci/runs/{run}/report")
+    def ci_report(me: As, run: int, body: CiReport) -> dict[str, Any]:
+        return me.ci_report(run, body.junit, body.output, body.exit_code, body.duration_s)
+
+    @app.post("/v1/flow/{feature}/merge")
+    def flow_merge(me: As, feature: str, body: FlowLocal) -> dict[str, Any]:
+        return me.flow_merge(feature, body.local.model_dump(exclude_unset=True))
+
+    @app.post("/v1/flow/{feature}/abandon")
+    def flow_abandon(me: As, feature: str, body: FlowLocal) -> dict[str, Any]:
+        return me.flow_abandon(feature, body.local.model_dump(exclude_unset=True))
+
+    @app.post("/v1/flow/{feature}/tdd/enable")
+    def tdd_enable(me: As, feature: str) -> dict[str, Any]:
+        return me.tdd_command(feature, "enable")
+
+    @app.post("/v1/flow/{feature}/tdd/assign")
+    def tdd_assign(me: As, feature: str, body: TddAssign) -> dict[str, Any]:
+        return me.tdd_command(feature, "assign", **body.model_dump())
+
+    @app.post("/v1/flow/{feature}/tdd/submit")
+    def tdd_submit(me: As, feature: str, body: TddSubmit) -> dict[str, Any]:
+        return me.tdd_command(feature, "submit", **body.model_dump())
+
+    @app.post("/v1/flow/{feature}/tdd/approve")
+    def tdd_approve(me: As, feature: str, body: TddApprove) -> dict[str, Any]:
+        return me.tdd_command(feature, "approve", **body.model_dump())
+
+    @app.post("/v1/flow/{feature}/tdd/red")
+    def tdd_red(me: As, feature: str, body: TddRed) -> dict[str, Any]:
+        return me.tdd_command(feature, "red", **body.model_dump())
+
+    @app.post("/v1/flow/{feature}/tdd/green")
+    def tdd_green(me: As, feature: str, body: TddGreen) -> dict[str, Any]:
+        return me.tdd_command(feature, "green", **body.model_dump())
 
     # -- migrations, promotion, diff ----------------------------------------------------------
     @app.post("/v1/migrations/status")

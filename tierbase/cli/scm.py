@@ -141,3 +141,13 @@ def ci_init(ctx: click.Context, provider: str, repo: str, test_command: str | No
         test_command = str(cfg.project.get("test_command", "pytest -q"))
     written = write_github_workflows(Path(repo).absolute(), test_command)
     emit_json({"written": written}) if as_json() else out.print("wrote " + ", ".join(written))
+
+
+def _add_runner() -> None:
+    """`tierbase ci runner` is the workflow kit's (cli/workflow.py): attached here, explicitly."""
+    from .workflow import ci_runner
+
+    ci_group.add_command(ci_runner)
+
+
+_add_runner()

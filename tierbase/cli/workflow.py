@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from ..errors import NotRunning
-from ..workflow import checks, doctor, flow, scaffold, tdd
+from ..workflow import checks, doctor, flow, runner, scaffold, tdd
 from ..workflow.errors import GateFailed
 from ..workflow.validate import SCHEMAS, schema
 from ..workflow.workspace import Workspace
@@ -106,13 +106,43 @@ def flow_ready(ctx: click.Context, repo: str) -> None:
 
 
 @flow_group.command("ci")
+@click.option("--wait", type=float, default=checks.CI_WAIT, show_default=True,
+              help="Seconds to wait for a runner to take and finish the run.")
 @repo_option
 @command
 @click.pass_context
-def flow_ci(ctx: click.Context, repo: str) -> None:
-    """Gate to ci-green: the test command on a fresh ci-FEATURE branch of the tier, migrations applied."""
+def flow_ci(ctx: click.Context, wait: float, repo: str) -> None:
+    """Gate to ci-green: ask for a CI run of the prepared commit; a runner (`tierbase ci runner`) reports it."""
     ws = workspace(ctx, repo)
-    render(run(lambda: checks.ci(ws)))
+    render(run(lambda: checks.ci(ws, wait=wait)))
+
+
+@flow_group.command("approve-tests")
+@click.argument("feature")
+@click.option("--sha", default=None, help="The commit whose test changes are approved (default: feature/FEATURE).")
+@repo_option
+@command
+@click.pass_context
+def flow_approve_tests(ctx: click.Context, feature: str, sha: str | None, repo: str) -> None:
+    """A human reviewer accepts FEATURE's weakened or harness-changing tests, for one commit only."""
+    data = run(lambda: checks.approve_tests(workspace(ctx, repo), feature, sha))
+    if as_json():
+        emit_json(data)
+    else:
+        for line in data["said"]:
+            out.print(f"- {line}", markup=False)
+
+
+@click.command("runner")
+@click.option("--once", is_flag=True, help="Run what is queued, then exit.")
+@click.option("--os-user", default=None, help="Run the tests as this OS user (when started as root).")
+@click.option("--poll", type=float, default=1.0, show_default=True, help="Seconds between looks at the queue.")
+@command
+@click.pass_context
+def ci_runner(ctx: click.Context, once: bool, os_user: str | None, poll: float) -> None:
+    """The CI runner: as a `ci` principal (TIERBASE_TOKEN), take queued runs, test the exact commit, report."""
+    n = runner.serve(client(ctx), os_user=os_user, poll=poll, once=once)
+    emit_json({"ran": n}) if as_json() else out.print(f"ran {n} CI run(s)", markup=False)
 
 
 @flow_group.command("merge")

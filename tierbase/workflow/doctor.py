@@ -87,7 +87,23 @@ def status(ws: Workspace) -> dict[str, Any]:
             "state_file": {"path": ".tierbase/workflow-state.json", "matches_control_plane": matches,
                            "problems": bad if doc is not None or bad else []},
             "next": nxt, "evidence": expected["transitions"], "tdd": expected.get("tdd"),
-            "digest": expected["digest"]}
+            "digest": expected["digest"], "ci_runs": _ci_runs(ws, cur)}
+
+
+def _ci_runs(ws: Workspace, cur: Current) -> list[dict[str, Any]]:
+    """The platform's CI runs of the feature: who ran what, on which commit, with the log's tail."""
+    if cur.feature is None:
+        return []
+    out = []
+    for r in ws.platform.flow_ci_runs(str(cur.feature)):
+        res = r.get("result") or {}
+        out.append({"run": r["id"], "sha": r["sha"], "state": r["state"], "runner": r.get("runner"),
+                    "requested_by": r["requested_by"], "green": res.get("green"),
+                    "failures": [f.get("code") for f in res.get("failures", [])],
+                    "counts": {k: (res.get("evidence") or {}).get(k) for k in ("passed", "failed", "skipped",
+                                                                               "errors")},
+                    "log": str(r.get("log") or "")[-4000:]})
+    return out
 
 
 def _finding(code: str, message: str, fix: str, fixable: bool) -> dict[str, Any]:

@@ -8,7 +8,6 @@ from typing import Any
 from ..governance.config import load_config
 from .errors import Failure
 from .gitrepo import KIT_DIR, Git
-from .state import FlowState, Transition, effective
 from .workspace import CONFIG_FILE, DEFAULT_MIGRATIONS, DEFAULT_TEST_COMMAND, Current, Workspace, project_name_from
 
 TEMPLATE = """\
@@ -96,15 +95,11 @@ def scaffold(ws: Workspace, *, commit: bool = True) -> dict[str, Any]:
                 ws.git.run("branch", branch, head)
                 said.append(f"created git branch {branch!r} for tier {tier!r} at {head[:10]}")
     workspace = ws.ensure_workspace_id()
-    ws_events = ws.platform.flow_history(workspace)["events"]
-    if not effective(ws_events):
-        evidence = {"project": str(cfg.project.get("name") or project_name_from(ws.repo)), "entry_tier": cfg.entry,
-                    "tiers": {t: ws.tier_git_branch(t) for t in cfg.tier_order()}, "config_sha256": cfg.digest,
-                    "repo": str(ws.repo)}
-        ws.record(workspace, Transition.SCAFFOLD, FlowState.SCAFFOLD_COMPLETE, evidence)
-        said.append(f"recorded the scaffold of workspace {workspace} in the control plane")
-    else:
-        said.append(f"workspace {workspace} was scaffolded before; nothing to record")
+    tier_branches = [ws.tier_git_branch(t) for t in cfg.tier_order() if ws.git.branch_exists(ws.tier_git_branch(t))]
+    # the first workspace brings the tiers' commits; later ones take the platform's (its record wins)
+    got = ws.platform.flow_register(workspace, ws.bundle(*tier_branches) if tier_branches else None)
+    said += list(got.get("said", []))
+    said += ws.take_tiers(got)
     doc = ws.sync()
     return {"transition": "scaffold", "feature": doc["feature"], "state": doc["state"],
             "previous": prior["state"] if prior else None, "said": said,

@@ -79,7 +79,7 @@ def enable(ws: Workspace) -> dict[str, Any]:
     cur, t = _begin(ws, "tdd-enable", enabled=False)
     if t:
         return _done(ws, cur, "tdd-enable", [f"TDD was already enabled for {cur.feature!r}"])
-    ws.record(cur.key, "tdd-enable", cur.state, {})
+    ws.platform.tdd_command(cur.key, "enable")
     return _done(ws, cur, "tdd-enable", [f"TDD enabled for {cur.feature!r}: next, assign the six roles "
                                          "(`tierbase tdd assign ROLE PRINCIPAL`)"])
 
@@ -99,7 +99,7 @@ def assign(ws: Workspace, role: str, principal: str) -> dict[str, Any]:
                                     "Give the role to another principal"))
     if failures:
         ws.refuse("tdd-assign", failures, cur)
-    ws.record(cur.key, "tdd-assign", cur.state, {"role": role, "principal": principal})
+    ws.platform.tdd_command(cur.key, "assign", role=role, principal=principal)
     return _done(ws, cur, "tdd-assign", [f"{principal!r} is the {role} of {cur.feature!r}"])
 
 
@@ -158,7 +158,7 @@ def submit(ws: Workspace, artifact: str, source: Path) -> dict[str, Any]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_bytes(raw)
     sha = hashlib.sha256(raw).hexdigest()
-    ws.record(cur.key, "tdd-submit", cur.state, {"artifact": artifact, "sha256": sha, "path": ws.rel(dest)})
+    ws.platform.tdd_command(cur.key, "submit", artifact=artifact, sha256=sha)
     return _done(ws, cur, "tdd-submit", [f"stored {ws.rel(dest)} (sha256 {sha[:12]}); next: "
                                          f"`tierbase tdd approve {artifact}` by another principal"])
 
@@ -225,7 +225,8 @@ def approve(ws: Workspace, artifact: str) -> dict[str, Any]:
         evidence["fingerprints"] = {i["test"]: testrun.fingerprint(ws.repo, i["test"]) for i in items}
     if failures:
         ws.refuse("tdd-approve", failures, cur)
-    ws.record(cur.key, "tdd-approve", cur.state, evidence)
+    ws.platform.tdd_command(cur.key, "approve", artifact=artifact, sha256=art["sha256"],
+                            fingerprints=evidence.get("fingerprints", {}), items=evidence.get("items", []))
     return _done(ws, cur, "tdd-approve", [f"approved {artifact} (sha256 {art['sha256'][:12]}) as {me!r}"])
 
 
@@ -290,8 +291,7 @@ def red(ws: Workspace, test: str) -> dict[str, Any]:
         ws.refuse("tdd-red", [Failure("wrong-reason", f"{item['test']} fails, but not for the stated reason "
                                       f"{reason!r}", "Make it fail for the reason the test list names",
                                       {"output": run.output[-1500:]})], cur)
-    ws.record(cur.key, "tdd-red", cur.state, {"item": item["id"], "test": item["test"], "fingerprint": fp,
-                                              "failed": run.failed, "reason": reason})
+    ws.platform.tdd_command(cur.key, "red", item=item["id"], test=item["test"], fingerprint=fp)
     return _done(ws, cur, "tdd-red", [f"RED: {item['id']} {item['test']} fails on a fresh branch"
                                       + (f" for the stated reason {reason!r}" if reason else "")])
 
@@ -311,7 +311,7 @@ def green(ws: Workspace) -> dict[str, Any]:
                                         f"{run.failed} failed, {run.errors} errors: {', '.join(run.failures[:5])}",
                                         "Make the code pass every test (never change the tests)",
                                         {"failures": run.failures[:50]})], cur)
-    ws.record(cur.key, "tdd-green", cur.state, {"items": pending, "sha": ws.git.head(), "passed": run.passed})
+    ws.platform.tdd_command(cur.key, "green", items=pending, sha=ws.git.head(), passed=run.passed)
     return _done(ws, cur, "tdd-green", [f"GREEN: {', '.join(pending)} ({run.passed} tests pass on a fresh branch)"])
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import tempfile
 import time
@@ -87,6 +88,7 @@ class RunResult:
     failures: list[str] = field(default_factory=list)   # ids of failed/errored tests
     output: str = ""
     source: str = "summary"
+    junit_xml: str | None = None   # the JUnit report as pytest wrote it (a runner sends it to the platform)
 
     @property
     def total(self) -> int:
@@ -140,21 +142,29 @@ def collect(command: str, cwd: Path) -> Collection:
     return Collection(tests, ok=got.returncode in (0, 5), output=text)
 
 
-def run(command: str, cwd: Path, database_url: str, select: list[str] | None = None) -> RunResult:
-    """Run the test command with DATABASE_URL set; ``select`` narrows a pytest run to those node ids."""
+def run(command: str, cwd: Path, database_url: str, select: list[str] | None = None, *,
+        user: str | None = None) -> RunResult:
+    """Run the test command with DATABASE_URL set; ``select`` narrows a pytest run to those node ids.
+
+    ``user``: run it as that OS user (a CI runner started as root drops to its own user for the tests).
+    """
     argv = split_command(command)
     pytest = is_pytest(argv)
     if select and pytest:
         argv = _without_paths(argv, cwd)
     with tempfile.TemporaryDirectory(prefix="tierbase-run-") as tmp:
+        if user is not None:
+            shutil.chown(tmp, user)
         junit = Path(tmp) / "junit.xml"
         extra = ["--junitxml", str(junit), "-p", "no:cacheprovider", "-o", "junit_family=xunit1"] if pytest else []
         t0 = time.monotonic()
+        env = _env({"DATABASE_URL": database_url, **({"HOME": tmp} if user is not None else {})})
         got = subprocess.run([*argv, *extra, *(select or [])], cwd=cwd, capture_output=True, text=True,
-                             env=_env({"DATABASE_URL": database_url}), timeout=TEST_TIMEOUT)
+                             env=env, timeout=TEST_TIMEOUT, user=user)
         duration = round(time.monotonic() - t0, 2)
         output = got.stdout + got.stderr
         result = parse_junit(junit) if junit.exists() else parse_summary(output)
+        result.junit_xml = junit.read_text(errors="replace") if junit.exists() else None
     result.exit_code, result.duration_s, result.output = got.returncode, duration, output[-6000:]
     if got.returncode not in (0, 1, 5) and result.failed + result.errors == 0:
         result.errors += 1  # interrupted, usage error or crash: never green

@@ -9,11 +9,13 @@ control plane and refuses when the file says anything else.
 
 from __future__ import annotations
 
-import contextlib
+import base64
 import fcntl
 import os
 import re
 import secrets
+import subprocess
+import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -177,6 +179,8 @@ class Workspace:
         elif bad:
             failure = Failure("state-file-invalid", f"{KIT_DIR}/workflow-state.json breaks its schema: "
                               + "; ".join(bad[:5]), DOCTOR_HINT, {"problems": bad})
+        elif doc != expected and self._stale(doc, expected):
+            write_state(self.repo, expected)  # others recorded since (a runner, a reviewer): catch up
         elif doc != expected:
             differs = sorted(k for k in set(doc) | set(expected) if doc.get(k) != expected.get(k))
             said = (f" (the file says state {doc.get('state')!r}, the control plane {expected['state']!r})"
@@ -191,6 +195,21 @@ class Workspace:
             self.refuse(gate, [failure], cur)
         return cur
 
+    def _stale(self, doc: dict[str, Any], expected: dict[str, Any]) -> bool:
+        """True when the file is exactly the projection of an earlier point of the same history.
+
+        A runner's result or a reviewer's approval is recorded by another principal, from elsewhere:
+        the file was right when it was written, so it is brought up to date rather than refused.
+        """
+        n = doc.get("events")
+        if doc.get("history") != expected["history"] or not isinstance(n, int) or not 0 < n < expected["events"]:
+            return False
+        events = self.platform.flow_history(str(expected["history"]))["events"]
+        cut = effective(events)[n - 1]["id"]
+        earlier = project(workspace=str(expected["workspace"]), project_name=str(expected["project"]),
+                          key=str(expected["history"]), events=[e for e in events if e["id"] <= cut])
+        return earlier == doc
+
     def sync(self) -> dict[str, Any]:
         """Write the state file from the control plane (after a transition, or `doctor --fix`)."""
         doc = self.expected()
@@ -200,17 +219,54 @@ class Workspace:
         write_state(self.repo, doc)
         return doc
 
-    def record(self, key: str, transition: str, state: FlowState | str, evidence: dict[str, Any]) -> None:
-        self.platform.flow_record(key, transition, str(state), evidence)
-
     def refuse(self, gate: str, failures: list[Failure], cur: Current | None) -> NoReturn:
-        """Audit the refusal in the history it is about (state unchanged), then raise it."""
+        """A refusal the client finds on its own (its state file, its working copy): nothing to record.
+
+        The platform records the refusals of its own commands; the client writes no event.
+        """
         state = cur.state if cur is not None else None
-        key = cur.key if cur is not None else self.workspace_id
-        if key is not None and state is not None:
-            with contextlib.suppress(TierbaseError):  # the refusal stands even if it could not be recorded
-                self.record(key, f"{gate}-refused", state, {"failures": [f.to_dict() for f in failures]})
         raise GateFailed(gate, failures, str(state) if state else None)
+
+    # -- what the platform needs from this working copy ---------------------------------------
+    def local(self, *, head: bool = True) -> dict[str, Any]:
+        """Facts about the working copy that the platform uses only to refuse (never to grant)."""
+        out: dict[str, Any] = {"git_branch": self.git.current_branch(), "dirty": self.git.dirty()}
+        if head:
+            out["head"] = self.git.head()
+        return out
+
+    def bundle(self, *refs: str) -> str:
+        """A git bundle (base64) of ``refs``: how commits reach the platform without it reading a path."""
+        got = subprocess.run(["git", "bundle", "create", "--quiet", "-", *refs], cwd=self.repo,
+                             capture_output=True, timeout=300)
+        if got.returncode != 0:
+            raise GateFailed("bundle", [Failure("git-bundle-failed", f"`git bundle create` failed: "
+                                                f"{got.stderr.decode(errors='replace').strip()[:300]}",
+                                                "Check the git repo")])
+        return base64.b64encode(got.stdout).decode()
+
+    def take_tiers(self, refs: dict[str, Any]) -> list[str]:
+        """Set the local tier git branches to the platform's accepted commits (its bundle)."""
+        said: list[str] = []
+        if not refs.get("bundle"):
+            return said
+        with tempfile.NamedTemporaryFile(prefix="tierbase-tiers-", suffix=".bundle") as f:
+            f.write(base64.b64decode(refs["bundle"]))
+            f.flush()
+            self.git.run("fetch", "--quiet", "--no-tags", f.name, "+refs/tierbase/out/*:refs/tierbase/platform/*")
+        current = self.git.current_branch()
+        for tier in refs.get("tiers", {}).values():
+            branch, sha = str(tier["git_branch"]), str(tier["sha"])
+            if self.git.sha(f"refs/heads/{branch}") == sha:
+                continue
+            if current == branch:
+                self.git.run("merge", "--ff-only", "--quiet", sha, check=False)
+                if self.git.head() != sha:
+                    self.git.run("reset", "--keep", "--quiet", sha)
+            else:
+                self.git.run("branch", "--force", branch, sha)
+            said.append(f"git branch {branch!r} is at the platform's accepted commit {sha[:10]}")
+        return said
 
     def policy_failure(self, err: PolicyDenied) -> Failure:
         return Failure("policy-denied", err.message, err.hint, {"rule": err.data.get("rule", "")})
