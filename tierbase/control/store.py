@@ -21,6 +21,7 @@ from typing import Any
 
 from ..compute.ports import COMPUTE_PORTS, PORT_BASE
 from ..errors import BranchExists, BranchNotFound, TierbaseError
+from ..procs import pid_alive
 from .lifecycle import Op, State, check_op, check_transition
 
 SCHEMA = """
@@ -112,14 +113,7 @@ def token_alive(token: str | None) -> bool:
     if not token:
         return False
     pid = int(token.split(":")[0])
-    if process_token(pid) != token:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    return process_token(pid) == token and pid_alive(pid)
 
 
 class Store:

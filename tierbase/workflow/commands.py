@@ -37,6 +37,7 @@ from . import inventory, testrun
 from .errors import Failure, GateFailed
 from .gitstore import GitStore
 from .history import FlowHistory
+from .names import check_feature
 from .state import IN_FLIGHT, FlowState, Transition, effective, iso, next_state, project
 
 if TYPE_CHECKING:
@@ -73,8 +74,6 @@ CI_TTL = "2h"
 CONFIG_FILE = "tierbase.toml"
 DEFAULT_TEST_COMMAND = "pytest -q"
 DEFAULT_MIGRATIONS = "db/migrations"
-MAX_FEATURE = 48
-RESERVED_PREFIXES = ("ws-", "ci-", "red-", "green-")
 ROLES = ("spec-author", "architect-reviewer", "test-strategist", "scrum-master", "navigator", "driver")
 ARTIFACTS = {"spec": "spec-author", "architecture": "architect-reviewer", "test-list": "test-strategist",
              "plan": "scrum-master"}
@@ -860,19 +859,6 @@ def ci_failures(run: testrun.RunResult, baseline: dict[str, Any]) -> list[Failur
                            f"suite has {baseline.get('total')} ({need_active} that run)",
                            "Every test of the tier must still run and pass"))
     return out
-
-
-def check_feature(feature: str) -> Failure | None:
-    import re
-
-    ok = re.fullmatch(r"[a-z0-9][a-z0-9-]*", feature) is not None and len(feature) <= MAX_FEATURE
-    if not ok:
-        return Failure("invalid-feature", f"feature name {feature!r} is not allowed",
-                       f"Use 1-{MAX_FEATURE} lowercase letters, digits and '-', starting with a letter or digit")
-    if feature.startswith(RESERVED_PREFIXES):
-        return Failure("invalid-feature", f"feature names may not start with {', '.join(RESERVED_PREFIXES)}",
-                       "Those prefixes name the kit's own branches; pick another name")
-    return None
 
 
 def _pointer(events: list[dict[str, Any]]) -> str | None:

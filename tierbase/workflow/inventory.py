@@ -22,6 +22,7 @@ from typing import Any
 
 from .errors import Failure
 from .gitstore import GitStore
+from .testrun import fingerprint_source
 
 INI_FILES = ("pytest.ini", ".pytest.ini", "tox.ini", "setup.cfg", "pyproject.toml")
 MARKS = ("skip", "skipif", "xfail")
@@ -228,21 +229,5 @@ def compare(tier: Inventory, head: Inventory, tier_git: str) -> tuple[dict[str, 
 
 def fingerprint_at(store: GitStore, sha: str, node_id: str) -> str | None:
     """The AST fingerprint of one test at a commit (None: not there), as testrun.fingerprint computes it."""
-    path, _, rest = node_id.partition("::")
-    text = store.show(sha, path)
-    if text is None:
-        return None
-    try:
-        body: list[ast.stmt] = ast.parse(text).body
-    except SyntaxError:
-        return None
-    node: ast.AST | None = None
-    for name in [n.split("[", 1)[0] for n in rest.split("::") if n]:
-        node = next((n for n in body if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
-                     and n.name == name), None)
-        if node is None:
-            return None
-        body = node.body if isinstance(node, ast.ClassDef) else []
-    if node is None or isinstance(node, ast.ClassDef):
-        return None
-    return hashlib.sha256(ast.dump(node).encode()).hexdigest()
+    text = store.show(sha, node_id.partition("::")[0])
+    return None if text is None else fingerprint_source(text, node_id)

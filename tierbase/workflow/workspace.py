@@ -25,6 +25,7 @@ from ..errors import InvalidInput, PolicyDenied, TierbaseError
 from ..governance.config import Config, load_config
 from .errors import DOCTOR_HINT, Failure, GateFailed
 from .gitrepo import KIT_DIR, Git
+from .names import check_feature
 from .platform import Platform
 from .state import FlowState, effective, project, read_raw, workspace_pointer, write_state
 
@@ -33,8 +34,6 @@ DEFAULT_MIGRATIONS = "db/migrations"
 DEFAULT_TEST_COMMAND = "pytest -q"
 WS_KEY = "tierbase.workspace"
 #: names the kit derives from a feature name (ephemeral branches) or keeps for itself
-RESERVED_PREFIXES = ("ws-", "ci-", "red-", "green-")
-MAX_FEATURE = 48
 
 
 class WorkspaceBusy(TierbaseError):
@@ -272,11 +271,4 @@ class Workspace:
         return Failure("policy-denied", err.message, err.hint, {"rule": err.data.get("rule", "")})
 
     def check_feature_name(self, feature: str) -> Failure | None:
-        ok = re.fullmatch(r"[a-z0-9][a-z0-9-]*", feature) is not None and len(feature) <= MAX_FEATURE
-        if not ok:
-            return Failure("invalid-feature", f"feature name {feature!r} is not allowed",
-                           f"Use 1-{MAX_FEATURE} lowercase letters, digits and '-', starting with a letter or digit")
-        if feature.startswith(RESERVED_PREFIXES):
-            return Failure("invalid-feature", f"feature names may not start with {', '.join(RESERVED_PREFIXES)}",
-                           "Those prefixes name the kit's own branches; pick another name")
-        return None
+        return check_feature(feature)
