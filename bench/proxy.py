@@ -43,7 +43,7 @@ if str(REPO) not in sys.path:
 import psycopg  # noqa: E402
 
 from bench.common import log, ms, pct, write_results  # noqa: E402
-from bench.proxy_platform import PGBOUNCER, Platform, Way, pgbouncer, platform, run  # noqa: E402
+from bench.proxy_platform import PGBOUNCER, Platform, Way, cpu_seconds, pgbouncer, platform, run  # noqa: E402
 from tierbase.api.client import Client  # noqa: E402
 from tierbase.compute import find_binaries  # noqa: E402
 from tierbase.governance.principals import scram_verifier  # noqa: E402
@@ -63,17 +63,26 @@ TPS_SHARE_MIN = 0.95  # proxy TPS / PgBouncer TPS
 class Bench:
     tps: float
     latency_ms: float
+    transactions: int
+    relay_cpu_s: float  # CPU the relay process (service or PgBouncer) used during the run
+
+    @property
+    def relay_us_per_tx(self) -> float:
+        return self.relay_cpu_s * 1e6 / max(self.transactions, 1)
 
 
 def pgbench(way: Way, flags: list[str], clients: int, seconds: int) -> Bench:
     args = ["pgbench", *way.pgbench_args(), "-M", "simple", *flags, "-c", str(clients),
             "-j", str(min(clients, os.cpu_count() or 1)), "-T", str(seconds), way.dbname]
+    cpu0 = cpu_seconds(way.relay_pid)
     out = run(args, env=way.env(), timeout=seconds + 120).stdout
+    cpu = cpu_seconds(way.relay_pid) - cpu0
     tps = re.search(r"^tps = ([\d.]+)", out, re.M)
     lat = re.search(r"^latency average = ([\d.]+) ms", out, re.M)
-    if not tps or not lat:
+    txs = re.search(r"^number of transactions actually processed: (\d+)", out, re.M)
+    if not tps or not lat or not txs:
         raise RuntimeError(f"could not read pgbench's output:\n{out}")
-    return Bench(float(tps.group(1)), float(lat.group(1)))
+    return Bench(float(tps.group(1)), float(lat.group(1)), int(txs.group(1)), cpu)
 
 
 def connect_and_query(way: Way) -> float:
@@ -83,15 +92,19 @@ def connect_and_query(way: Way) -> float:
     return time.perf_counter() - t0
 
 
-def connects(ways: list[Way], n: int) -> dict[str, list[float]]:
-    """n sequential connect + SELECT 1 + close per way, interleaved so that all see the same machine."""
+def connects(ways: list[Way], n: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """n sequential connect + SELECT 1 + close per way, interleaved so that all see the same machine;
+    also the relay's CPU per connection (clock ticks summed over the n: unbiased, not exact)."""
     out: dict[str, list[float]] = {w.name: [] for w in ways}
+    cpu = dict.fromkeys(out, 0.0)
     for w in ways:  # one untimed connection each: first-use costs (pools, caches) are not setup
         connect_and_query(w)
     for i in range(n):
         for w in ways if i % 2 == 0 else reversed(ways):
+            cpu0 = cpu_seconds(w.relay_pid)
             out[w.name].append(connect_and_query(w))
-    return out
+            cpu[w.name] += cpu_seconds(w.relay_pid) - cpu0
+    return out, {name: c / n for name, c in cpu.items()}
 
 
 def cold_starts(sdk: Client, proxy: Way, runs: int) -> list[float]:
@@ -177,34 +190,41 @@ def throughput_table(results: dict[tuple[str, int, str], list[Bench]], seconds: 
         for clients in CLIENTS:
             tps = {w: mean([b.tps for b in results[(mix, clients, w)]]) for w in WAYS}
             lat = {w: mean([b.latency_ms for b in results[(mix, clients, w)]]) for w in WAYS}
+            cpu = {w: mean([b.relay_us_per_tx for b in results[(mix, clients, w)]]) for w in WAYS}
             share = tps["proxy"] / tps["pgbouncer"]
             rows.append([mix, clients, round(tps["direct"]), round(lat["direct"], 3), round(tps["proxy"]),
                          round(lat["proxy"], 3), round(tps["pgbouncer"]), round(lat["pgbouncer"], 3),
                          f"{tps['proxy'] / tps['direct']:.0%}", f"{tps['pgbouncer'] / tps['direct']:.0%}",
-                         f"{share:.0%}"])
+                         f"{share:.0%}", round(cpu["proxy"]), round(cpu["pgbouncer"])])
             targets.append(target(f"pgbench {mix}, {clients} client{'s' if clients > 1 else ''}: proxy TPS",
                                   f">= {TPS_SHARE_MIN:.2f}x PgBouncer", f"{share:.2f}x", share >= TPS_SHARE_MIN))
     notes = [f"pgbench -M simple -T {seconds}, -j min(clients, cores), scale {scale} on a tierbase branch; each "
              f"cell is the mean of {rounds} run(s); the three ways run back to back (order reversed every round) "
              "so that they share the machine's state.",
              "One session per pgbench client for the whole run: after authentication the proxy is a bare byte "
-             "relay, so this is the relay's cost; PgBouncer parses every message."]
+             "relay, so this is the relay's cost; PgBouncer parses every message. On 2 cores shared by postgres, "
+             "pgbench and the relay, the relay's CPU per transaction (the service process, all threads; "
+             "PgBouncer) is what it takes from the other two."]
     return ({"title": "Proxy throughput: pgbench direct, through the service's proxy and through PgBouncer",
              "columns": ["workload", "clients", "direct TPS", "direct latency (ms)", "proxy TPS",
                          "proxy latency (ms)", "PgBouncer TPS", "PgBouncer latency (ms)", "proxy / direct",
-                         "PgBouncer / direct", "proxy / PgBouncer"],
+                         "PgBouncer / direct", "proxy / PgBouncer", "proxy CPU per tx (us)",
+                         "PgBouncer CPU per tx (us)"],
              "rows": rows, "notes": notes}, targets)
 
 
-def connection_table(samples: dict[str, list[float]], per_conn: dict[str, Bench],
+def connection_table(samples: dict[str, list[float]], conn_cpu: dict[str, float], per_conn: dict[str, Bench],
                      conn_seconds: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     direct = pct(samples["direct"], 0.5)
     rows = []
     for name, s in samples.items():
         tps = per_conn.get(name)
+        relay = name != "direct"
         rows.append([name, ms(pct(s, 0.5)), ms(pct(s, 0.95)), len(s), f"{pct(s, 0.5) / direct:.2f}x",
+                     round(conn_cpu[name] * 1000, 2) if relay else None,
                      round(tps.tps) if tps else None,
-                     f"{tps.tps / per_conn['direct'].tps:.2f}x" if tps else None])
+                     f"{tps.tps / per_conn['direct'].tps:.2f}x" if tps else None,
+                     round(tps.relay_us_per_tx / 1000, 2) if tps and relay else None])
     ratio = pct(samples["proxy"], 0.5) / direct
     targets = [target("connect + SELECT 1: proxy p50", f"<= {CONNECT_RATIO_MAX}x direct p50",
                       f"{ratio:.2f}x ({ms(pct(samples['proxy'], 0.5))} ms vs {ms(direct)} ms)",
@@ -220,10 +240,14 @@ def connection_table(samples: dict[str, list[float]], per_conn: dict[str, Bench]
              f"pgbench -C: select-only, 8 clients, -T {conn_seconds}, a new connection for every transaction "
              "(what an application without a pool of its own sees).",
              "sslmode=disable for all (the compute and PgBouncer have no TLS here); 'proxy (TLS)' is the proxy "
-             "with sslmode=require, for the cost of the handshake."]
+             "with sslmode=require, for the cost of the handshake.",
+             "relay CPU: user + system CPU of the process between client and compute (the tierbase service, "
+             "all its threads; PgBouncer) per connection, from /proc clock ticks summed over the run. Postgres's "
+             "own backends and the clients are not in it."]
     return ({"title": "Connection setup: direct, through the service's proxy and through PgBouncer",
              "columns": ["way", "connect + SELECT 1 p50 (ms)", "p95 (ms)", "runs", "p50 / direct p50",
-                         "pgbench -C TPS", "-C TPS / direct"],
+                         "relay CPU per connect (ms)", "pgbench -C TPS", "-C TPS / direct",
+                         "-C relay CPU per connect (ms)"],
              "rows": rows, "notes": notes}, targets)
 
 
@@ -280,26 +304,28 @@ def load() -> str:
 # -- main ---------------------------------------------------------------------------------------
 def measure(p: Platform, args: argparse.Namespace) -> dict[str, Any]:
     p.cli("branch", "create", BRANCH, "--start")
-    proxy = Way.from_url("proxy", p.cli("branch", "url", BRANCH)["url"])
+    proxy = replace(Way.from_url("proxy", p.cli("branch", "url", BRANCH)["url"]), relay_pid=p.service_pid())
     direct = Way.from_url("direct", p.cli("branch", "url", BRANCH, "--direct")["url"])
     log(f"pgbench -i -s {args.scale} on branch {BRANCH!r} (direct, as {direct.user})")
     run(["pgbench", "-i", "-q", "-s", str(args.scale), *direct.pgbench_args(), direct.dbname], env=direct.env(),
         timeout=900)
     sockets = p.home / "sockets"  # where the service's computes listen (0700, the compute user's)
-    with pgbouncer(sockets, direct.port, proxy.user, scram_verifier(proxy.password), BRANCH) as bouncer_port:
-        bouncer = Way("pgbouncer", "127.0.0.1", bouncer_port, proxy.user, proxy.password, BRANCH)
+    with pgbouncer(sockets, direct.port, proxy.user, scram_verifier(proxy.password), BRANCH) as (bport, bpid):
+        bouncer = Way("pgbouncer", "127.0.0.1", bport, proxy.user, proxy.password, BRANCH, relay_pid=bpid)
         ways = {"direct": direct, "proxy": proxy, "pgbouncer": bouncer}
         log("warm-up")
         for w in ways.values():
             pgbench(w, ["-S"], 2, 2)
         log(f"connect + SELECT 1, {args.connects} per way")
-        samples = connects([*ways.values(), proxy.with_tls()], args.connects)
+        samples, conn_cpu = connects([*ways.values(), proxy.with_tls()], args.connects)
         for name, s in samples.items():
-            log(f"  {name:11} p50 {ms(pct(s, 0.5))} ms p95 {ms(pct(s, 0.95))} ms")
+            log(f"  {name:11} p50 {ms(pct(s, 0.5))} ms p95 {ms(pct(s, 0.95))} ms, relay CPU "
+                f"{ms(conn_cpu[name])} ms per connection")
         per_conn: dict[str, Bench] = {}
         for name, w in ways.items():
             per_conn[name] = pgbench(w, ["-S", "-C"], 8, args.connect_seconds)
-            log(f"  pgbench -C {name:9} {per_conn[name].tps:9.0f} TPS")
+            log(f"  pgbench -C {name:9} {per_conn[name].tps:9.0f} TPS, relay CPU "
+                f"{per_conn[name].relay_us_per_tx / 1000:.2f} ms per connection")
         results: dict[tuple[str, int, str], list[Bench]] = {}
         for rnd in range(args.rounds):
             order = list(WAYS) if rnd % 2 == 0 else list(reversed(WAYS))
@@ -309,7 +335,7 @@ def measure(p: Platform, args: argparse.Namespace) -> dict[str, Any]:
                         got = pgbench(ways[name], flags, clients, args.seconds)
                         results.setdefault((mix, clients, name), []).append(got)
                         log(f"round {rnd + 1} {mix:11} {clients} clients {name:9} "
-                            f"{got.tps:9.0f} TPS {got.latency_ms:.3f} ms")
+                            f"{got.tps:9.0f} TPS {got.latency_ms:.3f} ms, relay CPU {got.relay_us_per_tx:.0f} us/tx")
     sdk = Client(p.home)
     try:
         log("cold starts through the proxy")
@@ -320,12 +346,12 @@ def measure(p: Platform, args: argparse.Namespace) -> dict[str, Any]:
         log(f"  repoint visible p50 {ms(pct(rp['visible'], 0.5))} ms")
     finally:
         sdk.close()
-    return {"samples": samples, "per_conn": per_conn, "results": results, "cold": cold, "repoint": rp,
-            "users": {"direct": direct.user, "proxy": proxy.user}}
+    return {"samples": samples, "conn_cpu": conn_cpu, "per_conn": per_conn, "results": results, "cold": cold,
+            "repoint": rp, "users": {"direct": direct.user, "proxy": proxy.user}}
 
 
 def document(m: dict[str, Any], args: argparse.Namespace, started: float, load_start: str) -> dict[str, Any]:
-    conn_table, conn_targets = connection_table(m["samples"], m["per_conn"], args.connect_seconds)
+    conn_table, conn_targets = connection_table(m["samples"], m["conn_cpu"], m["per_conn"], args.connect_seconds)
     tput_table, tput_targets = throughput_table(m["results"], args.seconds, args.rounds, args.scale)
     targets = conn_targets + tput_targets
     met = sum(t["met"] for t in targets)
@@ -346,9 +372,11 @@ def document(m: dict[str, Any], args: argparse.Namespace, started: float, load_s
                  "duration_s": round(time.time() - started), "load_average_at_start": load_start,
                  "load_average_at_end": load(), "quick": bool(args.quick)},
         "raw": {"connect_s": m["samples"],
+                "relay_cpu_per_connect_s": m["conn_cpu"],
                 "pgbench_connect_per_transaction": {k: v.__dict__ for k, v in m["per_conn"].items()},
                 "pgbench": [{"mix": k[0], "clients": k[1], "way": k[2], "tps": [b.tps for b in v],
-                             "latency_ms": [b.latency_ms for b in v]} for k, v in m["results"].items()],
+                             "latency_ms": [b.latency_ms for b in v], "transactions": [b.transactions for b in v],
+                             "relay_cpu_s": [b.relay_cpu_s for b in v]} for k, v in m["results"].items()],
                 "cold_start_s": m["cold"], "repoint": m["repoint"]},
     }
 

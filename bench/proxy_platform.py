@@ -40,6 +40,7 @@ class Way:
     password: str
     dbname: str
     sslmode: str = "disable"  # the same for all three: the direct compute and PgBouncer have no TLS
+    relay_pid: int | None = None  # the process between client and compute (the service, PgBouncer), if any
 
     @classmethod
     def from_url(cls, name: str, url: str) -> Way:
@@ -59,6 +60,14 @@ class Way:
 
     def pgbench_args(self) -> list[str]:
         return ["-h", self.host, "-p", str(self.port), "-U", self.user]
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU a process (all its threads, live or gone) has used so far; 0 for no process."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
 def run(args: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -108,6 +117,9 @@ class Platform:
         if got.returncode != 0:
             raise RuntimeError(f"`tierbase {' '.join(args)}` failed ({got.returncode}): {got.stderr.strip()}")
         return json.loads(got.stdout)
+
+    def service_pid(self) -> int:
+        return int(self.cli("status")["service_pid"])
 
     def up(self) -> None:
         # idle suspend off: a compute stopped by the service between two runs would measure a cold start
@@ -160,7 +172,8 @@ def platform(btrfs_size: str) -> Iterator[Platform]:
 
 
 @contextmanager
-def pgbouncer(sockets: Path, compute_port: int, user: str, scram_verifier: str, dbname: str) -> Iterator[int]:
+def pgbouncer(sockets: Path, compute_port: int, user: str, scram_verifier: str,
+              dbname: str) -> Iterator[tuple[int, int]]:
     """PgBouncer in front of the compute on the proxy's own path, as the postgres OS user.
 
     Clients authenticate with SCRAM against the principal's verifier (as at the proxy); PgBouncer logs in
@@ -200,7 +213,7 @@ pidfile = {work}/pgbouncer.pid
         except RuntimeError as err:
             logged = (work / "pgbouncer.log").read_text(errors="replace") if (work / "pgbouncer.log").exists() else ""
             raise RuntimeError(f"PgBouncer did not start: {logged.strip()[-600:] or err}") from err
-        yield port
+        yield port, proc.pid  # it runs in the foreground (no -d): this pid is PgBouncer itself
     finally:
         proc.terminate()
         try:
