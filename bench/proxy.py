@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -120,9 +121,9 @@ def cold_starts(sdk: Client, proxy: Way, runs: int) -> list[float]:
     return out
 
 
-def repoints(sdk: Client, proxy: Way, runs: int) -> dict[str, Any]:
-    """Flip a route between two branches (the API call `tierbase route set` makes) while sessions sit on
-    the old one and a prober keeps connecting."""
+def repoints(sdk: Client, p: Platform, proxy: Way, runs: int) -> dict[str, Any]:
+    """Flip a route between two branches while sessions sit on the old one and a prober keeps connecting:
+    ``runs`` times through the API call `tierbase route set` makes, then ``runs`` times with the command."""
     names = [f"rp-{secrets.token_hex(2)}", f"rp-{secrets.token_hex(2)}"]
     for name in names:
         sdk.create_branch(name, start=True)
@@ -142,36 +143,44 @@ def repoints(sdk: Client, proxy: Way, runs: int) -> dict[str, Any]:
                 row = conn.execute("SELECT v FROM marker").fetchone()
                 seen.append((time.perf_counter(), str(row[0]) if row else ""))
 
-    switches, visible, calls, ended_total = [], [], [], 0
+    def flip(switch: Callable[[str, str], Any], new: str, out: dict[str, list[float]]) -> int:
+        idle = [psycopg.connect(on_route.dsn(), autocommit=True) for _ in range(4)]
+        for c in idle:
+            c.execute("SELECT 1")
+        time.sleep(0.1)
+        t0 = time.perf_counter()
+        got = switch(route, new)
+        out["call"].append(time.perf_counter() - t0)
+        deadline = time.perf_counter() + 10
+        while not any(t > t0 and v == new for t, v in seen) and time.perf_counter() < deadline:
+            time.sleep(0.001)
+        first = min((t for t, v in seen if t > t0 and v == new), default=None)
+        if first is None:
+            raise RuntimeError(f"no new connection reached branch {new!r} within 10 s of the repoint")
+        out["switch"].append(float(got["switch_ms"]) / 1000)
+        out["visible"].append(first - t0)
+        for c in idle:
+            c.close()
+        time.sleep(0.2)
+        return int(got.get("sessions_ended", 0))
+
+    ways: dict[str, Callable[[str, str], Any]] = {
+        "api": sdk.set_route, "cli": lambda r, b: p.cli("route", "set", r, b)}
+    result: dict[str, Any] = {"runs": runs, "sessions_ended": 0}
     probe = threading.Thread(target=prober, daemon=True)
     try:
         probe.start()
-        for i in range(runs):
-            new = names[(i + 1) % 2]
-            idle = [psycopg.connect(on_route.dsn(), autocommit=True) for _ in range(4)]
-            for c in idle:
-                c.execute("SELECT 1")
-            time.sleep(0.1)
-            t0 = time.perf_counter()
-            got = sdk.set_route(route, new)
-            calls.append(time.perf_counter() - t0)
-            deadline = time.perf_counter() + 10
-            while not any(t > t0 and v == new for t, v in seen) and time.perf_counter() < deadline:
-                time.sleep(0.001)
-            first = min((t for t, v in seen if t > t0 and v == new), default=None)
-            if first is None:
-                raise RuntimeError(f"no new connection reached branch {new!r} within 10 s of the repoint")
-            switches.append(float(got["switch_ms"]) / 1000)
-            visible.append(first - t0)
-            ended_total += int(got.get("sessions_ended", 0))
-            for c in idle:
-                c.close()
-            time.sleep(0.2)
+        flips = 0
+        for how, switch in ways.items():
+            out: dict[str, list[float]] = {"switch": [], "call": [], "visible": []}
+            for _ in range(runs):
+                flips += 1
+                result["sessions_ended"] += flip(switch, names[flips % 2], out)
+            result[how] = out
     finally:
         stop.set()
         probe.join(30)
-    return {"switch": switches, "api_call": calls, "visible": visible, "sessions_ended": ended_total,
-            "runs": runs}
+    return result
 
 
 # -- the tables ---------------------------------------------------------------------------------
@@ -256,20 +265,23 @@ def timing_table(cold: list[float], rp: dict[str, Any]) -> dict[str, Any]:
         verdict = "" if met is None else (" (met)" if met else " (NOT met)")
         return [what, ms(pct(samples, 0.5)), ms(pct(samples, 0.95)), len(samples), goal + verdict]
 
+    api, cli = rp["api"], rp["cli"]
     rows = [row("cold start: stopped compute -> first query answered via the proxy", cold, "p50 < 700 ms",
                 pct(cold, 0.5) < 0.7),
-            row("repoint, in the service: hold -> route changed -> old sessions ended -> release", rp["switch"]),
-            row("repoint, the API call (PUT /v1/routes/NAME, what `tierbase route set` sends)", rp["api_call"]),
-            row("repoint visible: API call start -> a new connection answered by the new branch", rp["visible"],
-                "p95 < 100 ms", pct(rp["visible"], 0.95) < 0.1)]
+            row("repoint, in the service: hold -> route changed -> old sessions ended -> release",
+                api["switch"] + cli["switch"]),
+            row("repoint, the API call (PUT /v1/routes/NAME)", api["call"]),
+            row("repoint visible: API call start -> a new connection answered by the new branch", api["visible"],
+                "p95 < 100 ms", pct(api["visible"], 0.95) < 0.1),
+            row("repoint, the command `tierbase route set` (incl. its Python start-up)", cli["call"]),
+            row("repoint visible: command start -> a new connection answered by the new branch", cli["visible"])]
     notes = ["cold start: `branch stop` through the API, then psycopg connects through the proxy (route = branch) "
              "and runs SELECT 1; the service's resolver starts the compute (pg_ctl start, wait for ready). The OS "
              "page cache stays warm between runs.",
-             f"repoint: {rp['runs']} flips of a route between two running branches through the service's API, "
-             f"with 4 idle sessions on the old one and a prober connecting in a loop ({rp['sessions_ended']} "
-             "sessions ended in all); 'visible' includes the HTTP call, one connection setup and up to one "
-             "prober round. The CLI's own start-up (~0.3 s of Python imports) is left out: bench/rollback.py "
-             "measures the command end to end.",
+             f"repoint: {2 * rp['runs']} flips of a route between two running branches ({rp['runs']} through the "
+             f"API call that `tierbase route set` makes, {rp['runs']} with the command itself), with 4 idle "
+             f"sessions on the old one and a prober connecting in a loop ({rp['sessions_ended']} sessions ended in "
+             "all); 'visible' includes the call, one connection setup and up to one prober round.",
              "p95 interpolated between the closest ranks (close to the maximum with this few runs)."]
     return {"title": "Proxy cold start and repoint (through the service)",
             "columns": ["measure", "p50 (ms)", "p95 (ms)", "runs", "target"], "rows": rows, "notes": notes}
@@ -299,6 +311,15 @@ def machine() -> dict[str, str]:
 
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def shared_machine_note(load_start: str) -> dict[str, str]:
+    """Say on the page when other work shared the machine (the 1-minute load before the run)."""
+    one, cores = float(load_start.split()[0]), os.cpu_count() or 1
+    if one <= 0.5 * cores:
+        return {}
+    return {"note": f"other work shared this machine (load average {one:.2f} on {cores} cores at the start): "
+                    "the numbers are noisy; re-run on a quiet machine for the final ones"}
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -342,8 +363,9 @@ def measure(p: Platform, args: argparse.Namespace) -> dict[str, Any]:
         cold = cold_starts(sdk, proxy, args.cold_runs)
         log(f"  cold start p50 {ms(pct(cold, 0.5))} ms")
         log("repoint through the API")
-        rp = repoints(sdk, proxy, args.repoint_runs)
-        log(f"  repoint visible p50 {ms(pct(rp['visible'], 0.5))} ms")
+        rp = repoints(sdk, p, proxy, args.repoint_runs)
+        log(f"  repoint visible p50 {ms(pct(rp['api']['visible'], 0.5))} ms (API), "
+            f"{ms(pct(rp['cli']['visible'], 0.5))} ms (`tierbase route set`)")
     finally:
         sdk.close()
     return {"samples": samples, "conn_cpu": conn_cpu, "per_conn": per_conn, "results": results, "cold": cold,
@@ -370,7 +392,7 @@ def document(m: dict[str, Any], args: argparse.Namespace, started: float, load_s
                  "logins": f"direct as {m['users']['direct']}; proxy and PgBouncer as principal "
                            f"{m['users']['proxy']}, then tb_owner on the compute",
                  "duration_s": round(time.time() - started), "load_average_at_start": load_start,
-                 "load_average_at_end": load(), "quick": bool(args.quick)},
+                 "load_average_at_end": load(), "quick": bool(args.quick), **shared_machine_note(load_start)},
         "raw": {"connect_s": m["samples"],
                 "relay_cpu_per_connect_s": m["conn_cpu"],
                 "pgbench_connect_per_transaction": {k: v.__dict__ for k, v in m["per_conn"].items()},
