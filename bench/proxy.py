@@ -15,7 +15,8 @@ loop-mounted image, so run as root; ``tierbase down --purge`` at the end, also o
 
 Measured: connect + ``SELECT 1`` (N sequential connections per way, interleaved), ``pgbench -C``
 (a connection per transaction), pgbench select-only and TPC-B at 1 and 8 clients (simple query protocol),
-cold start through the proxy and repoint through the API (what `tierbase route set` calls).
+cold start through the proxy, and repoint through the API call `tierbase route set` makes and with
+the command itself.
 Writes the results JSON and re-renders docs/benchmarks.md (``bench/report.py``).
 """
 
@@ -313,13 +314,17 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def shared_machine_note(load_start: str) -> dict[str, str]:
-    """Say on the page when other work shared the machine (the 1-minute load before the run)."""
+def caveats(load_start: str, quick: bool) -> dict[str, str]:
+    """Say on the page when the numbers are a dry run's, or other work shared the machine."""
     one, cores = float(load_start.split()[0]), os.cpu_count() or 1
-    if one <= 0.5 * cores:
-        return {}
-    return {"note": f"other work shared this machine (load average {one:.2f} on {cores} cores at the start): "
-                    "the numbers are noisy; re-run on a quiet machine for the final ones"}
+    said = []
+    if quick:
+        said.append("a dry run (--quick: pgbench -T 3, one round), to show that the benchmark works, not its "
+                    "numbers")
+    if one > 0.5 * cores:
+        said.append(f"other work shared this machine (load average {one:.2f} on {cores} cores at the start), so "
+                    "the numbers are noisy")
+    return {"note": "; ".join(said) + ": re-run `python bench/proxy.py` on a quiet machine"} if said else {}
 
 
 # -- main ---------------------------------------------------------------------------------------
@@ -357,7 +362,7 @@ def measure(p: Platform, args: argparse.Namespace) -> dict[str, Any]:
                         results.setdefault((mix, clients, name), []).append(got)
                         log(f"round {rnd + 1} {mix:11} {clients} clients {name:9} "
                             f"{got.tps:9.0f} TPS {got.latency_ms:.3f} ms, relay CPU {got.relay_us_per_tx:.0f} us/tx")
-    sdk = Client(p.home)
+    sdk = Client(p.home, token=p.token)
     try:
         log("cold starts through the proxy")
         cold = cold_starts(sdk, proxy, args.cold_runs)
@@ -392,7 +397,7 @@ def document(m: dict[str, Any], args: argparse.Namespace, started: float, load_s
                  "logins": f"direct as {m['users']['direct']}; proxy and PgBouncer as principal "
                            f"{m['users']['proxy']}, then tb_owner on the compute",
                  "duration_s": round(time.time() - started), "load_average_at_start": load_start,
-                 "load_average_at_end": load(), "quick": bool(args.quick), **shared_machine_note(load_start)},
+                 "load_average_at_end": load(), "quick": bool(args.quick), **caveats(load_start, args.quick)},
         "raw": {"connect_s": m["samples"],
                 "relay_cpu_per_connect_s": m["conn_cpu"],
                 "pgbench_connect_per_transaction": {k: v.__dict__ for k, v in m["per_conn"].items()},

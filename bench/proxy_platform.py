@@ -106,9 +106,12 @@ class Platform:
         self.btrfs_size = btrfs_size
         # the service must run this checkout's code, whatever tierbase is installed
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-        self.env = dict(os.environ, TIERBASE_HOME=str(self.home), TIERBASE_PORT_BASE=str(free_port_base()),
-                        PYTHONPATH=path)
+        # the owner's token of this platform only: no TIERBASE_TOKEN or ~/.config/tierbase/token of another
+        self.env = {k: v for k, v in os.environ.items() if k != "TIERBASE_TOKEN"}
+        self.env.update(TIERBASE_HOME=str(self.home), TIERBASE_PORT_BASE=str(free_port_base()), PYTHONPATH=path,
+                        XDG_CONFIG_HOME=str(root / "config"))
         self.up_info: dict[str, Any] = {}
+        self.token = ""
 
     def cli(self, *args: str, timeout: float = 600) -> Any:
         """``tierbase ARGS --json``; its JSON, or RuntimeError with the CLI's own message."""
@@ -125,6 +128,8 @@ class Platform:
         # idle suspend off: a compute stopped by the service between two runs would measure a cold start
         self.up_info = self.cli("up", "--storage", "btrfs", "--btrfs-size", self.btrfs_size, "--api-port",
                                 str(free_port()), "--proxy-port", str(free_port()), "--idle-timeout", "0")
+        self.token = (self.home / "api.token").read_text().strip()  # the owner principal's, made by `up`
+        self.env["TIERBASE_TOKEN"] = self.token
 
     def down(self) -> list[str]:
         """``tierbase down --purge``, then look for anything of this run that survived it."""

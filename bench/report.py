@@ -125,6 +125,9 @@ def render(docs: list[tuple[Path, dict[str, Any]]], problems: list[str] | None =
     for path, doc in docs:
         title = doc.get("title") if "tables" in doc else None
         parts += [f"## {title or path.stem}", "", f"From `bench/results/{path.name}`.", ""]
+        meta = doc.get("meta")
+        if isinstance(meta, dict) and isinstance(meta.get("note"), str) and meta["note"]:
+            parts += [f"> **Note:** {cell(meta['note'])}", ""]  # a caveat on the numbers belongs above them
         targets = doc.get("targets")
         if isinstance(targets, list) and (checklist := render_targets(targets)):
             parts.append(checklist)

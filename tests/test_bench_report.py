@@ -20,9 +20,10 @@ def test_targets_are_a_checklist_with_the_count_and_each_verdict(tmp_path: Path)
         "targets": [{"target": "connect p50", "goal": "<= 1.5x direct", "measured": "1.20x", "met": True},
                     {"target": "TPS | 8 clients", "goal": ">= 0.95x PgBouncer", "measured": "0.90x", "met": False}],
         "tables": [{"title": "Throughput", "columns": ["way", "TPS"], "rows": [["proxy", 100]]}],
-        "meta": {"cmd": "python bench/proxy.py"},
+        "meta": {"cmd": "python bench/proxy.py", "note": "a dry run"},
     })
     page = render_all(results, tmp_path / "benchmarks.md").read_text()
+    assert page.index("> **Note:** a dry run") < page.index("### Targets")  # the caveat comes first
     assert "### Targets: 1 of 2 met" in page
     assert "| connect p50 | <= 1.5x direct | 1.20x | met |" in page
     assert "| TPS \\| 8 clients | >= 0.95x PgBouncer | 0.90x | NOT met |" in page  # a pipe cannot split a cell
