@@ -27,6 +27,7 @@ import datetime as dt
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from bench.common import log, ms, pct, write_results  # noqa: E402
 from bench.proxy_platform import PGBOUNCER, Platform, Way, cpu_seconds, pgbouncer, platform, run  # noqa: E402
 from tierbase.api.client import Client  # noqa: E402
 from tierbase.compute import find_binaries  # noqa: E402
+from tierbase.errors import TierbaseError  # noqa: E402
 from tierbase.governance.principals import scram_verifier  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
@@ -442,10 +444,16 @@ def main(argv: list[str] | None = None) -> int:
                          "PgBouncer as postgres: run it with sudo.")
     if not Path(PGBOUNCER).exists():
         raise SystemExit(f"Error: {PGBOUNCER} is missing. Install it (Debian: `apt-get install pgbouncer`).")
+    if shutil.which("pgbench") is None:
+        raise SystemExit("Error: pgbench is not on PATH. Install it (Debian: `apt-get install postgresql-client`).")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: `tierbase down --purge`
     started, load_start = time.time(), load()
-    with platform(args.btrfs_size) as p:
-        m = measure(p, args)
+    try:
+        with platform(args.btrfs_size) as p:
+            m = measure(p, args)
+    except (RuntimeError, psycopg.Error, TierbaseError) as err:
+        print(f"Error: the benchmark stopped: {err}", file=sys.stderr)
+        return 1
     doc = document(m, args, started, load_start)
     write_results(doc, args.out, report=not args.no_report)
     return 0

@@ -158,13 +158,16 @@ class Platform:
 
 @contextmanager
 def platform(btrfs_size: str) -> Iterator[Platform]:
+    """A platform for the length of the block; `tierbase down --purge` however the block ends."""
     root = Path(tempfile.mkdtemp(prefix="tierbase-bench-proxy-", dir="/tmp"))
     root.chmod(0o711)  # the compute user must reach into it
     p = Platform(root, btrfs_size)
+    ok = False
     try:
         log(f"tierbase up (data dir {p.home})")
         p.up()
         yield p
+        ok = True
     finally:
         log("tierbase down --purge")
         for line in p.down():
@@ -174,6 +177,9 @@ def platform(btrfs_size: str) -> Iterator[Platform]:
             log(f"WARNING: left behind: {item}")
         if not left:
             shutil.rmtree(root, ignore_errors=True)
+        elif ok:  # the measurements are fine, but the machine is not as it was: say so, non-zero
+            raise RuntimeError(f"`tierbase down --purge` left {len(left)} thing(s) of this run behind (listed "
+                               f"above). Remove them, then {root}")
 
 
 @contextmanager
