@@ -132,7 +132,7 @@ class Platform:
         self.env["TIERBASE_TOKEN"] = self.token
 
     def down(self) -> list[str]:
-        """``tierbase down --purge``, then look for anything of this run that survived it."""
+        """``tierbase down --purge``; what it said. A failure is only logged: ``leftovers`` tells what survived."""
         said: list[str] = []
         try:
             said = list(self.cli("down", "--purge", timeout=300).get("said", []))
