@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 export TIERBASE_DEMO_HOME ?= /tmp/tierbase-demo
 
-.PHONY: install deps demo test lint bench clean
+.PHONY: install deps demo test lint bench bench-proxy bench-proxy-quick clean
 
 deps:            ## Debian packages: postgres, btrfs-progs, pgbouncer (for the proxy benchmark)
 	@scripts/install-deps.sh
@@ -23,7 +23,13 @@ lint:
 test: install lint  ## everything the CI runs
 	$(PYTHON) -m pytest -q
 
-bench: install   ## benchmarks; results in bench/results, table in docs/benchmarks.md
+bench: install   ## benchmarks (as root); results in bench/results, table in docs/benchmarks.md
 	$(PYTHON) bench/branching.py --sizes-mb 10,1000
 	$(PYTHON) bench/proxy.py --out bench/results/proxy.json
 	$(PYTHON) bench/report.py
+
+bench-proxy: install  ## the proxy benchmark alone, through `tierbase up` (~9 min, as root; a quiet machine)
+	$(PYTHON) bench/proxy.py --out bench/results/proxy.json
+
+bench-proxy-quick: install  ## a dry run of it (~2 min); results in /tmp, the page is left alone
+	$(PYTHON) bench/proxy.py --quick

@@ -5,8 +5,12 @@ A results file holds either a list of tables::
     {"tables": [{"title": ..., "columns": [...], "rows": [[...]], "notes": [...]}], "meta": {...}}
 
 or one table at its top level (``title``/``columns``/``rows``/``notes``, and an
-optional ``meta``). Anything else in the file (``raw`` samples, ...) stays in the
-JSON for whoever wants it; the page shows the tables, their notes and the meta.
+optional ``meta``). A file may also state its targets, shown first, as a checklist::
+
+    {"targets": [{"target": ..., "goal": ..., "measured": ..., "met": true}], ...}
+
+Anything else in the file (``raw`` samples, ...) stays in the JSON for whoever
+wants it; the page shows the targets, the tables, their notes and the meta.
 
     python bench/report.py [--results-dir bench/results] [--out docs/benchmarks.md]
 """
@@ -73,6 +77,18 @@ def render_table(table: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def render_targets(targets: list[Any]) -> str:
+    """The targets a benchmark states, each met or not, with the count on top."""
+    rows = [t for t in targets if isinstance(t, dict)]
+    if not rows:
+        return ""
+    met = sum(1 for t in rows if t.get("met") is True)
+    table = markdown_table(["target", "goal", "measured", "met"],
+                           [[t.get("target"), t.get("goal"), t.get("measured"),
+                             "met" if t.get("met") is True else "NOT met"] for t in rows])
+    return "\n".join([f"### Targets: {met} of {len(rows)} met", "", table, ""])
+
+
 def render_meta(meta: dict[str, Any]) -> str:
     if not meta:
         return ""
@@ -109,6 +125,12 @@ def render(docs: list[tuple[Path, dict[str, Any]]], problems: list[str] | None =
     for path, doc in docs:
         title = doc.get("title") if "tables" in doc else None
         parts += [f"## {title or path.stem}", "", f"From `bench/results/{path.name}`.", ""]
+        meta = doc.get("meta")
+        if isinstance(meta, dict) and isinstance(meta.get("note"), str) and meta["note"]:
+            parts += [f"> **Note:** {cell(meta['note'])}", ""]  # a caveat on the numbers belongs above them
+        targets = doc.get("targets")
+        if isinstance(targets, list) and (checklist := render_targets(targets)):
+            parts.append(checklist)
         tables = tables_of(doc)
         if not tables:
             parts += ["(no tables in this file)", ""]
