@@ -25,13 +25,34 @@ from .home import Home
 START_TIMEOUT = 30.0
 
 
+#: where `make install` (scripts/service-python.sh) makes an interpreter the service user can run
+SERVICE_VENV_PYTHON = Path(os.environ.get("TIERBASE_SERVICE_VENV", "/opt/tierbase/venv")) / "bin" / "python"
+
+
 def service_python() -> str:
-    """The interpreter the service runs on: TIERBASE_PYTHON, or the one running now.
+    """The interpreter the service runs on: TIERBASE_PYTHON, else the one running now if others can
+    reach it, else the venv `make install` made for the service user.
 
     Set TIERBASE_PYTHON when this interpreter lives where the service user cannot go
-    (a pyenv under /root, a venv in a private home).
+    (a pyenv under /root, a venv in a private home) and there is no such venv.
     """
-    return os.environ.get("TIERBASE_PYTHON") or sys.executable
+    chosen = os.environ.get("TIERBASE_PYTHON")
+    if chosen:
+        return chosen
+    if os.geteuid() == 0 and not _reachable_by_others(Path(sys.executable)) and SERVICE_VENV_PYTHON.exists():
+        return str(SERVICE_VENV_PYTHON)
+    return sys.executable
+
+
+def _reachable_by_others(path: Path) -> bool:
+    """True if a user who is neither the owner nor in the group could run ``path`` (every dir searchable)."""
+    for parent in path.parents:
+        try:
+            if not parent.stat().st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def service_env(user: ComputeUser, python: str) -> dict[str, str]:
