@@ -28,6 +28,7 @@ from psycopg import errors as pgerrors
 from scramp import ScramClient
 
 from tierbase import Tierbase, TierbaseError
+from tierbase.compute.postgres import Postgres
 from tierbase.governance.principals import db_password
 from tierbase.proxy import Proxy, ProxyThread, RouteError, Target
 from tierbase.proxy import protocol as pq
@@ -51,7 +52,9 @@ class BranchResolver:
         b = self.platform.store.find(branch)
         if b is None:
             raise RouteError(f"route {route!r} does not exist", "Run `tierbase branch list` to see routes")
-        if self.platform.branches.provider.running_pid(b.volume) is None:
+        provider = self.platform.branches.provider
+        # starting is not ready (the socket comes after postmaster.pid): take the start path, which waits
+        if provider.running_pid(b.volume) is None or not Postgres.is_ready(provider.datadir(b.volume)):
             try:
                 await asyncio.to_thread(self.platform.start_branch, branch)
             except TierbaseError as err:

@@ -18,6 +18,7 @@ window's summary can never be written before its first record.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -28,6 +29,8 @@ from typing import Any
 
 OTHERS = "*"
 MAX_REASONS = 8   # distinct reasons kept per summary; reasons are ours, but keep a summary small anyway
+
+log = logging.getLogger("tierbase.audit")
 
 
 @dataclass
@@ -108,7 +111,11 @@ class FailureAggregator:
         now = self.clock()
         with self._lock:
             self._timer = None
-            self._close(before=now - now % self.window)
+            try:
+                self._close(before=now - now % self.window)
+            except Exception:  # a timer thread must not die loudly (the data dir may be gone: `down --purge`)
+                log.warning("could not write the folded failures' summary", exc_info=True)
+                return
             ends = [w.start + self.window for w in self._open.values() if w.folded]
             if ends:
                 self._arm(min(ends))
