@@ -6,6 +6,8 @@ tb() { echo "+ tierbase $*" >&2; tierbase "$@"; }
 trap 'tb down --purge >/dev/null || true' EXIT
 
 tb up --btrfs-size 4G
+# act as the platform's first engineer by token, as a script should (without one, each command says so)
+export TIERBASE_TOKEN="$(cat "$TIERBASE_HOME/api.token")"
 tb status
 PROD=$(tierbase branch url production)
 echo "+ load some data into production"

@@ -20,6 +20,9 @@ trap 'tierbase down --purge >/dev/null 2>&1 || true; rm -rf "$work"' EXIT
 
 say "platform up; V0001 reaches production by promotion; production gets its 10,000 rows"
 tb up --btrfs-size 4G >/dev/null
+# act as the platform's first engineer by token, as a script should (without one, each command says so)
+OWNER_TOKEN="$(cat "$TIERBASE_HOME/api.token")"
+export TIERBASE_TOKEN="$OWNER_TOKEN"
 tb branch create bootstrap >/dev/null
 tb migrate apply --branch bootstrap --dir "$mig"
 tb promote production --from bootstrap --dir "$mig"
@@ -51,7 +54,7 @@ DATABASE_URL=$(tierbase branch url split-code) python3 -m pytest -q "$app/tests"
 
 say "merge into staging (promotion is merge), then CI promotes staging -> production"
 tb promote staging --from split-code
-unset TIERBASE_TOKEN
+export TIERBASE_TOKEN="$OWNER_TOKEN"  # back to the platform engineer
 CI=$(tierbase principal create ci-bot --role ci --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])')
 TIERBASE_TOKEN="$CI" tb promote production
 tb diff qa production --format markdown | head -30
