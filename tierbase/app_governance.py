@@ -237,7 +237,7 @@ class GovernanceOps(FacadeBase):
                 with psycopg.connect(ep.dsn(database or self._project_database), autocommit=True) as conn:
                     apply_masking(conn, rules, key)
             finally:
-                provider.pg.stop(provider.datadir(volume))
+                provider.stop(name, volume)
             return applied
 
         return prepare

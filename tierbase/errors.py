@@ -63,11 +63,6 @@ class BranchExists(TierbaseError):
         )
 
 
-class BranchBusy(TierbaseError):
-    code = "branch_busy"
-    http_status = 409
-
-
 class Refused(TierbaseError):
     """An operation a rule forbids (protection, children, policy): exit 2."""
 
@@ -103,6 +98,13 @@ class DiskFull(StorageError):
 class ComputeError(TierbaseError):
     code = "compute_error"
     http_status = 500
+
+
+class NotSupported(TierbaseError):
+    """An operation this platform's provider cannot do (e.g. branching at a past point in time)."""
+
+    code = "not_supported"
+    http_status = 501
 
 
 class PortInUse(ComputeError):

@@ -8,8 +8,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from .compute.binaries import ComputeUser
 from .errors import TierbaseError
+from .provider import ComputeUser
 
 
 def default_home() -> Path:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from .api.client import service_info
-from .compute import ComputeUser
 from .errors import TierbaseError
 from .home import Home
+from .provider import ComputeUser
 
 START_TIMEOUT = 30.0
 

@@ -24,7 +24,6 @@ import uvicorn
 
 from .api.server import create_app
 from .app import Tierbase
-from .compute.postgres import Postgres
 from .control.lifecycle import State
 from .control.store import Kind
 from .errors import PolicyDenied, TierbaseError
@@ -65,17 +64,16 @@ class Resolver:
         if b.kind is Kind.SNAPSHOT:
             raise RouteError(f'branch "{branch}" is a read-only snapshot and has no compute',
                              f"Create a branch from it: `tierbase branch create NAME --parent {branch}`")
-        sockets = str(self.tb.branches.provider.sockets)
+        provider = self.tb.provider
         if (branch not in self.stopping and b.state is State.READY
-                and self.tb.branches.provider.running_pid(b.volume) is not None
-                and Postgres.is_ready(self.tb.branches.provider.datadir(b.volume))):  # not still starting up
-            return Target(branch, sockets, b.port)  # the common case: no lock, no thread
+                and provider.ready(b.volume)):  # running and not still starting up
+            return Target(branch, provider.endpoint(b.port).host, b.port)  # the common case: no lock, no thread
         try:
             await asyncio.to_thread(self.tb.branches.start, branch)
         except TierbaseError as err:
             raise RouteError(err.message, err.hint, sqlstate="57P03") from err
         b = await asyncio.to_thread(self.tb.store.get, branch)  # the start may have moved its port
-        return Target(branch, sockets, b.port)
+        return Target(branch, provider.endpoint(b.port).host, b.port)
 
 
 class PlatformAuthority:

@@ -47,7 +47,7 @@ def _dump_body(src: Path) -> Iterator[tuple[IO[bytes], int]]:
     """The bytes to upload for ``src`` and their size: a file as it is, a -Fd directory as a script."""
     if src.is_dir():
         with tempfile.TemporaryFile() as fh:
-            from ..compute.restore import directory_script  # pg_restore + psycopg: only for -Fd dumps
+            from ..provider import directory_script  # pg_restore + psycopg: only for -Fd dumps
 
             directory_script(src, fh)
             size = os.fstat(fh.fileno()).st_size  # pg_restore wrote through the shared descriptor

@@ -11,6 +11,7 @@ from functools import cache
 from pathlib import Path
 
 from ..errors import BinariesNotFound, ComputeError
+from ..provider.types import ComputeUser
 
 NEEDED = ("initdb", "postgres", "pg_ctl", "pg_basebackup", "pg_controldata", "pg_restore", "pg_dump", "psql")
 
@@ -61,29 +62,6 @@ def find_binaries() -> PgBinaries:
         f"PostgreSQL server binaries ({', '.join(NEEDED)}) were not found; looked in {where}",
         "Install them (Debian: `apt-get install postgresql`) or set TIERBASE_PG_BINDIR to their directory",
     )
-
-
-@dataclass(frozen=True)
-class ComputeUser:
-    """The OS user postgres runs as. Postgres refuses root, so root delegates."""
-
-    name: str
-    uid: int
-    gid: int
-
-    @property
-    def is_self(self) -> bool:
-        return self.uid == os.geteuid()
-
-    def run_kwargs(self) -> dict[str, object]:
-        """subprocess keyword arguments that drop to this user when needed."""
-        if self.is_self:
-            return {}
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
-
-    def chown(self, path: Path) -> None:
-        if not self.is_self:
-            os.chown(path, self.uid, self.gid)
 
 
 @cache

@@ -19,9 +19,9 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ..compute.ports import COMPUTE_PORTS, PORT_BASE
 from ..errors import BranchExists, BranchNotFound, TierbaseError
 from ..procs import pid_alive
+from ..provider import COMPUTE_PORTS, PORT_BASE
 from .lifecycle import Op, State, check_op, check_transition
 
 SCHEMA = """

@@ -13,8 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..compute import ComputeUser, Endpoint
 from ..errors import DiskFull, StorageError
+from ..provider.types import ComputeUser, Endpoint
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import re
 import shutil
 from pathlib import Path
 
-from ..compute import ComputeUser
 from ..errors import StorageError
+from ..provider.types import ComputeUser
 from .base import Source, VolumeDriver, run_tool
 
 DEFAULT_IMAGE_SIZE = "20G"

@@ -29,10 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ..control.locks import branch_lock
 from ..errors import BranchNotFound, InvalidInput, PolicyDenied, TierbaseError
 from ..governance.policy import Action, Subject
 from ..names import check_name
+from ..provider import branch_lock
 from . import inventory, testrun
 from .errors import Failure, GateFailed
 from .gitstore import GitStore
