@@ -7,7 +7,6 @@ migrations) can live in a module of its own while sharing one set of wires.
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import Any, Self
 
@@ -20,6 +19,7 @@ from .governance.policy import Action, Subject
 from .home import Home, default_home
 from .names import check_name
 from .provider import API_PORT, DEFAULT_IMAGE_SIZE, PROXY_PORT, LocalProvider, Provider, default_ports
+from .settings import from_env
 
 NOBODY = Subject(name="platform", kind="none")
 
@@ -63,8 +63,8 @@ class FacadeBase:
     @staticmethod
     def _port_base() -> int:
         """Default first compute port; the one chosen at first `up` is kept in the settings."""
-        env = os.environ.get("TIERBASE_PORT_BASE")
-        return int(env) if env else default_ports().base
+        env = from_env("port_base")
+        return int(env) if env is not None else default_ports().base
 
     @property
     def provider(self) -> Provider:

@@ -17,9 +17,10 @@ from .app_base import FacadeBase
 from .errors import InvalidInput, UploadTooLarge
 from .governance.policy import Action
 from .provider import DATABASE_NAME, directory_script, parse_size
+from .settings import default
 
 #: setting ``import_max_bytes`` (`tierbase up --import-limit`): the largest dump an import accepts
-DEFAULT_IMPORT_LIMIT = 4 * 1024**3
+DEFAULT_IMPORT_LIMIT: int = default("import_max_bytes")
 
 
 def check_database(dbname: str) -> str:

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from .errors import TierbaseError
 from .provider import ComputeUser
+from .settings import from_env
 
 
 def default_home() -> Path:
-    env = os.environ.get("TIERBASE_HOME")
+    env = from_env("home")
     if env:
         return Path(env).expanduser().absolute()
     if os.geteuid() == 0:

@@ -30,6 +30,7 @@ from .errors import PolicyDenied, TierbaseError
 from .proxy import Proxy, RouteError, Target
 from .proxy.auth import Verifier
 from .proxy.tls import TlsFiles, ensure_certificates
+from .settings import default, value
 
 log = logging.getLogger("tierbase.service")
 
@@ -116,7 +117,7 @@ def make_proxy(tb: Tierbase, *, port: int | None = None) -> Proxy:
     tls = TlsFiles(Path(cert), Path(cert), Path(key)) if cert and key else ensure_certificates(tb.home.root / "tls")
     return Proxy(Resolver(tb), PlatformAuthority(tb), host="127.0.0.1",
                  port=tb.proxy_port if port is None else port, tls=tls,
-                 plain_loopback=bool(tb.store.get_setting("plain_loopback", True)),
+                 plain_loopback=bool(tb.store.get_setting("plain_loopback", default("plain_loopback"))),
                  decoy_key=tb.home.read_secret(tb.home.root / "audit.key", create=True).encode())
 
 
@@ -127,8 +128,8 @@ class Service:
         self.proxy = make_proxy(self.tb)
         self.resolver: Resolver = self.proxy.resolver  # type: ignore[assignment]
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.idle_timeout = float(self.tb.store.get_setting("idle_timeout", 300))
-        self.sweep_interval = float(os.environ.get("TIERBASE_SWEEP_INTERVAL", "30"))
+        self.idle_timeout = float(self.tb.store.get_setting("idle_timeout", default("idle_timeout")))
+        self.sweep_interval = float(value("sweep_interval"))
         self._busy_at: dict[str, float] = {}
 
     # -- hooks for the API ------------------------------------------------------

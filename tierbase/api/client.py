@@ -17,6 +17,7 @@ import httpx
 
 from ..errors import InvalidInput, NotRunning, TierbaseError, Unauthorized, error_from_dict
 from ..home import Home, default_home
+from ..settings import from_env
 
 _CHUNK = 1 << 20
 
@@ -118,13 +119,13 @@ class Client:
     def __init__(self, home: str | os.PathLike[str] | None = None, *, url: str | None = None,
                  token: str | None = None, timeout: float = 600) -> None:
         self.home = Home(default_home() if home is None else Path(home))
-        url = url or os.environ.get("TIERBASE_API") or None
+        url = url or from_env("api") or None
         info = service_info(self.home) if url is None else {"api_url": url.rstrip("/")}
         if info is None:
             raise NotRunning(f"tierbase is not running for the data dir {self.home.root}",
                              "Start it with `tierbase up` (or set TIERBASE_HOME to the right data dir, or "
                              "TIERBASE_API to the service's URL)")
-        tok = (token or os.environ.get("TIERBASE_TOKEN") or "").strip() or _token_file() or owner_token(self.home)
+        tok = (token or from_env("token") or "").strip() or _token_file() or owner_token(self.home)
         self._http = httpx.Client(base_url=str(info["api_url"]), timeout=timeout,
                                   headers={"Authorization": f"Bearer {tok}"})
 

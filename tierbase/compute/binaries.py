@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import BinariesNotFound, ComputeError
 from ..provider.types import ComputeUser
+from ..settings import from_env, value
 
 NEEDED = ("initdb", "postgres", "pg_ctl", "pg_basebackup", "pg_controldata", "pg_restore", "pg_dump", "psql")
 
@@ -27,7 +28,7 @@ class PgBinaries:
 
 def _candidates() -> list[Path]:
     out: list[Path] = []
-    env = os.environ.get("TIERBASE_PG_BINDIR")
+    env = from_env("pg_bindir")
     if env:
         return [Path(env)]  # an explicit choice is never second-guessed
     pg_config = shutil.which("pg_config")
@@ -69,7 +70,7 @@ def compute_user() -> ComputeUser:
     if os.geteuid() != 0:
         entry = pwd.getpwuid(os.geteuid())
         return ComputeUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
-    name = os.environ.get("TIERBASE_COMPUTE_USER", "postgres")
+    name = str(value("compute_user"))
     try:
         entry = pwd.getpwnam(name)
     except KeyError as err:

@@ -21,6 +21,7 @@ import psycopg
 from ..errors import ComputeError, DiskFull
 from ..procs import pid_alive
 from ..provider.types import SUPERUSER, ComputeUser, Endpoint
+from ..settings import value
 from .binaries import PgBinaries, compute_user, find_binaries
 
 # Settings every cluster gets at initdb; inherited by every branch through the snapshot.
@@ -66,7 +67,7 @@ ALTER DATABASE postgres OWNER TO tb_owner;
 
 """
 # Skip the fork-time CHECKPOINT when less WAL than this was written since the last one.
-CHECKPOINT_MIN_WAL = int(os.environ.get("TIERBASE_CHECKPOINT_MIN_WAL", 16 * 1024 * 1024))
+CHECKPOINT_MIN_WAL: int = value("checkpoint_min_wal")
 # Files of a running cluster that must not travel into a copy of it.
 RUNTIME_FILES = ("postmaster.pid", "postmaster.opts")
 

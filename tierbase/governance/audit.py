@@ -33,6 +33,7 @@ from typing import Any
 from ..control.store import Store
 from ..errors import TierbaseError
 from ..failpoints import failpoint
+from ..settings import default
 from .anchor import Head, HeadFile, HeadRead
 from .floods import FailureAggregator
 
@@ -76,7 +77,8 @@ class Verdict:
 
 
 class AuditLog:
-    def __init__(self, store: Store, key: bytes, head: Path | None = None, *, window: float = 60.0) -> None:
+    def __init__(self, store: Store, key: bytes, head: Path | None = None, *,
+                 window: float = default("audit_window")) -> None:
         self.store = store
         self.key = key
         self.head = HeadFile(head or store.path.with_name("audit.head"), key)

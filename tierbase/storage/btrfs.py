@@ -14,9 +14,10 @@ from pathlib import Path
 
 from ..errors import StorageError
 from ..provider.types import ComputeUser
+from ..settings import default
 from .base import Source, VolumeDriver, run_tool
 
-DEFAULT_IMAGE_SIZE = "20G"
+DEFAULT_IMAGE_SIZE: str = default("btrfs_size")
 
 
 def fs_type(path: Path) -> str:
