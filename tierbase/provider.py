@@ -52,7 +52,7 @@ class LocalProvider:
             raise
 
     def fork(self, parent: str, parent_volume: str, parent_port: int, volume: str, *,
-             readonly: bool = False) -> str:
+             readonly: bool = False, limited: bool = False) -> str:
         """Copy the parent as of now; returns the fork LSN.
 
         A running parent is checkpointed first, so that the copy needs almost
@@ -63,7 +63,7 @@ class LocalProvider:
             running = self.pg.running_pid(self.datadir(parent_volume)) is not None
             ep = self.endpoint(parent_port) if running else None
             lsn = self.pg.checkpoint(ep) if ep else ""
-            self.driver.clone(Source(parent_volume, ep), volume, readonly=readonly)
+            self.driver.clone(Source(parent_volume, ep), volume, readonly=readonly, limited=limited)
         try:
             if not readonly:
                 self.pg.clear_runtime_files(self.datadir(volume))
