@@ -23,6 +23,7 @@ from .app_flow import FlowOps
 from .app_governance import GovernanceOps
 from .app_import import ImportOps
 from .app_migrate import MigrationOps
+from .control import space as spacectl
 from .control.store import Branch, Kind, Store
 from .errors import BranchNotFound, InvalidInput, NotRunning, PolicyDenied, Refused, TierbaseError
 from .governance.config import load_config
@@ -56,13 +57,16 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps):
 
     # -- platform lifecycle ----------------------------------------------------
     def init(self, storage: str = "auto", btrfs_size: str = DEFAULT_IMAGE_SIZE, *,
-             api_port: int | None = None, proxy_port: int | None = None, config: str | None = None) -> list[str]:
+             api_port: int | None = None, proxy_port: int | None = None, config: str | None = None,
+             space_reserve: str | None = None) -> list[str]:
         """Create (or re-open) the platform: storage ready, root branch present, leftovers reconciled,
-        and the tiers of ``config`` (a tierbase.toml) created."""
+        and the tiers of ``config`` (a tierbase.toml) created. ``space_reserve``: pool space kept for
+        tiers (control/space.py)."""
         said: list[str] = []
         if self._local:
             find_binaries()  # fail before touching anything if postgres is missing
         parse_size(btrfs_size)
+        reserve = parse_size(space_reserve) if space_reserve else None
         cfg = load_config(config) if config else None  # a bad config changes nothing
         ports = default_ports()
         if api_port is not None:
@@ -117,9 +121,17 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps):
             said += self._move_ports_out_of_ephemeral_range(ports)
             said += self.provider.prepare()
             said += self.reconcile()
+        if reserve is not None:
+            self.store.set_setting("space_reserve", reserve)
+        said += spacectl.isolate(self.provider, self.store)  # root only: the features' share of the pool
         if cfg is not None:
             said += self.reload_config(config)["said"]
         return said
+
+    # -- pool space (control/space.py) -------------------------------------------
+    def space(self) -> dict[str, Any]:
+        """The pool's free space, the reserve kept for tiers, the features' limit, and a warning if low."""
+        return spacectl.measure(self.provider, self.store).to_dict()
 
     def _move_ports_out_of_ephemeral_range(self, ports: Ports) -> list[str]:
         """A data dir made before ports left the ephemeral range: new computes get ports below it."""
@@ -177,6 +189,7 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps):
             if not platform_name:
                 check_unreserved(name)  # inside the gate: an attempt to take a platform name is audited
             t0 = time.perf_counter()
+            spacectl.check_room(self.provider, self.store)  # refused (DiskFull, audited) below the reserve
             pb = self.store.get(parent)
             hook = None if snapshot else self._mask_hook(name, pb, self._masking_plan(pb))
             if snapshot and self._masking_plan(pb) is not None and not pb.masked_by:
@@ -424,7 +437,7 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps):
         return {
             "home": str(self.home.root), "driver": health.driver, "copy_on_write": health.copy_on_write,
             "postgres": health.postgres, "compute_user": health.compute_user,
-            "branches": len(branches), "computes_running": running,
+            "branches": len(branches), "computes_running": running, "space": self.space(),
         }
 
 

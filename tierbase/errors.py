@@ -176,6 +176,12 @@ class ComputeBusy(TierbaseError):
     http_status = 503
 
 
+def space_exhausted(text: str) -> bool:
+    """An OS or Postgres message saying a write found no room: a full pool, or a feature branch at the
+    features' quota limit (Postgres reports EDQUOT as XX000, so the text is what tells)."""
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
 def translate(err: BaseException) -> TierbaseError:
     """Errors that are not tierbase's own (psycopg, the OS), as one of ours with what to do.
 
@@ -185,7 +191,7 @@ def translate(err: BaseException) -> TierbaseError:
     if isinstance(err, TierbaseError):
         return err
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in text:
+    if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or space_exhausted(text):
         return DiskFull(f"no space left on the device: {text}",
                         "Free space (delete branches you no longer need) or give tierbase more room")
     sqlstate = getattr(err, "sqlstate", None)

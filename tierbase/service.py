@@ -26,7 +26,7 @@ from .api.server import create_app
 from .app import Tierbase
 from .control.lifecycle import State
 from .control.store import Kind
-from .errors import PolicyDenied, TierbaseError
+from .errors import PolicyDenied, TierbaseError, space_exhausted
 from .proxy import Proxy, RouteError, Target
 from .proxy.auth import Verifier
 from .proxy.tls import TlsFiles, ensure_certificates
@@ -72,6 +72,10 @@ class Resolver:
         try:
             await asyncio.to_thread(self.tb.branches.start, branch)
         except TierbaseError as err:
+            if space_exhausted(err.message):  # its writes hit the features' limit or a full pool: 53100
+                raise RouteError(f'branch "{branch}" is out of disk space: {err.message}',
+                                 "Delete branches you no longer need (or reset this one); tiers are not "
+                                 "affected", sqlstate="53100") from err
             raise RouteError(err.message, err.hint, sqlstate="57P03") from err
         b = await asyncio.to_thread(self.tb.store.get, branch)  # the start may have moved its port
         return Target(branch, provider.endpoint(b.port).host, b.port)

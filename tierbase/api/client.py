@@ -152,6 +152,9 @@ class Client:
     def status(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/status"))
 
+    def space(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/space"))
+
     def list_branches(self, *, with_bytes: bool = True) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/branches", params={"bytes": with_bytes}))
 

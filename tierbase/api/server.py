@@ -220,6 +220,10 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
             out.update(hooks.status())
         return out
 
+    @app.get("/v1/space")
+    def space(me: As) -> dict[str, Any]:
+        return me.space()
+
     @app.get("/v1/branches")
     def list_branches(me: As, bytes: bool = True) -> list[dict[str, Any]]:
         return _with_sessions(me.list_branches(with_bytes=bytes), hooks)

@@ -49,10 +49,12 @@ def cli(ctx: click.Context, home: str | None, api: str | None) -> None:
               help="tierbase.toml declaring tiers, roles and masking (creates missing tiers).")
 @click.option("--import-limit", default=None, help="Largest dump `tierbase import` accepts, e.g. 512M, 8G "
               "(default 4G).")
+@click.option("--space-reserve", default=None, help="Pool space kept for tiers, e.g. 2G (default 10% of the "
+              "pool): feature branches together may not fill it, and `branch create` is refused below it.")
 @command
 @click.pass_context
 def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, proxy_port: int | None,
-       idle_timeout: int | None, config: str | None, import_limit: str | None) -> None:
+       idle_timeout: int | None, config: str | None, import_limit: str | None, space_reserve: str | None) -> None:
     """Start the platform for the data dir (initialising it on first use).
 
     As root, root only mounts the storage; the service and the computes run as the compute user.
@@ -64,7 +66,7 @@ def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, 
 
     tb = Tierbase(home_of(ctx))
     said = tb.init(storage=storage, btrfs_size=btrfs_size, api_port=api_port, proxy_port=proxy_port,
-                   config=config)
+                   config=config, space_reserve=space_reserve)
     if idle_timeout is not None:
         tb.store.set_setting("idle_timeout", idle_timeout)
     if import_limit is not None:
@@ -152,7 +154,10 @@ def status(ctx: click.Context) -> None:
         emit_json({"running": True, **data})
         return
     for k, v in data.items():
-        out.print(f"{k:>16}: {v}")
+        if k != "space":
+            out.print(f"{k:>16}: {v}")
+    if isinstance(data.get("space"), dict):
+        _space_line(data["space"])
 
 
 @cli.command("import")
@@ -223,6 +228,15 @@ def branch_list(ctx: click.Context, no_bytes: bool, prefix: str, names: bool) ->
             click.echo(b["name"])
     else:
         out.print(branch_tree(data))
+        _space_line(client(ctx).space())
+
+
+def _space_line(space: dict[str, Any]) -> None:
+    """The pool's free space under the tree; a warning on stderr when it is low."""
+    out.print(f"pool: {space['free'] / 1024 ** 2:,.0f} MiB free of {space['total'] / 1024 ** 2:,.0f} MiB "
+              f"(reserve for tiers {space['reserve'] / 1024 ** 2:,.0f} MiB)")
+    if space.get("warning"):
+        click.echo(f"Warning: {space['warning']}", err=True)
 
 
 @branch.command("show")

@@ -94,7 +94,8 @@ class Branches:
             with self.lock(parent, shared=True):  # the parent's row and volume hold still while it is copied
                 p = self.store.get(parent)
                 check_op(parent, p.state, Op.BRANCH)
-                lsn = self.provider.fork(parent, p.volume, p.port, b.volume, readonly=kind is Kind.SNAPSHOT)
+                lsn = self.provider.fork(parent, p.volume, p.port, b.volume, readonly=kind is Kind.SNAPSHOT,
+                                         limited=kind is not Kind.TIER)
             masking = p.masked_by or None
             if prepare is not None:
                 masking = prepare(b.volume, b.port)
@@ -167,7 +168,8 @@ class Branches:
                 with self.lock(b.parent, shared=True):
                     p = self.store.get(b.parent)
                     check_op(p.name, p.state, Op.BRANCH)
-                    lsn = self.provider.fork(p.name, p.volume, p.port, volume, readonly=b.kind is Kind.SNAPSHOT)
+                    lsn = self.provider.fork(p.name, p.volume, p.port, volume, readonly=b.kind is Kind.SNAPSHOT,
+                                             limited=b.kind is not Kind.TIER)
                 masking = p.masked_by or None
                 if prepare is not None:
                     masking = prepare(volume, b.port)

@@ -14,6 +14,7 @@ tested for real elsewhere; what runs on this one is the code above the boundary.
 from __future__ import annotations
 
 import itertools
+import os
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from ..storage.base import Source
 from ..storage.fake import FakeDriver
 from .locks import branch_lock
 from .protocol import Provider
-from .types import SUPERUSER, ComputeUser, Endpoint, ForkPoint, Health
+from .types import SUPERUSER, ComputeUser, Endpoint, ForkPoint, Health, PoolSpace
 
 _pids = itertools.count(4_000_000)  # above any real pid_max default: never mistaken for a live process
 
@@ -64,6 +65,13 @@ class FakeProvider:
     def health(self) -> Health:
         return Health(driver=self.name, copy_on_write=self.copy_on_write, compute_user=ComputeUser.current().name)
 
+    def space(self) -> PoolSpace:
+        st = os.statvfs(self.root)
+        return PoolSpace(st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize)
+
+    def isolate(self, reserve: int) -> list[str]:
+        return []
+
     def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
         return branch_lock(self.locks, name, shared=shared)
 
@@ -75,14 +83,14 @@ class FakeProvider:
         self._write_lsn(volume)
 
     def fork(self, parent: str, parent_volume: str, parent_port: int, volume: str, *,
-             readonly: bool = False, at: ForkPoint | None = None) -> str:
+             readonly: bool = False, limited: bool = False, at: ForkPoint | None = None) -> str:
         if at is not None:
             raise NotSupported(f"the fake provider cannot branch {parent!r} at {at}", "Branch it as of now")
         with self.lock(parent, shared=True):
             self._call("fork", volume)
             if not self.driver.exists(parent_volume):
                 raise StorageError(f"volume {parent_volume!r} does not exist", "This is a bug of the caller")
-            self.driver.clone(Source(parent_volume), volume, readonly=readonly)
+            self.driver.clone(Source(parent_volume), volume, readonly=readonly, limited=limited)
         return self._write_lsn(volume)
 
     def _write_lsn(self, volume: str) -> str:

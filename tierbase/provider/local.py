@@ -15,12 +15,13 @@ from pathlib import Path
 from ..compute import Postgres
 from ..compute.restore import restore_dump
 from ..errors import NotSupported, StorageError
+from ..storage import quota
 from ..storage import DEFAULT_IMAGE_SIZE, BtrfsDriver, CopyDriver, Source, VolumeDriver, choose_driver
 from ..storage.btrfs import fs_type, is_mounted
 from ..storage.copy import Backup
 from .locks import branch_lock
 from .protocol import Provider
-from .types import OWNER_ROLE, SUPERUSER, Endpoint, ForkPoint, Health
+from .types import OWNER_ROLE, SUPERUSER, Endpoint, ForkPoint, Health, PoolSpace
 
 
 def make_driver(kind: str, home: Path, pg: Postgres, *, image_size: str = DEFAULT_IMAGE_SIZE) -> VolumeDriver:
@@ -101,6 +102,35 @@ class LocalProvider:
         return Health(driver=self.driver.name, copy_on_write=self.driver.copy_on_write,
                       compute_user=self.pg.user.name, postgres={"bindir": str(bins.bindir), "major": bins.major})
 
+    def space(self) -> PoolSpace:
+        st = os.statvfs(self.driver.root)
+        total, free = st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+        group = quota.usage(self.driver.root) if isinstance(self.driver, BtrfsDriver) else None
+        if group is None or group.limit is None:
+            return PoolSpace(total, free)
+        return PoolSpace(total, free, group.used, group.limit)
+
+    def isolate(self, reserve: int) -> list[str]:
+        """Root, at ``up``: simple quotas on, the features group limited to what features hold now plus
+        the free space above the reserve. Without root, btrfs or kernel support: nothing (the
+        control plane's create-time reserve check still holds)."""
+        if not isinstance(self.driver, BtrfsDriver) or os.geteuid() != 0:
+            return []
+        try:
+            said = quota.enable(self.driver.root)
+        except StorageError as err:
+            return [f"warning: {err.message}; feature branches are held only by the create-time reserve check"]
+        st = os.statvfs(self.driver.root)
+        free = st.f_bavail * st.f_frsize
+        group = quota.usage(self.driver.root)
+        used = group.used if group is not None else 0
+        limit = used + max(0, free - reserve)
+        quota.set_limit(self.driver.root, limit)
+        mib = 1024 ** 2
+        said.append(f"feature branches may hold {limit / mib:,.0f} MiB together "
+                    f"({reserve / mib:,.0f} MiB of {st.f_blocks * st.f_frsize / mib:,.0f} MiB kept for tiers)")
+        return said
+
     def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
         return branch_lock(self.locks, name, shared=shared)
 
@@ -114,7 +144,7 @@ class LocalProvider:
             raise
 
     def fork(self, parent: str, parent_volume: str, parent_port: int, volume: str, *,
-             readonly: bool = False, at: ForkPoint | None = None) -> str:
+             readonly: bool = False, limited: bool = False, at: ForkPoint | None = None) -> str:
         """Copy the parent as of now; returns the fork LSN.
 
         A running parent is checkpointed first, so that the copy needs almost
@@ -128,7 +158,7 @@ class LocalProvider:
             running = self.pg.running_pid(self.datadir(parent_volume)) is not None
             ep = self.endpoint(parent_port) if running else None
             lsn = self.pg.checkpoint(ep) if ep else ""
-            self.driver.clone(Source(parent_volume, ep), volume, readonly=readonly)
+            self.driver.clone(Source(parent_volume, ep), volume, readonly=readonly, limited=limited)
         try:
             if not readonly:
                 self.pg.clear_runtime_files(self.datadir(volume))

@@ -21,7 +21,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
-from .types import SUPERUSER, Endpoint, ForkPoint, Health
+from .types import SUPERUSER, Endpoint, ForkPoint, Health, PoolSpace
 
 
 class Provider(Protocol):
@@ -46,6 +46,15 @@ class Provider(Protocol):
 
     def health(self) -> Health: ...
 
+    def space(self) -> PoolSpace:
+        """The pool's size and free bytes, and the feature branches' share of it."""
+        ...
+
+    def isolate(self, reserve: int) -> list[str]:
+        """Hold feature branches to the pool's free space above ``reserve`` (kept for tiers), where the
+        substrate can (root, btrfs simple quotas); what was done, or a warning why not."""
+        ...
+
     def lock(self, name: str, *, shared: bool = False) -> AbstractContextManager[None]:
         """The branch's lifecycle lock, across every process of this platform; re-entrant in a thread.
         Shared: it is being copied; exclusive: it is started, stopped, reset or deleted."""
@@ -57,9 +66,10 @@ class Provider(Protocol):
         ...
 
     def fork(self, parent: str, parent_volume: str, parent_port: int, volume: str, *,
-             readonly: bool = False, at: ForkPoint | None = None) -> str:
+             readonly: bool = False, limited: bool = False, at: ForkPoint | None = None) -> str:
         """A copy of the parent as of now (or ``at`` a point of its history); returns the fork LSN.
-        Every commit acknowledged before the call is in the copy. A provider that cannot go back in
+        Every commit acknowledged before the call is in the copy. ``limited``: the copy is a
+        feature's, whose own writes count against the features' share of the pool (``isolate``). A provider that cannot go back in
         time raises ``NotSupported`` for ``at``."""
         ...
 

@@ -88,6 +88,17 @@ class ForkPoint:
 
 
 @dataclass(frozen=True)
+class PoolSpace:
+    """The storage pool's room: what branches share, and the feature branches' hard limit if any."""
+
+    total: int
+    free: int
+    #: bytes feature branches hold together, and the most they may (None: no hard limit)
+    features_used: int | None = None
+    features_limit: int | None = None
+
+
+@dataclass(frozen=True)
 class Health:
     """What a provider says about itself (``tierbase status``)."""
 

@@ -39,7 +39,7 @@ class CopyDriver(VolumeDriver):
         self._own_dir(path)
         return path
 
-    def clone(self, source: Source, volume: str, *, readonly: bool = False) -> Path:
+    def clone(self, source: Source, volume: str, *, readonly: bool = False, limited: bool = False) -> Path:
         path = self.path(volume)
         ep = source.endpoint
         if ep is None:
