@@ -114,6 +114,12 @@ def test_branch_lifecycle_through_the_cli(env: dict[str, str]) -> None:
     (("branch", "delete", "production"), 2, "cannot be deleted"),
     (("branch", "reset", "production"), 2, "production"),
     (("branch", "show", "ghost"), 1, "does not exist"),
+    # a name is one path segment of the API, whatever it holds: never another endpoint, query or branch
+    (("branch", "delete", "../../v1/principals"), 1, "no API endpoint DELETE /v1/branches/../../v1/principals"),
+    (("branch", "delete", ".."), 1, "lowercase letters"),
+    (("branch", "delete", "production?recursive=true"), 1, "lowercase letters"),
+    (("branch", "show", "production#x"), 1, "lowercase letters"),
+    (("branch", "reset", "production%2F"), 1, "lowercase letters"),
 ])
 def test_bad_input_exit_codes_and_messages(env: dict[str, str], args: tuple[str, ...], code: int,
                                            says: str) -> None:
@@ -174,6 +180,11 @@ def test_commands_without_a_running_platform_say_so() -> None:
     try:
         got = tierbase(new_env(home), "branch", "list", check=False)
         assert got.returncode == 1 and "not running" in got.stderr and "tierbase up" in got.stderr
+        # by URL: nothing listens there (the light transport's connection error is the same clear error)
+        dead = f"http://127.0.0.1:{free_port()}"
+        got = tierbase(new_env(home, TIERBASE_TOKEN="t"), "--api", dead, "branch", "create", "x", check=False)
+        assert got.returncode == 1 and f"the tierbase service at {dead} does not answer" in got.stderr
+        assert "tierbase status" in got.stderr
     finally:
         shutil.rmtree(home.parent, ignore_errors=True)
 

@@ -15,8 +15,8 @@ from urllib.parse import quote, urlencode, urlsplit
 
 import h11
 
-#: the characters a request target may carry as they are (RFC 3986 pchar, "/" and an existing escape)
-_SAFE = "/:@!$&'()*+,;=-._~%"
+#: the characters a path segment may carry as they are (RFC 3986 pchar); anything else is %-escaped
+_SAFE = ":@!$&'()*+,;=-._~"
 
 
 class WireError(OSError):
@@ -37,6 +37,11 @@ class Reply:
         return self.body.decode(errors="replace")
 
 
+def _path(path: str) -> str:
+    """Each segment escaped on its own; "." and ".." too, so a name can never climb to another endpoint."""
+    return "/".join("%2E" * len(seg) if seg in (".", "..") else quote(seg, safe=_SAFE) for seg in path.split("/"))
+
+
 def _query(params: dict[str, Any] | None) -> str:
     """The query string as httpx writes it: booleans as true/false, None left out."""
     if not params:
@@ -52,7 +57,7 @@ def request(base_url: str, method: str, path: str, *, headers: dict[str, str], p
     url = urlsplit(base_url)
     if url.scheme != "http" or not url.hostname:
         raise ValueError(f"wire serves http:// URLs only, not {base_url!r}")
-    target = quote(url.path.rstrip("/") + path, safe=_SAFE) + _query(params)
+    target = _path(url.path.rstrip("/") + path) + _query(params)
     body = b"" if json_body is None else json.dumps(json_body).encode()
     hdrs = [("Host", url.netloc), ("Connection", "close"), ("Accept", "application/json"),
             ("Content-Length", str(len(body))), *headers.items()]
