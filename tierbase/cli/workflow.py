@@ -64,7 +64,10 @@ def render(data: dict[str, Any]) -> None:
 @command
 @click.pass_context
 def init(ctx: click.Context, repo: str, no_commit: bool) -> None:
-    """Scaffold an app repo: tierbase.toml, the migrations dir, the state file; check the tiers exist."""
+    """Scaffold an app repo: tierbase.toml, the migrations dir, the state file; load the tiers if missing.
+
+    A platform engineer's `init` on a platform without a config of its own loads tierbase.toml (creating
+    its tiers) in the same step; anyone else's writes the files and names the command to ask for."""
     from ..workflow import scaffold
     from ..workflow.workspace import Workspace
 
@@ -75,11 +78,19 @@ def init(ctx: click.Context, repo: str, no_commit: bool) -> None:
         for line in said:
             err.print(f"- {line}", markup=False)
         raise NotRunning(f"{e.message}; the files are written but the tiers cannot be checked",
-                         "Start the platform with this config (`tierbase up --config tierbase.toml`), then run "
-                         "`tierbase init` again") from e
-    data = run(lambda: scaffold.scaffold(Workspace(root, plat), commit=not no_commit))
+                         "Start the platform (`tierbase up`), then run `tierbase init` again: it loads tierbase.toml "
+                         "(or start it with `tierbase up --config tierbase.toml`)") from e
+    data = run(lambda: scaffold.init(Workspace(root, plat), commit=not no_commit))
     data["said"] = said + data["said"]
-    render(data)
+    pending = data.get("pending")
+    if pending is None or as_json():
+        render(data)
+        return
+    for line in data["said"]:
+        out.print(f"- {line}", markup=False)
+    out.print(f"next: ask a platform engineer to run\n  {pending['command']}\n"
+              f"then run `{pending['then']}` again to finish (commit, tier git branches, the workspace record)",
+              markup=False)
 
 
 # -- flow -----------------------------------------------------------------------------------
