@@ -32,7 +32,6 @@ VALUE_TYPES = {"tierbase.provider.types"}
 KNOWN: dict[tuple[str, str], str] = {
     # `up` asks for the compute user; cli/ is being reworked on another branch: it becomes
     # `from ..provider import compute_user`
-    ("tierbase.cli.main", "tierbase.compute"): "cli rework",
 }
 
 

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import sys
-import tempfile
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
-
-import httpx
+from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import InvalidInput, NotRunning, TierbaseError, Unauthorized, error_from_dict
 from ..home import Home, default_home
 from ..settings import from_env
+
+if TYPE_CHECKING:
+    import httpx
+
+# httpx is imported only by a client that needs it (an https URL, an upload): JSON calls to an http://
+# service go through api/wire.py, so a CLI process does not pay for httpx's import.
 
 _CHUNK = 1 << 20
 
@@ -47,6 +48,8 @@ def _token_file() -> str | None:
 def _dump_body(src: Path) -> Iterator[tuple[IO[bytes], int]]:
     """The bytes to upload for ``src`` and their size: a file as it is, a -Fd directory as a script."""
     if src.is_dir():
+        import tempfile
+
         with tempfile.TemporaryFile() as fh:
             from ..provider import directory_script  # pg_restore + psycopg: only for -Fd dumps
 
@@ -67,6 +70,8 @@ def _chunks(fh: IO[bytes]) -> Iterator[bytes]:
 
 
 def _os_user(uid: int) -> str:
+    import pwd
+
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -126,26 +131,58 @@ class Client:
                              "Start it with `tierbase up` (or set TIERBASE_HOME to the right data dir, or "
                              "TIERBASE_API to the service's URL)")
         tok = (token or from_env("token") or "").strip() or _token_file() or owner_token(self.home)
-        self._http = httpx.Client(base_url=str(info["api_url"]), timeout=timeout,
-                                  headers={"Authorization": f"Bearer {tok}"})
+        self.base_url = str(info["api_url"]).rstrip("/")
+        self._timeout = timeout
+        self._headers = {"Authorization": f"Bearer {tok}"}
+        self._wire = self.base_url.startswith("http://")
+        self._httpx: httpx.Client | None = None
 
     def close(self) -> None:
-        self._http.close()
+        if self._httpx is not None:
+            self._httpx.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    @property
+    def _http(self) -> httpx.Client:
+        if self._httpx is None:
+            import httpx
+
+            self._httpx = httpx.Client(base_url=self.base_url, timeout=self._timeout, headers=self._headers)
+        return self._httpx
+
+    def _send(self, method: str, path: str, params: dict[str, Any] | None, json_body: Any,
+              **kwargs: Any) -> tuple[int, Any, str]:
+        """(status, parsed JSON or None, text) of one request, by the light transport when it can serve it."""
+        down = ("Check `tierbase status`; restart it with `tierbase up`")
+        if self._wire and not kwargs:
+            from .wire import WireError, request
+
+            try:
+                reply = request(self.base_url, method, path, headers=self._headers, params=params,
+                                json_body=json_body, timeout=self._timeout)
+            except WireError as err:
+                raise NotRunning(f"the tierbase service at {self.base_url} does not answer ({err})", down) from err
+            status, text = reply.status, reply.text
+        else:
+            import httpx
+
+            try:
+                resp = self._http.request(method, path, params=params, json=json_body, **kwargs)
+            except httpx.TransportError as err:
+                raise NotRunning(f"the tierbase service at {self.base_url} does not answer ({err})", down) from err
+            status, text = resp.status_code, resp.text
         try:
-            resp = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as err:
-            raise NotRunning(f"the tierbase service at {self._http.base_url} does not answer ({err})",
-                             "Check `tierbase status`; restart it with `tierbase up`") from err
-        try:
-            body = resp.json()
+            body = json.loads(text) if text else None
         except ValueError:
             body = None
-        if resp.status_code >= 400:
+        return status, body, text
+
+    def _call(self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None,
+              **kwargs: Any) -> Any:
+        status, body, text = self._send(method, path, params, json, **kwargs)
+        if status >= 400:
             if isinstance(body, dict) and isinstance(body.get("error"), dict):
                 raise error_from_dict(body["error"])
-            raise TierbaseError(f"the API answered {resp.status_code}: {resp.text[:300]}", "See the service log")
+            raise TierbaseError(f"the API answered {status}: {text[:300]}", "See the service log")
         return body
 
     # -- the facade's methods -----------------------------------------------------
@@ -313,6 +350,8 @@ class Client:
 
     def _default_migrations_dir(self) -> Path:
         """[project] migrations of the tierbase.toml the platform loaded (relative to it), else of ./tierbase.toml."""
+        import tomllib
+
         shown = self.show_config()
         for source, text in ((shown.get("source"), shown.get("text")), ("tierbase.toml", None)):
             if not source:

@@ -13,6 +13,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..app import Tierbase
@@ -208,6 +209,15 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         body = {"code": "invalid_input", "message": f"{where}: {first.get('msg', 'invalid request')}",
                 "hint": "See the OpenAPI document at /openapi.json", "data": {}}
         return JSONResponse({"error": body}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_such_endpoint(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        # an unknown path or method (a name holding "/", a client of another version): the same envelope
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        body = {"code": code, "message": f"no API endpoint {request.method} {request.url.path} ({err.detail})",
+                "hint": "Check the names in the command (one path segment each) and the URL of the service; "
+                        "the endpoints are listed at /openapi.json", "data": {}}
+        return JSONResponse({"error": body}, status_code=err.status_code, headers=getattr(err, "headers", None))
 
     @app.get("/v1/health")
     def health() -> dict[str, Any]:

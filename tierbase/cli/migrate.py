@@ -9,10 +9,8 @@ import click
 
 from ..errors import Refused
 from .base import as_json, client, command
+from .base import migrations_dir_option as DIR
 from .render import emit_json, out
-
-DIR = click.option("--dir", "migrations_dir", type=click.Path(file_okay=False), default=None,
-                   help="Migrations directory (default: [project] migrations of tierbase.toml).")
 
 
 def _abs(path: str | None) -> str | None:

@@ -15,8 +15,7 @@ from pathlib import Path
 from ..compute import Postgres
 from ..compute.restore import restore_dump
 from ..errors import NotSupported, StorageError
-from ..storage import quota
-from ..storage import DEFAULT_IMAGE_SIZE, BtrfsDriver, CopyDriver, Source, VolumeDriver, choose_driver
+from ..storage import DEFAULT_IMAGE_SIZE, BtrfsDriver, CopyDriver, Source, VolumeDriver, choose_driver, quota
 from ..storage.btrfs import fs_type, is_mounted
 from ..storage.copy import Backup
 from .locks import branch_lock

@@ -69,8 +69,8 @@ class Provider(Protocol):
              readonly: bool = False, limited: bool = False, at: ForkPoint | None = None) -> str:
         """A copy of the parent as of now (or ``at`` a point of its history); returns the fork LSN.
         Every commit acknowledged before the call is in the copy. ``limited``: the copy is a
-        feature's, whose own writes count against the features' share of the pool (``isolate``). A provider that cannot go back in
-        time raises ``NotSupported`` for ``at``."""
+        feature's, whose own writes count against the features' share of the pool (``isolate``).
+        A provider that cannot go back in time raises ``NotSupported`` for ``at``."""
         ...
 
     def delete(self, name: str, volume: str) -> None:
