@@ -19,10 +19,10 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
+from .app_data import DataOps
 from .app_flow import FlowOps
 from .app_governance import GovernanceOps
 from .app_import import ImportOps
-from .app_migrate import MigrationOps
 from .compute import Postgres, compute_user, find_binaries
 from .compute.ports import COMPUTE_PORTS, Ports, check_base, check_port, default_ports, ephemeral_range
 from .compute.roles import DIRECT_GROUP, OWNER_ROLE, READER_ROLE
@@ -39,7 +39,7 @@ from .storage.btrfs import parse_size
 ROOT_BRANCH = "production"
 
 
-class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps):
+class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------
