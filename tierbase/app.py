@@ -19,10 +19,10 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
+from .app_data import DataOps
 from .app_flow import FlowOps
 from .app_governance import GovernanceOps
 from .app_import import ImportOps
-from .app_migrate import MigrationOps
 from .control import space as spacectl
 from .control.store import Branch, Kind, Store
 from .errors import BranchNotFound, InvalidInput, NotRunning, PolicyDenied, Refused, TierbaseError
@@ -52,7 +52,7 @@ from .provider import (
 ROOT_BRANCH = "production"
 
 
-class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps):
+class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------

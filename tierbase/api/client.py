@@ -395,5 +395,9 @@ class Client:
         params = {"a": a, "format": fmt, **({"b": b} if b else {})}
         return dict(self._call("GET", "/v1/diff", params=params))
 
+    def data_diff(self, a: str, b: str, tables: list[str] | None = None, fmt: str = "text") -> dict[str, Any]:
+        params: dict[str, Any] = {"a": a, "b": b, "format": fmt, **({"table": tables} if tables else {})}
+        return dict(self._call("GET", "/v1/diff/data", params=params))
+
     def audit_url(self) -> str:
         return str(self._call("GET", "/v1/audit/url")["url"])

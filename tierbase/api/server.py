@@ -8,7 +8,7 @@ proxy shares.
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -476,6 +476,11 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     @app.get("/v1/diff")
     def diff(me: As, a: str, b: str | None = None, format: str = "text") -> dict[str, Any]:
         return me.diff(a, b, format)
+
+    @app.get("/v1/diff/data")
+    def data_diff(me: As, a: str, b: str, format: str = "text",
+                  table: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
+        return me.data_diff(a, b, table=table, fmt=format)
 
     return app
 
