@@ -23,6 +23,7 @@ from .app_flow import FlowOps
 from .app_governance import GovernanceOps
 from .app_import import ImportOps
 from .app_migrate import MigrationOps
+from .app_sql import SqlOps
 from .compute import Postgres, compute_user, find_binaries
 from .compute.ports import COMPUTE_PORTS, Ports, check_base, check_port, default_ports, ephemeral_range
 from .compute.roles import DIRECT_GROUP, OWNER_ROLE, READER_ROLE
@@ -39,7 +40,7 @@ from .storage.btrfs import parse_size
 ROOT_BRANCH = "production"
 
 
-class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps):
+class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, SqlOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------
@@ -320,7 +321,7 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps):
                                      later=later)
         if not decision.allowed:
             raise PolicyDenied(action.value, b.name, decision.reason, decision.rule)
-        if b.kind is Kind.SYSTEM:
+        if b.kind is Kind.SYSTEM or self.config.read_only(who.role):  # read-only roles read, wherever they are
             return READER_ROLE
         if self.config.base_role(who.role) == "platform-engineer" or subject.owner == who.name:
             return OWNER_ROLE

@@ -165,6 +165,16 @@ class ConfigReload(BaseModel):
     dry_run: bool = Field(default=False, description="validate and show the diff; change nothing")
 
 
+class SqlBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sql: str = Field(max_length=1_000_000, description="one or more statements, run in one transaction")
+    params: list[Any] | None = Field(default=None, max_length=1000, description="%s parameters (one statement)")
+    database: str | None = Field(default=None, max_length=63, description="default: the project database")
+    max_rows: int = Field(default=1000, ge=1, le=10_000, description="rows returned at most; more are cut")
+    timeout_s: float = Field(default=30.0, gt=0, le=300, description="per statement and for the whole call")
+    read_only: bool = Field(default=False, description="run as tb_reader even where the caller could write")
+
+
 class CiBranch(BaseModel):
     parent: str | None = None
     ttl: str | None = None
@@ -257,6 +267,12 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
                    sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] | None = None,
                    ) -> dict[str, Any]:
         return {"name": name, "url": me.branch_url(name, database, direct=direct, sslmode=sslmode)}
+
+    @app.post("/v1/branches/{name}/sql")
+    def run_sql(me: As, name: str, body: SqlBody) -> dict[str, Any]:
+        """Rows as JSON, run as the caller's compute role (tb_owner on its branches, else tb_reader)."""
+        return me.run_sql(name, body.sql, body.params, database=body.database, max_rows=body.max_rows,
+                          timeout_s=body.timeout_s, read_only=body.read_only)
 
     @app.get("/v1/routes")
     def routes(me: As) -> list[dict[str, Any]]:

@@ -38,6 +38,7 @@ COMMANDS = {
     "init": "tierbase.cli.workflow:init",
     "flow": "tierbase.cli.workflow:flow_group",
     "tdd": "tierbase.cli.workflow:tdd_group",
+    "mcp": "tierbase.cli.mcp:mcp",
 }
 
 
