@@ -31,6 +31,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.types import CallToolResult
 
 from tierbase.api.client import Client as Sdk
+from tierbase.errors import PolicyDenied
 
 from .conftest import free_port, make_home, needs_root_btrfs
 from .test_cli import leftovers, new_env, tierbase
@@ -204,3 +205,230 @@ def test_http_transport_needs_the_token(svc: Svc, http_server: str) -> None:
     for header in ({}, {"Authorization": "Bearer " + svc.tokens["rival"]}, {"Authorization": "Bearer tbt_nope"}):
         got = httpx.post(http_server, json=frame, headers=header, timeout=10)
         assert got.status_code == 401 and got.json()["error"]["code"] == "unauthorized"
+
+
+# -- what an agent may not do ------------------------------------------------------------------------
+def test_forbidden_calls_are_refused_audited_and_change_nothing(svc: Svc) -> None:
+    before = svc.names()
+    calls = [  # tool, arguments, rule, audited action, audited target
+        ("create_branch", {"name": "bot-prod", "parent": "production"}, "builtin.agent-no-branch-off-protected",
+         "branch.create", "production"),
+        ("promote", {"tier": "production", "files": MIGRATION}, "builtin.agent-no-promote", "promote", "production"),
+        ("run_sql", {"branch": "staging", "sql": "SELECT 1"}, "builtin.agent-no-credentials-on-protected",
+         "branch.sql", "staging"),
+        ("run_sql", {"branch": "rival-work", "sql": "SELECT 1"}, "default.deny", "branch.sql", "rival-work"),
+        ("delete_branch", {"name": "rival-work"}, "default.deny", "branch.delete", "rival-work"),
+        ("reset_branch", {"name": "rival-work"}, "default.deny", "branch.reset", "rival-work"),
+        ("migration_apply", {"branch": "rival-work", "files": MIGRATION}, "builtin.agent-migrate-own-only",
+         "migrate.apply", "rival-work"),
+    ]
+
+    async def go() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        out = []
+        async with over_stdio(svc) as client:
+            for tool, args, *_ in calls:
+                out.append((refused(await client.call_tool(tool, args)), svc.last_audit("bot")))
+            # an explain before trying says the same as the refusal
+            said = ok(await client.call_tool("explain", {"action": "branch.create", "target": "production"}))
+            assert said["allowed"] is False and said["rule"] == "builtin.agent-no-branch-off-protected"
+        return out
+
+    for (err, record), (tool, _, rule, action, target) in zip(run(go), calls, strict=True):
+        assert err["code"] == "policy_denied" and err["rule"] == rule and err["hint"], (tool, err)
+        assert (record["action"], record["target"], record["decision"]) == (action, target, "denied"), tool
+        assert record["reason"].startswith(rule)
+    assert svc.names() == before
+    assert "rival-work" in before
+
+
+def test_read_only_mode_exposes_no_write_tool_and_writes_nothing(svc: Svc) -> None:
+    name = f"bot-{secrets.token_hex(3)}"
+    bot = Sdk(svc.home, url=svc.api, token=svc.tokens["bot"])
+    bot.create_branch(name)
+    bot.run_sql(name, "CREATE TABLE t (x int); INSERT INTO t VALUES (1)")
+
+    async def go(who: str, *extra: str) -> tuple[set[str], dict[str, Any], CallToolResult]:
+        async with over_stdio(svc, who, *extra) as client:
+            tools = {t.name for t in (await client.list_tools()).tools}
+            sql = refused(await client.call_tool("run_sql", {"branch": name, "sql": "INSERT INTO t VALUES (2)"}))
+            return tools, sql, await client.call_tool("create_branch", {"name": "ro-made"})
+
+    try:
+        for who, extra in (("bot", ("--read-only",)), ("viewer", ())):  # the flag, or a read-only role
+            tools, sql, create = run(go, who, *extra)
+            assert "run_sql" in tools and "describe_schema" in tools and "audit_mine" in tools
+            assert not tools & {"create_branch", "delete_branch", "reset_branch", "migration_apply", "promote",
+                                "flow_claim", "migration_new", "session_start"}, who
+            assert create.is_error and "ro-made" not in svc.names()
+            # SQL runs as tb_reader: the bot's own branch is read, never written; the viewer may not even read it
+            assert sql["code"] in ("sql_error", "policy_denied"), sql
+        assert bot.run_sql(name, "SELECT x FROM t")["rows"] == [[1]]
+        # the role attribute is the server's: the viewer's token refuses writes whatever the client
+        viewer = Sdk(svc.home, url=svc.api, token=svc.tokens["viewer"])
+        with pytest.raises(PolicyDenied) as got:
+            viewer.create_branch("viewer-made")
+        assert got.value.data["rule"] == "role.read-only"
+        assert svc.last_audit("viewer")["action"] == "branch.create"
+        assert svc.last_audit("viewer")["decision"] == "denied" and "viewer-made" not in svc.names()
+    finally:
+        bot.delete_branch(name)
+
+
+# -- bad input -----------------------------------------------------------------------------------------
+def test_unknown_tools_and_arguments_are_tool_errors(svc: Svc) -> None:
+    async def go() -> list[CallToolResult]:
+        async with over_stdio(svc) as client:
+            out = [await client.call_tool("drop_everything", {}),
+                   await client.call_tool("create_branch", {"name": "bot-x", "bogus": True}),
+                   await client.call_tool("create_branch", {"name": ["not", "a", "name"]}),
+                   await client.call_tool("create_branch", {}),
+                   await client.call_tool("create_branch", {"name": "Not A Name"})]
+            # the server is still there and answers
+            out.append(await client.call_tool("whoami", {}))
+            return out
+
+    unknown, extra, wrong_type, missing, bad_name, still = run(go)
+    assert unknown.is_error and "drop_everything" in unknown.content[0].text
+    assert extra.is_error and "bogus" in extra.content[0].text
+    assert wrong_type.is_error and missing.is_error
+    assert refused(bad_name)["code"] == "invalid_name"
+    assert ok(still)["name"] == "bot"
+    assert not {"bot-x", "Not A Name"} & set(svc.names())
+
+
+MANY = "SELECT g, repeat('x', 100) FROM generate_series(1, 5000000) g"
+WIDE = "SELECT g, repeat('y', 2000) FROM generate_series(1, 10000) g"
+
+
+def test_sql_past_its_limit_is_cancelled_on_the_compute_and_huge_results_are_cut(svc: Svc) -> None:
+    name = f"bot-{secrets.token_hex(3)}"
+    bot = Sdk(svc.home, url=svc.api, token=svc.tokens["bot"])
+    bot.create_branch(name)
+    bot.run_sql(name, "CREATE TABLE t (x int)")
+
+    async def go() -> list[CallToolResult]:
+        async with over_stdio(svc) as client:
+            return [
+                await client.call_tool("run_sql", {"branch": name, "timeout_s": 1,
+                                                   "sql": "INSERT INTO t VALUES (1); SELECT pg_sleep(60)"}),
+                await client.call_tool("run_sql", {"branch": name, "max_rows": 50, "sql": MANY}),
+                await client.call_tool("run_sql", {"branch": name, "max_rows": 10000, "sql": WIDE}),
+                await client.call_tool("run_sql", {"branch": name, "sql": "SELEC nonsense"}),
+            ]
+
+    try:
+        slow, many, wide, bad = run(go)
+        err = refused(slow)
+        assert err["code"] == "sql_timeout" and "cancelled on the compute" in err["message"]
+        assert bot.run_sql(name, "SELECT count(*) FROM t")["rows"] == [[0]]  # the INSERT went with it
+        active = svc.pe.run_sql(name, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' "
+                                      "AND pid <> pg_backend_pid()")
+        assert active["rows"] == [[0]]
+        cut = ok(many)
+        assert cut["truncated"] is True and cut["row_count"] == 50 and "max_rows=50" in cut["truncated_because"]
+        cut = ok(wide)
+        assert cut["truncated"] is True and 0 < cut["row_count"] < 10000 and "MiB" in cut["truncated_because"]
+        assert refused(bad)["code"] == "sql_error" and refused(bad)["data"]["sqlstate"] == "42601"
+        active = svc.pe.run_sql(name, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%generate_series%' "
+                                      "AND pid <> pg_backend_pid()")
+        assert active["rows"] == [[0]]
+    finally:
+        bot.delete_branch(name)
+
+
+def _frames(proc: subprocess.Popen[bytes], *frames: bytes) -> None:
+    assert proc.stdin is not None
+    for f in frames:
+        proc.stdin.write(f + b"\n")
+    proc.stdin.flush()
+
+
+def _read_until(proc: subprocess.Popen[bytes], want_id: int) -> dict[str, Any]:
+    assert proc.stdout is not None
+    while True:
+        line = proc.stdout.readline()
+        assert line, "the MCP server closed its stdout"
+        msg = json.loads(line)
+        if msg.get("id") == want_id:
+            return dict(msg)
+
+
+INIT = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+    "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "raw", "version": "0"}}}).encode()
+INITIALIZED = b'{"jsonrpc": "2.0", "method": "notifications/initialized"}'
+
+
+def test_a_malformed_frame_over_stdio_is_answered_and_the_server_goes_on(svc: Svc) -> None:
+    proc = subprocess.Popen(mcp_command(), env=dict(os.environ, **svc.agent_env("bot")), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        _frames(proc, INIT)
+        assert "result" in _read_until(proc, 1)
+        _frames(proc, INITIALIZED, b'{"jsonrpc": "2.0", "id": 2, "method": ', b"\x00\xffnot json at all",
+                b'{"jsonrpc": "2.0", "id": 3, "method": "tools/call", "params": {"name": "whoami", "arguments": {}}}')
+        got = _read_until(proc, 3)
+        assert got["result"]["structuredContent"]["result"]["name"] == "bot", got
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_malformed_frame_over_http_is_a_json_rpc_error(svc: Svc, http_server: str) -> None:
+    auth = {"Authorization": f"Bearer {svc.tokens['bot']}", "Accept": "application/json, text/event-stream",
+            "Content-Type": "application/json"}
+    got = httpx.post(http_server, content=b'{"jsonrpc": "2.0", "id": 1, "method": ', headers=auth, timeout=10)
+    assert got.status_code == 400 and got.json()["error"]["code"] == -32700
+
+    async def go() -> Any:
+        async with over_http(http_server, svc.tokens["bot"]) as client:
+            return ok(await client.call_tool("whoami", {}))
+
+    assert run(go)["name"] == "bot"
+
+
+def test_a_client_that_disconnects_mid_call_leaves_nothing_half_made(svc: Svc, http_server: str) -> None:
+    name = f"bot-{secrets.token_hex(3)}"
+    # stdio: the agent's process dies right after asking for a branch
+    proc = subprocess.Popen(mcp_command(), env=dict(os.environ, **svc.agent_env("bot")), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    _frames(proc, INIT)
+    _read_until(proc, 1)
+    _frames(proc, INITIALIZED, json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {
+        "name": "create_branch", "arguments": {"name": name}}}).encode())
+    time.sleep(0.05)
+    proc.kill()
+    proc.wait(10)
+    bot = Sdk(svc.home, url=svc.api, token=svc.tokens["bot"])
+    deadline = time.monotonic() + 60
+    while True:  # the platform finishes or undoes what it was asked: never a branch left 'creating'
+        state = next((b["state"] for b in svc.pe.list_branches(with_bytes=False) if b["name"] == name), None)
+        if state in (None, "ready") and time.monotonic() > deadline - 55:
+            break
+        assert time.monotonic() < deadline, f"branch {name} stayed {state}"
+        time.sleep(0.2)
+    if state == "ready":
+        bot.delete_branch(name)
+
+    # HTTP: the caller goes away during a slow SQL call; its transaction is whole or absent
+    bot.create_branch(name)
+    bot.run_sql(name, "CREATE TABLE t (x int)")
+
+    async def go() -> None:
+        with anyio.move_on_after(1):
+            async with over_http(http_server, svc.tokens["bot"]) as client:
+                await client.call_tool("run_sql", {"branch": name, "timeout_s": 20,
+                                                   "sql": "INSERT INTO t SELECT generate_series(1, 1000); "
+                                                          "SELECT pg_sleep(3)"})
+
+    async def after() -> Any:
+        async with over_http(http_server, svc.tokens["bot"]) as client:
+            return ok(await client.call_tool("whoami", {}))
+
+    try:
+        run(go)
+        assert run(after)["name"] == "bot"
+        time.sleep(4)
+        assert bot.run_sql(name, "SELECT count(*) FROM t")["rows"] in ([[0]], [[1000]])
+    finally:
+        bot.delete_branch(name)

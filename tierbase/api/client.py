@@ -348,8 +348,9 @@ class Client:
         sent = files if files is not None else self._migration_files(migrations_dir)
         return dict(self._call("POST", "/v1/migrations/lint", json={"files": sent}))
 
-    def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
-        body = {"source": source, "files": self._migration_files(migrations_dir)}
+    def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None, *,
+                files: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {"source": source, "files": files if files is not None else self._migration_files(migrations_dir)}
         return dict(self._call("POST", f"/v1/tiers/{tier}/promote", json=body))
 
     def rollback(self, tier: str, to: str | None = None) -> dict[str, Any]:

@@ -14,15 +14,16 @@ import inspect
 import json
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
+from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
 from mcp.server.mcpserver import MCPServer
 from mcp.types import CallToolResult, TextContent, ToolAnnotations
 
 from .. import __version__
-from ..errors import TierbaseError, translate
+from ..errors import InvalidInput, TierbaseError, translate
 from .tools import TOOLS, Agent, ToolSpec
 
 log = logging.getLogger("tierbase.mcp")
@@ -67,13 +68,30 @@ def _wrap(spec: ToolSpec, agent: Agent) -> Callable[..., Awaitable[Any]]:
     return call
 
 
+def strict_arguments(known: dict[str, set[str]]) -> ServerMiddleware[Any]:
+    """Middleware: an argument a tool does not take is an error, not silently dropped (the SDK drops it)."""
+    async def check(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        params = ctx.params
+        if ctx.method == "tools/call" and isinstance(params, Mapping) and params.get("name") in known:
+            args = params.get("arguments") or {}
+            taken = known[str(params["name"])]
+            unknown = sorted(set(args) - taken) if isinstance(args, Mapping) else []
+            if unknown:
+                return error_result(InvalidInput(
+                    f"tool {params['name']!r} takes no argument {', '.join(map(repr, unknown))}",
+                    f"Its arguments are: {', '.join(sorted(taken)) or 'none'}"))
+        return await call_next(ctx)
+
+    return check
+
+
 def build(agent: Agent) -> MCPServer[Any]:
     """The MCP server for ``agent``; in read-only mode only the tools that cannot write exist."""
+    specs = [s for s in TOOLS if not (agent.read_only and s.writes)]
+    known = {s.name: set(list(inspect.signature(s.fn).parameters)[1:]) for s in specs}
     server: MCPServer[Any] = MCPServer(name="tierbase", version=__version__, instructions=INSTRUCTIONS,
-                                       log_level="WARNING")
-    for spec in TOOLS:
-        if agent.read_only and spec.writes:
-            continue
+                                       log_level="WARNING", middleware=[strict_arguments(known)])
+    for spec in specs:
         server.add_tool(_wrap(spec, agent), name=spec.name, description=(spec.fn.__doc__ or "").strip(),
                         annotations=ToolAnnotations(read_only_hint=not spec.writes,
                                                     destructive_hint=spec.destructive if spec.writes else None))

@@ -205,6 +205,12 @@ def migration_apply(agent: Agent, branch: str, files: dict[str, str] | None = No
     return agent.client.migrate_apply(branch, files=agent.files(files))
 
 
+@tool(writes=True, destructive=True)
+def promote(agent: Agent, tier: str, source: str | None = None, files: dict[str, str] | None = None) -> dict[str, Any]:
+    """Promote the migrations into TIER from its child tier (the platform refuses agents: ask a human)."""
+    return agent.client.promote(tier, source, files=agent.files(files))
+
+
 # -- workflow ---------------------------------------------------------------------------------------
 def _workspace(agent: Agent) -> Any:
     from ..workflow.workspace import Workspace
