@@ -31,9 +31,9 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.types import CallToolResult
 
 from tierbase.api.client import Client as Sdk
-from tierbase.errors import PolicyDenied
+from tierbase.errors import PolicyDenied, QuotaExceeded, TierbaseError
 
-from .conftest import free_port, make_home, needs_root_btrfs
+from .conftest import free_port, make_home, needs_root_btrfs, query
 from .test_cli import leftovers, new_env, tierbase
 
 pytestmark = needs_root_btrfs
@@ -50,6 +50,13 @@ entry = true
 [roles.viewer]
 like = "agent"
 read_only = true
+
+[roles.small-bot]
+like = "agent"
+
+[quotas.small-bot]
+branches = 2
+computes = 1
 """
 
 MIGRATION = {"V0001__items.sql": "CREATE TABLE items (id int PRIMARY KEY, note text NOT NULL);\n"}
@@ -85,7 +92,7 @@ def svc() -> Iterator[Svc]:
         pe = Sdk(home)
         pe.apply_config(CONFIG, "test")
         tokens = {who: pe.create_principal(who, role)["token"]
-                  for who, role in (("bot", "agent"), ("rival", "agent"), ("viewer", "viewer"))}
+                  for who, role in (("bot", "agent"), ("rival", "agent"), ("viewer", "viewer"), ("tiny", "small-bot"))}
         Sdk(home, url=up["api_url"], token=tokens["rival"]).create_branch("rival-work")
         yield Svc(env, home, up["api_url"], pe, tokens)
     finally:
@@ -150,12 +157,18 @@ def run(fn: Any, *args: Any) -> Any:
 
 
 # -- a task, start to end --------------------------------------------------------------------------
-async def _task(client: Client, name: str) -> dict[str, Any]:
+async def _task(client: Client, name: str, session: bool) -> dict[str, Any]:
     tools = {t.name for t in (await client.list_tools()).tools}
-    assert {"create_branch", "run_sql", "migration_apply", "schema_diff", "audit_mine", "explain"} <= tools
+    assert {"create_branch", "run_sql", "migration_apply", "schema_diff", "audit_mine", "explain",
+            "session_start"} <= tools
     me = ok(await client.call_tool("whoami", {}))
     assert me["name"] == "bot" and me["base_role"] == "agent"
-    made = ok(await client.call_tool("create_branch", {"name": name}))
+    if session:
+        lease = ok(await client.call_tool("session_start", {"branch": name, "ttl": "1h"}))
+        assert lease["live"] and lease["url"].startswith("postgresql://bot:") and lease["ttl_seconds"] == 3600
+        made = lease["branch_info"]
+    else:
+        made = ok(await client.call_tool("create_branch", {"name": name}))
     assert made["parent"] == "staging" and made["creator"] == "bot"
     applied = ok(await client.call_tool("migration_apply", {"branch": name, "files": MIGRATION}))
     assert [m["version"] for m in applied["applied"]] == [1], applied
@@ -174,7 +187,13 @@ async def _task(client: Client, name: str) -> dict[str, Any]:
     assert [b["name"] for b in mine] == [name]
     trail = ok(await client.call_tool("audit_mine", {"limit": 20}))
     assert {"branch.create", "migrate.apply", "branch.sql"} <= {r["action"] for r in trail}
-    ok(await client.call_tool("delete_branch", {"name": name}))
+    if session:
+        assert [x["branch"] for x in ok(await client.call_tool("session_list", {}))] == [name]
+        ended = ok(await client.call_tool("session_end", {"session_id": lease["id"]}))
+        assert ended["deleted"] == [name] and ended["end_reason"] == "ended"
+        assert ok(await client.call_tool("session_list", {})) == []
+    else:
+        ok(await client.call_tool("delete_branch", {"name": name}))
     return {"url": url}
 
 
@@ -183,7 +202,7 @@ def test_an_agent_task_over_stdio(svc: Svc) -> None:
 
     async def go() -> dict[str, Any]:
         async with over_stdio(svc) as client:
-            return await _task(client, name)
+            return await _task(client, name, session=True)
 
     got = run(go)
     assert got["url"].startswith("postgresql://bot:") and name not in svc.names()
@@ -194,7 +213,7 @@ def test_an_agent_task_over_http(svc: Svc, http_server: str) -> None:
 
     async def go() -> dict[str, Any]:
         async with over_http(http_server, svc.tokens["bot"]) as client:
-            return await _task(client, name)
+            return await _task(client, name, session=False)
 
     run(go)
     assert name not in svc.names()
@@ -432,3 +451,62 @@ def test_a_client_that_disconnects_mid_call_leaves_nothing_half_made(svc: Svc, h
         assert bot.run_sql(name, "SELECT count(*) FROM t")["rows"] in ([[0]], [[1000]])
     finally:
         bot.delete_branch(name)
+
+
+# -- sessions, leases, quotas ----------------------------------------------------------------------------
+def test_a_lease_is_renewed_by_use_and_reclaimed_by_the_sweeper(svc: Svc) -> None:
+    bot = Sdk(svc.home, url=svc.api, token=svc.tokens["bot"])
+    by_sql, by_proxy = bot.session_start(ttl="4s"), bot.session_start(ttl="4s")
+    time.sleep(1.5)
+    bot.run_sql(by_sql["branch"], "SELECT 1")
+    query(bot.branch_url(by_proxy["branch"]), "SELECT 1")
+    for lease in (by_sql, by_proxy):
+        renewed = bot.get_branch(lease["branch"])["expires_at"]
+        assert renewed > lease["expires_at"] + 1, lease["branch"]  # pushed to the use + ttl
+    # rival cannot renew nor end another's lease: it is as unknown to it as a missing one
+    rival = Sdk(svc.home, url=svc.api, token=svc.tokens["rival"])
+    for call, sid in ((rival.session_renew, by_sql["id"]), (rival.session_end, by_sql["id"]),
+                      (bot.session_end, "ses_0000000000000000")):
+        with pytest.raises(TierbaseError) as got:
+            call(sid)
+        assert got.value.code == "session_not_found"
+    with pytest.raises(TierbaseError) as got:
+        bot.session_start(ttl="30d")
+    assert got.value.code == "invalid_input"
+    assert {s["id"] for s in bot.session_list()} >= {by_sql["id"], by_proxy["id"]}
+    time.sleep(5)  # idle past the ttl
+    swept = svc.pe.sweep()
+    assert {by_sql["branch"], by_proxy["branch"]} <= set(swept)
+    assert not {s["id"] for s in bot.session_list()} & {by_sql["id"], by_proxy["id"]}
+    trail = svc.pe.audit_log(action="session.expire", limit=10)
+    reclaimed = {r["after"]["session"]: r for r in trail}
+    for lease in (by_sql, by_proxy):
+        assert reclaimed[lease["id"]]["actor"] == "tierbase" and reclaimed[lease["id"]]["after"]["principal"] == "bot"
+
+
+def test_quotas_refuse_past_the_limit_naming_the_quota(svc: Svc) -> None:
+    env = dict(svc.env, TIERBASE_TOKEN=svc.tokens["tiny"], TIERBASE_API=svc.api)
+    tiny = Sdk(svc.home, url=svc.api, token=svc.tokens["tiny"])
+    made = [tiny.session_start()["branch"], tiny.create_branch(f"tiny-{secrets.token_hex(2)}")["name"]]
+    try:
+        before = svc.names()
+        with pytest.raises(QuotaExceeded) as got:
+            tiny.session_start()
+        assert "quotas.small-bot.branches" in got.value.message and "raise" in got.value.hint
+        cli = tierbase(env, "branch", "create", "tiny-third", check=False)
+        assert cli.returncode == 2 and "quota quotas.small-bot.branches exceeded" in cli.stderr
+        assert svc.names() == before
+        tiny.start_branch(made[0])
+        with pytest.raises(QuotaExceeded) as got:
+            tiny.start_branch(made[1])
+        assert got.value.data["quota"] == "quotas.small-bot.computes"
+        with pytest.raises(QuotaExceeded):
+            tiny.run_sql(made[1], "SELECT 1")  # SQL would wake it: the same quota
+        assert tiny.get_branch(made[1])["compute"] == "stopped"
+        refusal = svc.last_audit("tiny")
+        assert refusal["outcome"].startswith("error: quota quotas.small-bot.computes")
+        mine = json.loads(tierbase(env, "branch", "list", "--mine", "--no-bytes", "--json").stdout)
+        assert sorted(b["name"] for b in mine) == sorted(made)
+    finally:
+        for name in made:
+            tiny.delete_branch(name)

@@ -23,6 +23,7 @@ from .app_flow import FlowOps
 from .app_governance import GovernanceOps
 from .app_import import ImportOps
 from .app_migrate import MigrationOps
+from .app_sessions import SessionOps
 from .app_sql import SqlOps
 from .compute import Postgres, compute_user, find_binaries
 from .compute.ports import COMPUTE_PORTS, Ports, check_base, check_port, default_ports, ephemeral_range
@@ -40,7 +41,7 @@ from .storage.btrfs import parse_size
 ROOT_BRANCH = "production"
 
 
-class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, SqlOps):
+class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, SqlOps, SessionOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------
@@ -163,6 +164,7 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, SqlOps):
                            intent={"op": "create", "branch": name, "parent": parent}) as rec:
             if not platform_name:
                 check_unreserved(name)  # inside the gate: an attempt to take a platform name is audited
+                self.check_quota(self.gate.principal(self.actor), branch=True, compute=start)
             t0 = time.perf_counter()
             pb = self.store.get(parent)
             hook = None if snapshot else self._mask_hook(name, pb, self._masking_plan(pb))
@@ -207,6 +209,9 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, SqlOps):
 
     def start_branch(self, name: str) -> dict[str, Any]:
         with self.gate.act(self.actor, Action.BRANCH_START, self._subject(name)):
+            b = self.store.get(name)
+            if b.creator == self.gate.principal(self.actor).name and not self.branches.provider.running_pid(b.volume):
+                self.check_quota(self.gate.principal(self.actor), compute=True)
             self.branches.start(name)
         return self.describe(self.store.get(name))
 
@@ -321,6 +326,8 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, SqlOps):
                                      later=later)
         if not decision.allowed:
             raise PolicyDenied(action.value, b.name, decision.reason, decision.rule)
+        if audit:  # a login on a leased branch is activity: it renews the lease (throttled, off the loop)
+            self.renew_on_activity(b.name, later)
         if b.kind is Kind.SYSTEM or self.config.read_only(who.role):  # read-only roles read, wherever they are
             return READER_ROLE
         if self.config.base_role(who.role) == "platform-engineer" or subject.owner == who.name:
@@ -381,6 +388,7 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, SqlOps):
                                        reason=why, after={"deleted": deleted})
                 gone += deleted
                 progress = True
+        self.sessions_reclaimed()  # the leases of what went: ended and audited, naming their holders
         return gone
 
     def describe(self, b: Branch, *, with_bytes: bool = False) -> dict[str, Any]:

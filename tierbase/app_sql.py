@@ -70,6 +70,9 @@ class SqlOps(FacadeBase):
         with self.gate.act(self.actor, Action.BRANCH_SQL, self.gate.subject(branch)) as rec:
             who = self.gate.principal(self.actor).name
             role = READER_ROLE if read_only else self.connect_role(who, branch.name, audit=False)  # type: ignore[attr-defined]
+            b = self.store.get(target)
+            if b.creator == who and not self.branches.provider.running_pid(b.volume):
+                self.check_quota(self.gate.principal(self.actor), compute=True)  # type: ignore[attr-defined]
             self.branches.start(target)
             ep = self.branches.provider.endpoint(self.store.get(target).port, dbname, role=role)
             t0 = time.perf_counter()
@@ -78,14 +81,8 @@ class SqlOps(FacadeBase):
                        elapsed_ms=round((time.perf_counter() - t0) * 1000, 1))
             rec.after = {"sql": sql[:500], "statements": len(pieces), "role": role, "rows": out["row_count"],
                          "truncated": out["truncated"]}
-        self._touched(target)
+        self.renew_on_activity(target)  # type: ignore[attr-defined]  # activity renews a session's lease
         return out
-
-    def _touched(self, branch: str) -> None:
-        """Activity on a branch: a session leasing it is renewed (sessions.py hooks in here)."""
-        renew = getattr(self, "renew_on_activity", None)
-        if renew is not None:
-            renew(branch)
 
 
 def _execute(dsn: str, pieces: list[str], params: list[Any] | None, *, max_rows: int,

@@ -216,3 +216,13 @@ class QuotaExceeded(Refused):
     """A per-principal quota of tierbase.toml (``[quotas.ROLE]``) would be exceeded."""
 
     code = "quota_exceeded"
+
+
+class SessionNotFound(TierbaseError):
+    code = "session_not_found"
+    http_status = 404
+
+    def __init__(self, sid: str, ended: str | None = None) -> None:
+        super().__init__(f"session {sid!r} " + (f"is over ({ended})" if ended else "does not exist"),
+                         "Run `tierbase session list` to see your live sessions; start one with "
+                         "`tierbase session start`", session=sid)

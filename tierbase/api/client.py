@@ -191,6 +191,19 @@ class Client:
                 "read_only": read_only}
         return dict(self._call("POST", f"/v1/branches/{name}/sql", json=body))
 
+    def session_start(self, branch: str | None = None, parent: str | None = None,
+                      ttl: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/sessions", json={"branch": branch, "parent": parent, "ttl": ttl}))
+
+    def session_list(self, *, everyone: bool = False) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/sessions", params={"all": everyone}))
+
+    def session_renew(self, sid: str, ttl: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/sessions/{sid}/renew", json={"ttl": ttl}))
+
+    def session_end(self, sid: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/sessions/{sid}"))
+
     def list_routes(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/routes"))
 

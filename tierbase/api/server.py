@@ -175,6 +175,18 @@ class SqlBody(BaseModel):
     read_only: bool = Field(default=False, description="run as tb_reader even where the caller could write")
 
 
+class SessionStart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    branch: str | None = Field(default=None, description="the leased branch's name (default: <principal>-<hex>)")
+    parent: str | None = Field(default=None, description="default: the entry tier")
+    ttl: str | None = Field(default=None, description="lease, renewed by activity; e.g. 30m (default), 2h")
+
+
+class SessionRenew(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttl: str | None = None
+
+
 class CiBranch(BaseModel):
     parent: str | None = None
     ttl: str | None = None
@@ -273,6 +285,22 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         """Rows as JSON, run as the caller's compute role (tb_owner on its branches, else tb_reader)."""
         return me.run_sql(name, body.sql, body.params, database=body.database, max_rows=body.max_rows,
                           timeout_s=body.timeout_s, read_only=body.read_only)
+
+    @app.post("/v1/sessions", status_code=201)
+    def session_start(me: As, body: SessionStart) -> dict[str, Any]:
+        return me.session_start(body.branch, body.parent, body.ttl)
+
+    @app.get("/v1/sessions")
+    def session_list(me: As, all: bool = False) -> list[dict[str, Any]]:
+        return me.session_list(everyone=all)
+
+    @app.post("/v1/sessions/{sid}/renew")
+    def session_renew(me: As, sid: str, body: SessionRenew) -> dict[str, Any]:
+        return me.session_renew(sid, body.ttl)
+
+    @app.delete("/v1/sessions/{sid}")
+    def session_end(me: As, sid: str) -> dict[str, Any]:
+        return me.session_end(sid)
 
     @app.get("/v1/routes")
     def routes(me: As) -> list[dict[str, Any]]:

@@ -39,6 +39,7 @@ COMMANDS = {
     "flow": "tierbase.cli.workflow:flow_group",
     "tdd": "tierbase.cli.workflow:tdd_group",
     "mcp": "tierbase.cli.mcp:mcp",
+    "session": "tierbase.cli.session:session",
 }
 
 

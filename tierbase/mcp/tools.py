@@ -261,3 +261,34 @@ def audit_mine(agent: Agent, limit: int = 50, action: str | None = None) -> list
 def explain(agent: Agent, action: str, target: str, source: str | None = None) -> dict[str, Any]:
     """Would the policy let you do ACTION (e.g. branch.create, branch.delete, migrate.apply, promote) on TARGET?"""
     return agent.client.explain(agent.name, action, target, source)
+
+
+# -- sessions ---------------------------------------------------------------------------------------
+@tool(writes=True)
+def session_start(agent: Agent, branch: str | None = None, parent: str | None = None,
+                  ttl: str | None = None) -> dict[str, Any]:
+    """Lease a branch of your own for this session (default name <you>-<hex>, off the entry tier, ttl 30m).
+
+    Using it (SQL, connections) renews the lease; the platform reclaims it once idle past its ttl.
+    """
+    got = agent.client.session_start(branch, parent, ttl)
+    got["url"] = agent.client.branch_url(str(got["branch"]))
+    return got
+
+
+@tool(writes=True)
+def session_renew(agent: Agent, session_id: str, ttl: str | None = None) -> dict[str, Any]:
+    """Push your session's lease end to now + ttl."""
+    return agent.client.session_renew(session_id, ttl)
+
+
+@tool(writes=True, destructive=True)
+def session_end(agent: Agent, session_id: str) -> dict[str, Any]:
+    """End your session and delete its branch."""
+    return agent.client.session_end(session_id)
+
+
+@tool(writes=False)
+def session_list(agent: Agent) -> list[dict[str, Any]]:
+    """Your live sessions and when their leases end."""
+    return agent.client.session_list()
