@@ -23,6 +23,8 @@ from .app_data import DataOps
 from .app_flow import FlowOps
 from .app_governance import GovernanceOps
 from .app_import import ImportOps
+from .app_sessions import SessionOps
+from .app_sql import SqlOps
 from .control import space as spacectl
 from .control.store import Branch, Kind, Store
 from .errors import BranchNotFound, InvalidInput, NotRunning, PolicyDenied, Refused, TierbaseError
@@ -52,7 +54,7 @@ from .provider import (
 ROOT_BRANCH = "production"
 
 
-class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps):
+class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps, SqlOps, SessionOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------
@@ -188,6 +190,7 @@ class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps):
                            intent={"op": "create", "branch": name, "parent": parent}) as rec:
             if not platform_name:
                 check_unreserved(name)  # inside the gate: an attempt to take a platform name is audited
+                self.check_quota(self.gate.principal(self.actor), branch=True, compute=start)
             t0 = time.perf_counter()
             spacectl.check_room(self.provider, self.store)  # refused (DiskFull, audited) below the reserve
             pb = self.store.get(parent)
@@ -233,6 +236,9 @@ class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps):
 
     def start_branch(self, name: str) -> dict[str, Any]:
         with self.gate.act(self.actor, Action.BRANCH_START, self._subject(name)):
+            b = self.store.get(name)
+            if b.creator == self.gate.principal(self.actor).name and not self.branches.provider.running_pid(b.volume):
+                self.check_quota(self.gate.principal(self.actor), compute=True)
             self.branches.start(name)
         return self.describe(self.store.get(name))
 
@@ -347,7 +353,9 @@ class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps):
                                      later=later)
         if not decision.allowed:
             raise PolicyDenied(action.value, b.name, decision.reason, decision.rule)
-        if b.kind is Kind.SYSTEM:
+        if audit:  # a login on a leased branch is activity: it renews the lease (throttled, off the loop)
+            self.renew_on_activity(b.name, later)
+        if b.kind is Kind.SYSTEM or self.config.read_only(who.role):  # read-only roles read, wherever they are
             return READER_ROLE
         if self.config.base_role(who.role) == "platform-engineer" or subject.owner == who.name:
             return OWNER_ROLE
@@ -407,6 +415,7 @@ class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps):
                                        reason=why, after={"deleted": deleted})
                 gone += deleted
                 progress = True
+        self.sessions_reclaimed()  # the leases of what went: ended and audited, naming their holders
         return gone
 
     def describe(self, b: Branch, *, with_bytes: bool = False) -> dict[str, Any]:

@@ -140,7 +140,8 @@ class GovernanceOps(FacadeBase):
 
     def whoami(self) -> dict[str, Any]:
         p = self.gate.principal(self.actor)
-        return {**p.to_dict(), "base_role": self.config.base_role(p.role)}
+        return {**p.to_dict(), "base_role": self.config.base_role(p.role), "read_only": self.config.read_only(p.role),
+                "quota": self.config.quota(p.role)}
 
 
 

@@ -204,3 +204,33 @@ def translate(err: BaseException) -> TierbaseError:
                            "shows its state")
     return TierbaseError(f"internal error ({type(err).__name__}): {text}",
                          "This is a tierbase bug or a problem of the machine; see the service log (service.log)")
+
+
+class SqlFailed(TierbaseError):
+    """Postgres refused a statement sent through `POST /v1/branches/{name}/sql`; nothing of the call was kept."""
+
+    code = "sql_error"
+    http_status = 422
+
+
+class SqlTimeout(SqlFailed):
+    """A statement ran past the call's time limit: the compute cancelled it, nothing of the call was kept."""
+
+    code = "sql_timeout"
+    http_status = 408
+
+
+class QuotaExceeded(Refused):
+    """A per-principal quota of tierbase.toml (``[quotas.ROLE]``) would be exceeded."""
+
+    code = "quota_exceeded"
+
+
+class SessionNotFound(TierbaseError):
+    code = "session_not_found"
+    http_status = 404
+
+    def __init__(self, sid: str, ended: str | None = None) -> None:
+        super().__init__(f"session {sid!r} " + (f"is over ({ended})" if ended else "does not exist"),
+                         "Run `tierbase session list` to see your live sessions; start one with "
+                         "`tierbase session start`", session=sid)

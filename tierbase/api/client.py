@@ -226,6 +226,25 @@ class Client:
         got = self._call("GET", f"/v1/branches/{name}/url", params=params)
         return str(got["url"])
 
+    def run_sql(self, name: str, sql: str, params: list[Any] | None = None, *, database: str | None = None,
+                max_rows: int = 1000, timeout_s: float = 30.0, read_only: bool = False) -> dict[str, Any]:
+        body = {"sql": sql, "params": params, "database": database, "max_rows": max_rows, "timeout_s": timeout_s,
+                "read_only": read_only}
+        return dict(self._call("POST", f"/v1/branches/{name}/sql", json=body))
+
+    def session_start(self, branch: str | None = None, parent: str | None = None,
+                      ttl: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/sessions", json={"branch": branch, "parent": parent, "ttl": ttl}))
+
+    def session_list(self, *, everyone: bool = False) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/sessions", params={"all": everyone}))
+
+    def session_renew(self, sid: str, ttl: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/sessions/{sid}/renew", json={"ttl": ttl}))
+
+    def session_end(self, sid: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/sessions/{sid}"))
+
     def list_routes(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/routes"))
 
@@ -366,23 +385,28 @@ class Client:
         raise InvalidInput("no migrations directory is known",
                            "Pass --dir, or declare `[project] migrations = \"db/migrations\"` in tierbase.toml")
 
-    def migrate_status(self, branch: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
-        body = {"branch": branch, "files": self._migration_files(migrations_dir)}
+    def migrate_status(self, branch: str | None = None, migrations_dir: str | None = None, *,
+                       files: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {"branch": branch, "files": files if files is not None else self._migration_files(migrations_dir)}
         return dict(self._call("POST", "/v1/migrations/status", json=body))
 
-    def migrate_apply(self, branch: str, migrations_dir: str | None = None) -> dict[str, Any]:
-        body = {"branch": branch, "files": self._migration_files(migrations_dir)}
+    def migrate_apply(self, branch: str, migrations_dir: str | None = None, *,
+                      files: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {"branch": branch, "files": files if files is not None else self._migration_files(migrations_dir)}
         return dict(self._call("POST", "/v1/migrations/apply", json=body))
 
-    def migrate_verify(self, parent: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
-        body = {"branch": parent, "files": self._migration_files(migrations_dir)}
+    def migrate_verify(self, parent: str | None = None, migrations_dir: str | None = None, *,
+                       files: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {"branch": parent, "files": files if files is not None else self._migration_files(migrations_dir)}
         return dict(self._call("POST", "/v1/migrations/verify", json=body))
 
-    def migrate_lint(self, migrations_dir: str | None = None) -> dict[str, Any]:
-        return dict(self._call("POST", "/v1/migrations/lint", json={"files": self._migration_files(migrations_dir)}))
+    def migrate_lint(self, migrations_dir: str | None = None, *, files: dict[str, str] | None = None) -> dict[str, Any]:
+        sent = files if files is not None else self._migration_files(migrations_dir)
+        return dict(self._call("POST", "/v1/migrations/lint", json={"files": sent}))
 
-    def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
-        body = {"source": source, "files": self._migration_files(migrations_dir)}
+    def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None, *,
+                files: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {"source": source, "files": files if files is not None else self._migration_files(migrations_dir)}
         return dict(self._call("POST", f"/v1/tiers/{tier}/promote", json=body))
 
     def rollback(self, tier: str, to: str | None = None) -> dict[str, Any]:

@@ -166,6 +166,28 @@ class ConfigReload(BaseModel):
     dry_run: bool = Field(default=False, description="validate and show the diff; change nothing")
 
 
+class SqlBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sql: str = Field(max_length=1_000_000, description="one or more statements, run in one transaction")
+    params: list[Any] | None = Field(default=None, max_length=1000, description="%s parameters (one statement)")
+    database: str | None = Field(default=None, max_length=63, description="default: the project database")
+    max_rows: int = Field(default=1000, ge=1, le=10_000, description="rows returned at most; more are cut")
+    timeout_s: float = Field(default=30.0, gt=0, le=300, description="per statement and for the whole call")
+    read_only: bool = Field(default=False, description="run as tb_reader even where the caller could write")
+
+
+class SessionStart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    branch: str | None = Field(default=None, description="the leased branch's name (default: <principal>-<hex>)")
+    parent: str | None = Field(default=None, description="default: the entry tier")
+    ttl: str | None = Field(default=None, description="lease, renewed by activity; e.g. 30m (default), 2h")
+
+
+class SessionRenew(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttl: str | None = None
+
+
 class CiBranch(BaseModel):
     parent: str | None = None
     ttl: str | None = None
@@ -271,6 +293,28 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
                    sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] | None = None,
                    ) -> dict[str, Any]:
         return {"name": name, "url": me.branch_url(name, database, direct=direct, sslmode=sslmode)}
+
+    @app.post("/v1/branches/{name}/sql")
+    def run_sql(me: As, name: str, body: SqlBody) -> dict[str, Any]:
+        """Rows as JSON, run as the caller's compute role (tb_owner on its branches, else tb_reader)."""
+        return me.run_sql(name, body.sql, body.params, database=body.database, max_rows=body.max_rows,
+                          timeout_s=body.timeout_s, read_only=body.read_only)
+
+    @app.post("/v1/sessions", status_code=201)
+    def session_start(me: As, body: SessionStart) -> dict[str, Any]:
+        return me.session_start(body.branch, body.parent, body.ttl)
+
+    @app.get("/v1/sessions")
+    def session_list(me: As, all: bool = False) -> list[dict[str, Any]]:
+        return me.session_list(everyone=all)
+
+    @app.post("/v1/sessions/{sid}/renew")
+    def session_renew(me: As, sid: str, body: SessionRenew) -> dict[str, Any]:
+        return me.session_renew(sid, body.ttl)
+
+    @app.delete("/v1/sessions/{sid}")
+    def session_end(me: As, sid: str) -> dict[str, Any]:
+        return me.session_end(sid)
 
     @app.get("/v1/routes")
     def routes(me: As) -> list[dict[str, Any]]:

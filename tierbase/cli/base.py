@@ -49,6 +49,8 @@ COMMANDS = {
     "init": "tierbase.cli.workflow:init",
     "flow": "tierbase.cli.workflow:flow_group",
     "tdd": "tierbase.cli.workflow:tdd_group",
+    "mcp": "tierbase.cli.mcp:mcp",
+    "session": "tierbase.cli.session:session",
 }
 
 

@@ -57,12 +57,16 @@ def branch_create_ci(ctx: click.Context, feature: str, parent: str | None, ttl: 
 @click.option("--no-bytes", is_flag=True, help="Skip measuring each branch's own bytes.")
 @click.option("--prefix", default="", help="Only branches whose name starts with this.")
 @click.option("--names", is_flag=True, help="Only the names, one per line (for scripts).")
+@click.option("--mine", is_flag=True, help="Only the branches you (the token's principal) created.")
 @command
 @click.pass_context
-def branch_list(ctx: click.Context, no_bytes: bool, prefix: str, names: bool) -> None:
+def branch_list(ctx: click.Context, no_bytes: bool, prefix: str, names: bool, mine: bool) -> None:
     """The branch tree with kind, compute state, age, TTL and own bytes."""
     data = client(ctx).list_branches(with_bytes=not (no_bytes or names))
     data = [b for b in data if b["name"].startswith(prefix)]
+    if mine:
+        me = client(ctx).whoami()["name"]
+        data = [b for b in data if b["creator"] == me]
     if as_json():
         emit_json(data)
     elif names:
