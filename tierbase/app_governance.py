@@ -10,6 +10,7 @@ from urllib.parse import quote
 import psycopg
 
 from .app_base import NOBODY, FacadeBase
+from .compute.roles import OWNER_ROLE
 from .control.branches import Prepare
 from .control.store import Branch, Kind
 from .errors import BranchExists, InvalidInput, TierbaseError
@@ -235,7 +236,7 @@ class GovernanceOps(FacadeBase):
             try:
                 key = masking_key(self.home.read_secret(self.home.root / "masking.secret", create=True).encode())
                 with psycopg.connect(ep.dsn(database or self._project_database), autocommit=True) as conn:
-                    apply_masking(conn, rules, key)
+                    apply_masking(conn, rules, key, owner=OWNER_ROLE)
             finally:
                 provider.pg.stop(provider.datadir(volume))
             return applied

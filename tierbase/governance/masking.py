@@ -38,6 +38,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from ..errors import InvalidInput, TierbaseError
+from .masking_owner import hand_over
 
 METHODS = ("email", "hash", "partial", "noise", "null", "redact")
 #: methods that map distinct values to distinct values (with negligible collision odds)
@@ -463,8 +464,13 @@ def update_statement(t: Table, rules: list[MaskRule], widths: Mapping[str, int] 
 
 
 # -- applying -------------------------------------------------------------------------------------------------
-def apply_masking(conn: psycopg.Connection[Any], rules: list[MaskRule], key: bytes) -> dict[str, Any]:
+def apply_masking(conn: psycopg.Connection[Any], rules: list[MaskRule], key: bytes,
+                  owner: str | None = None) -> dict[str, Any]:
     """Mask ``rules`` in one transaction on ``conn`` (a superuser session on the branch) and commit.
+
+    With ``owner`` (the branch owner role), the database and its objects are first handed to that
+    role and the masking itself runs as it (masking_owner.py), so the owner can work on the branch
+    and no user-defined code runs with the superuser's rights.
 
     Refuses (InvalidInput, nothing changed) when check_rules finds a problem; any failure
     rolls everything back and raises TierbaseError.
@@ -478,6 +484,10 @@ def apply_masking(conn: psycopg.Connection[Any], rules: list[MaskRule], key: byt
     try:
         with conn.transaction():
             _prepare_session(conn)
+            if owner is not None:
+                report["handed_over"] = hand_over(conn, owner)
+                # row_security off: a FORCE ROW LEVEL SECURITY policy must fail loudly, not hide rows
+                conn.execute(sql.SQL("SET LOCAL ROLE {}; SET LOCAL row_security = off").format(sql.Identifier(owner)))
             problems, tables = _check(conn, rules)
             if problems:
                 raise InvalidInput("; ".join(problems), "Fix the [masking] rules of tierbase.toml; "

@@ -1,0 +1,185 @@
+"""Masked branches people can work on: the owner role owns what it works on, and nothing leads back to
+the unmasked data (pagila, production loaded by the platform's superuser, staging declared masked)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from tierbase import Tierbase
+from tierbase.compute.postgres import SUPERUSER
+from tierbase.errors import PolicyDenied, TierbaseError
+from tierbase.governance.masking_owner import hand_over
+
+from .conftest import (
+    as_,
+    free_port,
+    free_port_base,
+    make_home,
+    make_principal,
+    needs_root_btrfs,
+    query,
+    serving,
+    teardown_platform,
+)
+from .test_masking import PAGILA, SEED
+
+pytestmark = [needs_root_btrfs,
+              pytest.mark.skipif(not PAGILA.exists(), reason=f"the pagila fixture is not at {PAGILA}")]
+
+CONFIG = """
+[project]
+database = "shop"
+
+[tiers.production]
+protected = true
+sensitive = true
+
+[tiers.staging]
+parent = "production"
+entry = true
+masked = true
+
+[masking]
+customer.email = "email"
+customer.first_name = "hash"
+customer.last_name = "hash"
+"address.phone" = "partial"
+"payment.amount" = "noise"
+"""
+
+# production as a platform loads it: every object the superuser's; a SECURITY DEFINER function the
+# superuser owns; a CHECK whose function notes who runs it (masking must not run it as the superuser)
+PLATFORM_LOAD = """
+CREATE TABLE ran_as (who text, super bool);
+CREATE FUNCTION note_runner(v text) RETURNS bool LANGUAGE plpgsql AS $$
+BEGIN
+  INSERT INTO public.ran_as SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user;
+  RETURN true;
+END $$;
+ALTER TABLE customer ADD CONSTRAINT customer_email_noted CHECK (note_runner(email));
+CREATE FUNCTION definer_whoami() RETURNS text LANGUAGE sql SECURITY DEFINER AS $$ SELECT current_user::text $$;
+"""
+
+
+@dataclass
+class Shop:
+    tb: Tierbase
+    base: Path
+
+    def admin(self, branch: str) -> str:
+        """The platform's superuser on a branch's project database (unix socket)."""
+        self.tb.branches.start(branch)
+        return self.tb.branches.provider.endpoint(self.tb.store.get(branch).port, "shop").dsn()
+
+
+@pytest.fixture(scope="module")
+def shop() -> Iterator[Shop]:
+    base = make_home()
+    os.environ["TIERBASE_PORT_BASE"] = str(free_port_base())
+    tb = Tierbase(base / "home")
+    try:
+        tb.init(storage="btrfs", btrfs_size="3G", proxy_port=free_port())
+        tb.import_dump(str(PAGILA), "production", "shop")
+        shop = Shop(tb, base)
+        with psycopg.connect(shop.admin("production"), autocommit=True) as conn:
+            conn.execute("SET search_path = public")
+            conn.execute(SEED)
+            conn.execute(PLATFORM_LOAD)
+            with conn.transaction():
+                hand_over(conn, SUPERUSER)  # loaded by the platform: nothing is the owner role's
+            conn.execute("TRUNCATE ran_as")
+        (base / "tierbase.toml").write_text(CONFIG)
+        tb.reload_config(str(base / "tierbase.toml"))
+        make_principal(tb, "dev", "developer")
+        make_principal(tb, "bot", "agent")
+        with serving(tb):
+            yield shop
+    finally:
+        teardown_platform(tb, base)
+
+
+def test_production_is_the_superusers_and_staging_the_owner_roles(shop: Shop) -> None:
+    owners = ("SELECT DISTINCT relowner::regrole::text FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+              "AND relkind IN ('r', 'p', 'v', 'm', 'S')")
+    assert query(shop.admin("production"), owners) == [(SUPERUSER,)]
+    assert query(shop.admin("staging"), owners) == [("tb_owner",)]
+    assert query(shop.admin("staging"), "SELECT datdba::regrole::text FROM pg_database WHERE datname = 'shop'") \
+        == [("tb_owner",)]
+    # masking ran as the owner role: the CHECK's function never ran with the superuser's rights
+    assert set(query(shop.admin("staging"), "SELECT who, super FROM ran_as")) == {("tb_owner", False)}
+    assert query(shop.admin("production"), "SELECT count(*) FROM ran_as") == [(0,)]
+
+
+@pytest.mark.parametrize("who", ["dev", "bot"])
+def test_owners_do_ddl_and_verify_migrations_on_masked_branches(shop: Shop, who: str) -> None:
+    me = as_(shop.tb, who)
+    name = f"{who}-ddl"
+    made = me.create_branch(name)
+    assert made["masked"]
+    url = me.branch_url(name, "shop")
+    query(url, "ALTER TABLE customer ADD COLUMN nickname text")
+    query(url, "CREATE SCHEMA scratch; CREATE TABLE scratch.t (id int)")
+    query(url, "CREATE INDEX ON customer (last_name)")
+    query(url, "UPDATE customer SET nickname = 'n' || customer_id WHERE customer_id < 10")
+    assert query(url, "SELECT count(nickname) FROM customer") == [(9,)]
+    files = {"V0001__nickname.sql": "ALTER TABLE customer ADD COLUMN nickname text;\n"
+                                    "ALTER TABLE address ADD COLUMN note text;\n",
+             "U0001__nickname.sql": "ALTER TABLE customer DROP COLUMN nickname;\n"
+                                    "ALTER TABLE address DROP COLUMN note;\n"}
+    got = me.migrate_verify("staging", files=files)
+    assert got["ok"], got["problems"]
+    applied = me.migrate_apply(name, files={k: v for k, v in files.items() if k.startswith("V")} | {
+        "V0001__nickname.sql": "ALTER TABLE address ADD COLUMN note text;\n"})
+    assert [a["version"] for a in applied["applied"]] == [1]
+    me.delete_branch(name)
+
+
+def test_no_way_back_to_the_superuser_or_the_unmasked_data(shop: Shop) -> None:
+    dev = as_(shop.tb, "dev")
+    dev.create_branch("dev-attack")
+    url = dev.branch_url("dev-attack", "shop")
+    attacks = [
+        "SET ROLE tierbase",
+        "SET SESSION AUTHORIZATION tierbase",
+        "ALTER TABLE customer OWNER TO tierbase",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql SECURITY DEFINER AS 'SELECT 1'; "
+        "ALTER FUNCTION f() OWNER TO tierbase",
+        "ALTER ROLE tb_owner SUPERUSER",
+        "GRANT tierbase TO tb_owner",
+        "ALTER DATABASE shop OWNER TO tierbase",
+        "SELECT pg_read_binary_file('global/pg_control')",
+        "COPY customer TO PROGRAM 'cat'",
+        "CREATE EXTENSION pageinspect",
+        "SELECT * FROM dblink('dbname=shop user=tierbase', 'SELECT 1') AS t(x int)",
+    ]
+    for attack in attacks:
+        with pytest.raises(psycopg.Error) as err:
+            query(url, attack)
+        assert not isinstance(err.value, psycopg.OperationalError) or "dblink" in attack, (attack, err.value)
+    # the superuser's SECURITY DEFINER function of production runs as the owner role here
+    assert query(url, "SELECT definer_whoami()") == [("tb_owner",)]
+    assert query(url, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user") == [(False,)]
+    # production's data (unmasked) is not reachable: no connection, no unmasked branch or snapshot of it
+    with pytest.raises(PolicyDenied, match="unmasked_read"):
+        dev.branch_url("production", "shop")
+    with pytest.raises(PolicyDenied, match="unmasked_read"):
+        dev.branch_url("production-pre-1" if shop.tb.store.find("production-pre-1") else "production")
+    # the proxy asks the same policy: the developer's own credentials routed to production are refused
+    with pytest.raises(psycopg.OperationalError, match="unmasked_read"):
+        query(url.replace("/dev-attack.shop", "/production.shop"), "SELECT 1")
+    assert dev.create_branch("dev-of-prod", "production")["masked"]
+    with pytest.raises((PolicyDenied, TierbaseError)):
+        dev.create_branch("dev-snap", "production", snapshot=True)
+    assert shop.tb.store.find("dev-snap") is None
+    original = {r[0] for r in query(shop.admin("production"), "SELECT email FROM customer")}
+    for branch in ("dev-attack", "dev-of-prod"):
+        seen = {r[0] for r in query(dev.branch_url(branch, "shop"), "SELECT email FROM customer")}
+        assert seen and not seen & original
+    for branch in ("dev-attack", "dev-of-prod"):
+        dev.delete_branch(branch)
