@@ -13,7 +13,7 @@ import pytest
 
 from tierbase import Tierbase
 from tierbase.compute.postgres import SUPERUSER
-from tierbase.errors import PolicyDenied, TierbaseError
+from tierbase.errors import InvalidInput, PolicyDenied, TierbaseError
 from tierbase.governance.masking_owner import hand_over
 
 from .conftest import (
@@ -46,6 +46,8 @@ entry = true
 masked = true
 
 [masking]
+sensitive = ["customer"]
+customer.store_id = "safe"
 customer.email = "email"
 customer.first_name = "hash"
 customer.last_name = "hash"
@@ -63,6 +65,9 @@ BEGIN
   RETURN true;
 END $$;
 ALTER TABLE customer ADD CONSTRAINT customer_email_noted CHECK (note_runner(email));
+CREATE TABLE coupon (id int PRIMARY KEY, code text CHECK (char_length(code) <= 16));
+INSERT INTO coupon SELECT g, CASE WHEN g BETWEEN 20 AND 30 THEN 'secret-' || g END FROM generate_series(1, 50) g;
+CREATE TABLE profile (id int PRIMARY KEY, prefs jsonb NOT NULL DEFAULT '{}', ssn bigint UNIQUE);
 CREATE FUNCTION definer_whoami() RETURNS text LANGUAGE sql SECURITY DEFINER AS $$ SELECT current_user::text $$;
 """
 
@@ -183,3 +188,67 @@ def test_no_way_back_to_the_superuser_or_the_unmasked_data(shop: Shop) -> None:
         assert seen and not seen & original
     for branch in ("dev-attack", "dev-of-prod"):
         dev.delete_branch(branch)
+
+
+CUSTOMER = "SELECT customer_id, activebool, create_date, last_update, active, store_id FROM customer ORDER BY 1"
+
+
+def test_unclassified_columns_of_sensitive_tables_are_masked_by_default(shop: Shop) -> None:
+    staging = shop.tb.get_branch("staging")
+    assert {"customer.*=sensitive", "customer.activebool=hash", "customer.create_date=shift",
+            "customer.last_update=shift", "customer.active=noise", "customer.store_id=safe",
+            "customer.customer_id=safe", "customer.address_id=safe"} <= set(staging["masking"])
+    prod, masked = query(shop.admin("production"), CUSTOMER), query(shop.admin("staging"), CUSTOMER)
+    assert [r[0] for r in prod] == [r[0] for r in masked]  # surrogate keys are kept: joins hold
+    assert [r[5] for r in prod] == [r[5] for r in masked]  # declared safe
+    for i, what in ((2, "create_date"), (3, "last_update")):
+        moved = sum(a[i] != b[i] for a, b in zip(prod, masked, strict=True) if a[i] is not None)
+        assert moved > 0.9 * len(prod), what
+        assert all(abs((a[i] - b[i]).days) <= 30 for a, b in zip(prod, masked, strict=True) if a[i] is not None)
+    assert all((a[4] is None) == (b[4] is None) for a, b in zip(prod, masked, strict=True))  # NULL stays NULL
+    flips = sum(a[1] != b[1] for a, b in zip(prod, masked, strict=True))
+    assert 0.3 * len(prod) < flips < 0.7 * len(prod)  # a keyed bit per row, not the original
+    # a child of staging inherits: nothing masked twice, nothing new to apply
+    dev = as_(shop.tb, "dev")
+    child = dev.create_branch("dev-classified")
+    assert child["masking"] == staging["masking"]
+    assert query(dev.branch_url("dev-classified", "shop"), CUSTOMER) == masked
+    dev.delete_branch("dev-classified")
+
+
+def test_classification_problems_are_refused_at_load_naming_the_key(shop: Shop) -> None:
+    tb, before = shop.tb, shop.tb.config.digest
+    cases = {
+        'sensitive = ["customer", "custmer"]': ["masking.sensitive: there is no table public.custmer"],
+        'sensitive = ["customer", "customer_list"]': ["masking.sensitive: it is not a table"],
+        'sensitive = ["customer", "profile"]': [
+            "masking.profile.prefs: unclassified column of the sensitive table public.profile and no default "
+            "mask fits (NOT NULL jsonb)", "masking.profile.ssn: unclassified column", "a unique bigint column"],
+        'sensitive = "customer"': ["masking.sensitive: a list of table names is expected"],
+    }
+    for line, expected in cases.items():
+        with pytest.raises(InvalidInput) as err:
+            tb.apply_config(CONFIG.replace('sensitive = ["customer"]', line), "test")
+        for text in expected:
+            assert text in err.value.message, (line, err.value.message)
+    assert tb.config.digest == before
+    # classified, the same table loads (dry run: nothing changes)
+    fixed = CONFIG.replace('sensitive = ["customer"]', 'sensitive = ["customer", "profile"]\n'
+                           'profile.prefs = "safe"\nprofile.ssn = "safe"')
+    assert tb.apply_config(fixed, "test", dry_run=True)["sha256"] != before
+
+
+def test_a_rule_failing_on_some_rows_makes_no_branch_and_names_the_row_not_its_value(shop: Shop) -> None:
+    tb = shop.tb
+    tb.apply_config(CONFIG + 'coupon.code = "hash"\n', "test")  # 64 characters: the CHECK allows 16
+    try:
+        with pytest.raises(TierbaseError) as err:
+            as_(tb, "dev").create_branch("dev-coupon")
+        msg = err.value.message
+        assert 'violates check constraint "coupon_code_check"' in msg and "table public.coupon, row id=20" in msg
+        assert "secret" not in msg and "secret" not in str(err.value.data) and "secret" not in (err.value.hint or "")
+        assert tb.store.find("dev-coupon") is None
+        audit = tb.audit_log(action="branch.create")[-1]
+        assert audit["outcome"].startswith("error") and "secret-" not in str(audit)
+    finally:
+        tb.apply_config(CONFIG, "test")

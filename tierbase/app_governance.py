@@ -15,6 +15,7 @@ from .control.branches import Prepare
 from .control.store import Branch, Kind
 from .errors import BranchExists, InvalidInput, TierbaseError
 from .governance import mirror
+from .governance.classify import MARK, default_rules, sensitive_tables
 from .governance.config import Config, ConfigError, parse_config
 from .governance.masking import MaskRule, apply_masking, check_rules, describe, masking_key, parse_rules
 from .governance.policy import Action, Subject, parse_action
@@ -82,7 +83,7 @@ class GovernanceOps(FacadeBase):
                 parent = self.store.resolve_route(tier.parent) or tier.parent
                 pb = self.store.get(parent)
                 hook = self._mask_hook(name, pb, self._masking_plan(pb, force=tier.masked, cfg=cfg),
-                                       database=str(cfg.project.get("database", "postgres")))
+                                       database=str(cfg.project.get("database", "postgres")), cfg=cfg)
                 self.branches.create(name, parent, kind=Kind.TIER, creator=self.gate.owner,
                                      protected=tier.protected, prepare=hook)
                 said.append(f"created tier {name!r} from {tier.parent!r}")
@@ -208,13 +209,14 @@ class GovernanceOps(FacadeBase):
         A masked parent's children are masked already (only rules declared since are applied: masking
         twice would break determinism). An unmasked branch of sensitive data is masked unless the
         creating principal holds the unmasked-read grant; ``force`` masks anyway (tiers declared masked).
+        The defaults of unclassified columns (classify.py) are added by the hook, on the live schema.
         """
         cfg = cfg or self.config  # a reload plans with the config being loaded
         rules = parse_rules(cfg.masking)
         done = set(parent.masked_by)
         if done:
             return [r for r in rules if describe([r])[0] not in done]
-        if not self._sensitive_lineage(parent, cfg) or not rules:
+        if not self._sensitive_lineage(parent, cfg) or not (rules or sensitive_tables(cfg.masking)):
             return None
         if force:
             return rules
@@ -222,24 +224,30 @@ class GovernanceOps(FacadeBase):
         return None if decision.allowed else rules
 
     def _mask_hook(self, name: str, parent: Branch, rules: list[MaskRule] | None,
-                   database: str | None = None) -> Prepare | None:
+                   database: str | None = None, cfg: Config | None = None) -> Prepare | None:
         """The hook that masks a new volume before anyone can connect (private unix-socket compute)."""
         if rules is None:
             return None
+        cfg = cfg or self.config
+        tables = [t for t in sensitive_tables(cfg.masking) if f"{t}.{MARK}" not in parent.masked_by]
 
         def prepare(volume: str, port: int) -> list[str]:
-            applied = sorted({*parent.masked_by, *describe(rules)})
-            if not rules:
-                return applied
+            if not rules and not tables:
+                return sorted(parent.masked_by)
             provider = self.branches.provider
             ep = provider.start_private(name, volume, port)
+            db = database or str(cfg.project.get("database", "postgres"))
             try:
                 key = masking_key(self.home.read_secret(self.home.root / "masking.secret", create=True).encode())
-                with psycopg.connect(ep.dsn(database or self._project_database), autocommit=True) as conn:
-                    apply_masking(conn, rules, key, owner=OWNER_ROLE)
+                with psycopg.connect(ep.dsn(db), autocommit=True) as conn:
+                    defaults, problems = default_rules(conn, rules, tables, parent.masked_by, db)
+                    if problems:
+                        raise InvalidInput("; ".join(problems), "Fix the [masking] table of tierbase.toml; "
+                                           "the branch was not made", problems=problems)
+                    apply_masking(conn, [*rules, *defaults], key, owner=OWNER_ROLE)
             finally:
                 provider.pg.stop(provider.datadir(volume))
-            return applied
+            return sorted({*parent.masked_by, *describe([*rules, *defaults]), *(f"{t}.{MARK}" for t in tables)})
 
         return prepare
 
@@ -248,9 +256,11 @@ class GovernanceOps(FacadeBase):
         return str(self.config.project.get("database", "postgres"))
 
     def _check_masking(self, cfg: Config) -> None:
-        """Masking rules must name real columns of the sensitive tiers' project database."""
+        """Masking rules must name real columns of the sensitive tiers' project database, and every
+        unclassified column of a sensitive table must have a default mask."""
         rules = parse_rules(cfg.masking)
-        if not rules:
+        tables = sensitive_tables(cfg.masking)
+        if not rules and not tables:
             return
         problems: list[str] = []
         database = str(cfg.project.get("database", "postgres"))
@@ -261,6 +271,7 @@ class GovernanceOps(FacadeBase):
             self.branches.start(b.name)
             ep = self.branches.provider.endpoint(b.port, database)
             with psycopg.connect(ep.dsn(), autocommit=True) as conn:
-                problems += check_rules(conn, rules, database)
+                defaults, more = default_rules(conn, rules, tables, (), database)
+                problems += more + check_rules(conn, [*rules, *defaults], database)
         if problems:
             raise ConfigError(sorted(set(problems)), "the config")

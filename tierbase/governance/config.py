@@ -135,9 +135,11 @@ def parse_config(text: str, source: str = "tierbase.toml") -> Config:
     if problems:
         raise ConfigError(problems, source)
     try:
+        from .classify import sensitive_tables
         from .masking import parse_rules
 
         parse_rules(raw.get("masking", {}))
+        sensitive_tables(raw.get("masking", {}))
     except InvalidInput as err:
         raise ConfigError([err.message], source) from err
     return Config(raw=raw, text=text, tiers=tiers, roles=roles, grants=grants, masking=dict(raw.get("masking", {})),
