@@ -252,3 +252,90 @@ def test_a_rule_failing_on_some_rows_makes_no_branch_and_names_the_row_not_its_v
         assert audit["outcome"].startswith("error") and "secret-" not in str(audit)
     finally:
         tb.apply_config(CONFIG, "test")
+
+
+# -- derived data and rules that migrate with the schema: the split of customer.email ----------------------------
+EXPAND = {
+    "V0001__split_email.sql": """ALTER TABLE customer ADD COLUMN email_local text;
+UPDATE customer SET email_local = split_part(email, '@', 1);
+CREATE TABLE rejected_email (id int PRIMARY KEY, raw text NOT NULL);
+INSERT INTO rejected_email (id, raw) SELECT customer_id, email FROM customer WHERE customer_id % 4 = 0;
+CREATE TABLE mail_domains AS SELECT customer_id AS id, split_part(email, '@', 2) AS domain FROM customer;
+CREATE FUNCTION keep_local() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.email_local := split_part(NEW.email, '@', 1); RETURN NEW; END $$;
+CREATE TABLE customer_copy (id int PRIMARY KEY, email text, email_local text);
+CREATE TRIGGER keep_local BEFORE INSERT OR UPDATE ON customer_copy FOR EACH ROW EXECUTE FUNCTION keep_local();
+INSERT INTO customer_copy (id, email) SELECT customer_id, email FROM customer;
+""",
+}
+CONTRACT = {
+    "V0002__drop_email.sql": "DROP TRIGGER keep_local ON customer_copy;\n"
+                             "ALTER TABLE customer DROP COLUMN email CASCADE;\n",
+}
+
+
+def test_the_change_tells_what_it_derives_and_what_it_leaves_unclassified(shop: Shop) -> None:
+    from tierbase.migrate.files import from_contents
+
+    dev = as_(shop.tb, "dev")
+    got = dev.masking_change(from_contents({**EXPAND, "V0003__nick.sql": "ALTER TABLE customer ADD COLUMN nick text;"
+                                                                         "ALTER TABLE store ADD COLUMN x int;"}))
+    derived = {d["column"]: (d["from"], d["method"], d["how"]) for d in got["derived"]}
+    assert derived == {
+        "public.customer.email_local": ("public.customer.email", "email", "UPDATE ... SET"),
+        "public.rejected_email.raw": ("public.customer.email", "email", "INSERT ... SELECT"),
+        "public.mail_domains.domain": ("public.customer.email", "email", "CREATE TABLE AS"),
+        "public.customer_copy.email": ("public.customer.email", "email", "INSERT ... SELECT"),
+        "public.customer_copy.email_local": ("public.customer_copy.email", "email", "trigger function keep_local()"),
+    }
+    assert got["unclassified"] == [{"column": "public.customer.nick", "where": "V0003__nick.sql:1"}]
+    # classified in the same change (its own [masking]): no longer unclassified; a declared rule beats inheriting
+    own = {"customer": {"nick": "safe", "email_local": "partial"}}
+    got = dev.masking_change(from_contents({**EXPAND, "V0003__nick.sql": "ALTER TABLE customer ADD COLUMN nick text;"}),
+                             own)
+    assert got["unclassified"] == [] and "public.customer.email_local" not in {d["column"] for d in got["derived"]}
+
+
+def test_split_column_story_zero_local_parts_and_the_contract_keeps_branches_coming(shop: Shop) -> None:
+    tb, dev = shop.tb, as_(shop.tb, "dev")
+    prod = shop.admin("production")
+    with psycopg.connect(prod, autocommit=True) as conn, conn.transaction():
+        hand_over(conn, "tb_owner")  # promotions run as the owner role: production must be its to migrate
+    locals_ = {r[0] for r in query(prod, "SELECT split_part(email, '@', 1) FROM customer WHERE email <> ''")}
+    emails = {r[0] for r in query(prod, "SELECT email FROM customer WHERE email IS NOT NULL")}
+    dev.create_branch("split")
+    dev.migrate_apply("split", files=EXPAND)
+    tb.promote("staging", "split", files=EXPAND)
+    tb.promote("production", "staging", files=EXPAND)
+    assert query(prod, "SELECT count(*) FROM customer WHERE email_local IS NOT NULL")[0][0] > 1000  # raw there
+    lineage = {e["column"]: e for e in tb.masking_lineage()}
+    assert lineage["public.rejected_email.raw"]["method"] == "email"
+    # a fresh masked branch of production: no local part, no copied e-mail survives anywhere
+    dev.create_branch("after-expand", "production")
+    url = dev.branch_url("after-expand", "shop")
+    seen = set()
+    for q in ("SELECT email_local FROM customer", "SELECT raw FROM rejected_email", "SELECT domain FROM mail_domains",
+              "SELECT email FROM customer_copy", "SELECT email_local FROM customer_copy"):
+        got = {r[0] for r in query(url, q)} - {None, ""}
+        assert got, q
+        seen |= got
+    assert not seen & locals_ and not seen & emails, "original local parts or e-mails are visible"
+    assert query(url, "SELECT count(*) FROM rejected_email") == query(prod, "SELECT count(*) FROM rejected_email")
+
+    # the contract drops customer.email: the rule in tierbase.toml is stale, masked branches keep coming
+    dev.create_branch("contract")
+    dev.migrate_apply("contract", files={**EXPAND, **CONTRACT})
+    tb.promote("staging", "contract", files={**EXPAND, **CONTRACT})
+    tb.promote("production", "staging", files={**EXPAND, **CONTRACT})
+    made = dev.create_branch("after-contract", "production")
+    assert made["masked"]
+    got = {r[0] for r in query(dev.branch_url("after-contract", "shop"), "SELECT email_local FROM customer")}
+    assert got and not got & locals_
+    said = tb.apply_config(CONFIG, "test")["said"]
+    assert any("masking.customer.email is stale and was skipped: column public.customer.email was dropped by "
+               "V0002__drop_email.sql:2" in s for s in said), said
+    # a typo is still refused: only what a migration retired is stale
+    with pytest.raises(InvalidInput, match=r"masking\.customer\.emial"):
+        tb.apply_config(CONFIG + 'customer.emial = "email"\n', "test")
+    for name in ("after-contract", "contract", "after-expand", "split"):
+        dev.delete_branch(name)

@@ -42,6 +42,7 @@ from .masking import (
     load_table,
 )
 
+Col3 = tuple[str, str, str]
 MARK = "*=sensitive"  # recorded on a branch for each sensitive table its defaults were applied to
 
 
@@ -139,3 +140,40 @@ def _key_columns(conn: psycopg.Connection[Any], t: Table) -> set[str]:
         if fk.parent.root == (t.schema, t.name):
             out.update(fk.parent_cols)
     return out
+
+
+def fit_rules(conn: psycopg.Connection[Any], rules: list[MaskRule], retired: Mapping[Col3, str],
+              inherited: set[Col3]) -> tuple[list[MaskRule], list[str]]:
+    """The rules that apply to the live schema, and notes on the others.
+
+    A rule for a column that is gone is skipped when a migration retired it (dropped, renamed:
+    ``retired`` says why) or when it was inherited (a derivation recorded on a branch that never got
+    here); any other missing column stays, for check_rules to name. An inherited rule that does not
+    fit the column's type (``length(email)`` into an integer) becomes that type's default.
+    """
+    from .masking import _column_problems
+
+    out: list[MaskRule] = []
+    notes: list[str] = []
+    tables: dict[tuple[str, str], Table | None] = {}
+    for r in rules:
+        col = (*r.qualified, r.column)
+        if r.qualified not in tables:
+            tables[r.qualified] = load_table(conn, *r.qualified)
+        t = tables[r.qualified]
+        c = t.columns.get(r.column) if t is not None else None
+        if c is None or t is None:
+            if col in retired:
+                notes.append(f"{r.key} is stale and was skipped: {retired[col]}")
+                continue
+            if col in inherited:
+                continue
+            out.append(r)
+            continue
+        if col in inherited and _column_problems(r, t, c):
+            method, _ = default_method(t, c, _key_columns(conn, t))
+            fitted = method is not None and method != "generated"
+            out.append(MaskRule(r.table, r.column, str(method)) if fitted else r)  # unfitted: check_rules names it
+            continue
+        out.append(r)
+    return out, notes
