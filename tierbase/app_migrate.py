@@ -147,9 +147,13 @@ class MigrationOps(FacadeBase):
 
     def _apply(self, conn: psycopg.Connection[Any], migrations: list[Migration]) -> list[dict[str, Any]]:
         """ledger.apply with the declared [migrations] timeouts, as the acting principal."""
-        return ledger.apply(conn, migrations, actor=self.gate.principal(self.actor).name,
-                            statement_timeout=str(self._settings.get("statement_timeout", "5min")),
-                            lock_timeout=str(self._settings.get("lock_timeout", "10s")))
+        applied = ledger.apply(conn, migrations, actor=self.gate.principal(self.actor).name,
+                               statement_timeout=str(self._settings.get("statement_timeout", "5min")),
+                               lock_timeout=str(self._settings.get("lock_timeout", "10s")))
+        versions = {a["version"] for a in applied}
+        # masking rules migrate with the schema: what these derived, renamed, dropped (app_governance.py)
+        self._record_lineage([m for m in migrations if m.version in versions])  # type: ignore[attr-defined]
+        return applied
 
     # -- promotion ---------------------------------------------------------------------------
     def _default_source(self, tier: str) -> str:

@@ -146,9 +146,11 @@ def parse_config(text: str, source: str = "tierbase.toml") -> Config:
     if problems:
         raise ConfigError(problems, source)
     try:
+        from .classify import sensitive_tables
         from .masking import parse_rules
 
         parse_rules(raw.get("masking", {}))
+        sensitive_tables(raw.get("masking", {}))
     except InvalidInput as err:
         raise ConfigError([err.message], source) from err
     read_only = frozenset(n for n, spec in raw.get("roles", {}).items() if spec.get("read_only"))

@@ -146,7 +146,19 @@ class Gate:
         tier = self.tier_of(b, routes)
         spec = self.config.tiers.get(tier) if tier else None
         return Subject(name=name, kind=b.kind.value, protected=b.protected, owner=b.creator, tier=tier,
-                       protected_tier=tier if spec is not None and spec.protected else None)
+                       protected_tier=tier if spec is not None and spec.protected else None,
+                       unmasked_of=self._unmasked_of(b, routes))
+
+    def _unmasked_of(self, b: Branch, routes: dict[str, str]) -> str | None:
+        """The sensitive tier whose data ``b`` holds unmasked (None once masking is on the way down, or
+        when no masking is declared: then sensitivity has nothing to protect with)."""
+        if b.masked_by or not self.config.masking:
+            return None
+        for x in self.lineage(b):
+            t = self._declared_tier(x, routes)
+            if t is not None and self.config.tiers[t].sensitive:
+                return t
+        return None
 
     def tier_of(self, b: Branch, routes: dict[str, str] | None = None) -> str | None:
         """The declared tier whose data ``b`` holds: the nearest ancestor (or itself) that is one.

@@ -69,6 +69,8 @@ class Subject:
     tier: str | None = None
     #: that tier when it is protected: whatever holds a protected tier's data is that tier for agents
     protected_tier: str | None = None
+    #: the sensitive tier whose data it holds unmasked (no masking on the way down from it)
+    unmasked_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -99,7 +101,8 @@ class PolicyEngine:
             return deny("role.read-only", f"{who.role!r} is a read-only role: it cannot do {action.value}")
         if action is Action.BRANCH_SQL:  # SQL through the platform is a connection through it: the same rules
             action = Action.BRANCH_CONNECT
-        for step in (self._agent_rules, self._protection, self._platform_engineer, self._declared, self._ownership):
+        for step in (self._agent_rules, self._protection, self._platform_engineer, self._unmasked, self._declared,
+                     self._ownership):
             got = step(who, role, action, target, source)
             if got is not None:
                 return got
@@ -168,6 +171,20 @@ class PolicyEngine:
         if role == "platform-engineer":
             return allow("role.platform-engineer", "platform engineers may do this")
         return None
+
+    # 3b ------------------------------------------------------------------------
+    def _unmasked(self, who: Principal, role: str, action: Action, target: Subject,
+                  source: Subject | None) -> Decision | None:
+        """Credentials on unmasked sensitive data need the unmasked-read grant, whoever owns the branch:
+        masking its children protects nothing if anyone may read the tier itself."""
+        if action is not Action.BRANCH_CONNECT or target.unmasked_of is None:
+            return None
+        allowed = self.config.grants.get("unmasked_read", ())
+        if who.role in allowed:
+            return None
+        return deny("grants.unmasked_read", f"{target.name!r} holds the data of the sensitive tier "
+                    f"{target.unmasked_of!r} unmasked, and only {', '.join(allowed) or 'nobody'} hold the "
+                    "unmasked_read grant; work on a masked branch of it")
 
     # 4 -------------------------------------------------------------------------
     def _declared(self, who: Principal, role: str, action: Action, target: Subject,

@@ -329,6 +329,8 @@ class Flow:
                                             f"throwaway branch of {c['parent']!r}: " + "; ".join(probs[:5]),
                                             "Fix the migration files, commit, and run `tierbase flow ready` again",
                                             {"problems": probs, "lint": verify.get("lint")}))
+            if files:
+                failures += self.masking_failures(head, tier["sha"], mdir, verify)
             failures += self.tdd_ready_failures(feature, doc, head)
             if failures:
                 self.refuse(feature, "ready", failures)
@@ -356,6 +358,29 @@ class Flow:
                          f"tests: {tests['head']['total']} on {head[:10]}, {tests['tier']['total']} on the tier"]
                 + ([f"verified {len(files)} migration file(s) on a throwaway branch; applied {len(applied)} to "
                     f"{c['db_branch']!r}"] if files else [])}
+
+    def masking_failures(self, head: str, tier_sha: str, mdir: Path, verify: dict[str, Any]) -> list[Failure]:
+        """A column the change adds to a sensitive table must be classified in the same change (its own
+        tierbase.toml [masking]); what it derives from masked columns is recorded as evidence."""
+        from ..migrate.files import discover
+
+        with self.migrations_at(tier_sha, tier_sha) as (_, old):
+            new = [m for m in discover(mdir) if m.path.name not in set(old)] if mdir.is_dir() else []
+        try:
+            masking = tomllib.loads(self.repo.show(head, CONFIG_FILE) or "").get("masking")
+        except tomllib.TOMLDecodeError:
+            masking = None
+        change = self.tb.masking_change(new, masking if isinstance(masking, dict) else None)
+        verify["masking"] = change
+        out = []
+        for u in change["unclassified"]:
+            schema, table, column = u["column"].split(".", 2)
+            key = f"{table}.{column}" if schema == "public" else u["column"]
+            out.append(Failure("unclassified-column", f"{u['where']}: {u['column']} is added to the sensitive table "
+                               f"{schema}.{table} and nothing classifies it",
+                               f"Classify it in the same change: `{key} = \"<method>\"` or `{key} = \"safe\"` in "
+                               "the [masking] table of tierbase.toml", {"column": u["column"], "where": u["where"]}))
+        return out
 
     def receive_feature(self, feature: str, c: dict[str, Any], bundle: str | None) -> str | None:
         if not bundle:
