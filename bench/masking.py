@@ -110,7 +110,7 @@ def free_port_base() -> int:
 
 def settle(tb: Tierbase) -> None:
     """Wait until btrfs has really dropped deleted subvolumes, so the next run does not pay for it."""
-    root = str(tb.driver.root)
+    root = str(tb.branches.provider.driver.root)  # the local provider's volume root
     for args in (["btrfs", "filesystem", "sync", root], ["btrfs", "subvolume", "sync", root]):
         subprocess.run(args, capture_output=True, check=True)
 

@@ -113,10 +113,6 @@ class MigrationOps(FacadeBase):
             rec.after = {"applied": [a["version"] for a in applied]}
         return {"branch": b.name, "applied": applied}
 
-    def migrate_new(self, name: str, migrations_dir: str | None = None, undo: bool = False) -> dict[str, Any]:
-        paths = migration_files.new_migration(self._migrations_dir(migrations_dir), name, with_undo=undo)
-        return {"created": [str(p) for p in paths]}
-
     def migrate_lint(self, migrations_dir: str | None = None, block: list[str] | None = None, *,
                      files: Mapping[str, str] | None = None) -> dict[str, Any]:
         rules = block if block is not None else self.config.raw.get("migrations", {}).get("lint_block")

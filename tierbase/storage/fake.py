@@ -1,4 +1,4 @@
-"""A fake driver for unit tests of the layers above storage: plain directories.
+"""A fake driver: plain directories, the volumes of the FakeProvider (provider/fake.py).
 
 It copies nothing Postgres-specific and makes no promise of consistency for a
 running source; never use it for a real cluster.
