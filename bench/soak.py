@@ -114,6 +114,8 @@ class Soak:
                 return
             self.errors.append({"t": round(time.monotonic() - self.t0, 1), "op": op, "type": type(err).__name__,
                                 "code": getattr(err, "code", None), "sqlstate": state, "message": str(err)[:400]})
+            if len(self.errors) <= 50:  # visible while the run goes on
+                log(f"error: {self.errors[-1]}")
 
     def attempt(self, op: str, fn: Any, *, hot: bool = False) -> Any:
         try:
@@ -242,7 +244,7 @@ class Soak:
         for t in threads:
             t.start()
         last = 0.0
-        while time.monotonic() - self.t0 < self.seconds:
+        while time.monotonic() - self.t0 < self.seconds and not self.halt.is_set():
             time.sleep(5)
             if time.monotonic() - last > 60:
                 last = time.monotonic()
@@ -252,6 +254,7 @@ class Soak:
         self.halt.set()
         for t in threads:
             t.join(120)
+        self.samples.append(self.sample())
         elapsed = time.monotonic() - self.t0
         return {"seconds": round(elapsed, 1), "ops": dict(self.ops), "ops_total": sum(self.ops.values()),
                 "refusals": dict(self.refusals), "errors": self.errors, "error_count": len(self.errors),

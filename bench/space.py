@@ -44,7 +44,7 @@ def sh(*args: str, user: bool = False, check: bool = True, **kw: Any) -> str:
     got = subprocess.run(cmd, capture_output=True, text=True, **kw)
     if check and got.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: {got.stderr.strip()[-400:]}")
-    return got.stdout
+    return str(got.stdout)
 
 
 class Pool:
@@ -68,10 +68,12 @@ class Pool:
             self.group = ["-i", quota.FEATURES_QGROUP]
         if self.group:
             quota.set_limit(self.root, 8 * 1024 ** 3)
+
+    def setup(self) -> None:
         self.prod = self.root / "production"
         sh("btrfs", "subvolume", "create", str(self.prod), user=True)
         sh(str(self.bins / "initdb"), "-D", str(self.prod), "-A", "trust", "-U", "postgres", user=True)
-        self.sock = base / f"sock-{mode}"
+        self.sock = self.base / f"sock-{self.mode}"
         self.sock.mkdir()
         shutil.chown(self.sock, PG_USER, PG_USER)
         self.port = free_port()
@@ -81,7 +83,7 @@ class Pool:
 
     def start(self, datadir: Path, port: int) -> None:
         (datadir / "postmaster.pid").unlink(missing_ok=True)
-        sh(str(self.bins / "pg_ctl"), "start", "-w", "-s", "-D", str(datadir), "-l", str(self.base / f"{port}.log"),
+        sh(str(self.bins / "pg_ctl"), "start", "-w", "-s", "-D", str(datadir), "-l", str(self.sock / f"{port}.log"),
            "-o", f"-p {port} -k {self.sock} -c listen_addresses=''", user=True)
 
     def stop(self, datadir: Path) -> None:
@@ -110,7 +112,7 @@ class Pool:
         return float(m.group(1)) if m else 0.0
 
     def close(self) -> None:
-        for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:
+        for d in sorted(self.root.iterdir()) if self.root.is_dir() else []:  # every cluster we started
             self.stop(d)
         sh("umount", str(self.root), check=False)
         self.img.unlink(missing_ok=True)
@@ -120,6 +122,7 @@ def measure(base: Path, mode: str, snaps: int, seconds: int) -> dict[str, Any]:
     log(f"mode {mode}: setting up")
     pool = Pool(base, mode, "6G")
     try:
+        pool.setup()
         made = [pool.snapshot(f"s{i}") for i in range(snaps)]
         snap_s = [t for t, _ in made]
         del_s = [pool.delete(p) for _, p in made]
@@ -155,12 +158,43 @@ def measure(base: Path, mode: str, snaps: int, seconds: int) -> dict[str, Any]:
         pool.close()
 
 
+def markdown(doc: dict[str, Any]) -> str:
+    lines = [
+        "| quotas | snapshot p50 / p95 | delete (commit) p50 | pgbench TPS production | TPS feature | "
+        "feature writes | features' count after the snapshots |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in doc["results"]:
+        count = {None: "-", True: "exact", False: "INCONSISTENT (nothing enforced)"}[r["accounting_consistent"]]
+        lines.append(f"| {r['mode']} | {r['snapshot_ms']['p50']} / {r['snapshot_ms']['p95']} ms | "
+                     f"{r['delete_ms']['p50']} ms | {r['tps_production']} | {r['tps_feature']} | "
+                     f"{r['feature_write_mb_s']} MB/s | {count} |")
+    m = doc["meta"]
+    lines += ["", f"{m['date']}, {m['machine']}, Linux {m['kernel']}; pgbench -c 4 -j 2, scale 10, on a 6 GiB "
+              "loop image each; one feature writing `CREATE TABLE AS` 2M rows."]
+    return "\n".join(lines)
+
+
+def write_doc(doc: dict[str, Any], path: Path) -> None:
+    text = path.read_text()
+    start, end = "<!-- space:begin -->", "<!-- space:end -->"
+    head, _, rest = text.partition(start)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{start}\n{markdown(doc)}\n{end}{tail}")
+    log(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--snapshots", type=int, default=20)
     ap.add_argument("--seconds", type=int, default=20, help="pgbench duration per run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "space.json"))
+    ap.add_argument("--doc", default=None, help="rewrite the table between the space markers of this file")
+    ap.add_argument("--render", action="store_true", help="only render --out into --doc")
     args = ap.parse_args()
+    if args.render:
+        write_doc(json.loads(Path(args.out).read_text()), Path(args.doc))
+        return
     if os.geteuid() != 0:
         raise SystemExit("run as root: it loop-mounts btrfs images")
     base = Path(tempfile.mkdtemp(prefix="tierbase-space-", dir="/tmp"))
@@ -174,6 +208,8 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     log(f"wrote {args.out}")
+    if args.doc:
+        write_doc(doc, Path(args.doc))
 
 
 if __name__ == "__main__":
