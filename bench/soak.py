@@ -176,8 +176,7 @@ class Soak:
                 assert got == (True,), got
 
         self.attempt("own.write", write)
-        if rng.random() < 0.5:
-            self.attempt("own.reset", lambda: sdk.reset_branch(name))
+        if rng.random() < 0.5 and self.attempt("own.reset", lambda: sdk.reset_branch(name)) is not None:
             self.attempt("own.query", after_reset)
         self.attempt("own.delete", lambda: sdk.delete_branch(name))
 
