@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -23,11 +22,13 @@ class WireError(OSError):
     """The service could not be reached, or did not speak HTTP/1.1 as expected."""
 
 
-@dataclass(frozen=True)
 class Reply:
-    status: int
-    body: bytes
-    content_type: str
+    """Status, body and content type of an answer (a plain class: dataclasses is not free to import)."""
+
+    __slots__ = ("body", "content_type", "status")
+
+    def __init__(self, status: int, body: bytes, content_type: str) -> None:
+        self.status, self.body, self.content_type = status, body, content_type
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -65,7 +66,9 @@ def request(base_url: str, method: str, path: str, *, headers: dict[str, str], p
         hdrs.append(("Content-Type", "application/json"))
     conn = h11.Connection(h11.CLIENT)
     try:
-        with socket.create_connection((url.hostname, url.port or 80), timeout=timeout) as sock:
+        # an ASCII host as bytes: a str would be run through the idna codec (unicodedata) by getaddrinfo
+        host: str | bytes = url.hostname.encode() if url.hostname.isascii() else url.hostname
+        with socket.create_connection((host, url.port or 80), timeout=timeout) as sock:  # type: ignore[arg-type]
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             out = conn.send(h11.Request(method=method, target=target, headers=hdrs)) or b""
             if body:
