@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"the service reports {server['elapsed_ms']} ms for a branch create itself (snapshot + metadata "
                 "+ audit); the rest of a CLI create is process start-up, imports and the HTTP round trip.",
                 "`tierbase --version` answers before click is imported; other commands import click, the "
-                "command table and the light HTTP transport (api/wire.py: a socket + h11), never httpx, rich "
+                "command table and the light HTTP transport (api/wire.py: one socket), never httpx, rich "
                 "(only `branch list` draws a table with it), psycopg or the facade.",
                 "use the console script itself: the pyenv shim (~/.pyenv/shims/tierbase) is a bash wrapper "
                 "that adds ~100 ms; put `$(python -c 'import sys; print(sys.prefix)')/bin` first on PATH, or "

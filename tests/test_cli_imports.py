@@ -10,7 +10,7 @@ import click
 
 from tierbase.cli.base import COMMANDS
 
-HEAVY = ("psycopg", "fastapi", "httpx", "tierbase.app", "uvicorn", "rich", "jsonschema", "pglast")
+HEAVY = ("psycopg", "fastapi", "httpx", "h11", "tierbase.app", "uvicorn", "rich", "jsonschema", "pglast")
 
 
 def loaded_after(code: str, modules: tuple[str, ...] = HEAVY) -> list[str]:
