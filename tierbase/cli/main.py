@@ -8,9 +8,11 @@ every command) and runs it. ``from tierbase.cli.main import cli`` gives that gro
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # not typing's: `tierbase --version` imports nothing it does not print
 if TYPE_CHECKING:
+    from typing import Any
+
     import click
 
 __all__ = ["cli", "main"]
