@@ -25,9 +25,10 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"tierbase, version {__version__}")
         return
-    from .base import root
+    from .base import invoked, root
 
-    root()(args=args, prog_name="tierbase")
+    # the one command this process runs, if the table names it (--help and typos see them all)
+    root(only=invoked(args))(args=args, prog_name="tierbase")
 
 
 def __getattr__(name: str) -> Any:
