@@ -135,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             row.run(0, env)
             row.wall.clear()
             row.cpu.clear()
-        log(f"{len(rows)} command lines x {args.runs} runs, round-robin")
+        load_before = os.getloadavg()[0]
+        log(f"{len(rows)} command lines x {args.runs} runs, round-robin (load average {load_before:.1f})")
         for i in range(1, args.runs + 1):
             for row in rows:
                 row.run(i, env)
+        load_after = os.getloadavg()[0]
         server = plat.cli("branch", "create", "cli-server-side")
         plat.cli("branch", "delete", "cli-server-side")
     by = {r.label: r for r in rows}
@@ -185,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
                 for r in rows},
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores (shared)",
                  "python": sys.version.split()[0], "runs": args.runs, "cmd": f"bench/cli.py --runs {args.runs}",
+                 "load average (1 min) before / after": f"{load_before:.1f} / {load_after:.1f}",
                  "note": "wall times on a 2-core machine shared with other work: compare rows of one run; "
                          "the CPU column is steadier."},
     }
