@@ -177,6 +177,34 @@ def test_api_openapi_and_auth(env: dict[str, str]) -> None:
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_input"
 
 
+def test_openapi_describes_every_response_and_the_error_envelope(env: dict[str, str]) -> None:
+    info = json.loads((Path(env["TIERBASE_HOME"]) / "service.json").read_text())
+    doc = httpx.get(f"{info['api_url']}/openapi.json").json()
+    missing = []
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            ok = {code: r for code, r in op["responses"].items() if code.startswith("2")}
+            if not ok or not all(r.get("content", {}).get("application/json", {}).get("schema") for r in ok.values()):
+                missing.append(f"{method.upper()} {path}: no success schema")
+            for code in ("401", "404", "422", "500"):
+                schema = op["responses"].get(code, {}).get("content", {}).get("application/json", {}).get("schema")
+                if schema != {"$ref": "#/components/schemas/ErrorEnvelope"}:
+                    missing.append(f"{method.upper()} {path}: {code} is not the error envelope")
+    assert missing == []
+    schemas = doc["components"]["schemas"]
+    for model, field in (("Branch", "copy_on_write"), ("Route", "movable"), ("Principal", "role"),
+                         ("PrincipalCreated", "token"), ("AuditRecord", "hash"), ("ErrorBody", "hint")):
+        assert field in schemas[model]["properties"], model
+    listed = doc["paths"]["/v1/branches"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert listed["items"] == {"$ref": "#/components/schemas/Branch"}
+    # typed answers keep every field the facade gave, and add none it did not
+    made = as_json(env, "branch", "create", "typed-x")
+    assert {"elapsed_ms", "driver", "copy_on_write", "fork_lsn"} <= set(made) and "sessions" not in made
+    listed_x = next(b for b in as_json(env, "branch", "list", "--no-bytes") if b["name"] == "typed-x")
+    assert "own_bytes" not in listed_x and "elapsed_ms" not in listed_x
+    tierbase(env, "branch", "delete", "typed-x")
+
+
 def test_commands_without_a_running_platform_say_so() -> None:
     home = make_home() / "nothing-here"
     try:

@@ -7,10 +7,11 @@ import subprocess
 import sys
 
 import click
+import pytest
 
 from tierbase.cli.base import COMMANDS
 
-HEAVY = ("psycopg", "fastapi", "httpx", "tierbase.app", "uvicorn", "rich", "jsonschema", "pglast")
+HEAVY = ("psycopg", "fastapi", "httpx", "h11", "tierbase.app", "uvicorn", "rich", "jsonschema", "pglast")
 
 
 def loaded_after(code: str, modules: tuple[str, ...] = HEAVY) -> list[str]:
@@ -47,3 +48,20 @@ def test_every_command_is_registered_without_importing_its_module_first() -> Non
         assert isinstance(cli.get_command(ctx, expected), click.Command), expected
     # eager: the root group holds every command of the table, nothing is resolved on lookup
     assert sorted(cli.commands) == sorted(COMMANDS)
+
+
+def test_the_process_builds_only_the_command_it_runs() -> None:
+    run = ("import tierbase.cli.main as m\ntry:\n    m.main(['--home', '/nonexistent', 'branch', '--help'])\n"
+           "except SystemExit:\n    pass")
+    modules = ("tierbase.cli.branches", "tierbase.cli.workflow", "tierbase.cli.scm")
+    assert loaded_after(f"exec({run!r})", modules) == ["tierbase.cli.branches"]
+
+
+@pytest.mark.parametrize(("argv", "name"), [
+    (["branch", "create", "x"], "branch"), (["--home", "/h", "--api=http://x", "init"], "init"),
+    (["--home=/h", "up"], "up"), (["--help"], None), (["brnch"], None), ([], None),
+])
+def test_the_command_an_argv_names(argv: list[str], name: str | None) -> None:
+    from tierbase.cli.base import invoked
+
+    assert invoked(argv) == name

@@ -19,6 +19,7 @@ from .. import __version__
 from ..app import Tierbase
 from ..app_import import too_large
 from ..errors import InvalidInput, TierbaseError, Unauthorized, translate
+from .models import ERRORS, AuditRecord, Branch, Deleted, Principal, PrincipalCreated, Route
 from .upload import drain, require_octets, spool
 
 log = logging.getLogger("tierbase.api")
@@ -195,7 +196,7 @@ class CiBranch(BaseModel):
 
 def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     """Build the API over ``tb``; ``hooks`` (the service) repoints live proxy sessions."""
-    app = FastAPI(title="tierbase", version=__version__,
+    app = FastAPI(title="tierbase", version=__version__, responses=ERRORS,  # one error envelope, documented
                   description="Copy-on-write branches of PostgreSQL: branches, computes, routes, governance.")
 
     def auth(request: Request) -> Tierbase:
@@ -256,35 +257,35 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     def space(me: As) -> dict[str, Any]:
         return me.space()
 
-    @app.get("/v1/branches")
+    @app.get("/v1/branches", response_model=list[Branch], response_model_exclude_unset=True)
     def list_branches(me: As, bytes: bool = True) -> list[dict[str, Any]]:
         return _with_sessions(me.list_branches(with_bytes=bytes), hooks)
 
-    @app.post("/v1/branches", status_code=201)
+    @app.post("/v1/branches", status_code=201, response_model=Branch, response_model_exclude_unset=True)
     def create_branch(me: As, body: BranchCreate) -> dict[str, Any]:
         return me.create_branch(body.name, body.parent, ttl=body.ttl, snapshot=body.snapshot, start=body.start)
 
-    @app.post("/v1/flow/{feature}/ci-branch", status_code=201)
+    @app.post("/v1/flow/{feature}/ci-branch", status_code=201, response_model=Branch, response_model_exclude_unset=True)
     def create_ci_branch(me: As, feature: str, body: CiBranch) -> dict[str, Any]:
         return me.create_ci_branch(feature, body.parent, ttl=body.ttl)
 
-    @app.get("/v1/branches/{name}")
+    @app.get("/v1/branches/{name}", response_model=Branch, response_model_exclude_unset=True)
     def show_branch(me: As, name: str) -> dict[str, Any]:
         return _with_sessions([me.get_branch(name)], hooks)[0]
 
-    @app.delete("/v1/branches/{name}")
+    @app.delete("/v1/branches/{name}", response_model=Deleted, response_model_exclude_unset=True)
     def delete_branch(me: As, name: str, recursive: bool = False) -> dict[str, Any]:
         return {"deleted": me.delete_branch(name, recursive=recursive)}
 
-    @app.post("/v1/branches/{name}/reset")
+    @app.post("/v1/branches/{name}/reset", response_model=Branch, response_model_exclude_unset=True)
     def reset_branch(me: As, name: str) -> dict[str, Any]:
         return me.reset_branch(name)
 
-    @app.post("/v1/branches/{name}/start")
+    @app.post("/v1/branches/{name}/start", response_model=Branch, response_model_exclude_unset=True)
     def start_branch(me: As, name: str) -> dict[str, Any]:
         return me.start_branch(name)
 
-    @app.post("/v1/branches/{name}/stop")
+    @app.post("/v1/branches/{name}/stop", response_model=Branch, response_model_exclude_unset=True)
     def stop_branch(me: As, name: str) -> dict[str, Any]:
         return me.stop_branch(name)
 
@@ -316,7 +317,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     def session_end(me: As, sid: str) -> dict[str, Any]:
         return me.session_end(sid)
 
-    @app.get("/v1/routes")
+    @app.get("/v1/routes", response_model=list[Route], response_model_exclude_unset=True)
     def routes(me: As) -> list[dict[str, Any]]:
         return me.list_routes()
 
@@ -326,7 +327,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
             return dict(hooks.repoint(me, name, body.branch, body.drain))
         return me.set_route(name, body.branch)
 
-    @app.post("/v1/sweep")
+    @app.post("/v1/sweep", response_model=Deleted, response_model_exclude_unset=True)
     def sweep(me: As) -> dict[str, Any]:
         return {"deleted": me.sweep()}
 
@@ -363,15 +364,15 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
             upload.unlink(missing_ok=True)
 
     # -- governance ---------------------------------------------------------------------
-    @app.get("/v1/principals")
+    @app.get("/v1/principals", response_model=list[Principal], response_model_exclude_unset=True)
     def principals(me: As) -> list[dict[str, Any]]:
         return me.list_principals()
 
-    @app.post("/v1/principals", status_code=201)
+    @app.post("/v1/principals", status_code=201, response_model=PrincipalCreated, response_model_exclude_unset=True)
     def create_principal(me: As, body: PrincipalCreate) -> dict[str, Any]:
         return me.create_principal(body.name, body.role)
 
-    @app.delete("/v1/principals/{name}")
+    @app.delete("/v1/principals/{name}", response_model=Principal, response_model_exclude_unset=True)
     def revoke_principal(me: As, name: str) -> dict[str, Any]:
         return me.revoke_principal(name)
 
@@ -387,7 +388,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     def explain(me: As, principal: str, action: str, target: str, source: str | None = None) -> dict[str, Any]:
         return me.explain(principal, action, target, source)
 
-    @app.get("/v1/audit")
+    @app.get("/v1/audit", response_model=list[AuditRecord], response_model_exclude_unset=True)
     def audit_log(me: As, actor: str | None = None, action: str | None = None, target: str | None = None,
                   denied: bool | None = None, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         return me.audit_log(actor=actor, action=action, target=target, denied=denied, since=since, limit=limit)

@@ -67,16 +67,33 @@ def _root(ctx: click.Context, home: str | None, api: str | None) -> None:
     ctx.obj = {"home": os.path.abspath(home) if home else None, "api": api or None}
 
 
-def root() -> click.Group:
-    """The root group with every command of ``COMMANDS`` registered (once)."""
+def root(only: str | None = None) -> click.Group:
+    """The root group with every command of ``COMMANDS`` registered (once); with ``only``, that one.
+
+    ``only`` is for the process entry point (cli/main.py), which runs one command: it skips building the
+    other commands' click objects. Whoever imports the group gets it whole."""
     for name, spec in COMMANDS.items():
-        if name not in _root.commands:
+        if (only is None or name == only) and name not in _root.commands:
             module, _, attr = spec.partition(":")
             got = getattr(importlib.import_module(module), attr)
             if not isinstance(got, click.Command):
                 raise TypeError(f"{spec} is not a click command")
             _root.add_command(got, name)
     return _root
+
+
+def invoked(args: list[str]) -> str | None:
+    """The command an argv names, if it is one of the table (past the root's own options); else None."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--home", "--api"):
+            i += 2
+        elif arg.startswith(("--home=", "--api=")):
+            i += 1
+        else:
+            return arg if arg in COMMANDS else None
+    return None
 
 
 def command(fn: F) -> F:

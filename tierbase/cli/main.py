@@ -8,9 +8,11 @@ every command) and runs it. ``from tierbase.cli.main import cli`` gives that gro
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
 
+TYPE_CHECKING = False  # not typing's: `tierbase --version` imports nothing it does not print
 if TYPE_CHECKING:
+    from typing import Any
+
     import click
 
 __all__ = ["cli", "main"]
@@ -23,9 +25,10 @@ def main(argv: list[str] | None = None) -> None:
 
         print(f"tierbase, version {__version__}")
         return
-    from .base import root
+    from .base import invoked, root
 
-    root()(args=args, prog_name="tierbase")
+    # the one command this process runs, if the table names it (--help and typos see them all)
+    root(only=invoked(args))(args=args, prog_name="tierbase")
 
 
 def __getattr__(name: str) -> Any:

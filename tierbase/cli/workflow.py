@@ -16,7 +16,6 @@ import click
 
 from ..errors import NotRunning
 from ..workflow.constants import ARTIFACTS, CI_WAIT, ROLES
-from ..workflow.errors import GateFailed
 from .base import as_json, client, command, repo_option
 from .render import emit_json, err, out
 
@@ -34,6 +33,8 @@ def workspace(ctx: click.Context, repo: str) -> Workspace:
 
 def run(call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Call into the kit; on a refused gate, list every failure for people before the one-line error."""
+    from ..workflow.errors import GateFailed
+
     try:
         return call()
     except GateFailed as e:

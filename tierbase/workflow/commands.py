@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from ..errors import BranchNotFound, InvalidInput, PolicyDenied, TierbaseError
+from ..git import feature_git_branch
 from ..governance.policy import Action, Subject
 from ..names import check_name
 from ..provider import branch_lock
@@ -286,7 +287,7 @@ class Flow:
             self.refuse(workspace, "claim", failures)
         made = self.tb.create_branch(feature, tier)
         t = tiers[tier]
-        evidence = {"feature": feature, "git_branch": f"feature/{feature}", "db_branch": feature, "parent": tier,
+        evidence = {"feature": feature, "git_branch": feature_git_branch(feature), "db_branch": feature, "parent": tier,
                     "tier_git_branch": t["git_branch"], "base_sha": t["sha"], "workspace": workspace,
                     "owner": self.me, "owner_role": self.base_role(), "claimed_at": iso(time.time())}
         self.record(feature, Transition.CLAIM, FlowState.FEATURE_CLAIMED, evidence)

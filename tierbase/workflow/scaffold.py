@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PolicyDenied
+from ..git import KIT_DIR, Git
 from ..governance.config import load_config
 from .errors import Failure
-from .gitrepo import KIT_DIR, Git
 from .workspace import CONFIG_FILE, DEFAULT_MIGRATIONS, DEFAULT_TEST_COMMAND, Current, Workspace, project_name_from
 
 TEMPLATE = """\
