@@ -8,6 +8,7 @@ staying as it was.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import secrets
@@ -24,6 +25,7 @@ from typing import Any
 
 import anyio
 import httpx
+import psycopg
 import pytest
 from mcp import Client, StdioServerParameters
 from mcp.client.streamable_http import streamable_http_client
@@ -87,7 +89,7 @@ def svc() -> Iterator[Svc]:
     env = new_env(home)
     try:
         up = json.loads(tierbase(env, "up", "--btrfs-size", "2G", "--api-port", str(free_port()), "--proxy-port",
-                                 str(free_port()), "--json").stdout)
+                                 str(free_port()), "--pool-port", str(free_port()), "--json").stdout)
         env["TIERBASE_TOKEN"] = (home / "api.token").read_text().strip()
         pe = Sdk(home)
         pe.apply_config(CONFIG, "test")
@@ -510,3 +512,45 @@ def test_quotas_refuse_past_the_limit_naming_the_quota(svc: Svc) -> None:
     finally:
         for name in made:
             tiny.delete_branch(name)
+
+
+# -- connections that scale -------------------------------------------------------------------------------
+CLIENTS = 500
+
+
+def test_the_pooled_url_serves_500_clients_on_a_few_server_connections(svc: Svc) -> None:
+    name = f"bot-{secrets.token_hex(3)}"
+    bot = Sdk(svc.home, url=svc.api, token=svc.tokens["bot"])
+    bot.create_branch(name)
+    bot.run_sql(name, "CREATE TABLE hits (client int PRIMARY KEY)")
+    pooled, direct = bot.branch_url(name, pooled=True), bot.branch_url(name)
+    assert pooled != direct and pooled.rsplit("/", 1)[1] == direct.rsplit("/", 1)[1] == name
+
+    async def go() -> tuple[int, int]:
+        gate = asyncio.Semaphore(50)  # how fast clients arrive; all of them stay connected at once
+
+        async def one(i: int) -> psycopg.AsyncConnection[Any]:
+            async with gate:
+                return await psycopg.AsyncConnection.connect(pooled, autocommit=True, connect_timeout=60)
+
+        conns = await asyncio.gather(*(one(i) for i in range(CLIENTS)))
+        try:
+            for i, c in enumerate(conns):  # every one of them still works, each in its own transactions
+                await c.execute("INSERT INTO hits VALUES (%s)", (i,), prepare=False)
+            backends = svc.pe.run_sql(name, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'tb_owner' "
+                                            "AND pid <> pg_backend_pid()")["rows"][0][0]
+            return len(conns), int(backends)
+        finally:
+            await asyncio.gather(*(c.close() for c in conns))
+
+    try:
+        connected, backends = asyncio.run(go())
+        assert connected == CLIENTS
+        assert backends <= 21  # PgBouncer's pool (20), not one backend per client
+        assert bot.run_sql(name, "SELECT count(*) FROM hits")["rows"] == [[CLIENTS]]
+        # the pooled connection is still the principal's: another's branch is refused at the proxy
+        rival = Sdk(svc.home, url=svc.api, token=svc.tokens["rival"]).branch_url("rival-work", pooled=True)
+        with pytest.raises(psycopg.OperationalError, match="permission denied"):
+            query(rival.replace("/rival-work", f"/{name}"), "SELECT 1")
+    finally:
+        bot.delete_branch(name)

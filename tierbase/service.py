@@ -28,6 +28,7 @@ from .compute.postgres import Postgres
 from .control.lifecycle import State
 from .control.store import Kind
 from .errors import PolicyDenied, TierbaseError
+from .pooler import poolers_for
 from .proxy import Proxy, RouteError, Target
 from .proxy.auth import Verifier
 from .proxy.tls import TlsFiles, ensure_certificates
@@ -112,12 +113,35 @@ class PlatformAuthority:
                                 f"authentication failed for user {user!r}: {reason}")
 
 
-def make_proxy(tb: Tierbase, *, port: int | None = None) -> Proxy:
-    """The proxy as the service runs it: the platform's resolver and authority, TLS with its certificates."""
+class PooledResolver:
+    """The pooled port's resolver: the route's compute (woken as usual), then its PgBouncer in front."""
+
+    def __init__(self, inner: Resolver) -> None:
+        self.inner = inner
+        tb = inner.tb
+        self.poolers = poolers_for(tb.home.root, tb.branches.provider.sockets)
+
+    async def resolve(self, route: str) -> Target:
+        target = await self.inner.resolve(route)
+        try:
+            sockets = await asyncio.to_thread(self.poolers.ensure, target.port)
+        except TierbaseError as err:
+            raise RouteError(err.message, err.hint, sqlstate="57P03") from err
+        return Target(target.branch, sockets, target.port)
+
+
+def make_proxy(tb: Tierbase, *, port: int | None = None, pooled: Resolver | None = None) -> Proxy:
+    """The proxy as the service runs it: the platform's resolver and authority, TLS with its certificates.
+
+    ``pooled``: the proxy of the pooled port instead, in front of each compute's PgBouncer (pooler.py),
+    sharing the main proxy's resolver (one wake-up path, one idle bookkeeping).
+    """
     cert, key = tb.store.get_setting("tls_cert"), tb.store.get_setting("tls_key")
     tls = TlsFiles(Path(cert), Path(cert), Path(key)) if cert and key else ensure_certificates(tb.home.root / "tls")
-    return Proxy(Resolver(tb), PlatformAuthority(tb), host="127.0.0.1",
-                 port=tb.proxy_port if port is None else port, tls=tls,
+    resolver: Any = Resolver(tb) if pooled is None else PooledResolver(pooled)
+    default_port = tb.proxy_port if pooled is None else tb.pool_port
+    return Proxy(resolver, PlatformAuthority(tb), host="127.0.0.1",
+                 port=default_port if port is None else port, tls=tls,
                  plain_loopback=bool(tb.store.get_setting("plain_loopback", True)),
                  decoy_key=tb.home.read_secret(tb.home.root / "audit.key", create=True).encode())
 
@@ -128,6 +152,8 @@ class Service:
         self.tb.router = self
         self.proxy = make_proxy(self.tb)
         self.resolver: Resolver = self.proxy.resolver  # type: ignore[assignment]
+        self.pooled = make_proxy(self.tb, pooled=self.resolver)  # the pooled URL's port (PgBouncer behind)
+        self.poolers = poolers_for(self.tb.home.root, self.tb.branches.provider.sockets)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.idle_timeout = float(self.tb.store.get_setting("idle_timeout", 300))
         self.sweep_interval = float(os.environ.get("TIERBASE_SWEEP_INTERVAL", "30"))
@@ -187,8 +213,16 @@ class Service:
                 gone = await asyncio.to_thread(self.tb.sweep)
                 if gone:
                     log.info("expired and deleted: %s", ", ".join(gone))
+                stopped = await asyncio.to_thread(self._reap_poolers)
+                if stopped:
+                    log.info("stopped the PgBouncers of stopped computes on ports %s", stopped)
             except Exception:
                 log.exception("TTL sweep failed")
+
+    def _reap_poolers(self) -> list[int]:
+        provider = self.tb.branches.provider
+        running = {b.port for b in self.tb.store.all() if provider.running_pid(b.volume) is not None}
+        return self.poolers.reap(running)
 
     async def suspender(self) -> None:
         if self.idle_timeout <= 0:
@@ -254,12 +288,18 @@ class Service:
         # process before the finally below (the audit's pending counts, the proxy's sessions, service.json)
         signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
         await self.proxy.start()
+        try:
+            await self.pooled.start()
+        except OSError as err:  # pooling is an extra: without its port the platform still serves
+            log.warning("the pooled port %s is not available (%s): pooled URLs will not connect; "
+                        "choose another with `tierbase up --pool-port N`", self.tb.pool_port, err)
         tasks = [asyncio.create_task(self.sweeper()), asyncio.create_task(self.suspender())]
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)
         if serving.done():
             await self.proxy.close()
+            await self.pooled.close()
             raise SystemExit(f"the API could not listen on 127.0.0.1:{self.tb.api_port}")
         self._write_info()
         try:
@@ -269,11 +309,13 @@ class Service:
                 t.cancel()
             await asyncio.to_thread(self.tb.gate.audit.flush)  # the counts of folded failures still open
             await self.proxy.close()
+            await self.pooled.close()
+            await asyncio.to_thread(self.poolers.stop_all)
             self.tb.home.service.unlink(missing_ok=True)
 
     def _write_info(self) -> None:
         info = {"pid": os.getpid(), "api_url": f"http://127.0.0.1:{self.tb.api_port}",
-                "proxy_port": self.proxy.port, "started_at": time.time()}
+                "proxy_port": self.proxy.port, "pool_port": self.pooled.port, "started_at": time.time()}
         tmp = self.tb.home.service.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         tmp.chmod(0o600)

@@ -49,10 +49,12 @@ def cli(ctx: click.Context, home: str | None, api: str | None) -> None:
               help="tierbase.toml declaring tiers, roles and masking (creates missing tiers).")
 @click.option("--import-limit", default=None, help="Largest dump `tierbase import` accepts, e.g. 512M, 8G "
               "(default 4G).")
+@click.option("--pool-port", type=int, default=None, help="The proxy's pooled port, transaction pooling "
+              "(default: the proxy port - 2, 25429).")
 @command
 @click.pass_context
 def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, proxy_port: int | None,
-       idle_timeout: int | None, config: str | None, import_limit: str | None) -> None:
+       idle_timeout: int | None, config: str | None, import_limit: str | None, pool_port: int | None) -> None:
     """Start the platform for the data dir (initialising it on first use).
 
     As root, root only mounts the storage; the service and the computes run as the compute user.
@@ -69,6 +71,10 @@ def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, 
         tb.store.set_setting("idle_timeout", idle_timeout)
     if import_limit is not None:
         tb.set_import_limit(import_limit)
+    if pool_port is not None:
+        from ..compute.ports import check_port
+
+        tb.store.set_setting("pool_port", check_port(pool_port, "the pooled port", "--pool-port 25429"))
     driver, user = tb.driver, compute_user()
     tb.close()
     tb.home.hand_over(user)
@@ -79,7 +85,8 @@ def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, 
     else:
         said.append(f"the service is already running (pid {info['pid']})")
     result = {"home": str(tb.home.root), "driver": driver.name, "copy_on_write": driver.copy_on_write,
-              "api_url": info["api_url"], "proxy_port": info["proxy_port"], "service_user": user.name,
+              "api_url": info["api_url"], "proxy_port": info["proxy_port"], "pool_port": info.get("pool_port"),
+              "service_user": user.name,
               "said": said}
     if as_json():
         emit_json(result)
@@ -266,12 +273,15 @@ def branch_reset(ctx: click.Context, name: str) -> None:
 @click.option("--direct", is_flag=True, help="The compute's own port instead of the proxy (platform engineers).")
 @click.option("--sslmode", type=click.Choice(["disable", "prefer", "require", "verify-ca", "verify-full"]),
               default=None, help="TLS to the proxy; verify-* also fetch the platform's CA into ~/.config/tierbase.")
+@click.option("--pooled", is_flag=True, help="Transaction pooling (PgBouncer behind the proxy's pooled port): "
+              "for many short connections; no session state across transactions.")
 @command
 @click.pass_context
-def branch_url(ctx: click.Context, name: str, database: str, direct: bool, sslmode: str | None) -> None:
+def branch_url(ctx: click.Context, name: str, database: str, direct: bool, sslmode: str | None,
+               pooled: bool) -> None:
     """A postgresql:// URL for NAME with your own credentials (through the proxy, stable)."""
     sdk = client(ctx)
-    url = sdk.branch_url(name, database, direct, sslmode=sslmode)
+    url = sdk.branch_url(name, database, direct, sslmode=sslmode, pooled=pooled)
     if sslmode in ("verify-ca", "verify-full"):
         url += f"&sslrootcert={quote(str(_save_ca(sdk)), safe='/')}"
     emit_json({"name": name, "url": url}) if as_json() else click.echo(url)
