@@ -54,6 +54,8 @@ max_db_connections = {size}
 server_idle_timeout = {idle}
 server_lifetime = 3600
 ignore_startup_parameters = extra_float_digits,options,search_path,statement_timeout
+log_connections = 0
+log_disconnections = 0
 logfile = {log}
 pidfile = {pid}
 """
