@@ -97,6 +97,7 @@ class Stats:
         self.errors: list[str] = []
         self.loops = 0
         self.samples: list[tuple[int, int]] = []
+        self.load: list[float] = []  # the machine's 1-minute load average: other work on it shows here
 
 
 async def tool(client: Client, stats: Stats, name: str, args: dict[str, Any]) -> Any:
@@ -139,6 +140,7 @@ async def sampler(pe: Sdk, stats: Stats, until: float) -> None:
         with suppress(Exception):
             st = await asyncio.to_thread(pe.status)
             stats.samples.append((int(st["branches"]), int(st["computes_running"])))
+            stats.load.append(os.getloadavg()[0])
         await asyncio.sleep(2)
 
 
@@ -237,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("/tmp/tierbase-bench-agents.json"))
     args = ap.parse_args(argv)
     levels = [int(x) for x in args.levels.split(",")]
-    rows, raw = [], {}
+    rows, raw, loads = [], {}, []
     with platform("4G", "--pool-port", str(free_port()), "--idle-timeout", "60") as p:
         pe = Sdk(p.home, url=p.up_info["api_url"], token=p.token)
         pe.apply_config(CONFIG, "bench")
@@ -252,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                          max((b for b, _ in st.samples), default=None), max((c for _, c in st.samples), default=None),
                          len(st.errors)])
             raw[str(n)] = {"per_tool_p50_p95_ms": {k: [ms(pct(v, 0.5)), ms(pct(v, 0.95))] for k, v in st.calls.items()},
-                           "errors": st.errors[:20]}
+                           "errors": st.errors[:20], "load_average_1m_max": max(st.load, default=None)}
+            loads.append(max(st.load, default=0.0))
             log(f"  {rows[-1]}")
         # memory: an idle compute (started, no client) and a busy one (8 clients in transactions)
         bot = Sdk(p.home, url=p.up_info["api_url"], token=tokens[0])
@@ -305,7 +308,12 @@ def main(argv: list[str] | None = None) -> int:
                        "connections, run_sql, schema_diff, session_end; every agent a principal of its own",
                        f"run at {', '.join(map(str, levels))} agents for {args.seconds:.0f} s each on this 2-core "
                        "machine shared with other work, not the issue's 50 agents x 10 min: the table gives the "
-                       "trend; the per-tool p50/p95 are in the JSON (raw)"]},
+                       "trend; the per-tool p50/p95 are in the JSON (raw)",
+                       f"the machine's 1-minute load average reached {max(loads, default=0):.1f} during the levels "
+                       f"({os.cpu_count()} CPUs): latencies include waiting for a CPU",
+                       "light tools: run_sql and connection_string (no fork, no compute start or stop, no DDL); "
+                       "the others wait on the platform's own work (a branch fork and compute start, migrations, "
+                       "pg_dump for the diff, a compute stop and volume delete)"]},
             {"title": "Memory of one compute (PSS, postmaster + its processes)",
              "columns": ["state", "MiB"],
              "rows": [["stopped (suspended, the default after the idle timeout)", 0.0],

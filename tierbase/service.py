@@ -182,8 +182,9 @@ class Service:
         """
         assert self.loop is not None
         t0 = time.perf_counter()
-        held = self.proxy.hold(route)
-        self._on_loop(held.__aenter__())
+        held = [p.hold(route) for p in (self.proxy, self.pooled)]  # the pooled port's sessions move too
+        for h in held:
+            self._on_loop(h.__aenter__())
         released = False
         try:
             out = change()
@@ -192,12 +193,19 @@ class Service:
             ended = 0
             if old and old != new:
                 if drain > 0:
-                    self._on_loop(held.__aexit__(None, None, None))
+                    for h in held:
+                        self._on_loop(h.__aexit__(None, None, None))
                     released = True
-                ended = self._on_loop(self.proxy.terminate(old, msg, drain=drain, route=route))
+                async def both() -> int:  # at once: a drain is waited out once, not once per port
+                    got = await asyncio.gather(*(p.terminate(old, msg, drain=drain, route=route)
+                                                 for p in (self.proxy, self.pooled)))
+                    return sum(got)
+
+                ended = self._on_loop(both())
         finally:
             if not released:
-                self._on_loop(held.__aexit__(None, None, None))
+                for h in held:
+                    self._on_loop(h.__aexit__(None, None, None))
         out.update(sessions_ended=ended, switch_ms=round((time.perf_counter() - t0) * 1000, 1))
         return out
 
