@@ -147,6 +147,9 @@ def make_proxy(tb: Tierbase, *, port: int | None = None, pooled: Resolver | None
 
 
 class Service:
+    #: the pooled port's proxy (None only in tests that build a Service of just a proxy and its loop)
+    pooled: Proxy | None = None
+
     def __init__(self, home: Path) -> None:
         self.tb = Tierbase(home)
         self.tb.router = self
@@ -182,7 +185,8 @@ class Service:
         """
         assert self.loop is not None
         t0 = time.perf_counter()
-        held = [p.hold(route) for p in (self.proxy, self.pooled)]  # the pooled port's sessions move too
+        proxies = [p for p in (self.proxy, self.pooled) if p is not None]  # the pooled port's sessions move too
+        held = [p.hold(route) for p in proxies]
         for h in held:
             self._on_loop(h.__aenter__())
         released = False
@@ -197,8 +201,7 @@ class Service:
                         self._on_loop(h.__aexit__(None, None, None))
                     released = True
                 async def both() -> int:  # at once: a drain is waited out once, not once per port
-                    got = await asyncio.gather(*(p.terminate(old, msg, drain=drain, route=route)
-                                                 for p in (self.proxy, self.pooled)))
+                    got = await asyncio.gather(*(p.terminate(old, msg, drain=drain, route=route) for p in proxies))
                     return sum(got)
 
                 ended = self._on_loop(both())
@@ -285,6 +288,7 @@ class Service:
     # -- main -------------------------------------------------------------------
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        assert self.pooled is not None  # made in __init__
         for line in await asyncio.to_thread(self.tb.reconcile):  # branches, intents and promotions, audited
             log.info("reconcile: %s", line)
         for name in await asyncio.to_thread(self.tb.clear_uploads):
@@ -322,6 +326,7 @@ class Service:
             self.tb.home.service.unlink(missing_ok=True)
 
     def _write_info(self) -> None:
+        assert self.pooled is not None
         info = {"pid": os.getpid(), "api_url": f"http://127.0.0.1:{self.tb.api_port}",
                 "proxy_port": self.proxy.port, "pool_port": self.pooled.port, "started_at": time.time()}
         tmp = self.tb.home.service.with_suffix(".tmp")
