@@ -159,6 +159,8 @@ class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps, SqlOps, SessionOps):
                 shutil.rmtree(self.home.root, ignore_errors=True)
             return []
         said = []
+        for port in self.branches.provider.pooler().stop_all():
+            said.append(f"stopped the PgBouncer of the compute on port {port}")
         for b in self.store.all():
             if self.branches.provider.stop(b.name, b.volume):
                 said.append(f"stopped the compute of {b.name!r}")
@@ -255,14 +257,17 @@ class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps, SqlOps, SessionOps):
         return [self.describe(b, with_bytes=with_bytes) for b in self.store.all() if b.kind is not Kind.SYSTEM]
 
     def branch_url(self, name: str, dbname: str = "postgres", *, direct: bool = False,
-                   sslmode: str | None = None) -> str:
+                   sslmode: str | None = None, pooled: bool = False) -> str:
         """A URL for psql/psycopg with this principal's own credentials, through the proxy (stable).
 
         The user is the principal and the password its Postgres password (derived from its token:
         the platform keeps only the SCRAM verifier). What the principal may do once connected is
         decided by the proxy at each login (policy ``branch.connect``, then the compute role).
         ``direct``: the compute's own port, for platform engineers only, with a login role of their own.
+        ``pooled``: the proxy's pooled port (transaction pooling by the compute's PgBouncer, pooler.py).
         """
+        if direct and pooled:
+            raise InvalidInput("a URL is either direct or pooled", "Ask for one of --direct and --pooled")
         check_name(name)
         target = self.store.resolve_route(name)
         if target is None:
@@ -287,7 +292,8 @@ class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps, SqlOps, SessionOps):
             rec.after = {"user": who.name, "role": self.connect_role(who.name, branch.name, audit=False)}
         route = name if dbname == "postgres" else f"{name}.{dbname}"
         query = f"?sslmode={sslmode}" if sslmode else ""
-        return f"postgresql://{quote(who.name, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.proxy_port}/" \
+        port = self.pool_port if pooled else self.proxy_port
+        return f"postgresql://{quote(who.name, safe='')}:{quote(password, safe='')}@127.0.0.1:{port}/" \
                f"{quote(route, safe='')}{query}"
 
     def _db_password(self) -> str:

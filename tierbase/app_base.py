@@ -122,6 +122,11 @@ class FacadeBase:
         return int(self.store.get_setting("proxy_port", PROXY_PORT))
 
     @property
+    def pool_port(self) -> int:
+        """The proxy's pooled port (transaction pooling through each compute's PgBouncer): default proxy - 2."""
+        return int(self.store.get_setting("pool_port", self.proxy_port - 2))
+
+    @property
     def api_port(self) -> int:
         return int(self.store.get_setting("api_port", API_PORT))
 

@@ -222,8 +222,8 @@ class Client:
         return dict(self._call("POST", f"/v1/branches/{name}/stop"))
 
     def branch_url(self, name: str, dbname: str = "postgres", direct: bool = False,
-                   sslmode: str | None = None) -> str:
-        params: dict[str, Any] = {"database": dbname, "direct": direct}
+                   sslmode: str | None = None, *, pooled: bool = False) -> str:
+        params: dict[str, Any] = {"database": dbname, "direct": direct, **({"pooled": True} if pooled else {})}
         if sslmode:
             params["sslmode"] = sslmode
         got = self._call("GET", f"/v1/branches/{name}/url", params=params)

@@ -292,8 +292,8 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     @app.get("/v1/branches/{name}/url")
     def branch_url(me: As, name: str, database: str = "postgres", direct: bool = False,
                    sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] | None = None,
-                   ) -> dict[str, Any]:
-        return {"name": name, "url": me.branch_url(name, database, direct=direct, sslmode=sslmode)}
+                   pooled: bool = False) -> dict[str, Any]:
+        return {"name": name, "url": me.branch_url(name, database, direct=direct, sslmode=sslmode, pooled=pooled)}
 
     @app.post("/v1/branches/{name}/sql")
     def run_sql(me: As, name: str, body: SqlBody) -> dict[str, Any]:

@@ -114,12 +114,15 @@ def branch_reset(ctx: click.Context, name: str) -> None:
 @click.option("--direct", is_flag=True, help="The compute's own port instead of the proxy (platform engineers).")
 @click.option("--sslmode", type=click.Choice(["disable", "prefer", "require", "verify-ca", "verify-full"]),
               default=None, help="TLS to the proxy; verify-* also fetch the platform's CA into ~/.config/tierbase.")
+@click.option("--pooled", is_flag=True, help="Transaction pooling (PgBouncer behind the proxy's pooled port): "
+              "for many short connections; no session state across transactions.")
 @command
 @click.pass_context
-def branch_url(ctx: click.Context, name: str, database: str, direct: bool, sslmode: str | None) -> None:
+def branch_url(ctx: click.Context, name: str, database: str, direct: bool, sslmode: str | None,
+               pooled: bool) -> None:
     """A postgresql:// URL for NAME with your own credentials (through the proxy, stable)."""
     sdk = client(ctx)
-    url = sdk.branch_url(name, database, direct, sslmode=sslmode)
+    url = sdk.branch_url(name, database, direct, sslmode=sslmode, pooled=pooled)
     if sslmode in ("verify-ca", "verify-full"):
         url += f"&sslrootcert={quote(str(_save_ca(sdk)), safe='/')}"
     emit_json({"name": name, "url": url}) if as_json() else click.echo(url)

@@ -31,12 +31,15 @@ if TYPE_CHECKING:
               help="tierbase.toml declaring tiers, roles and masking (creates missing tiers).")
 @click.option("--import-limit", default=None, help="Largest dump `tierbase import` accepts, e.g. 512M, 8G "
               "(default 4G).")
+@click.option("--pool-port", type=int, default=None, help="The proxy's pooled port, transaction pooling "
+              "(default: the proxy port - 2, 25429).")
 @click.option("--space-reserve", default=None, help="Pool space kept for tiers, e.g. 2G (default 10% of the "
               "pool): feature branches together may not fill it, and `branch create` is refused below it.")
 @command
 @click.pass_context
 def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, proxy_port: int | None,
-       idle_timeout: int | None, config: str | None, import_limit: str | None, space_reserve: str | None) -> None:
+       idle_timeout: int | None, config: str | None, import_limit: str | None, space_reserve: str | None,
+       pool_port: int | None) -> None:
     """Start the platform for the data dir (initialising it on first use).
 
     As root, root only mounts the storage; the service and the computes run as the compute user.
@@ -53,6 +56,10 @@ def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, 
         tb.store.set_setting("idle_timeout", idle_timeout)
     if import_limit is not None:
         tb.set_import_limit(import_limit)
+    if pool_port is not None:
+        from ..provider import check_port
+
+        tb.store.set_setting("pool_port", check_port(pool_port, "the pooled port", "--pool-port 25429"))
     driver, user = tb.driver, compute_user()
     tb.close()
     tb.home.hand_over(user)
@@ -63,7 +70,8 @@ def up(ctx: click.Context, storage: str, btrfs_size: str, api_port: int | None, 
     else:
         said.append(f"the service is already running (pid {info['pid']})")
     result = {"home": str(tb.home.root), "driver": driver.name, "copy_on_write": driver.copy_on_write,
-              "api_url": info["api_url"], "proxy_port": info["proxy_port"], "service_user": user.name,
+              "api_url": info["api_url"], "proxy_port": info["proxy_port"], "pool_port": info.get("pool_port"),
+              "service_user": user.name,
               "said": said}
     if as_json():
         emit_json(result)

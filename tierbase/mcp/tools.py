@@ -116,9 +116,13 @@ def delete_branch(agent: Agent, name: str) -> dict[str, Any]:
 
 
 @tool(writes=False)
-def connection_string(agent: Agent, branch: str, database: str = "postgres") -> dict[str, Any]:
-    """A postgres:// URL for BRANCH with your own credentials, through the platform's proxy."""
-    return {"branch": branch, "url": agent.client.branch_url(branch, database)}
+def connection_string(agent: Agent, branch: str, database: str = "postgres", pooled: bool = False) -> dict[str, Any]:
+    """A postgres:// URL for BRANCH with your own credentials, through the platform's proxy.
+
+    pooled=true: transaction pooling (many short connections share a few server ones; no session state such
+    as SET, prepared statements or advisory locks across transactions). The default URL keeps a session.
+    """
+    return {"branch": branch, "url": agent.client.branch_url(branch, database, pooled=pooled), "pooled": pooled}
 
 
 # -- SQL and schema --------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from ..errors import ComputeError, NotSupported, StorageError
 from ..storage.base import Source
 from ..storage.fake import FakeDriver
 from .locks import branch_lock
-from .protocol import Provider
+from .protocol import Pooler, Provider
 from .types import SUPERUSER, ComputeUser, Endpoint, ForkPoint, Health, PoolSpace
 
 _pids = itertools.count(4_000_000)  # above any real pid_max default: never mistaken for a live process
@@ -64,6 +64,9 @@ class FakeProvider:
 
     def health(self) -> Health:
         return Health(driver=self.name, copy_on_write=self.copy_on_write, compute_user=ComputeUser.current().name)
+
+    def pooler(self) -> Pooler:
+        return _NoPooler()
 
     def space(self) -> PoolSpace:
         st = os.statvfs(self.root)
@@ -145,6 +148,19 @@ class FakeProvider:
         raise NotSupported("the fake provider runs no postgres to restore a dump into",
                            "Test imports on the local provider")
 
+
+
+class _NoPooler:
+    """The fake runs no processes, so no poolers: asking for one is refused like a missing PgBouncer."""
+
+    def ensure(self, port: int) -> str:
+        raise ComputeError("the fake provider runs no poolers", "Use the branch's direct URL (without --pooled)")
+
+    def reap(self, running: set[int]) -> list[int]:
+        return []
+
+    def stop_all(self) -> list[int]:
+        return []
 
 
 def _conforms(p: FakeProvider) -> Provider:

@@ -13,13 +13,14 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from ..compute import Postgres
+from ..compute.pooler import poolers_for
 from ..compute.restore import restore_dump
 from ..errors import NotSupported, StorageError
 from ..storage import DEFAULT_IMAGE_SIZE, BtrfsDriver, CopyDriver, Source, VolumeDriver, choose_driver, quota
 from ..storage.btrfs import fs_type, is_mounted
 from ..storage.copy import Backup
 from .locks import branch_lock
-from .protocol import Provider
+from .protocol import Pooler, Provider
 from .types import OWNER_ROLE, SUPERUSER, Endpoint, ForkPoint, Health, PoolSpace
 
 
@@ -100,6 +101,9 @@ class LocalProvider:
         bins = self.pg.bins
         return Health(driver=self.driver.name, copy_on_write=self.driver.copy_on_write,
                       compute_user=self.pg.user.name, postgres={"bindir": str(bins.bindir), "major": bins.major})
+
+    def pooler(self) -> Pooler:
+        return poolers_for(self.home, self.sockets)
 
     def space(self) -> PoolSpace:
         st = os.statvfs(self.driver.root)

@@ -24,6 +24,20 @@ from typing import Protocol
 from .types import SUPERUSER, Endpoint, ForkPoint, Health, PoolSpace
 
 
+class Pooler(Protocol):
+    """Transaction pooling in front of computes (one pooler per compute port)."""
+
+    def ensure(self, port: int) -> str:
+        """The socket directory of the pooler in front of the compute on ``port`` (started if need be)."""
+        ...
+
+    def reap(self, running: set[int]) -> list[int]:
+        """Stop the poolers whose compute no longer runs; their ports."""
+        ...
+
+    def stop_all(self) -> list[int]: ...
+
+
 class Provider(Protocol):
     @property
     def name(self) -> str:
@@ -45,6 +59,10 @@ class Provider(Protocol):
         ...
 
     def health(self) -> Health: ...
+
+    def pooler(self) -> Pooler:
+        """The transaction poolers of this substrate's computes (one object per provider)."""
+        ...
 
     def space(self) -> PoolSpace:
         """The pool's size and free bytes, and the feature branches' share of it."""
