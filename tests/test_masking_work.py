@@ -15,6 +15,7 @@ from tierbase import Tierbase
 from tierbase.compute.postgres import SUPERUSER
 from tierbase.errors import InvalidInput, PolicyDenied, TierbaseError
 from tierbase.governance.masking_owner import hand_over
+from tierbase.names import ReservedName
 
 from .conftest import (
     as_,
@@ -299,6 +300,41 @@ def test_masks_keep_the_outcome_of_checks_production_gives(shop: Shop) -> None:
             assert fraction == 1.0, (name, fraction)
     assert len(same_outcome) == len(prod) - len(lost)
     assert not prod["customer: email LIKE '%@%'"][0]  # production has malformed e-mails, and so does staging
+
+
+def test_masked_branches_clone_the_tiers_masked_image(shop: Shop) -> None:
+    tb, dev = shop.tb, as_(shop.tb, "dev")
+    with_image = CONFIG.replace('[masking]\n', '[masking]\nimage = ["production"]\n')
+    said = tb.apply_config(with_image, "test")["said"]
+    assert any("masked image of 'production' re-made as 'production-masked-1'" in x for x in said), said
+    image = tb.get_branch("production-masked-1")
+    assert image["masked"] and image["parent"] == "production" and image["creator"] == tb.gate.owner
+    try:
+        made = dev.create_branch("img-a", "production")
+        assert made["masked"] and made["parent"] == "production-masked-1" and made["masking"] == image["masking"]
+        assert made["masked_image"]["image"] == "production-masked-1"
+        emails = "SELECT email FROM customer WHERE email LIKE '%@%'"
+        seen = {r[0] for r in query(dev.branch_url("img-a", "shop"), emails)}
+        assert seen and not seen & {r[0] for r in query(shop.admin("production"), emails)}
+        assert seen == {r[0] for r in query(shop.admin("production-masked-1"), emails)}
+        # the platform's own name: nobody else can put an image in its place
+        with pytest.raises(ReservedName):
+            tb.create_branch("production-masked-7", "production")
+        # a rule change re-masks the image once; the old one stays while a branch holds it
+        said = tb.apply_config(with_image + 'customer.active = "noise"\n', "test")["said"]
+        assert any("re-made as 'production-masked-2'" in x for x in said), said
+        assert tb.store.find("production-masked-1") is not None
+        made = dev.create_branch("img-b", "production")
+        assert made["parent"] == "production-masked-2" and "customer.active=noise" in made["masking"]
+        # an image that does not match the rules in force is not used: the branch is masked as before
+        tb.apply_config(CONFIG, "test")
+        made = dev.create_branch("img-c", "production")
+        assert made["parent"] == "production" and made["masked"] and "masked_image" not in made
+    finally:
+        tb.apply_config(CONFIG, "test")
+        for name in ("img-c", "img-b", "img-a", "production-masked-2", "production-masked-1"):
+            if tb.store.find(name):
+                tb.delete_branch(name)
 
 
 # -- derived data and rules that migrate with the schema: the split of customer.email ----------------------------

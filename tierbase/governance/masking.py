@@ -92,7 +92,7 @@ def parse_rules(mapping: Mapping[str, Any]) -> list[MaskRule]:
     problems: list[str] = []
     rules: list[MaskRule] = []
     seen: dict[tuple[str, str, str], str] = {}
-    for key, method in _flatten({k: v for k, v in mapping.items() if k != "sensitive"}):  # see classify.py
+    for key, method in _flatten({k: v for k, v in mapping.items() if k not in ("sensitive", "image")}):  # classify.py
         parts = key.split(".")
         if len(parts) not in (2, 3) or not all(p and p == p.strip() and '"' not in p for p in parts):
             problems.append(f"masking.{key}: a rule's key is table.column or schema.table.column")
