@@ -64,6 +64,18 @@ class ImageOps(FacadeBase):
                                f'Declare it: `image = ["{tier}"]` in the [masking] table of tierbase.toml')
         return [self._refresh_image(t) for t in ([tier] if tier else tiers)]
 
+    def refresh_stale_images(self, max_age: float) -> list[str]:
+        """The service's schedule: re-make each image that is not current (a rollback moved the tier, the
+        rules changed) or older than ``max_age`` seconds."""
+        stale = []
+        for t in image_tiers(self.config.masking):
+            serving = self.store.find(self.store.resolve_route(t) or t)
+            rec = self.store.get_setting(KEY.format(t))
+            if serving is not None and (self._current_image(serving) is None or rec is None
+                                        or time.time() - float(rec.get("as_of", 0)) > max_age):
+                stale.append(t)
+        return self._refresh_images_quietly(stale)
+
     def _refresh_images_quietly(self, tiers: list[str]) -> list[str]:
         """After a promotion or a reload: a refresh that fails leaves the image stale (masked branches
         are then masked as before), never the promotion failed."""

@@ -131,6 +131,8 @@ class Service:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.idle_timeout = float(self.tb.store.get_setting("idle_timeout", 300))
         self.sweep_interval = float(os.environ.get("TIERBASE_SWEEP_INTERVAL", "30"))
+        # masked images (app_images.py) older than this are re-made by the sweeper
+        self.image_max_age = float(os.environ.get("TIERBASE_IMAGE_MAX_AGE", str(24 * 3600)))
         self._busy_at: dict[str, float] = {}
 
     # -- hooks for the API ------------------------------------------------------
@@ -189,6 +191,11 @@ class Service:
                     log.info("expired and deleted: %s", ", ".join(gone))
             except Exception:
                 log.exception("TTL sweep failed")
+            try:
+                for line in await asyncio.to_thread(self.tb.refresh_stale_images, self.image_max_age):
+                    log.info("%s", line)
+            except Exception:
+                log.exception("masked image refresh failed")
 
     async def suspender(self) -> None:
         if self.idle_timeout <= 0:
