@@ -186,8 +186,9 @@ def test_a_chain_made_before_heads_is_anchored_on_first_open(tmp_path: Path) -> 
     append(log, 3)
     with closing(sqlite3.connect(store.path)) as db, db:
         db.execute("DROP TABLE audit_head")
+        db.execute("PRAGMA user_version = 0")  # a meta.db that old predates schema versions too
     log.head.path.unlink()
-    again = AuditLog(store, KEY)
+    again = AuditLog(Store(store.path), KEY)
     v = again.verify()
     assert (v.ok, v.head) == (True, 3)
     store.close()

@@ -10,7 +10,6 @@ from urllib.parse import quote
 import psycopg
 
 from .app_base import NOBODY, FacadeBase
-from .compute.roles import OWNER_ROLE
 from .control.branches import Prepare
 from .control.store import Branch, Kind
 from .errors import BranchExists, InvalidInput, TierbaseError
@@ -22,6 +21,7 @@ from .governance.masking import MaskRule, apply_masking, check_rules, describe, 
 from .governance.policy import Action, Subject, parse_action
 from .migrate.files import Migration
 from .migrate.sensitivity import Col, analyze
+from .provider import OWNER_ROLE
 from .workflow.history import FlowHistory
 
 AUDIT_BRANCH = "tierbase-audit"
@@ -149,7 +149,8 @@ class GovernanceOps(FacadeBase):
 
     def whoami(self) -> dict[str, Any]:
         p = self.gate.principal(self.actor)
-        return {**p.to_dict(), "base_role": self.config.base_role(p.role)}
+        return {**p.to_dict(), "base_role": self.config.base_role(p.role), "read_only": self.config.read_only(p.role),
+                "quota": self.config.quota(p.role)}
 
 
 
@@ -256,7 +257,7 @@ class GovernanceOps(FacadeBase):
                                            "the branch was not made", problems=problems)
                     apply_masking(conn, [*rules, *defaults], key, owner=OWNER_ROLE)
             finally:
-                provider.pg.stop(provider.datadir(volume))
+                provider.stop(name, volume)
             return sorted({*parent.masked_by, *describe([*rules, *defaults]), *(f"{t}.{MARK}" for t in tables)})
 
         return prepare

@@ -12,7 +12,6 @@ from typing import Any
 import psycopg
 
 from .app_base import FacadeBase
-from .compute.roles import OWNER_ROLE
 from .control.store import Branch, Kind
 from .errors import InvalidInput, Refused, TierbaseError
 from .failpoints import failpoint
@@ -24,6 +23,7 @@ from .migrate.files import Migration
 from .migrate.lint import lint
 from .migrate.promote import PromotionLog, pre_snapshot_name, rollback_name, run_smoke, to_promote
 from .migrate.verify import verify
+from .provider import OWNER_ROLE
 
 
 class _VerifyPlatform:

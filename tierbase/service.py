@@ -24,13 +24,13 @@ import uvicorn
 
 from .api.server import create_app
 from .app import Tierbase
-from .compute.postgres import Postgres
 from .control.lifecycle import State
 from .control.store import Kind
-from .errors import PolicyDenied, TierbaseError
+from .errors import PolicyDenied, TierbaseError, space_exhausted
 from .proxy import Proxy, RouteError, Target
 from .proxy.auth import Verifier
 from .proxy.tls import TlsFiles, ensure_certificates
+from .settings import default, value
 
 log = logging.getLogger("tierbase.service")
 
@@ -65,17 +65,20 @@ class Resolver:
         if b.kind is Kind.SNAPSHOT:
             raise RouteError(f'branch "{branch}" is a read-only snapshot and has no compute',
                              f"Create a branch from it: `tierbase branch create NAME --parent {branch}`")
-        sockets = str(self.tb.branches.provider.sockets)
+        provider = self.tb.provider
         if (branch not in self.stopping and b.state is State.READY
-                and self.tb.branches.provider.running_pid(b.volume) is not None
-                and Postgres.is_ready(self.tb.branches.provider.datadir(b.volume))):  # not still starting up
-            return Target(branch, sockets, b.port)  # the common case: no lock, no thread
+                and provider.ready(b.volume)):  # running and not still starting up
+            return Target(branch, provider.endpoint(b.port).host, b.port)  # the common case: no lock, no thread
         try:
             await asyncio.to_thread(self.tb.branches.start, branch)
         except TierbaseError as err:
+            if space_exhausted(err.message):  # its writes hit the features' limit or a full pool: 53100
+                raise RouteError(f'branch "{branch}" is out of disk space: {err.message}',
+                                 "Delete branches you no longer need (or reset this one); tiers are not "
+                                 "affected", sqlstate="53100") from err
             raise RouteError(err.message, err.hint, sqlstate="57P03") from err
         b = await asyncio.to_thread(self.tb.store.get, branch)  # the start may have moved its port
-        return Target(branch, sockets, b.port)
+        return Target(branch, provider.endpoint(b.port).host, b.port)
 
 
 class PlatformAuthority:
@@ -118,7 +121,7 @@ def make_proxy(tb: Tierbase, *, port: int | None = None) -> Proxy:
     tls = TlsFiles(Path(cert), Path(cert), Path(key)) if cert and key else ensure_certificates(tb.home.root / "tls")
     return Proxy(Resolver(tb), PlatformAuthority(tb), host="127.0.0.1",
                  port=tb.proxy_port if port is None else port, tls=tls,
-                 plain_loopback=bool(tb.store.get_setting("plain_loopback", True)),
+                 plain_loopback=bool(tb.store.get_setting("plain_loopback", default("plain_loopback"))),
                  decoy_key=tb.home.read_secret(tb.home.root / "audit.key", create=True).encode())
 
 
@@ -129,8 +132,8 @@ class Service:
         self.proxy = make_proxy(self.tb)
         self.resolver: Resolver = self.proxy.resolver  # type: ignore[assignment]
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.idle_timeout = float(self.tb.store.get_setting("idle_timeout", 300))
-        self.sweep_interval = float(os.environ.get("TIERBASE_SWEEP_INTERVAL", "30"))
+        self.idle_timeout = float(self.tb.store.get_setting("idle_timeout", default("idle_timeout")))
+        self.sweep_interval = float(value("sweep_interval"))
         # masked images (app_images.py) older than this are re-made by the sweeper
         self.image_max_age = float(os.environ.get("TIERBASE_IMAGE_MAX_AGE", str(24 * 3600)))
         self._busy_at: dict[str, float] = {}

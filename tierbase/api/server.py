@@ -8,11 +8,12 @@ proxy shares.
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..app import Tierbase
@@ -165,6 +166,28 @@ class ConfigReload(BaseModel):
     dry_run: bool = Field(default=False, description="validate and show the diff; change nothing")
 
 
+class SqlBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sql: str = Field(max_length=1_000_000, description="one or more statements, run in one transaction")
+    params: list[Any] | None = Field(default=None, max_length=1000, description="%s parameters (one statement)")
+    database: str | None = Field(default=None, max_length=63, description="default: the project database")
+    max_rows: int = Field(default=1000, ge=1, le=10_000, description="rows returned at most; more are cut")
+    timeout_s: float = Field(default=30.0, gt=0, le=300, description="per statement and for the whole call")
+    read_only: bool = Field(default=False, description="run as tb_reader even where the caller could write")
+
+
+class SessionStart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    branch: str | None = Field(default=None, description="the leased branch's name (default: <principal>-<hex>)")
+    parent: str | None = Field(default=None, description="default: the entry tier")
+    ttl: str | None = Field(default=None, description="lease, renewed by activity; e.g. 30m (default), 2h")
+
+
+class SessionRenew(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttl: str | None = None
+
+
 class CiBranch(BaseModel):
     parent: str | None = None
     ttl: str | None = None
@@ -209,6 +232,15 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
                 "hint": "See the OpenAPI document at /openapi.json", "data": {}}
         return JSONResponse({"error": body}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def no_such_endpoint(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        # an unknown path or method (a name holding "/", a client of another version): the same envelope
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        body = {"code": code, "message": f"no API endpoint {request.method} {request.url.path} ({err.detail})",
+                "hint": "Check the names in the command (one path segment each) and the URL of the service; "
+                        "the endpoints are listed at /openapi.json", "data": {}}
+        return JSONResponse({"error": body}, status_code=err.status_code, headers=getattr(err, "headers", None))
+
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
         return {"ok": True, "version": __version__}
@@ -219,6 +251,10 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         if hooks is not None:
             out.update(hooks.status())
         return out
+
+    @app.get("/v1/space")
+    def space(me: As) -> dict[str, Any]:
+        return me.space()
 
     @app.get("/v1/branches")
     def list_branches(me: As, bytes: bool = True) -> list[dict[str, Any]]:
@@ -257,6 +293,28 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
                    sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] | None = None,
                    ) -> dict[str, Any]:
         return {"name": name, "url": me.branch_url(name, database, direct=direct, sslmode=sslmode)}
+
+    @app.post("/v1/branches/{name}/sql")
+    def run_sql(me: As, name: str, body: SqlBody) -> dict[str, Any]:
+        """Rows as JSON, run as the caller's compute role (tb_owner on its branches, else tb_reader)."""
+        return me.run_sql(name, body.sql, body.params, database=body.database, max_rows=body.max_rows,
+                          timeout_s=body.timeout_s, read_only=body.read_only)
+
+    @app.post("/v1/sessions", status_code=201)
+    def session_start(me: As, body: SessionStart) -> dict[str, Any]:
+        return me.session_start(body.branch, body.parent, body.ttl)
+
+    @app.get("/v1/sessions")
+    def session_list(me: As, all: bool = False) -> list[dict[str, Any]]:
+        return me.session_list(everyone=all)
+
+    @app.post("/v1/sessions/{sid}/renew")
+    def session_renew(me: As, sid: str, body: SessionRenew) -> dict[str, Any]:
+        return me.session_renew(sid, body.ttl)
+
+    @app.delete("/v1/sessions/{sid}")
+    def session_end(me: As, sid: str) -> dict[str, Any]:
+        return me.session_end(sid)
 
     @app.get("/v1/routes")
     def routes(me: As) -> list[dict[str, Any]]:
@@ -462,6 +520,11 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     @app.get("/v1/diff")
     def diff(me: As, a: str, b: str | None = None, format: str = "text") -> dict[str, Any]:
         return me.diff(a, b, format)
+
+    @app.get("/v1/diff/data")
+    def data_diff(me: As, a: str, b: str, format: str = "text",
+                  table: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
+        return me.data_diff(a, b, table=table, fmt=format)
 
     return app
 

@@ -9,10 +9,8 @@ import click
 
 from ..errors import Refused
 from .base import as_json, client, command
+from .base import migrations_dir_option as DIR
 from .render import emit_json, out
-
-DIR = click.option("--dir", "migrations_dir", type=click.Path(file_okay=False), default=None,
-                   help="Migrations directory (default: [project] migrations of tierbase.toml).")
 
 
 def _abs(path: str | None) -> str | None:
@@ -170,11 +168,23 @@ def promotions(ctx: click.Context, tier: str | None) -> None:
 @click.command()
 @click.argument("a")
 @click.argument("b", required=False)
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "sql"]), default="text",
+              help="markdown: schema only; sql: data only (statements that make A's rows B's).")
+@click.option("--data", is_flag=True, help="Compare rows by primary key instead of the schema.")
+@click.option("--table", "tables", multiple=True, help="With --data: only this table (repeatable).")
 @command
 @click.pass_context
-def diff(ctx: click.Context, a: str, b: str | None, fmt: str) -> None:
-    """Schema diff between two branches (default: A's parent -> A)."""
+def diff(ctx: click.Context, a: str, b: str | None, fmt: str, data: bool, tables: tuple[str, ...]) -> None:
+    """Schema diff between two branches (default: A's parent -> A); rows with --data."""
+    if data or tables or fmt == "sql":
+        if b is None:
+            raise click.UsageError("a data diff needs two branches: tierbase diff A B --data")
+        d = client(ctx).data_diff(a, b, list(tables) or None, fmt)
+        if as_json() or fmt == "json":
+            emit_json(d)
+        else:
+            click.echo(d["text"], nl=fmt != "sql")
+        return
     d = client(ctx).diff(a, b, fmt)
     if as_json() or fmt == "json":
         emit_json(d)

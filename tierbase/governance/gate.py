@@ -23,6 +23,7 @@ from ..control.store import Branch, Kind, Store
 from ..errors import PolicyDenied, TierbaseError, translate
 from ..failpoints import failpoint
 from ..home import Home
+from ..settings import default
 from .audit import AuditLog
 from .config import Config, ConfigError, default_config, parse_config
 from .policy import Action, Decision, PolicyEngine, Subject
@@ -46,7 +47,7 @@ def os_principal_name() -> str:
 
 #: Connections are many: the trail records the first of each (who, what, where, outcome) per window
 #: and carries the number of the others into the next record of that kind.
-AUDIT_WINDOW = 60.0
+AUDIT_WINDOW: float = default("audit_window")
 
 
 class Gate:

@@ -1,6 +1,7 @@
 """The policy engine: every control-plane action is decided here, with a reason.
 
 Order of evaluation, first match wins:
+0. read-only roles (``roles.X.read_only``) may only read,
 1. built-in agent rules (hold whatever the config says; no override exists),
 2. protection of protected tiers,
 3. the platform-engineer role,
@@ -33,6 +34,7 @@ class Action(StrEnum):
     BRANCH_START = "branch.start"
     BRANCH_STOP = "branch.stop"
     BRANCH_CONNECT = "branch.connect"    # receive Postgres credentials for the branch
+    BRANCH_SQL = "branch.sql"            # run SQL through the API: decided as branch.connect
     BRANCH_IMPORT = "branch.import"
     ROUTE_SET = "route.set"
     PROMOTE = "promote"                  # target: the tier promoted into; source: where from
@@ -41,6 +43,10 @@ class Action(StrEnum):
     POLICY_RELOAD = "policy.reload"
     PRINCIPAL_MANAGE = "principal.manage"
     AUDIT_READ = "audit.read"
+
+
+#: what a read-only role may still do: read (connect as tb_reader, SQL as tb_reader, the trail), wake a compute
+READS = frozenset({Action.BRANCH_CONNECT, Action.BRANCH_SQL, Action.BRANCH_START, Action.AUDIT_READ})
 
 
 def parse_action(text: str) -> Action:
@@ -91,6 +97,10 @@ class PolicyEngine:
 
     def decide(self, who: Principal, action: Action, target: Subject, source: Subject | None = None) -> Decision:
         role = self.config.base_role(who.role)
+        if self.config.read_only(who.role) and action not in READS:
+            return deny("role.read-only", f"{who.role!r} is a read-only role: it cannot do {action.value}")
+        if action is Action.BRANCH_SQL:  # SQL through the platform is a connection through it: the same rules
+            action = Action.BRANCH_CONNECT
         for step in (self._agent_rules, self._protection, self._platform_engineer, self._unmasked, self._declared,
                      self._ownership):
             got = step(who, role, action, target, source)

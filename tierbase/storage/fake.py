@@ -20,7 +20,7 @@ class FakeDriver(VolumeDriver):
         path.mkdir(parents=True)
         return path
 
-    def clone(self, source: Source, volume: str, *, readonly: bool = False) -> Path:
+    def clone(self, source: Source, volume: str, *, readonly: bool = False, limited: bool = False) -> Path:
         copy_tree(self.path(source.volume), self.path(volume))
         return self.path(volume)
 

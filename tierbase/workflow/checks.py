@@ -15,12 +15,11 @@ import subprocess
 import time
 from typing import Any
 
+from .constants import CI_WAIT
 from .errors import Failure, GateFailed
 from .flow import result, wrong_state
 from .state import Transition, iso
 from .workspace import Current, Workspace
-
-CI_WAIT = 1800.0  # how long `flow ci` waits for a runner to take and finish its run
 
 
 # -- ready ---------------------------------------------------------------------------------

@@ -29,10 +29,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ..control.locks import branch_lock
 from ..errors import BranchNotFound, InvalidInput, PolicyDenied, TierbaseError
 from ..governance.policy import Action, Subject
 from ..names import check_name
+from ..provider import branch_lock
 from . import inventory, testrun
 from .errors import Failure, GateFailed
 from .gitstore import GitStore
@@ -43,33 +43,6 @@ from .state import IN_FLIGHT, FlowState, Transition, effective, iso, next_state,
 if TYPE_CHECKING:
     from ..app import Tierbase
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS flow_tiers (
-    tier        TEXT PRIMARY KEY,
-    git_branch  TEXT NOT NULL,
-    sha         TEXT NOT NULL,      -- the tier's accepted commit: set at registration, moved by merges
-    at          REAL NOT NULL,
-    by          TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS flow_workspaces (
-    workspace   TEXT PRIMARY KEY,
-    owner       TEXT NOT NULL,
-    at          REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS ci_jobs (
-    id           INTEGER PRIMARY KEY,
-    feature      TEXT NOT NULL,
-    sha          TEXT NOT NULL,
-    state        TEXT NOT NULL,      -- queued | running | done
-    requested_by TEXT NOT NULL,
-    runner       TEXT,
-    requested_at REAL NOT NULL,
-    started_at   REAL,
-    finished_at  REAL,
-    result       TEXT,               -- JSON: green, failures, counts
-    log          TEXT
-);
-"""
 CI_TTL = "2h"
 CONFIG_FILE = "tierbase.toml"
 DEFAULT_TEST_COMMAND = "pytest -q"
@@ -94,9 +67,6 @@ class Flow:
     def __init__(self, tb: Tierbase) -> None:
         self.tb = tb
         self.history = FlowHistory(tb.store)
-        if not getattr(tb.store, "_flow_tables", False):  # once per connection, not per request
-            tb.store.db.executescript(SCHEMA)
-            setattr(tb.store, "_flow_tables", True)  # noqa: B010
         self.repo = GitStore(tb.home.root / "flow" / "repo.git")
 
     # -- who -------------------------------------------------------------------------------

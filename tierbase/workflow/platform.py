@@ -58,6 +58,8 @@ class Platform(Protocol):
 
     def show_config(self) -> dict[str, Any]: ...
 
+    def apply_config(self, text: str | None, source: str = "", *, dry_run: bool = False) -> dict[str, Any]: ...
+
 
 class Migrations(Protocol):
     """Migration, diff and promotion calls (issue 5); reached through :func:`migrations`."""

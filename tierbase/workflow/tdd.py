@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import InvalidInput, PolicyDenied, TierbaseError
 from . import testrun
+from .constants import ARTIFACTS, ROLES
 from .errors import Failure
 from .flow import result
 from .platform import migrations
@@ -26,9 +27,6 @@ from .state import IN_FLIGHT
 from .validate import problems
 from .workspace import Current, Workspace
 
-ROLES = ("spec-author", "architect-reviewer", "test-strategist", "scrum-master", "navigator", "driver")
-ARTIFACTS = {"spec": "spec-author", "architecture": "architect-reviewer", "test-list": "test-strategist",
-             "plan": "scrum-master"}
 ORDER = list(ARTIFACTS)
 #: pairs of roles one principal may not hold together on a feature
 CONFLICTS = (("navigator", "driver"), ("test-strategist", "driver"))
