@@ -15,6 +15,7 @@ from tierbase import Tierbase
 from tierbase.compute.postgres import SUPERUSER
 from tierbase.errors import InvalidInput, PolicyDenied, TierbaseError
 from tierbase.governance.masking_owner import hand_over
+from tierbase.names import ReservedName
 
 from .conftest import (
     as_,
@@ -68,6 +69,11 @@ ALTER TABLE customer ADD CONSTRAINT customer_email_noted CHECK (note_runner(emai
 CREATE TABLE coupon (id int PRIMARY KEY, code text CHECK (char_length(code) <= 16));
 INSERT INTO coupon SELECT g, CASE WHEN g BETWEEN 20 AND 30 THEN 'secret-' || g END FROM generate_series(1, 50) g;
 CREATE TABLE profile (id int PRIMARY KEY, prefs jsonb NOT NULL DEFAULT '{}', ssn bigint UNIQUE);
+-- production's data problems, which masked branches must show too: 1 in 10 e-mails is malformed or odd
+UPDATE customer SET email = CASE customer_id % 60
+    WHEN 0 THEN replace(email, '@', ' at ') WHEN 10 THEN replace(email, '@', '@@') WHEN 20 THEN upper(email)
+    WHEN 30 THEN split_part(email, '.com', 1) WHEN 40 THEN email || '.' ELSE split_part(email, '@', 1) END
+  WHERE customer_id % 10 = 0;
 CREATE FUNCTION definer_whoami() RETURNS text LANGUAGE sql SECURITY DEFINER AS $$ SELECT current_user::text $$;
 """
 
@@ -252,6 +258,83 @@ def test_a_rule_failing_on_some_rows_makes_no_branch_and_names_the_row_not_its_v
         assert audit["outcome"].startswith("error") and "secret-" not in str(audit)
     finally:
         tb.apply_config(CONFIG, "test")
+
+
+# constraints a migration might add; the masked branch must give each the outcome production gives
+CHECKS = {
+    "customer": ["email LIKE '%@%'", r"email ~ '^[^@ ]+@[^@ ]+\.[a-z]{2,}$'", "position(' ' in email) = 0",
+                 "email = lower(email)", "char_length(email) <= 40", "email NOT LIKE '%.'",
+                 "char_length(first_name) > 0", "create_date <= current_date", "last_update >= create_date",
+                 "active IN (0, 1)", "activebool IS NOT NULL"],
+    "address": [r"phone ~ '^\+\d \(\d{3}\) \d{3}-\d{4}$'", "char_length(phone) < 20",
+                r"phone LIKE '+1 %'"],
+    "payment": ["amount >= 0", "amount > 0", "amount < 12"],
+}
+KEYS = {"customer": "customer_id", "address": "address_id", "payment": "payment_id"}
+
+
+def check_outcomes(url: str) -> dict[str, tuple[bool, dict[object, bool | None]]]:
+    """Per check: would ADD CONSTRAINT succeed, and each row's value of the expression."""
+    out = {}
+    for table, checks in CHECKS.items():
+        for check in checks:
+            rows = dict(query(url, f"SELECT {KEYS[table]}, ({check}) FROM {table}"))
+            out[f"{table}: {check}"] = (all(v is not False for v in rows.values()), rows)
+    return out
+
+
+def test_masks_keep_the_outcome_of_checks_production_gives(shop: Shop) -> None:
+    prod, masked = check_outcomes(shop.admin("production")), check_outcomes(shop.admin("staging"))
+    same_outcome = [name for name in prod if prod[name][0] == masked[name][0]]
+    rows = [sum(masked[name][1][k] == v for k, v in prod[name][1].items()) / len(prod[name][1]) for name in prod]
+    for name, fraction in zip(prod, rows, strict=True):
+        print(f"{name}: production {'passes' if prod[name][0] else 'fails'}, masked "
+              f"{'passes' if masked[name][0] else 'fails'}, rows agreeing {fraction:.4f}")
+    print(f"\nCHECK outcomes preserved: {len(same_outcome)}/{len(prod)}; rows agreeing: "
+          f"{sum(rows) / len(rows):.4f} (min {min(rows):.4f})")
+    # every e-mail, name, date and phone-shape check keeps its outcome row by row; not kept: a bound that
+    # noise crosses (11.99 * 1.1 > 12) and a literal inside a partial-masked value (the country code)
+    lost = {"payment: amount < 12", "address: phone LIKE '+1 %'"}
+    for name, fraction in zip(prod, rows, strict=True):
+        if name not in lost:
+            assert fraction == 1.0, (name, fraction)
+    assert len(same_outcome) == len(prod) - len(lost)
+    assert not prod["customer: email LIKE '%@%'"][0]  # production has malformed e-mails, and so does staging
+
+
+def test_masked_branches_clone_the_tiers_masked_image(shop: Shop) -> None:
+    tb, dev = shop.tb, as_(shop.tb, "dev")
+    with_image = CONFIG.replace('[masking]\n', '[masking]\nimage = ["production"]\n')
+    said = tb.apply_config(with_image, "test")["said"]
+    assert any("masked image of 'production' re-made as 'production-masked-1'" in x for x in said), said
+    image = tb.get_branch("production-masked-1")
+    assert image["masked"] and image["parent"] == "production" and image["creator"] == tb.gate.owner
+    try:
+        made = dev.create_branch("img-a", "production")
+        assert made["masked"] and made["parent"] == "production-masked-1" and made["masking"] == image["masking"]
+        assert made["masked_image"]["image"] == "production-masked-1"
+        emails = "SELECT email FROM customer WHERE email LIKE '%@%'"
+        seen = {r[0] for r in query(dev.branch_url("img-a", "shop"), emails)}
+        assert seen and not seen & {r[0] for r in query(shop.admin("production"), emails)}
+        assert seen == {r[0] for r in query(shop.admin("production-masked-1"), emails)}
+        # the platform's own name: nobody else can put an image in its place
+        with pytest.raises(ReservedName):
+            tb.create_branch("production-masked-7", "production")
+        # a rule change re-masks the image once; the old one stays while a branch holds it
+        said = tb.apply_config(with_image + 'customer.active = "noise"\n', "test")["said"]
+        assert any("re-made as 'production-masked-2'" in x for x in said), said
+        assert tb.store.find("production-masked-1") is not None
+        made = dev.create_branch("img-b", "production")
+        assert made["parent"] == "production-masked-2" and "customer.active=noise" in made["masking"]
+        # an image that does not match the rules in force is not used: the branch is masked as before
+        tb.apply_config(CONFIG, "test")
+        made = dev.create_branch("img-c", "production")
+        assert made["parent"] == "production" and made["masked"] and "masked_image" not in made
+    finally:
+        tb.apply_config(CONFIG, "test")
+        for name in ("img-c", "img-b", "img-a", "production-masked-2", "production-masked-1"):
+            if tb.store.find(name):
+                tb.delete_branch(name)
 
 
 # -- derived data and rules that migrate with the schema: the split of customer.email ----------------------------

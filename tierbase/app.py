@@ -22,6 +22,7 @@ from psycopg import sql
 from .app_data import DataOps
 from .app_flow import FlowOps
 from .app_governance import GovernanceOps
+from .app_images import ImageOps
 from .app_import import ImportOps
 from .app_sessions import SessionOps
 from .app_sql import SqlOps
@@ -54,7 +55,7 @@ from .provider import (
 ROOT_BRANCH = "production"
 
 
-class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps, SqlOps, SessionOps):
+class Tierbase(GovernanceOps, ImageOps, DataOps, ImportOps, FlowOps, SqlOps, SessionOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------
@@ -196,15 +197,21 @@ class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps, SqlOps, SessionOps):
             t0 = time.perf_counter()
             spacectl.check_room(self.provider, self.store)  # refused (DiskFull, audited) below the reserve
             pb = self.store.get(parent)
-            hook = None if snapshot else self._mask_hook(name, pb, self._masking_plan(pb))
+            plan = None if snapshot else self._masking_plan(pb)
+            image = self._current_image(pb) if plan is not None and not pb.masked_by else None
+            if image is not None:  # the tier's masked image: a clone of it has nothing to mask (app_images.py)
+                pb, plan = image[0], self._masking_plan(image[0])
+            hook = None if snapshot else self._mask_hook(name, pb, plan)
             if snapshot and self._masking_plan(pb) is not None and not pb.masked_by:
                 raise Refused(f"{parent!r} holds sensitive data you may not read unmasked: a snapshot of it "
                               "would be unmasked", f"Create a (masked) branch instead: `tierbase branch create "
                               f"{name} --parent {parent}`")
             who = self.gate.principal(self.actor).name
-            b = self.branches.create(name, parent, kind=Kind.SNAPSHOT if snapshot else Kind.FEATURE,
+            b = self.branches.create(name, pb.name, kind=Kind.SNAPSHOT if snapshot else Kind.FEATURE,
                                      creator=who, ttl_seconds=ttl_seconds, start=start, prepare=hook, actor=who)
             rec.after = info = self.describe(b)
+            if image is not None:
+                info["masked_image"] = {"image": image[0].name, "tier_branch": parent, "as_of": image[1]["as_of"]}
         info["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         return info
 

@@ -14,7 +14,7 @@ from .control.branches import Prepare
 from .control.store import Branch, Kind
 from .errors import BranchExists, InvalidInput, TierbaseError
 from .governance import mirror
-from .governance.classify import MARK, default_rules, fit_rules, qualified, sensitive_tables
+from .governance.classify import MARK, default_rules, fit_rules, image_tiers, qualified, sensitive_tables
 from .governance.config import Config, ConfigError, parse_config
 from .governance.lineage import Lineage
 from .governance.masking import MaskRule, apply_masking, check_rules, describe, masking_key, parse_rules
@@ -67,6 +67,10 @@ class GovernanceOps(FacadeBase):
             else:
                 self.gate.store_config(cfg, source)
                 said.insert(0, f"loaded {source or 'the config'} (sha256 {cfg.digest[:12]})")
+                # a changed masking table re-masks each tier's image once (app_images.py)
+                said += self._refresh_images_quietly(  # type: ignore[attr-defined]
+                    [t for t in image_tiers(cfg.masking)
+                     if cfg.masking != old.masking or self.store.get_setting(f"masked_image.{t}") is None])
                 rec.after = {"sha256": cfg.digest, "diff": diff}
         return {"sha256": cfg.digest, "source": source, "said": said, "entry": cfg.entry, "diff": diff,
                 "changed": cfg.digest != old.digest, "applied": not dry_run}

@@ -198,6 +198,8 @@ class MigrationOps(FacadeBase):
                           f"{tier!r} is served by {result['serving_now']!r} again; the failed state is kept as "
                           f"branch {serving.name!r} (`tierbase diff {result['serving_now']} {serving.name}`)",
                           promotion=result)
+        # the tier's masked image is re-masked once here, not on every masked branch (app_images.py)
+        result["masked_images"] = self._refresh_images_quietly([tier])  # type: ignore[attr-defined]
         return result
 
     def _promote(self, pid: int, log: PromotionLog, tier: str, serving: Branch, src: Branch,

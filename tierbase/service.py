@@ -162,6 +162,8 @@ class Service:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.idle_timeout = float(self.tb.store.get_setting("idle_timeout", default("idle_timeout")))
         self.sweep_interval = float(value("sweep_interval"))
+        # masked images (app_images.py) older than this are re-made by the sweeper
+        self.image_max_age = float(os.environ.get("TIERBASE_IMAGE_MAX_AGE", str(24 * 3600)))
         self._busy_at: dict[str, float] = {}
 
     # -- hooks for the API ------------------------------------------------------
@@ -231,6 +233,11 @@ class Service:
                     log.info("stopped the PgBouncers of stopped computes on ports %s", stopped)
             except Exception:
                 log.exception("TTL sweep failed")
+            try:
+                for line in await asyncio.to_thread(self.tb.refresh_stale_images, self.image_max_age):
+                    log.info("%s", line)
+            except Exception:
+                log.exception("masked image refresh failed")
 
     def _reap_poolers(self) -> list[int]:
         provider = self.tb.branches.provider

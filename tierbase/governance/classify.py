@@ -59,6 +59,15 @@ def sensitive_tables(masking: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(raw))
 
 
+def image_tiers(masking: Mapping[str, Any]) -> list[str]:
+    """The ``image`` list of the ``[masking]`` table: tiers that keep a masked image (app_images.py)."""
+    raw = masking.get("image", [])
+    if not isinstance(raw, list) or not all(isinstance(x, str) and x for x in raw):
+        raise InvalidInput("masking.image: a list of tier names is expected",
+                           'Write `image = ["production"]` in the [masking] table')
+    return list(dict.fromkeys(raw))
+
+
 def qualified(table: str) -> tuple[str, str]:
     schema, _, name = table.rpartition(".")
     return schema or "public", name

@@ -146,11 +146,15 @@ def parse_config(text: str, source: str = "tierbase.toml") -> Config:
     if problems:
         raise ConfigError(problems, source)
     try:
-        from .classify import sensitive_tables
+        from .classify import image_tiers, sensitive_tables
         from .masking import parse_rules
 
         parse_rules(raw.get("masking", {}))
         sensitive_tables(raw.get("masking", {}))
+        unknown = [t for t in image_tiers(raw.get("masking", {})) if not tiers.get(t) or not tiers[t].sensitive]
+        if unknown:
+            raise InvalidInput(f"masking.image: {', '.join(map(repr, unknown))} is not a tier declared sensitive",
+                               "List sensitive tiers only")
     except InvalidInput as err:
         raise ConfigError([err.message], source) from err
     read_only = frozenset(n for n, spec in raw.get("roles", {}).items() if spec.get("read_only"))

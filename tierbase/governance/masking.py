@@ -6,7 +6,9 @@ itself (``sha256()``, no pgcrypto), under a key derived from the project's secre
 input gives the same output on every branch and in every table (joins and unique keys
 hold), and nobody without the key can precompute a dictionary of masks. NULL stays NULL.
 
-* ``email``   ``'u' || <first 16 hex of the HMAC> || '@example.invalid'`` (33 characters).
+* ``email``   a valid address (EMAIL_VALID) becomes ``'u' || <hex of the HMAC> || '@example.invalid'``
+  with as many hex digits as keep its length (13 to 64: 30 to 81 characters); a malformed one is
+  masked like ``partial``, so it stays malformed in the same way.
 * ``hash``    the HMAC's 64 hex digits, cut to n for varchar(n)/char(n).
 * ``partial`` same length and shape: the last 2 characters stay (if the value has 6 or more),
   ASCII punctuation and spaces stay; each digit becomes a keyed digit, each ASCII letter a keyed
@@ -16,7 +18,8 @@ hold), and nobody without the key can precompute a dictionary of masks. NULL sta
   key, rounded to the column's scale and clamped to its range. Sign kept, non-zero stays
   non-zero, so checks like ``amount >= 0`` or ``> 0`` keep holding.
 * ``null``    NULL (nullable columns).  ``redact``: ``'REDACTED'`` (cut to n for varchar(n)).
-* ``shift``   dates and timestamps: moved by a keyed number of whole days in [-30, 30] (value and primary key).
+* ``shift``   dates and timestamps: moved back by a keyed number of whole days in [0, 30], the same for
+  every shifted column of a row (keyed by its primary key), so the order of a row's dates holds.
 * ``safe``    declared safe: kept as it is (classification, see classify.py).
 * ``hash`` also masks ``boolean`` (a keyed bit from the value and the primary key) and ``uuid`` (a keyed uuid).
 
@@ -51,8 +54,13 @@ INT_RANGES = {"int2": (-(2**15), 2**15 - 1), "int4": (-(2**31), 2**31 - 1), "int
 NUMERIC_TYPES = (*INT_RANGES, "numeric", "float4", "float8")
 TIME_TYPES = ("date", "timestamp", "timestamptz")
 HASHABLE = (*TEXT_TYPES, "bool", "uuid")  # hash on bool: a keyed bit per row; on uuid: a keyed uuid
-SHIFT_DAYS = 30  # shift: dates and timestamps move by a keyed whole number of days in [-30, 30]
-EMAIL_LENGTH = 33  # 'u' + 16 hex + '@example.invalid'
+SHIFT_DAYS = 30  # shift: dates and timestamps move back by a keyed whole number of days in [0, 30]
+#: what ``email`` counts as a valid address (the HTML living standard's): those become
+#: ``u<16 hex>@example.invalid``; any other value keeps its shape (``partial``), so it stays malformed
+#: (``\x25`` is ``%``, which psycopg would take for a placeholder)
+EMAIL_VALID = (r"^[A-Za-z0-9.!#$\x25&'*+/=?^_`{|}~-]+@[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+               r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$")
+EMAIL_LENGTH = 30  # the shortest mask of a valid address: 'u' + 13 hex + '@example.invalid' (else as long)
 HASH_LENGTH = 64
 UNROLL = 64  # partial: values up to this many characters get the fast, unrolled expression
 KEY_CONTEXT = b"tierbase masking v1"
@@ -84,7 +92,7 @@ def parse_rules(mapping: Mapping[str, Any]) -> list[MaskRule]:
     problems: list[str] = []
     rules: list[MaskRule] = []
     seen: dict[tuple[str, str, str], str] = {}
-    for key, method in _flatten({k: v for k, v in mapping.items() if k != "sensitive"}):  # see classify.py
+    for key, method in _flatten({k: v for k, v in mapping.items() if k not in ("sensitive", "image")}):  # classify.py
         parts = key.split(".")
         if len(parts) not in (2, 3) or not all(p and p == p.strip() and '"' not in p for p in parts):
             problems.append(f"masking.{key}: a rule's key is table.column or schema.table.column")
@@ -333,7 +341,7 @@ def _column_problems(rule: MaskRule, t: Table, col: Column) -> list[str]:
     n = col.length
     if col.base in TEXT_TYPES and n is not None:
         if m == "email" and n < EMAIL_LENGTH:
-            out.append(f"{key}: email writes {EMAIL_LENGTH} characters, {col.name} is {col.type_sql}")
+            out.append(f"{key}: email writes at least {EMAIL_LENGTH} characters, {col.name} is {col.type_sql}")
         if m == "hash" and n < 8:
             out.append(f"{key}: hash needs at least 8 characters to stay unguessable, {col.name} is {col.type_sql}")
         if m == "hash" and n < 16 and rule.column in t.unique:
@@ -396,22 +404,28 @@ def _expression(rule: MaskRule, t: Table, col: Column, width: int | None = None)
     c = sql.SQL("t.{}").format(sql.Identifier(col.name))
     text = sql.SQL("{}::text").format(c)
     n = col.length
-    if rule.method == "email":
-        return sql.SQL("'u' || substr(encode({}, 'hex'), 1, 16) || '@example.invalid'").format(_mac("email", text))
+    if rule.method == "email":  # a valid address stays valid, a malformed one keeps its defect (see EMAIL_VALID)
+        # (an address with capitals gets capitals: checks like ``email = lower(email)`` keep their outcome)
+        return sql.SQL("CASE WHEN {v} ~ {re} THEN CASE WHEN {v} = lower({v}) THEN {e} ELSE upper({e}) END "
+                       "ELSE {p} END").format(
+            v=text, re=sql.Literal(EMAIL_VALID), p=_partial(text, None),
+            e=sql.SQL("'u' || substr(encode({m}, 'hex'), 1, least(64, greatest(13, char_length({v}) - 17))) "
+                      "|| '@example.invalid'").format(m=_mac("email", text), v=text))
     if rule.method == "hash" and col.base == "uuid":
         return sql.SQL("substr(encode({}, 'hex'), 1, 32)::uuid").format(_mac("hash", text))
     if rule.method == "hash" and col.base == "bool":
         return sql.SQL("CASE WHEN {} IS NULL THEN NULL ELSE mod({}, 2) = 1 END").format(c, _row_u32(t, col, c, "hash"))
-    if rule.method == "shift":
-        days = sql.SQL("(mod({}, {}) - {})::int").format(_row_u32(t, col, c, "shift"), sql.Literal(2 * SHIFT_DAYS + 1),
-                                                         sql.Literal(SHIFT_DAYS))
+    if rule.method == "shift":  # back only (nothing moves into the future), and by the row's key alone, so the
+        # columns of one row move together: checks like ``return_date >= rental_date`` keep their outcome
+        days = sql.SQL("(-mod({}, {}))::int").format(_row_u32(t, col, c, "shift", by_key=True),
+                                                     sql.Literal(SHIFT_DAYS + 1))
         step = days if col.base == "date" else sql.SQL("{} * interval '1 day'").format(days)
         return sql.SQL("CASE WHEN {c} IS NULL THEN NULL ELSE {c} + {s} END").format(c=c, s=step)
     if rule.method == "safe":
         return c
-    if rule.method == "hash":
-        return sql.SQL("left(encode({}, 'hex'), {})").format(_mac("hash", text),
-                                                            sql.Literal(min(n or HASH_LENGTH, HASH_LENGTH)))
+    if rule.method == "hash":  # '' stays '' (an empty value is a shape tests look for)
+        return sql.SQL("CASE WHEN {v} = '' THEN '' ELSE left(encode({m}, 'hex'), {n}) END").format(
+            v=text, m=_mac("hash", text), n=sql.Literal(min(n or HASH_LENGTH, HASH_LENGTH)))
     if rule.method == "partial":
         return _partial(text, width)
     if rule.method == "noise":
@@ -449,10 +463,11 @@ def _partial_char(ch: sql.Composable, i: sql.Composable, offset: sql.Composable)
         " ELSE {ch} END").format(i=i, ch=ch, b=b)
 
 
-def _row_u32(t: Table, col: Column, c: sql.Composable, method: str) -> sql.Composed:
-    """32 keyed bits from the value and the row's primary key (so equal values of two rows differ)."""
-    parts = [sql.SQL("{}::text").format(c)]
-    parts += [sql.SQL("t.{}::text").format(sql.Identifier(k)) for k in t.primary_key if k != col.name]
+def _row_u32(t: Table, col: Column, c: sql.Composable, method: str, by_key: bool = False) -> sql.Composed:
+    """32 keyed bits from the value and the row's primary key (so equal values of two rows differ);
+    ``by_key``: from the key alone when there is one (every column of the row gets the same bits)."""
+    keys = [sql.SQL("t.{}::text").format(sql.Identifier(k)) for k in t.primary_key if k != col.name]
+    parts = keys if by_key and keys else [sql.SQL("{}::text").format(c), *keys]
     message = sql.SQL("concat_ws(chr(31), {})").format(sql.SQL(", ").join(parts))
     return sql.SQL("('x' || substr(encode({}, 'hex'), 1, 8))::bit(32)::bigint").format(_mac(method, message))
 
