@@ -19,10 +19,10 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
-from .app_data import DataOps
 from .app_flow import FlowOps
 from .app_governance import GovernanceOps
 from .app_import import ImportOps
+from .app_rollback import RollbackOps
 from .compute import Postgres, compute_user, find_binaries
 from .compute.ports import COMPUTE_PORTS, Ports, check_base, check_port, default_ports, ephemeral_range
 from .compute.roles import DIRECT_GROUP, OWNER_ROLE, READER_ROLE
@@ -39,7 +39,7 @@ from .storage.btrfs import parse_size
 ROOT_BRANCH = "production"
 
 
-class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps):
+class Tierbase(GovernanceOps, RollbackOps, ImportOps, FlowOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------
@@ -143,8 +143,8 @@ class Tierbase(GovernanceOps, DataOps, ImportOps, FlowOps):
         return said
 
     def reconcile(self) -> list[str]:
-        """Finish or undo what dead processes left: branch operations, then promotions (audited)."""
-        return self.branches.reconcile() + self.reconcile_promotions()
+        """Finish or undo what dead processes left: branch operations, rollbacks, then promotions (audited)."""
+        return self.branches.reconcile() + self.reconcile_rollbacks() + self.reconcile_promotions()
 
     # -- branches --------------------------------------------------------------
     def create_branch(self, name: str, parent: str | None = None, *, ttl: str | None = None,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from .migrate.diff import diff_urls
 from .migrate.files import Migration
 from .migrate.lint import lint
 from .migrate.promote import PromotionLog, pre_snapshot_name, rollback_name, run_smoke, to_promote
+from .migrate.replay import RollbackLog
 from .migrate.verify import verify
 
 
@@ -210,6 +210,7 @@ class MigrationOps(FacadeBase):
                                outcome="intent", after={"promotion": pid, "snapshot": snapshot})
         self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.gate.owner)
         log.update(pid, snapshot=snapshot, migrations=[m.label() for m in pending])
+        RollbackLog(self.store).note_touches(pid, [m.sql for m in pending])  # what a rollback must not replay
         failpoint("promote:snapshot")
         spec = self.config.tiers[tier]
         try:
@@ -296,32 +297,6 @@ class MigrationOps(FacadeBase):
                              self._url(serving), self._project_dir())
         except (TierbaseError, psycopg.Error) as err:
             return f"cannot check the tier: {err}"
-
-    def rollback(self, tier: str, to: str | None = None) -> dict[str, Any]:
-        """Point TIER's route at a writable copy of a pre-promotion snapshot; keep what it replaces."""
-        target = self._tier_subject(tier)
-        log = PromotionLog(self.store)
-        snapshot = to or log.last_snapshot(tier)
-        if snapshot is None:
-            raise Refused(f"{tier!r} has no pre-promotion snapshot to roll back to",
-                          "Run `tierbase promotions` to see its history, or pass --to SNAPSHOT")
-        snap = self.store.get(snapshot)
-        if snap.kind is not Kind.SNAPSHOT:
-            raise InvalidInput(f"{snapshot!r} is not a snapshot", "Pass a `<tier>-pre-<n>` snapshot branch")
-        name = rollback_name(tier, secrets.token_hex(3))
-        with self.gate.act(self.actor, Action.PROMOTE, target, before={"serving": self._serving(tier).name},
-                           intent={"op": "rollback", "tier": tier, "snapshot": snapshot, "branch": name}) as rec:
-            t0 = time.perf_counter()
-            replaced = self._serving(tier).name
-            self._repoint_to_snapshot(tier, snapshot, name)
-            with self._connect(name) as conn:
-                conn.execute("SELECT 1")
-            seconds = round(time.perf_counter() - t0, 3)
-            rec.after = out = {"tier": tier, "snapshot": snapshot, "serving_now": name, "replaced": replaced,
-                               "seconds_to_first_query": seconds,
-                               "hint": f"writes made after the promotion are kept on {replaced!r}: "
-                                       f"`tierbase branch url {replaced}`"}
-        return out
 
     def promotions(self, tier: str | None = None) -> list[dict[str, Any]]:
         return PromotionLog(self.store).history(tier)

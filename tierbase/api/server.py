@@ -155,6 +155,9 @@ class PromoteBody(MigrationFiles):
 
 class RollbackBody(BaseModel):
     to: str | None = None
+    discard_writes: bool = Field(default=False, description="do not replay the writes made since (loudly)")
+    yes: bool = Field(default=False, description="confirm a rollback past several promotions or a rolled-back tier")
+    dry_run: bool = Field(default=False, description="show what the rollback would undo; change nothing")
 
 
 class ConfigReload(BaseModel):
@@ -453,7 +456,11 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
 
     @app.post("/v1/tiers/{tier}/rollback")
     def rollback(me: As, tier: str, body: RollbackBody) -> dict[str, Any]:
-        return me.rollback(tier, body.to)
+        return me.rollback(tier, body.to, discard_writes=body.discard_writes, yes=body.yes, dry_run=body.dry_run)
+
+    @app.get("/v1/rollbacks")
+    def rollbacks(me: As, tier: str | None = None) -> list[dict[str, Any]]:
+        return me.rollbacks(tier)
 
     @app.get("/v1/promotions")
     def promotions(me: As, tier: str | None = None) -> list[dict[str, Any]]:
