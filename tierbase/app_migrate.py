@@ -22,7 +22,7 @@ from .migrate.diff import diff_urls
 from .migrate.files import Migration
 from .migrate.lint import lint
 from .migrate.promote import PromotionLog, pre_snapshot_name, rollback_name, run_smoke, to_promote
-from .migrate.replay import RollbackLog
+from .migrate.replay import RollbackLog, current_xmin
 from .migrate.verify import verify
 
 
@@ -208,9 +208,11 @@ class MigrationOps(FacadeBase):
         self.gate.audit.append(actor="tierbase", action="promote.snapshot", target=tier, allowed=True,
                                reason=f"promotion #{pid}: the pre-promotion snapshot of {serving.name!r}",
                                outcome="intent", after={"promotion": pid, "snapshot": snapshot})
+        with self._connect(serving.name) as conn:  # a rollback replays only rows written after the fork
+            fork_xmin = current_xmin(conn)
         self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.gate.owner)
         log.update(pid, snapshot=snapshot, migrations=[m.label() for m in pending])
-        RollbackLog(self.store).note_touches(pid, [m.sql for m in pending])  # what a rollback must not replay
+        RollbackLog(self.store).note_touches(pid, [m.sql for m in pending], fork_xmin)  # what it must not replay
         failpoint("promote:snapshot")
         spec = self.config.tiers[tier]
         try:

@@ -36,7 +36,9 @@ from .migrate.replay import (
     RollbackLog,
     advance_sequences,
     apply,
+    current_xmin,
     end_sessions,
+    written_since,
 )
 
 
@@ -222,23 +224,35 @@ class RollbackOps(DataOps):
         counters (pg_stat_user_tables) looked like a cheaper guide to the tables written since, but a
         live backend flushes them only about once a second, and tests lost rows by trusting them."""
         changed = self._undone_tables(tier, snapshot)
-        report.then(self._replay_pass(old, new, changed, None), [])
+        with self._platform(old) as oc, self._platform(new) as nc:
+            later = current_xmin(oc)  # pass 2 looks only at what was written after this
+            fork = self._fork_xmin(tier, snapshot)
+            first = written_since(oc, nc, fork) if fork else None
+        report.then(self._replay_pass(old, new, changed, first), [])
         failpoint("rollback:replayed")
 
         def final() -> None:
             t0 = time.perf_counter()
-            with self._platform(old) as oc:
+            with self._platform(old) as oc, self._platform(new) as nc:
                 end_sessions(oc)
-            again = self._replay_pass(old, new, changed, None)
-            report.then(again, list(report.left) + list(again.left))
-            report.final_tables = sorted(again.replayed)
+                tables = written_since(oc, nc, later)
+            again = self._replay_pass(old, new, changed, tables)
+            report.then(again, tables if tables is not None else list(report.left) + list(again.left))
+            report.final_tables = sorted(tables) if tables is not None else ["*"]
             with self._platform(old) as oc, self._platform(new) as nc:
                 report.sequences = advance_sequences(oc, nc)
             failpoint("rollback:final")
             hold[0] = time.perf_counter() - t0
         return final
 
-    def _replay_pass(self, old: str, new: str, changed: set[str], tables: list[str] | None) -> ReplayReport:
+    def _fork_xmin(self, tier: str, snapshot: str) -> str | None:
+        origin = next((p for p in PromotionLog(self.store).history(tier) if p["snapshot"] == snapshot), None)
+        return RollbackLog(self.store).fork_xmin(int(origin["id"])) if origin else None
+
+    def _replay_pass(self, old: str, new: str, changed: set[str], tables: set[str] | None) -> ReplayReport:
+        """One diff of ``tables`` (None: all) from the snapshot's copy to the replaced branch, applied."""
+        if tables is not None and not tables:
+            return ReplayReport()
         with self._platform(new) as nc, self._platform(old) as oc:
             d = data_diff(nc, oc, a_label=new, b_label=old, tables=tables, exclude_schemas=EXCLUDED_SCHEMAS)
             return apply(d, nc, changed=changed, replaced=old)

@@ -38,7 +38,8 @@ EXCLUDED_SCHEMAS = ("tierbase_meta",)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS promotion_touches (
     promotion INTEGER PRIMARY KEY,
-    tables    TEXT NOT NULL                 -- JSON list of 'schema.table' the promoted migrations name
+    tables    TEXT NOT NULL,                -- JSON list of 'schema.table' the promoted migrations name
+    fork_xmin TEXT                          -- the oldest transaction running when the snapshot was taken
 );
 CREATE TABLE IF NOT EXISTS rollbacks (
     id          INTEGER PRIMARY KEY,
@@ -137,6 +138,39 @@ class ReplayReport:
                 "-- (tables the rolled-back migrations changed, and conflicts); review, then apply on the tier",
                 "BEGIN;"]
         return "\n".join(head + body + ["COMMIT;"]) + "\n"
+
+
+def current_xmin(conn: psycopg.Connection[Any]) -> str:
+    """The oldest transaction running now: every row committed from here on has an xmin at or after it."""
+    row = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()
+    return str(row[0]) if row else "0"
+
+
+def written_since(old: psycopg.Connection[Any], new: psycopg.Connection[Any], xmin: str) -> set[str] | None:
+    """Tables of ``old`` that may have rows written since transaction ``xmin`` (whose row count differs from
+    ``new``'s, or which hold a row version whose xmin is that recent): a scan without hashing, so that a
+    replay diffs only those. None when it cannot tell (a freeze since then may have hidden an xmin)."""
+    horizon = "(%s::bigint %% 4294967296)::text::xid"
+    q = (f"SELECT n.nspname || '.' || c.relname, c.relkind::text, age(c.relfrozenxid) <= age({horizon}) "
+         "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
+         "AND NOT c.relispartition AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
+         "AND n.nspname NOT LIKE 'pg\\_%%'")
+    tables = old.execute(q, (int(xmin),)).fetchall()
+    if any(frozen for _, kind, frozen in tables if kind == "r"):
+        return None
+    out: set[str] = set()
+    for name, _, _ in tables:
+        schema, rel = name.split(".", 1)
+        ident = sql.Identifier(schema, rel)
+        recent = old.execute(sql.SQL("SELECT count(*), count(*) FILTER (WHERE age(xmin) <= age(" + horizon + ")) "
+                                     "FROM {}").format(ident), (int(xmin),)).fetchone()
+        theirs = new.execute(sql.SQL("SELECT to_regclass(%s) IS NOT NULL").format(), (ident.as_string(new),)
+                             ).fetchone()
+        mine = new.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone() if theirs and theirs[0] \
+            else None
+        if recent is None or mine is None or recent[1] or recent[0] != mine[0]:
+            out.add(name)
+    return out
 
 
 def end_sessions(conn: psycopg.Connection[Any]) -> int:
@@ -264,10 +298,15 @@ class RollbackLog:
         self.store = store
         store.db.executescript(SCHEMA)
 
-    def note_touches(self, promotion: int, sources: Iterable[str]) -> None:
+    def note_touches(self, promotion: int, sources: Iterable[str], fork_xmin: str | None = None) -> None:
         with self.store.write() as db:
-            db.execute("INSERT OR REPLACE INTO promotion_touches(promotion, tables) VALUES(?,?)",
-                       (promotion, json.dumps(sorted(touched_tables(sources)))))
+            db.execute("INSERT OR REPLACE INTO promotion_touches(promotion, tables, fork_xmin) VALUES(?,?,?)",
+                       (promotion, json.dumps(sorted(touched_tables(sources))), fork_xmin))
+
+    def fork_xmin(self, promotion: int) -> str | None:
+        row = self.store.db.execute("SELECT fork_xmin FROM promotion_touches WHERE promotion=?",
+                                    (promotion,)).fetchone()
+        return str(row[0]) if row and row[0] else None
 
     def touches(self, promotions: Iterable[int]) -> set[str]:
         out: set[str] = set()
