@@ -195,6 +195,10 @@ def test_manual_rollback_keeps_every_acknowledged_write(project: Project) -> Non
     after = {int(r[0]) for r in query(p.url("production"), "SELECT id FROM items WHERE id >= 1000")}
     assert kept <= after
     assert p.tb.rollbacks("production")[-1]["rows_replayed"] == out["rows_replayed"]
+    # the git side: a revert commit is proposed, and the flow refuses features that still hold the file
+    assert out["revert"]["files"] == ["db/migrations/V0002__items_color.sql"]
+    assert "git rm db/migrations/V0002__items_color.sql" in out["revert"]["commands"]
+    assert p.tb.rolled_back_migrations("production") == {"V0002__items_color": out["rollback"]}
     (p.mig / "V0002__items_color.sql").unlink()
 
 
@@ -263,3 +267,41 @@ def test_kill_during_replay_leaves_the_old_target_whole(project: Project) -> Non
     out = p.me.rollback("production")
     assert before <= ids_on(p.url("production")) and out["rows_replayed"] >= 500
     (p.mig / "V0002__items_weight.sql").unlink()
+
+
+def test_discard_writes_is_said_loudly(project: Project) -> None:
+    p = project
+    p.migration("V0002__items_flag.sql", "ALTER TABLE items ADD COLUMN flag bool;\n")
+    feat = p.feature()
+    p.me.promote("production", feat, str(p.mig))
+    query(p.url("production"), "INSERT INTO events (note) SELECT 'discarded' FROM generate_series(1, 50)")
+    out = p.me.rollback("production", discard_writes=True)
+    assert out["discard_writes"] is True and out["rows_replayed"] == 0
+    assert out["hint"].startswith("WRITES DISCARDED") and out["replaced_route"] in out["hint"]
+    assert query(p.url("production"), "SELECT count(*) FROM events WHERE note = 'discarded'")[0][0] == 0
+    assert query(p.url(out["replaced_route"]), "SELECT count(*) FROM events WHERE note = 'discarded'")[0][0] == 50
+    (p.mig / "V0002__items_flag.sql").unlink()
+
+
+def test_a_rolled_back_staging_accepts_merges_again(project: Project) -> None:
+    p = project
+    # staging holds V0002__staging_only from the test above; this one adds V0003
+    p.migration("V0002__staging_only.sql", "CREATE TABLE staging_only (x int PRIMARY KEY);\n")
+    p.migration("V0003__staging_table.sql", "CREATE TABLE IF NOT EXISTS staged (x int PRIMARY KEY);\n")
+    feat = f"f-{secrets.token_hex(3)}"
+    p.tb.create_branch(feat, "staging")
+    p.tb.migrate_apply(feat, str(p.mig))
+    p.me.promote("staging", feat, str(p.mig))
+    out = p.me.rollback("staging")
+    assert p.tb.store.resolve_route("staging") == out["serving_now"]
+    assert p.tb.gate.subject(p.tb.store.get(out["serving_now"])).tier == "staging"
+    # a feature off the rolled-back tier follows its route, and merges into it like before
+    again = f"f-{secrets.token_hex(3)}"
+    p.tb.create_branch(again, "staging")
+    assert p.tb.get_branch(again, with_bytes=False)["parent"] == out["serving_now"]
+    p.tb.migrate_apply(again, str(p.mig))
+    rec = p.me.promote("staging", again, str(p.mig))
+    assert rec["status"] == "succeeded" and rec["migrations"][-1] == "V0003__staging_table"
+    assert "V0003__staging_table" not in p.tb.rolled_back_migrations("staging")  # promoted again
+    for f in ("V0002__staging_only.sql", "V0003__staging_table.sql"):
+        (p.mig / f).unlink()

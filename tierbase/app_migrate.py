@@ -194,10 +194,14 @@ class MigrationOps(FacadeBase):
                 raise
             rec.after = result
         if result["status"] != "succeeded":
+            rb = next((r for r in reversed(RollbackLog(self.store).history(tier)) if r["replaced"] == serving.name),
+                      None)
+            kept = str(rb["replaced_route"]) if rb and rb.get("replaced_route") else serving.name
+            replayed = f"; {rb['replayed']} rows written meanwhile were replayed" if rb else ""
             raise Refused(f"promotion #{pid} into {tier!r} failed and was rolled back: {result['reason']}",
-                          f"{tier!r} is served by {result['serving_now']!r} again; the failed state is kept as "
-                          f"branch {serving.name!r} (`tierbase diff {result['serving_now']} {serving.name}`)",
-                          promotion=result)
+                          f"{tier!r} is served by {result['serving_now']!r} again{replayed}; the failed state is "
+                          f"kept on branch {serving.name!r}, reached as {kept!r} (`tierbase branch url {kept}`, "
+                          f"`tierbase diff {tier} {kept}`)", promotion=result, rollback=rb and rb["id"])
         return result
 
     def _promote(self, pid: int, log: PromotionLog, tier: str, serving: Branch, src: Branch,

@@ -135,8 +135,39 @@ class RollbackOps(DataOps):
                 conn.execute("SELECT 1")
             seconds = round(time.perf_counter() - t0, 3)
             done = self._last_rollback(tier, name)
-            rec.after = out = {**plan, **self._rollback_summary(done), "seconds_to_first_query": seconds}
+            rec.after = out = {**plan, **self._rollback_summary(done), "seconds_to_first_query": seconds,
+                               "revert": self._revert_proposal(tier, plan["migrations_undone"], int(done["id"]))}
         return out
+
+    def rolled_back_migrations(self, tier: str) -> dict[str, int]:
+        """Migration labels a rollback of ``tier`` undid and no promotion has brought back since -> the
+        rollback's id: a feature whose commit still holds one of these files would promote it again."""
+        events = [(float(p["finished_at"] or 0), "promotion", p) for p in PromotionLog(self.store).history(tier)
+                  if p["status"] == "succeeded"]
+        # by hand only: an automatic rollback takes away a promotion that never finished, not migrations
+        # the tier had
+        events += [(float(r["finished_at"] or 0), "rollback", r) for r in RollbackLog(self.store).history(tier)
+                   if r["status"] == "done" and r["kind"] == "manual"]
+        gone: dict[str, int] = {}
+        for _, what, rec in sorted(events, key=lambda e: e[0]):
+            if what == "promotion":
+                for label in rec["migrations"]:
+                    gone.pop(label, None)
+            else:
+                for label in (rec.get("report") or {}).get("migrations_undone", []):
+                    gone[label] = int(rec["id"])
+        return gone
+
+    def _revert_proposal(self, tier: str, labels: list[str], rid: int) -> dict[str, Any] | None:
+        """The commit that makes the tier's git branch agree with the database again."""
+        if not labels:
+            return None
+        rel = str(self.config.project.get("migrations") or "db/migrations")
+        files = [f"{rel}/{label}.sql" for label in labels]
+        message = (f"Revert {', '.join(labels)}: rolled back on {tier} (rollback #{rid})\n\n"
+                   "The tier no longer has these migrations; write a new migration for the fixed change.")
+        return {"files": files, "message": message, "git_branch": self.config.tiers[tier].git_branch,
+                "commands": [f"git rm {' '.join(files)}", f"git commit -m {json.dumps(message)}"]}
 
     def rollbacks(self, tier: str | None = None) -> list[dict[str, Any]]:
         return [self._rollback_summary(r) for r in RollbackLog(self.store).history(tier)]
@@ -161,6 +192,13 @@ class RollbackOps(DataOps):
                 "replaced_route": route, "discard_writes": bool(r["discard"]), "rows_replayed": r["replayed"],
                 "rows_left": r["left_rows"], "time_added_ms": r["added_ms"], "hold_ms": r["hold_ms"],
                 "replay": rep, "left_sql": r.get("left_sql"), "hint": hint}
+
+    def _undone_labels(self, tier: str, snapshot: str) -> list[str]:
+        """The migrations a rollback to ``snapshot`` takes away: of the promotion that took it (also when it
+        failed: some of them may have run) and of every promotion since."""
+        history = PromotionLog(self.store).history(tier)
+        origin = next((p for p in history if p["snapshot"] == snapshot), None)
+        return [m for p in history if origin is not None and p["id"] >= origin["id"] for m in p["migrations"]]
 
     def _undone_tables(self, tier: str, snapshot: str) -> set[str]:
         """The tables the migrations a rollback to ``snapshot`` undoes name in their statements."""
@@ -224,6 +262,7 @@ class RollbackOps(DataOps):
         counters (pg_stat_user_tables) looked like a cheaper guide to the tables written since, but a
         live backend flushes them only about once a second, and tests lost rows by trusting them."""
         changed = self._undone_tables(tier, snapshot)
+        report.migrations_undone = self._undone_labels(tier, snapshot)
         with self._platform(old) as oc, self._platform(new) as nc:
             later = current_xmin(oc)  # pass 2 looks only at what was written after this
             fork = self._fork_xmin(tier, snapshot)
@@ -237,8 +276,8 @@ class RollbackOps(DataOps):
                 end_sessions(oc)
                 tables = written_since(oc, nc, later)
             again = self._replay_pass(old, new, changed, tables)
-            report.then(again, tables if tables is not None else list(report.left) + list(again.left))
-            report.final_tables = sorted(tables) if tables is not None else ["*"]
+            report.then(again, tables)
+            report.final_tables = sorted(tables)
             with self._platform(old) as oc, self._platform(new) as nc:
                 report.sequences = advance_sequences(oc, nc)
             failpoint("rollback:final")

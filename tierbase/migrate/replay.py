@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +104,8 @@ class ReplayReport:
     seconds: float = 0.0
     #: the tables the last pass (inside the hold) replayed rows into
     final_tables: list[str] = field(default_factory=list)
+    #: the migrations the rollback took away (a later promotion may bring them back)
+    migrations_undone: list[str] = field(default_factory=list)
 
     @property
     def rows_replayed(self) -> int:
@@ -128,7 +131,7 @@ class ReplayReport:
     def to_dict(self) -> dict[str, Any]:
         return {"rows_replayed": self.rows_replayed, "rows_left": self.rows_left, "replayed": self.replayed,
                 "left": self.left, "sequences_advanced": self.sequences, "seconds": round(self.seconds, 3),
-                "final_pass_tables": self.final_tables}
+                "final_pass_tables": self.final_tables, "migrations_undone": self.migrations_undone}
 
     def left_sql(self, replaced: str, target: str) -> str | None:
         body = [s for t in sorted(self.statements) for s in self.statements[t]]
@@ -146,31 +149,44 @@ def current_xmin(conn: psycopg.Connection[Any]) -> str:
     return str(row[0]) if row else "0"
 
 
-def written_since(old: psycopg.Connection[Any], new: psycopg.Connection[Any], xmin: str) -> set[str] | None:
-    """Tables of ``old`` that may have rows written since transaction ``xmin`` (whose row count differs from
-    ``new``'s, or which hold a row version whose xmin is that recent): a scan without hashing, so that a
-    replay diffs only those. None when it cannot tell (a freeze since then may have hidden an xmin)."""
+def written_since(old: psycopg.Connection[Any], new: psycopg.Connection[Any], xmin: str) -> set[str]:
+    """Tables of ``old`` that may have rows written since transaction ``xmin``: a row version whose xmin
+    is that recent (an insert or an update; freezing keeps the raw xmin since PostgreSQL 9.4), or a row
+    count that differs from ``new``'s (a delete). Scans without hashing, both sides at once, so that a
+    replay diffs only those tables."""
     horizon = "(%s::bigint %% 4294967296)::text::xid"
-    q = (f"SELECT n.nspname || '.' || c.relname, c.relkind::text, age(c.relfrozenxid) <= age({horizon}) "
-         "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind IN ('r', 'p') "
-         "AND NOT c.relispartition AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') "
-         "AND n.nspname NOT LIKE 'pg\\_%%'")
-    tables = old.execute(q, (int(xmin),)).fetchall()
-    if any(frozen for _, kind, frozen in tables if kind == "r"):
-        return None
-    out: set[str] = set()
-    for name, _, _ in tables:
-        schema, rel = name.split(".", 1)
-        ident = sql.Identifier(schema, rel)
-        recent = old.execute(sql.SQL("SELECT count(*), count(*) FILTER (WHERE age(xmin) <= age(" + horizon + ")) "
-                                     "FROM {}").format(ident), (int(xmin),)).fetchone()
-        theirs = new.execute(sql.SQL("SELECT to_regclass(%s) IS NOT NULL").format(), (ident.as_string(new),)
-                             ).fetchone()
-        mine = new.execute(sql.SQL("SELECT count(*) FROM {}").format(ident)).fetchone() if theirs and theirs[0] \
-            else None
-        if recent is None or mine is None or recent[1] or recent[0] != mine[0]:
-            out.add(name)
-    return out
+    tables = [str(r[0]) for r in old.execute(
+        "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition "
+        "AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast') AND n.nspname NOT LIKE 'pg\\_%%'",
+        ())]
+
+    def ident(name: str) -> sql.Identifier:
+        return sql.Identifier(*name.split(".", 1))
+
+    def theirs() -> dict[str, tuple[int, int]]:
+        out = {}
+        for t in tables:
+            got = old.execute(sql.SQL("SELECT count(*), count(*) FILTER (WHERE age(xmin) <= age(" + horizon + "))"
+                                      " FROM {}").format(ident(t)), (int(xmin),)).fetchone()
+            out[t] = (int(got[0]), int(got[1])) if got else (0, 0)
+        return out
+
+    def mine() -> dict[str, int]:
+        present = {str(r[0]) for r in new.execute(
+            "SELECT n.nspname || '.' || c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE c.relkind IN ('r', 'p')")}
+        out = {}
+        for t in tables:
+            if t in present:
+                got = new.execute(sql.SQL("SELECT count(*) FROM {}").format(ident(t))).fetchone()
+                out[t] = int(got[0]) if got else 0
+        return out
+
+    with ThreadPoolExecutor(2) as pool:
+        fo, fn = pool.submit(theirs), pool.submit(mine)
+        counts_old, counts_new = fo.result(), fn.result()
+    return {t for t, (n, recent) in counts_old.items() if recent or counts_new.get(t) != n}
 
 
 def end_sessions(conn: psycopg.Connection[Any]) -> int:
