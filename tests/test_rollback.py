@@ -305,3 +305,36 @@ def test_a_rolled_back_staging_accepts_merges_again(project: Project) -> None:
     assert "V0003__staging_table" not in p.tb.rolled_back_migrations("staging")  # promoted again
     for f in ("V0002__staging_only.sql", "V0003__staging_table.sql"):
         (p.mig / f).unlink()
+
+
+def test_rehearsal_catches_a_long_locking_migration(project: Project) -> None:
+    p = project
+    strict = p.base / "strict.toml"
+    strict.write_text(CONFIG.replace('promote = ["platform-engineer"]\n', 'promote = ["platform-engineer"]\n'
+                                     'max_stall = "1s"\n', 1))
+    p.tb.reload_config(str(strict))
+    query(p.url("production"), "INSERT INTO events (note) SELECT 'r' FROM generate_series(1, 200)")
+    # the one-transaction backfill: every row of a hot table locked until the file's transaction ends
+    p.migration("V0002__backfill.sql", "UPDATE events SET note = note || '';\nSELECT pg_sleep(3);\n")
+    feat = p.feature()
+    serving, promotions = p.tb.store.resolve_route("production"), len(p.tb.promotions("production"))
+    try:
+        with pytest.raises(Refused, match=r"stalled .* \(max_stall 1s\)") as exc:
+            p.me.promote("production", feat, str(p.mig), rehearse=True)
+        ev = exc.value.data["rehearsal"]
+        assert ev["longest_stall_s"] > 1 and ev["stall_table"] == "public.events" and ev["writes"] > 0
+        assert ev["statement"] and ("UPDATE events" in ev["statement"] or "pg_sleep" in ev["statement"])
+        # nothing reached the tier: no promotion, no snapshot, the same branch serves it
+        assert p.tb.store.resolve_route("production") == serving
+        assert len(p.tb.promotions("production")) == promotions
+        assert not [b for b in p.tb.store.all() if b.name.startswith("verify-rehearse-")]
+        (p.mig / "V0002__backfill.sql").unlink()
+        p.migration("V0002__tag.sql", "ALTER TABLE events ADD COLUMN tag text;\n")
+        quick = p.feature()
+        rec = p.me.promote("production", quick, str(p.mig), rehearse=True)
+        assert rec["status"] == "succeeded" and rec["rehearsal"]["longest_stall_s"] < 1
+        assert rec["rehearsal"]["migrations"] == ["V0002__tag"]
+    finally:
+        for f in ("V0002__backfill.sql", "V0002__tag.sql"):
+            (p.mig / f).unlink(missing_ok=True)
+        p.tb.reload_config(str(p.base / "tierbase.toml"))

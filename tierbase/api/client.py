@@ -338,8 +338,9 @@ class Client:
     def migrate_lint(self, migrations_dir: str | None = None) -> dict[str, Any]:
         return dict(self._call("POST", "/v1/migrations/lint", json={"files": self._migration_files(migrations_dir)}))
 
-    def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
-        body = {"source": source, "files": self._migration_files(migrations_dir)}
+    def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None, *,
+                rehearse: bool = False) -> dict[str, Any]:
+        body = {"source": source, "files": self._migration_files(migrations_dir), "rehearse": rehearse}
         return dict(self._call("POST", f"/v1/tiers/{tier}/promote", json=body))
 
     def rollback(self, tier: str, to: str | None = None, *, discard_writes: bool = False, yes: bool = False,

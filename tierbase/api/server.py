@@ -151,6 +151,7 @@ class MigrateBody(MigrationFiles):
 
 class PromoteBody(MigrationFiles):
     source: str | None = None
+    rehearse: bool = Field(default=False, description="rehearse on an O(1) branch under a write load first")
 
 
 class RollbackBody(BaseModel):
@@ -452,7 +453,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
 
     @app.post("/v1/tiers/{tier}/promote")
     def promote(me: As, tier: str, body: PromoteBody) -> dict[str, Any]:
-        return me.promote(tier, body.source, files=body.migrations())
+        return me.promote(tier, body.source, files=body.migrations(), rehearse=body.rehearse)
 
     @app.post("/v1/tiers/{tier}/rollback")
     def rollback(me: As, tier: str, body: RollbackBody) -> dict[str, Any]:

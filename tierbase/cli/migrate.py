@@ -123,12 +123,14 @@ def migrate_verify(ctx: click.Context, parent: str | None, migrations_dir: str |
 @click.command()
 @click.argument("tier")
 @click.option("--from", "source", default=None, help="Source tier or feature branch (default: the child tier).")
+@click.option("--rehearse", is_flag=True,
+              help="First apply them to an O(1) branch of TIER under a write load; refuse over the tier's max_stall.")
 @DIR
 @command
 @click.pass_context
-def promote(ctx: click.Context, tier: str, source: str | None, migrations_dir: str | None) -> None:
+def promote(ctx: click.Context, tier: str, source: str | None, rehearse: bool, migrations_dir: str | None) -> None:
     """Apply to TIER the migrations validated on the tier below it (snapshot first; rollback on failure)."""
-    rec = client(ctx).promote(tier, source, _abs(migrations_dir))
+    rec = client(ctx).promote(tier, source, _abs(migrations_dir), rehearse=rehearse)
     if as_json():
         emit_json(rec)
         return
