@@ -19,11 +19,11 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
-from .app_data import DataOps
 from .app_flow import FlowOps
 from .app_governance import GovernanceOps
 from .app_images import ImageOps
 from .app_import import ImportOps
+from .app_rollback import RollbackOps
 from .app_sessions import SessionOps
 from .app_sql import SqlOps
 from .control import space as spacectl
@@ -55,7 +55,7 @@ from .provider import (
 ROOT_BRANCH = "production"
 
 
-class Tierbase(GovernanceOps, ImageOps, DataOps, ImportOps, FlowOps, SqlOps, SessionOps):
+class Tierbase(GovernanceOps, ImageOps, RollbackOps, ImportOps, FlowOps, SqlOps, SessionOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------
@@ -174,8 +174,8 @@ class Tierbase(GovernanceOps, ImageOps, DataOps, ImportOps, FlowOps, SqlOps, Ses
         return said
 
     def reconcile(self) -> list[str]:
-        """Finish or undo what dead processes left: branch operations, then promotions (audited)."""
-        return self.branches.reconcile() + self.reconcile_promotions()
+        """Finish or undo what dead processes left: branch operations, rollbacks, then promotions (audited)."""
+        return self.branches.reconcile() + self.reconcile_rollbacks() + self.reconcile_promotions()
 
     # -- branches --------------------------------------------------------------
     def create_branch(self, name: str, parent: str | None = None, *, ttl: str | None = None,

@@ -7,6 +7,7 @@ migrations) can live in a module of its own while sharing one set of wires.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -133,11 +134,16 @@ class FacadeBase:
     #: set by the service: moves live proxy sessions when a route is repointed (Service.switch)
     router: Any = None
 
-    def _move_route(self, route: str, branch: str, *, drain: float = 0.0) -> dict[str, Any]:
+    def _move_route(self, route: str, branch: str, *, drain: float = 0.0,
+                    prepare: Callable[[], None] | None = None) -> dict[str, Any]:
         """The one repoint path (route set, promotion, rollback): the store's switch under the target
         branch's lock (it must be ready and stay so), inside the service's hold of the route when
-        there is a service, which then ends the sessions that came through the route."""
+        there is a service, which then ends the sessions that came through the route. ``prepare`` runs
+        inside the hold just before the switch (a rollback's last replay of writes); if it raises, the
+        route does not move."""
         def change() -> dict[str, Any]:
+            if prepare is not None:
+                prepare()
             with self.branches.lock(branch):
                 previous = self.store.set_route(route, branch)
             own = route if self.store.find(route) else None

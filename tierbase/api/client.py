@@ -408,12 +408,18 @@ class Client:
         return dict(self._call("POST", "/v1/migrations/lint", json={"files": sent}))
 
     def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None, *,
-                files: dict[str, str] | None = None) -> dict[str, Any]:
-        body = {"source": source, "files": files if files is not None else self._migration_files(migrations_dir)}
+                files: dict[str, str] | None = None, rehearse: bool = False) -> dict[str, Any]:
+        body = {"source": source, "files": files if files is not None else self._migration_files(migrations_dir),
+                "rehearse": rehearse}
         return dict(self._call("POST", f"/v1/tiers/{tier}/promote", json=body))
 
-    def rollback(self, tier: str, to: str | None = None) -> dict[str, Any]:
-        return dict(self._call("POST", f"/v1/tiers/{tier}/rollback", json={"to": to}))
+    def rollback(self, tier: str, to: str | None = None, *, discard_writes: bool = False, yes: bool = False,
+                 dry_run: bool = False) -> dict[str, Any]:
+        body = {"to": to, "discard_writes": discard_writes, "yes": yes, "dry_run": dry_run}
+        return dict(self._call("POST", f"/v1/tiers/{tier}/rollback", json=body))
+
+    def rollbacks(self, tier: str | None = None) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/rollbacks", params={"tier": tier} if tier else {}))
 
     def promotions(self, tier: str | None = None) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/promotions", params={"tier": tier} if tier else {}))

@@ -153,10 +153,14 @@ class MigrateBody(MigrationFiles):
 
 class PromoteBody(MigrationFiles):
     source: str | None = None
+    rehearse: bool = Field(default=False, description="rehearse on an O(1) branch under a write load first")
 
 
 class RollbackBody(BaseModel):
     to: str | None = None
+    discard_writes: bool = Field(default=False, description="do not replay the writes made since (loudly)")
+    yes: bool = Field(default=False, description="confirm a rollback past several promotions or a rolled-back tier")
+    dry_run: bool = Field(default=False, description="show what the rollback would undo; change nothing")
 
 
 class ConfigReload(BaseModel):
@@ -508,11 +512,15 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
 
     @app.post("/v1/tiers/{tier}/promote")
     def promote(me: As, tier: str, body: PromoteBody) -> dict[str, Any]:
-        return me.promote(tier, body.source, files=body.migrations())
+        return me.promote(tier, body.source, files=body.migrations(), rehearse=body.rehearse)
 
     @app.post("/v1/tiers/{tier}/rollback")
     def rollback(me: As, tier: str, body: RollbackBody) -> dict[str, Any]:
-        return me.rollback(tier, body.to)
+        return me.rollback(tier, body.to, discard_writes=body.discard_writes, yes=body.yes, dry_run=body.dry_run)
+
+    @app.get("/v1/rollbacks")
+    def rollbacks(me: As, tier: str | None = None) -> list[dict[str, Any]]:
+        return me.rollbacks(tier)
 
     @app.get("/v1/promotions")
     def promotions(me: As, tier: str | None = None) -> list[dict[str, Any]]:

@@ -3,7 +3,7 @@
 For every table both sides have with the same shape and a primary key, the
 rows are compared range by range of the key, on both computes at once:
 
-    a range's (count, bit_xor of 64 bits of md5(row text)) on A and on B
+    a range's (count, bit_xor of hashtextextended(row text)) on A and on B
     -> equal: the range is the same, nothing more is read
     -> different and small (<= ``leaf`` rows): fetch (key, row hash) of both sides and compare
     -> different and large: split it at keys of the side with more rows, compare each part
@@ -36,10 +36,13 @@ from psycopg.types.json import set_json_loads
 
 __all__ = ["DataDiff", "Shape", "TableDiff", "data_diff", "delete_sql", "shapes", "stable_session", "upsert_sql"]
 
-#: rows per chunk at the top level; a range of at most ``LEAF`` rows is compared key by key
-CHUNK = 10_000
-FANOUT = 16
-LEAF = 256
+#: rows per range at the top level (small: with scattered changes, few ranges then differ, and only
+#: those are hashed again); a range of at most ``LEAF`` rows is compared key by key
+CHUNK = 256
+#: composite keys are compared range by range, one query each: fewer, larger ranges at the top
+COMPOSITE_CHUNK = 4096
+FANOUT = 64
+LEAF = 32
 #: the rows of each kind kept in a report's text form
 TEXT_ROWS = 10
 
@@ -48,7 +51,8 @@ _SYSTEM = ("pg_catalog", "information_schema", "pg_toast")
 _SHAPES = """
 SELECT n.nspname, c.relname, c.relkind::text,
        (SELECT json_agg(json_build_array(a.attname, format_type(a.atttypid, a.atttypmod), a.attgenerated::text,
-                                         a.attidentity::text) ORDER BY a.attnum)
+                                         a.attidentity::text, (SELECT typlen FROM pg_type WHERE oid = a.atttypid))
+                         ORDER BY a.attnum)
           FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped) AS cols,
        (SELECT json_agg(a.attname ORDER BY array_position(i.indkey::int2[], a.attnum))
           FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
@@ -70,6 +74,8 @@ class Shape:
     pk: tuple[str, ...]
     generated: frozenset[str] = frozenset()
     identity_always: bool = False
+    #: the key is one column of a fixed-length type (int, bigint, uuid, timestamp, ...)
+    fixed_key: bool = False
 
     @property
     def qualified(self) -> str:
@@ -107,7 +113,8 @@ def shapes(conn: psycopg.Connection[Any], schemas_excluded: Iterable[str] = ()) 
         cols = cols or []
         out[f"{schema}.{name}"] = Shape(
             schema, name, tuple((c[0], c[1]) for c in cols), tuple(pk or ()),
-            generated=frozenset(c[0] for c in cols if c[2]), identity_always=any(c[3] == "a" for c in cols))
+            generated=frozenset(c[0] for c in cols if c[2]), identity_always=any(c[3] == "a" for c in cols),
+            fixed_key=len(pk or ()) == 1 and any(c[0] == pk[0] and int(c[4]) > 0 for c in cols))
     return out
 
 
@@ -159,7 +166,8 @@ class DataDiff:
                 continue
             if t.status != "differs":
                 lines.append(f"  {t.table}: {t.status}{': ' + t.note if t.note else ''}")
-                continue
+                if not t.changed_rows:
+                    continue
             lines.append(f"  {t.table}: +{len(t.inserted)} inserted, ~{len(t.updated)} updated, "
                          f"-{len(t.deleted)} deleted")
             for sign, rows in (("+", t.inserted), ("-", t.deleted)):
@@ -242,8 +250,12 @@ Range = tuple[Key | None, Key | None]  # lo inclusive, hi exclusive; None is ope
 
 
 class _Table:
-    def __init__(self, shape: Shape, a: _Side, b: _Side, pool: ThreadPoolExecutor, chunk: int, leaf: int) -> None:
+    def __init__(self, shape: Shape, a: _Side, b: _Side, pool: ThreadPoolExecutor, chunk: int, leaf: int,
+                 columns: list[str] | None = None) -> None:
         self.shape, self.a, self.b, self.pool, self.chunk, self.leaf = shape, a, b, pool, chunk, leaf
+        # the row's text: the whole row, or (tables whose shapes differ) the columns both sides share
+        self.row = sql.SQL("t::text") if columns is None else sql.SQL("ROW({})::text").format(
+            sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in columns))
         self.keys = sql.SQL(", ").join(sql.Identifier(k) for k in shape.pk)
         self.key_text = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in shape.pk)
         self.diff = TableDiff(shape.qualified, "same", pk=shape.pk)
@@ -267,8 +279,8 @@ class _Table:
 
     def _agg(self, side: _Side, rng: Range) -> tuple[int, int]:
         cond, params = self._cond(rng)
-        q = sql.SQL("SELECT count(*), coalesce(bit_xor(('x' || left(md5(t::text), 16))::bit(64)::bigint), 0) "
-                    "FROM {} t WHERE {}").format(self.shape.ident, cond)
+        q = sql.SQL("SELECT count(*), coalesce(bit_xor(hashtextextended({}, 0)), 0) "
+                    "FROM {} t WHERE {}").format(self.row, self.shape.ident, cond)
         n, h = side.rows(q, params)[0]
         side.rows_hashed += int(n)
         return int(n), int(h)
@@ -289,21 +301,131 @@ class _Table:
 
     def _hashes(self, side: _Side, rng: Range) -> dict[Key, str]:
         cond, params = self._cond(rng)
-        q = sql.SQL("SELECT {kt}, left(md5(t::text), 16) FROM {t} t WHERE {c}").format(
-            kt=self.key_text, t=self.shape.ident, c=cond)
+        q = sql.SQL("SELECT {kt}, hashtextextended({r}, 0) FROM {t} t WHERE {c}").format(
+            kt=self.key_text, r=self.row, t=self.shape.ident, c=cond)
         n = len(self.shape.pk)
         got = side.rows(q, params)
         side.rows_hashed += len(got)
         return {tuple(r[:n]): r[n] for r in got}
 
     def run(self) -> TableDiff:
-        # the top level: chunks of A's keys (one index-only pass), then each chunk compared on both sides
-        bounds, _ = self._bounds(self.a, (None, None), max(2, self.chunk))
-        edges: list[Key | None] = [None, *bounds, None]
-        for lo, hi in itertools.pairwise(edges):
-            self._range((lo, hi))
+        if len(self.shape.pk) == 1:
+            self._levels()
+        else:
+            # composite keys: range by range (row comparisons; no width_bucket over row values)
+            bounds, _ = self._bounds(self.a, (None, None), max(COMPOSITE_CHUNK, self.chunk))
+            edges: list[Key | None] = [None, *bounds, None]
+            for lo, hi in itertools.pairwise(edges):
+                self._range((lo, hi))
         self._fetch_rows()
         return self.diff
+
+    # -- single-column keys: level by level, one query per side for all the ranges of a level -------------
+    def _locate(self, ranges: list[Range]) -> tuple[sql.Composable, list[Any]]:
+        """SQL for the 0-based index of the range holding a row's key (-1: none), and its params.
+
+        ``ranges`` are sorted and disjoint. Their bounds make one sorted array of edges; width_bucket
+        (a binary search over a constant array) gives the interval between two edges a key falls in, and
+        a constant int[] maps each interval to its range or to -1 (a gap: a range found equal before).
+        Neither array holds a NULL, so each lookup is O(1) or O(log n) per row."""
+        edges: list[str] = []
+        for lo, hi in ranges:
+            for v in (lo, hi):
+                if v is not None and (not edges or edges[-1] != v[0]):
+                    edges.append(v[0])
+        pos = {v: i for i, v in enumerate(edges)}
+        range_of = [-1] * (len(edges) + 1)
+        for j, (lo, _) in enumerate(ranges):
+            range_of[0 if lo is None else pos[lo[0]] + 1] = j
+        loc = sql.SQL("(%s::int[])[width_bucket(t.{k}, %s::text[]::{t}[]) + 1]").format(
+            k=sql.Identifier(self.shape.pk[0]), t=sql.SQL(self.shape.key_types()[0]))
+        return loc, [range_of, edges]
+
+    def _level_agg(self, side: _Side, ranges: list[Range]) -> dict[int, tuple[int, int]]:
+        loc, p = self._locate(ranges)
+        q = sql.SQL("SELECT {loc}, count(*), coalesce(bit_xor(hashtextextended({r}, 0)), 0) "
+                    "FROM {t} t WHERE {loc} >= 0 GROUP BY 1").format(loc=loc, r=self.row, t=self.shape.ident)
+        out = {int(i): (int(n), int(h)) for i, n, h in side.rows(q, p + p)}
+        side.rows_hashed += sum(n for n, _ in out.values())
+        return out
+
+    def _level_bounds(self, side: _Side, ranges: list[Range], steps: list[int]) -> dict[int, list[Key]]:
+        key = sql.Identifier(self.shape.pk[0])
+        if ranges == [(None, None)]:  # the whole table: an index-only scan in key order, no sort
+            q = sql.SQL("SELECT k FROM (SELECT {key}::text AS k, row_number() OVER (ORDER BY {key}) AS rn FROM {t}) s "
+                        "WHERE rn > 1 AND rn %% %s = 1 ORDER BY rn").format(key=key, t=self.shape.ident)
+            return {0: [(k,) for (k,) in side.rows(q, [steps[0]])]}
+        loc, p = self._locate(ranges)
+        q = sql.SQL("SELECT i, k FROM (SELECT {loc} AS i, t.{key}::text AS k, row_number() OVER (PARTITION BY {loc} "
+                    "ORDER BY t.{key}) AS rn FROM {t} t WHERE {loc} >= 0) s WHERE rn > 1 AND "
+                    "rn %% (%s::int[])[i + 1] = 1 ORDER BY i, rn").format(loc=loc, key=key, t=self.shape.ident)
+        out: dict[int, list[Key]] = {}
+        for i, k in side.rows(q, p + p + p + [steps]):
+            out.setdefault(int(i), []).append((k,))
+        return out
+
+    def _level_hashes(self, side: _Side, ranges: list[Range]) -> dict[Key, str]:
+        loc, p = self._locate(ranges)
+        q = sql.SQL("SELECT t.{k}::text, hashtextextended({r}, 0) FROM {t} t WHERE {loc} >= 0").format(
+            k=sql.Identifier(self.shape.pk[0]), r=self.row, t=self.shape.ident, loc=loc)
+        got = side.rows(q, p)
+        side.rows_hashed += len(got)
+        return {(str(k),): str(h) for k, h in got}
+
+    def _levels(self) -> None:
+        pending: list[tuple[Range, int, int]] = [((None, None), -1, 0)]  # range, rows on A (-1: unknown), on B
+        for _ in range(64):
+            if not pending:
+                return
+            fine = self._split(pending)
+            aggs_a, aggs_b = self._both(lambda s, f=fine: self._level_agg(s, f))  # type: ignore[misc]
+            pending, leaves = [], []
+            for i, rng in enumerate(fine):
+                (na, ha), (nb, hb) = aggs_a.get(i, (0, 0)), aggs_b.get(i, (0, 0))
+                if (na, ha) == (nb, hb):
+                    continue
+                if max(na, nb) <= self.leaf:
+                    leaves.append(rng)
+                else:
+                    pending.append((rng, na, nb))
+            if leaves:
+                self._compare_leaves(leaves)
+        self._compare_leaves([r for r, _, _ in pending])  # a safety net: never reached in practice
+
+    def _split(self, pending: list[tuple[Range, int, int]]) -> list[Range]:
+        """Each pending range cut at every step-th key of the side with more rows in it."""
+        cuts: dict[int, list[Key]] = {}
+        for side, mine in ((self.a, [j for j, (_, na, nb) in enumerate(pending) if na < 0 or na >= nb]),
+                           (self.b, [j for j, (_, na, nb) in enumerate(pending) if 0 <= na < nb])):
+            if not mine:
+                continue
+            ranges = [pending[j][0] for j in mine]
+            steps = [self._top_step(side) if pending[j][1] < 0 else max(2, -(-max(pending[j][1:]) // FANOUT))
+                     for j in mine]
+            for i, keys in self._level_bounds(side, ranges, steps).items():
+                cuts[mine[i]] = keys
+        fine: list[Range] = []
+        for j, (rng, _, _) in enumerate(pending):
+            edges: list[Key | None] = [rng[0], *cuts.get(j, []), rng[1]]
+            fine += list(itertools.pairwise(edges))
+        return fine
+
+    def _top_step(self, side: _Side) -> int:
+        """Rows per top-level range: ``chunk``, but at most ~1,000 ranges for keys of variable length
+        (width_bucket walks such an array element by element)."""
+        if self.shape.fixed_key:
+            return max(2, self.chunk)
+        got = side.rows(sql.SQL("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass").format(),
+                        [self.shape.ident.as_string(side.conn)])
+        return max(2, self.chunk, int(got[0][0] or 0) // 1000)
+
+    def _compare_leaves(self, leaves: list[Range]) -> None:
+        for i in range(0, len(leaves), 5000):
+            part = leaves[i:i + 5000]
+            ka, kb = self._both(lambda s, p=part: self._level_hashes(s, p))  # type: ignore[misc]
+            self.only_a += [k for k in ka if k not in kb]
+            self.only_b += [k for k in kb if k not in ka]
+            self.changed += [k for k, h in ka.items() if k in kb and kb[k] != h]
 
     def _range(self, rng: Range) -> None:
         (na, ha), (nb, hb) = self._both(lambda s: self._agg(s, rng))
@@ -380,7 +502,15 @@ def _compare_table(name: str, sa: Shape | None, sb: Shape | None, a: _Side, b: _
     if sa is None or sb is None:
         return TableDiff(name, "only-in-b" if sa is None else "only-in-a")
     if sa.columns != sb.columns or sa.pk != sb.pk:
-        return TableDiff(name, "shape-differs", note=_shape_note(sa, sb))
+        types_b = dict(sb.columns)
+        common = [c for c, t in sa.columns if types_b.get(c) == t]
+        note = _shape_note(sa, sb)
+        if not sa.pk or sa.pk != sb.pk or not set(sa.pk) <= set(common):
+            return TableDiff(name, "shape-differs", note=note + "; rows not compared (no common primary key)")
+        # rows compared on the columns both sides have with one type: what a rollback could carry over
+        t = _Table(sa, a, b, pool, chunk, leaf, columns=common).run()
+        t.status, t.note = "shape-differs", note + f"; rows compared on {len(common)} common columns"
+        return t
     if not sa.pk:
         same = _whole_table_equal(sa, a, b, pool)
         return TableDiff(name, "same" if same else "no-primary-key",
@@ -390,7 +520,7 @@ def _compare_table(name: str, sa: Shape | None, sb: Shape | None, a: _Side, b: _
 
 def _whole_table_equal(shape: Shape, a: _Side, b: _Side, pool: ThreadPoolExecutor) -> bool:
     """Equal multisets of rows: count plus the sum (not xor: duplicates must count) of row hashes."""
-    q = sql.SQL("SELECT count(*), coalesce(sum(('x' || left(md5(t::text), 16))::bit(64)::bigint::numeric), 0) "
+    q = sql.SQL("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0) "
                 "FROM {} t").format(shape.ident)
     fa, fb = pool.submit(a.rows, q, []), pool.submit(b.rows, q, [])
     return bool(fa.result() == fb.result())

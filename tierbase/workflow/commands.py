@@ -295,6 +295,19 @@ class Flow:
         return {"resumed": False, "feature": feature, "evidence": evidence, "said": [
             f"created database branch {feature!r} from tier {tier!r} in {made.get('elapsed_ms', '?')} ms"]}
 
+    def rolled_back_failures(self, tier: str, files: list[str]) -> list[Failure]:
+        """A commit that still holds migrations a rollback of the tier took away would promote them again."""
+        gone = self.tb.rolled_back_migrations(tier)
+        back = [f for f in files if f.removesuffix(".sql") in gone]
+        if not back:
+            return []
+        ids = sorted({gone[f.removesuffix(".sql")] for f in back})
+        return [Failure("migration-rolled-back", f"{', '.join(back)} {'was' if len(back) == 1 else 'were'} rolled "
+                        f"back on {tier!r} (rollback #{', #'.join(map(str, ids))}) and this commit still has "
+                        f"{'it' if len(back) == 1 else 'them'}",
+                        "Commit the revert `tierbase rollback` proposed (remove the files; write a new migration "
+                        "for the fixed change), then run `tierbase flow ready` again", {"files": back})]
+
     # == ready ========================================================================================
     def ready(self, feature: str, bundle: str | None, local: dict[str, Any]) -> dict[str, Any]:
         doc = self.in_flight("ready", feature)
@@ -319,6 +332,7 @@ class Flow:
         verify: dict[str, Any] = {}
         with self.migrations_at(head, tier["sha"]) as (mdir, files):
             verify = {"files": files}
+            failures += self.rolled_back_failures(c["parent"], files)
             if files:
                 try:
                     verify = {"files": files, **self.tb.migrate_verify(c["parent"], str(mdir))}
