@@ -23,6 +23,7 @@ from .app_flow import FlowOps
 from .app_governance import GovernanceOps
 from .app_import import ImportOps
 from .app_migrate import MigrationOps
+from .app_pitr import PitrOps
 from .compute import Postgres, compute_user, find_binaries
 from .compute.ports import COMPUTE_PORTS, Ports, check_base, check_port, default_ports, ephemeral_range
 from .compute.roles import DIRECT_GROUP, OWNER_ROLE, READER_ROLE
@@ -39,7 +40,7 @@ from .storage.btrfs import parse_size
 ROOT_BRANCH = "production"
 
 
-class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps):
+class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------
@@ -148,12 +149,18 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps):
 
     # -- branches --------------------------------------------------------------
     def create_branch(self, name: str, parent: str | None = None, *, ttl: str | None = None,
-                      snapshot: bool = False, start: bool = False, platform_name: bool = False) -> dict[str, Any]:
-        """Branch ``parent`` (default: the entry tier) as ``name``.
+                      snapshot: bool = False, start: bool = False, platform_name: bool = False,
+                      at: str | None = None, lsn: str | None = None, inclusive: bool = True) -> dict[str, Any]:
+        """Branch ``parent`` (default: the entry tier) as ``name``; ``at``/``lsn``: as it was then (app_pitr).
 
         ``platform_name``: set only by platform code that made ``name`` itself (migrate verify, the CI
         branch); no request can set it, so the names the platform reserves stay its own.
         """
+        if at is not None or lsn is not None:
+            if snapshot:
+                raise InvalidInput("a branch at a point in time cannot be a snapshot",
+                                   "Drop --snapshot: the branch is made writable at that point")
+            return self.create_branch_at(name, parent, at=at, lsn=lsn, inclusive=inclusive, ttl=ttl, start=True)
         check_name(name)
         ttl_seconds = parse_ttl(ttl) if ttl else None
         parent = parent or self.config.entry

@@ -210,6 +210,7 @@ class MigrationOps(FacadeBase):
                                outcome="intent", after={"promotion": pid, "snapshot": snapshot})
         self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.gate.owner)
         log.update(pid, snapshot=snapshot, migrations=[m.label() for m in pending])
+        self._base_at_promotion(tier, serving)
         failpoint("promote:snapshot")
         spec = self.config.tiers[tier]
         try:
@@ -224,6 +225,12 @@ class MigrationOps(FacadeBase):
             return log.finish(pid, "succeeded", "ok", t0, serving_now=serving.name)
         back = self._repoint_to_snapshot(tier, snapshot, rollback_name(tier, str(pid)))
         return log.finish(pid, "rolled-back", why, t0, serving_now=back)
+
+    def _base_at_promotion(self, tier: str, serving: Branch) -> None:
+        """A base snapshot of the tier's history before the migrations run (app_pitr), when it keeps one."""
+        hist = getattr(self, "history_log", None)
+        if hist is not None and hist.key(serving) is not None:
+            hist.take_base(serving.name, "promotion")
 
     def _project_dir(self) -> str | None:
         source = self.store.get_setting("config_source")

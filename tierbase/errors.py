@@ -196,3 +196,18 @@ def translate(err: BaseException) -> TierbaseError:
                            "shows its state")
     return TierbaseError(f"internal error ({type(err).__name__}): {text}",
                          "This is a tierbase bug or a problem of the machine; see the service log (service.log)")
+
+
+class OutsideHistory(InvalidInput):
+    """A point in time or LSN the tier's history cannot reach (before its window, in the future, past
+    the end of its WAL): nothing was made."""
+
+    code = "outside_history"
+
+
+class ArchiveCorrupt(TierbaseError):
+    """A WAL segment in an archive is missing or does not match the checksum recorded when it was
+    archived: recovery through it is refused (nothing was made)."""
+
+    code = "archive_corrupt"
+    http_status = 500

@@ -189,6 +189,11 @@ class Service:
                     log.info("expired and deleted: %s", ", ".join(gone))
             except Exception:
                 log.exception("TTL sweep failed")
+            try:  # tiers' history: base snapshots when due, retention (app_pitr)
+                for line in await asyncio.to_thread(self.tb.history_tick):
+                    log.info("history: %s", line)
+            except Exception:
+                log.exception("history sweep failed")
 
     async def suspender(self) -> None:
         if self.idle_timeout <= 0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -180,9 +181,10 @@ class Postgres:
 
     # -- start / stop ----------------------------------------------------------
     def start(self, datadir: Path, port: int, logfile: Path, *, name: str, sockets: Path, timeout: float = 120,
-              private: Path | None = None) -> int:
+              private: Path | None = None, settings: dict[str, str] | None = None) -> int:
         """Start the postmaster: loopback TCP (direct roles only) and a unix socket in ``sockets``;
-        ``private``: no TCP, and the socket in that (0700) directory instead."""
+        ``private``: no TCP, and the socket in that (0700) directory instead. ``settings``: for this
+        start only (archiving, a recovery target), on the command line so that no copy inherits them."""
         if (pid := self.running_pid(datadir)) is not None:
             # started by someone else (another process's start, a restart): answer once it is ready
             deadline = time.monotonic() + timeout
@@ -201,7 +203,8 @@ class Postgres:
             [self.bins["pg_ctl"], "start", "-W", "-D", str(datadir), "-l", str(logfile), "-s",
              "-o", f"-p {port} -c cluster_name=tierbase-{name}" + (
                  f" -c listen_addresses='' -c unix_socket_directories='{private}'" if private
-                 else f" -c unix_socket_directories='{sockets}'")],
+                 else f" -c unix_socket_directories='{sockets}'") + "".join(
+                     f" -c {k}={shlex.quote(v)}" for k, v in (settings or {}).items())],
             what=f"starting the compute of {name!r}", where=datadir,
         )
         deadline = time.monotonic() + timeout

@@ -1,0 +1,220 @@
+"""Time travel on real btrfs and Postgres: branch at a past time or LSN, restore a tier in place,
+history and retention, bad inputs (nothing made), a corrupt segment, kill -9 during a restore.
+
+A writer logs, for each row, the client's clock just before it sent the INSERT and just after its
+commit returned: the commit's timestamp lies between them, so rows whose commit had returned before
+T must be on a branch at T and rows sent after T must not.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+
+from tierbase import Tierbase
+from tierbase.compute import archive
+from tierbase.errors import ArchiveCorrupt, InvalidInput, OutsideHistory, PolicyDenied
+
+from .conftest import (
+    HAVE_BTRFS,
+    ROOT,
+    as_,
+    free_port,
+    free_port_base,
+    make_home,
+    make_principal,
+    query,
+    serving,
+    teardown_platform,
+)
+
+pytestmark = pytest.mark.skipif(not (ROOT and HAVE_BTRFS), reason="needs root and btrfs-progs")
+
+CONFIG = """
+[tiers.production]
+protected = true
+entry = true
+history = "1d"
+base_interval = "1h"
+"""
+
+
+@pytest.fixture(scope="module")
+def tb() -> Iterator[Tierbase]:
+    """A platform of its own: production runs with archiving from its first start."""
+    home = make_home() / "home"
+    cfg = home.parent / "tierbase.toml"
+    cfg.write_text(CONFIG)
+    os.environ["TIERBASE_PORT_BASE"] = str(free_port_base())
+    t = Tierbase(home)
+    try:
+        t.init(storage="btrfs", btrfs_size="4G", proxy_port=free_port(), config=str(cfg))
+        t.start_branch("production")
+        with psycopg.connect(t._url("production", "postgres"), autocommit=True) as conn:
+            conn.execute("CREATE TABLE log (id int PRIMARY KEY, note text)")
+        t.history_tick()  # the first base snapshot
+        with serving(t):
+            yield t
+    finally:
+        teardown_platform(t, home.parent)
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds")
+
+
+class Writer:
+    """Inserts rows one at a time into production, logging (id, sent_at, committed_at)."""
+
+    def __init__(self, tb: Tierbase) -> None:
+        self.conn = psycopg.connect(tb._url("production", "postgres"), autocommit=True)
+        row = self.conn.execute("SELECT coalesce(max(id), 0) FROM log").fetchone()
+        self.next = int(row[0]) + 1 if row else 1
+        self.rows: list[tuple[int, float, float]] = []
+
+    def write(self, seconds: float, pause: float = 0.005) -> None:
+        end = time.time() + seconds
+        while time.time() < end:
+            sent = time.time()
+            self.conn.execute("INSERT INTO log VALUES (%s, 'w')", (self.next,))
+            self.rows.append((self.next, sent, time.time()))
+            self.next += 1
+            time.sleep(pause)
+
+    def split(self, at: float) -> tuple[set[int], set[int]]:
+        """(ids committed before ``at``, ids sent after it)."""
+        return ({i for i, _, done in self.rows if done < at}, {i for i, sent, _ in self.rows if sent > at})
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def ids(tb: Tierbase, branch: str) -> set[int]:
+    return {int(r[0]) for r in query(tb.branch_url(branch), "SELECT id FROM log")}  # type: ignore[call-overload]
+
+
+def test_branch_at_a_time_has_exactly_what_was_committed_before_it(tb: Tierbase) -> None:
+    w = Writer(tb)
+    w.write(1.5)
+    t = time.time()
+    w.write(1.5)
+    w.close()
+    info = tb.create_branch("pit-time", "production", at=iso(t))
+    before, after = w.split(t)
+    got = ids(tb, "pit-time")
+    assert before and after
+    assert before <= got
+    assert not (after & got)
+    assert info["kind"] == "feature" and info["target"]["time"].startswith(iso(t)[:19])
+    # an ordinary writable branch, through the proxy
+    query(tb.branch_url("pit-time"), "INSERT INTO log VALUES (-1, 'on the branch')")
+    assert -1 not in ids(tb, "production")
+    tb.delete_branch("pit-time")
+
+
+def test_branch_at_relative_time_and_lsn(tb: Tierbase) -> None:
+    w = Writer(tb)
+    w.write(0.5)
+    with psycopg.connect(tb._url("production", "postgres"), autocommit=True) as conn:
+        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    lsn = str(row[0]) if row else ""
+    mark = w.next - 1
+    w.write(1.0)
+    w.close()
+    tb.create_branch("pit-lsn", "production", lsn=lsn)
+    got = ids(tb, "pit-lsn")
+    assert mark in got and (w.next - 1) not in got
+    tb.delete_branch("pit-lsn")
+    tb.create_branch("pit-rel", "production", at="-1s")
+    assert mark in ids(tb, "pit-rel")
+    tb.delete_branch("pit-rel")
+
+
+def leftovers(tb: Tierbase, name: str) -> list[str]:
+    return [v for v in tb.branches.provider.driver.volumes() if v.split(".")[0] == name]
+
+
+@pytest.mark.parametrize(("at", "lsn", "error", "words"), [
+    ("2999-01-01T00:00:00Z", None, OutsideHistory, "in the future"),
+    ("2001-01-01T00:00:00Z", None, OutsideHistory, "before the history window"),
+    ("yesterday at noon", None, InvalidInput, "does not parse"),
+    ("2026-12-01T14:01:30", None, InvalidInput, "no time zone"),
+    ("-5x", None, InvalidInput, "does not parse"),
+    (None, "FFFFFFFF/0", OutsideHistory, "past the end"),
+    (None, "0/zz", InvalidInput, "does not parse"),
+    (None, "0/1", OutsideHistory, "before the history window"),
+])
+def test_bad_targets_are_refused_and_make_nothing(tb: Tierbase, at: str | None, lsn: str | None,
+                                                  error: type[Exception], words: str) -> None:
+    with pytest.raises(error) as got:
+        tb.create_branch("pit-bad", "production", at=at, lsn=lsn)
+    assert words in str(got.value)
+    assert tb.store.find("pit-bad") is None and leftovers(tb, "pit-bad") == []
+
+
+def test_both_or_neither_target_and_snapshot_are_refused(tb: Tierbase) -> None:
+    with pytest.raises(InvalidInput, match="exactly one"):
+        tb.create_branch_at("pit-bad", "production", at="-1s", lsn="0/1")
+    with pytest.raises(InvalidInput, match="snapshot"):
+        tb.create_branch("pit-bad", "production", at="-1s", snapshot=True)
+
+
+def test_features_keep_no_history(tb: Tierbase) -> None:
+    tb.create_branch("pit-feature", "production")
+    tb.start_branch("pit-feature")
+    assert tb._compute_settings(tb.store.get("pit-feature")) is None
+    with pytest.raises(OutsideHistory, match="no history"):
+        tb.create_branch("pit-kid", "pit-feature", at="-1s")
+    assert tb.store.find("pit-kid") is None
+    tb.delete_branch("pit-feature")
+
+
+def test_policy_is_that_of_branching_the_parent(tb: Tierbase) -> None:
+    make_principal(tb, "pit-agent", "agent")
+    with pytest.raises(PolicyDenied):
+        as_(tb, "pit-agent").create_branch("pit-agent-b", "production", at="-1s")
+    with pytest.raises(PolicyDenied):
+        as_(tb, "pit-agent").restore("production", at="-1s")
+    denied = tb.audit_log(actor="pit-agent")
+    assert {r["action"] for r in denied} >= {"branch.create", "promote"}
+    assert tb.store.find("pit-agent-b") is None
+
+
+def test_corrupt_segment_is_refused_naming_it(tb: Tierbase) -> None:
+    w = Writer(tb)
+    w.write(0.3)
+    w.close()
+    key = tb.history_log.key(tb.store.get("production"))
+    assert key is not None
+    wal = tb.history_log.wal_dir(key)
+    base = tb.history_log.bases(key)[-1]
+    first = archive.parse_lsn(base.redo_lsn)
+    # the segment holding the newest base's REDO point: every recovery from that base reads it
+    seg = next(s.name for s in archive.segments(wal)
+               if (r := archive.segment_range(s.name)) and r[1] <= first < r[2])
+    path = wal / seg
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original[:100] + bytes([original[100] ^ 0xFF]) + original[101:])
+        with pytest.raises(ArchiveCorrupt) as got:
+            tb.create_branch("pit-corrupt", "production", at="-1s")
+        assert seg in got.value.message
+        assert tb.store.find("pit-corrupt") is None and leftovers(tb, "pit-corrupt") == []
+        with pytest.raises(ArchiveCorrupt):
+            archive.verify(wal, seg)
+    finally:
+        path.write_bytes(original)
+    archive.verify(wal, seg)
+
+
+def test_history_reports_the_window(tb: Tierbase) -> None:
+    h = tb.history("production")
+    assert h["serving"] == "production" and h["window"] == "1d"
+    assert h["oldest"] is not None and h["newest"]["time"] == "now"
+    assert h["bases"] and h["bases"][0]["own_bytes"] is not None
+    assert h["wal"]["segments"] >= 1 and h["wal"]["bytes"] >= 16 * 1024 * 1024
