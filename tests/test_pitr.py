@@ -9,9 +9,13 @@ T must be on a branch at T and rows sent after T must not.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -71,10 +75,13 @@ def iso(ts: float) -> str:
 class Writer:
     """Inserts rows one at a time into production, logging (id, sent_at, committed_at)."""
 
+    #: the highest id any writer used: ids are never reused, even after a restore dropped them
+    high = 0
+
     def __init__(self, tb: Tierbase) -> None:
         self.conn = psycopg.connect(tb._url("production", "postgres"), autocommit=True)
         row = self.conn.execute("SELECT coalesce(max(id), 0) FROM log").fetchone()
-        self.next = int(row[0]) + 1 if row else 1
+        self.next = max(int(row[0]) if row else 0, Writer.high) + 1
         self.rows: list[tuple[int, float, float]] = []
 
     def write(self, seconds: float, pause: float = 0.005) -> None:
@@ -83,6 +90,7 @@ class Writer:
             sent = time.time()
             self.conn.execute("INSERT INTO log VALUES (%s, 'w')", (self.next,))
             self.rows.append((self.next, sent, time.time()))
+            Writer.high = self.next
             self.next += 1
             time.sleep(pause)
 
@@ -218,3 +226,102 @@ def test_history_reports_the_window(tb: Tierbase) -> None:
     assert h["oldest"] is not None and h["newest"]["time"] == "now"
     assert h["bases"] and h["bases"][0]["own_bytes"] is not None
     assert h["wal"]["segments"] >= 1 and h["wal"]["bytes"] >= 16 * 1024 * 1024
+
+
+def test_restore_serves_the_past_keeps_the_replaced_state_and_branching_past_it_works(tb: Tierbase) -> None:
+    w = Writer(tb)
+    w.write(1.0)
+    t = time.time()
+    w.write(1.0)
+    w.close()
+    before, after = w.split(t)
+    first = w
+    url = tb.branch_url("production")
+    port = tb.store.get("production").port
+    out = tb.restore("production", at=iso(t))
+    kept = out["kept_as"]
+    assert kept == "production-before-restore-1" and out["serving"] == "production"
+    got = ids(tb, "production")
+    assert before <= got and not (after & got)
+    # same name, port and URL; the replaced state kept, protected, listed
+    assert tb.store.get("production").port == port and tb.branch_url("production") == url
+    k = tb.store.get(kept)
+    assert k.protected and kept in {b["name"] for b in tb.list_branches(with_bytes=False)}
+    assert after <= ids(tb, kept)
+    assert kept in tb.history("production")["kept_states"]
+    assert [r["outcome"] for r in tb.audit_log(action="promote", target="production")][-2:] in (
+        ["intent", "ok"], ["ok", "intent"]) or any(r["outcome"] == "ok" for r in tb.audit_log(action="promote"))
+    # the restored tier is on a new timeline, archives it, and can be branched past the restore point
+    w = Writer(tb)
+    w.write(1.0)
+    t2 = time.time()
+    w.write(0.5)
+    w.close()
+    new_before, new_after = w.split(t2)
+    tb.create_branch("pit-past-restore", "production", at=iso(t2))
+    got = ids(tb, "pit-past-restore")
+    assert new_before <= got and not (new_after & got) and not (after & got)
+    tli = query(tb._url("production", "postgres"), "SELECT timeline_id FROM pg_control_checkpoint()")[0][0]
+    assert int(str(tli)) >= 2
+    tb.delete_branch("pit-past-restore")
+    # and a point before the restore is still reachable: the base snapshots from before it stay valid
+    tb.create_branch("pit-before-restore", "production", at=iso(t - 0.5))
+    early, late = first.split(t - 0.5)
+    got = ids(tb, "pit-before-restore")
+    assert early <= got and not (late & got)
+    tb.delete_branch("pit-before-restore")
+
+
+def test_retention_prunes_only_what_the_window_does_not_need(tb: Tierbase) -> None:
+    b = tb.store.get("production")
+    key = tb.history_log.key(b)
+    assert key is not None
+    tb.take_base_snapshot("production")
+    tb.take_base_snapshot("production")
+    bases = tb.history_log.bases(key)
+    assert len(bases) >= 3
+    wal = tb.history_log.wal_dir(key)
+    # a window that starts just after the second newest base: everything older than it goes
+    keep = bases[-2]
+    said = tb.history_log.prune(key, keep_seconds=10.0, now=keep.taken_at + 10.0 + 0.001)
+    left = tb.history_log.bases(key)
+    assert [x.id for x in left] == [keep.id, bases[-1].id] and said
+    floor = archive.parse_lsn(keep.redo_lsn)
+    for s in archive.segments(wal):
+        r = archive.segment_range(s.name)
+        assert r is None or r[2] > floor, f"{s.name} was needed by no point and should be gone"
+    # the start of the window is still reachable
+    tb.create_branch("pit-window", "production", at=iso(keep.taken_at + 0.01))
+    tb.delete_branch("pit-window")
+    # the sweeper's own pass keeps it too
+    assert not any("pruned base" in line for line in tb.history_tick())
+
+
+def die_at(tb: Tierbase, failpoint: str, code: str) -> None:
+    script = f"from tierbase import Tierbase\ntb = Tierbase({str(tb.home.root)!r})\n{code}\n"
+    env = dict(os.environ, TIERBASE_FAILPOINTS=failpoint, PYTHONPATH=str(Path(__file__).parent.parent))
+    got = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
+    assert got.returncode == -signal.SIGKILL, got.stderr
+
+
+@pytest.mark.parametrize(("point", "new"), [("restore:reserved", False), ("restore:recovered", False),
+                                            ("restore:stopped", False), ("restore:swapped", True)])
+def test_kill_during_restore_serves_the_old_state_or_the_new(tb: Tierbase, point: str, new: bool) -> None:
+    w = Writer(tb)
+    w.write(0.5)
+    t = time.time()
+    w.write(0.5)
+    w.close()
+    now_ids = ids(tb, "production")
+    names = {b.name for b in tb.store.all()}
+    die_at(tb, point, f"tb.restore('production', at={iso(t)!r})")
+    tb.reconcile()
+    got = ids(tb, "production")
+    if new:
+        assert not (w.split(t)[1] & got) and w.split(t)[0] <= got
+        kept = ({b.name for b in tb.store.all()} - names).pop()
+        assert ids(tb, kept) == now_ids
+    else:
+        assert got == now_ids
+        assert {b.name for b in tb.store.all()} == names
+    assert all(b.state.value == "ready" for b in tb.store.all())
