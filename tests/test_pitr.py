@@ -325,3 +325,40 @@ def test_kill_during_restore_serves_the_old_state_or_the_new(tb: Tierbase, point
         assert got == now_ids
         assert {b.name for b in tb.store.all()} == names
     assert all(b.state.value == "ready" for b in tb.store.all())
+
+
+def test_http_api_history_branch_at_and_restore_refusal(tb: Tierbase) -> None:
+    from fastapi.testclient import TestClient
+
+    from tierbase.api.server import create_app
+
+    api = TestClient(create_app(tb))
+    owner = {"Authorization": f"Bearer {tb.home.read_secret(tb.home.token)}"}
+    h = api.get("/v1/tiers/production/history?bytes=false", headers=owner)
+    assert h.status_code == 200 and h.json()["oldest"] is not None
+    bad = api.post("/v1/branches", headers=owner, json={"name": "pit-http", "parent": "production",
+                                                        "at": "2999-01-01T00:00:00Z"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "outside_history"
+    ok = api.post("/v1/branches", headers=owner, json={"name": "pit-http", "parent": "production", "at": "-1s"})
+    assert ok.status_code == 201, ok.text
+    assert ok.json()["target"]["time"] and tb.store.find("pit-http") is not None
+    tb.delete_branch("pit-http")
+    bot = tb.create_principal("pit-bot", "agent")["token"]
+    refused = api.post("/v1/tiers/production/restore", headers={"Authorization": f"Bearer {bot}"},
+                       json={"at": "-1s"})
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "policy_denied"
+    assert not any(b.name.startswith("production-before-restore-") and b.state.value != "ready"
+                   for b in tb.store.all())
+
+
+def test_cli_parses_relative_times() -> None:
+    from click.testing import CliRunner
+
+    from tierbase.cli.main import cli
+
+    got = CliRunner().invoke(cli, ["branch", "create", "x", "--at", "-5m", "--help"])
+    assert got.exit_code == 0 and "--lsn" in got.output
+    got = CliRunner().invoke(cli, ["restore", "--help"])
+    assert got.exit_code == 0 and "before-restore" in got.output
+    got = CliRunner().invoke(cli, ["history", "--help"])
+    assert got.exit_code == 0
