@@ -24,6 +24,7 @@ import psycopg
 from .compute import archive
 from .compute.archive import Target
 from .control.history import History
+from .control.locks import branch_lock
 from .control.store import Branch
 from .errors import ComputeError, InvalidInput, OutsideHistory, TierbaseError
 from .names import parse_ttl
@@ -116,26 +117,48 @@ class PointInTime:
         archive.write_signal(datadir)
         pg.user.chown(datadir / "recovery.signal")
         conf = {**self.history.recovery_settings(key, target), **(settings or {})}
+        sockdir = self.provider.home / "run" / b.name if private else self.provider.sockets
+        if private:
+            sockdir.mkdir(parents=True, exist_ok=True)
+            pg.user.chown(sockdir)
+            sockdir.chmod(0o700)
+        logfile = self.provider.logs / f"{b.name}.log"
+        dsn = psycopg.conninfo.make_conninfo("", host=str(sockdir), port=b.port, user="tierbase", dbname="postgres")
         try:
-            if private:
-                self.provider.start_private(b.name, b.volume, b.port, conf)
-                ep = psycopg.conninfo.make_conninfo("", host=str(self.provider.home / "run" / b.name), port=b.port,
-                                                    user="tierbase", dbname="postgres")
-            else:
-                self.provider.start(b.name, b.volume, b.port, conf)
-                ep = self.provider.endpoint(b.port).dsn()
-        except ComputeError as err:
-            raise _recovery_error(err, self.provider.logs / f"{b.name}.log") from err
-        with psycopg.connect(ep, autocommit=True, connect_timeout=10) as conn:
-            row = conn.execute("SELECT coalesce(pg_last_wal_replay_lsn(), pg_current_wal_lsn())::text").fetchone()
-        return str(row[0]) if row else ""
+            with branch_lock(self.provider.locks, b.name):
+                pg.start(datadir, b.port, logfile, name=b.name, sockets=self.provider.sockets,
+                         private=sockdir if private else None, settings=conf, ready=("standby", "ready"))
+                return self._promote_at_target(dsn, datadir)
+        except (ComputeError, psycopg.OperationalError) as err:
+            raise _recovery_error(err, logfile) from err
+
+    def _promote_at_target(self, dsn: str, datadir: Path, timeout: float = 600) -> str:
+        """Promote as soon as the replay stops at its target; returns the last replayed LSN.
+
+        The promotion is asked for at once: in an archive recovery that is not a standby, the
+        startup process looks at the request only once it has stopped at the target (where it
+        would pause), so the request neither cuts the replay short nor waits for the pause loop's
+        one-second tick, and the promotion is the fast kind."""
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            conn.execute("SELECT pg_promote(false)")
+            deadline = time.monotonic() + timeout
+            while True:
+                row = conn.execute("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text").fetchone()
+                assert row is not None
+                if not row[0]:
+                    return str(row[1])
+                if time.monotonic() > deadline:
+                    raise ComputeError(f"recovery did not reach its target within {timeout:.0f}s",
+                                       "Pick a target closer to a base snapshot, or check the machine's load")
+                time.sleep(0.005)
 
 
-def _recovery_error(err: ComputeError, logfile: Path) -> TierbaseError:
+def _recovery_error(err: ComputeError | psycopg.Error, logfile: Path) -> TierbaseError:
+    """What went wrong, from the compute's log: a segment the script refused, a target not reached."""
     try:
         text = logfile.read_text(errors="replace")[-20000:]
     except OSError:
-        text = err.message
+        text = str(err)
     seg = archive.corrupt_segment(text)
     if seg is not None:
         from .errors import ArchiveCorrupt
@@ -146,7 +169,9 @@ def _recovery_error(err: ComputeError, logfile: Path) -> TierbaseError:
     if "recovery ended before configured recovery target was reached" in text:
         return OutsideHistory("the archived WAL ends before the target",
                               "Pick an earlier point (`tierbase history TIER`); a missing segment ends it early")
-    return err
+    if isinstance(err, TierbaseError):
+        return err
+    return ComputeError(f"the recovery failed: {err}", f"See the compute's log at {logfile}")
 
 
 def _iso(ts: float, micro: bool = False) -> str:

@@ -172,23 +172,26 @@ class Postgres:
         return pid if pid_alive(pid) else None
 
     @staticmethod
-    def is_ready(datadir: Path) -> bool:
+    def is_ready(datadir: Path, states: tuple[str, ...] = ("ready",)) -> bool:
+        """``states``: what counts as ready in postmaster.pid (a recovery waits for "standby")."""
         try:
             lines = (datadir / "postmaster.pid").read_text().splitlines()
         except OSError:
             return False
-        return len(lines) >= 8 and lines[7].strip() == "ready"
+        return len(lines) >= 8 and lines[7].strip() in states
 
     # -- start / stop ----------------------------------------------------------
     def start(self, datadir: Path, port: int, logfile: Path, *, name: str, sockets: Path, timeout: float = 120,
-              private: Path | None = None, settings: dict[str, str] | None = None) -> int:
+              private: Path | None = None, settings: dict[str, str] | None = None,
+              ready: tuple[str, ...] = ("ready",)) -> int:
         """Start the postmaster: loopback TCP (direct roles only) and a unix socket in ``sockets``;
         ``private``: no TCP, and the socket in that (0700) directory instead. ``settings``: for this
         start only (archiving, a recovery target), on the command line so that no copy inherits them."""
         if (pid := self.running_pid(datadir)) is not None:
             # started by someone else (another process's start, a restart): answer once it is ready
             deadline = time.monotonic() + timeout
-            while not self.is_ready(datadir) and self.running_pid(datadir) == pid and time.monotonic() < deadline:
+            while (not self.is_ready(datadir, ready) and self.running_pid(datadir) == pid
+                   and time.monotonic() < deadline):
                 time.sleep(0.005)
             if self.running_pid(datadir) == pid:
                 return pid
@@ -210,7 +213,7 @@ class Postgres:
         deadline = time.monotonic() + timeout
         seen_pid = False
         while time.monotonic() < deadline:
-            if self.is_ready(datadir) and (pid := self.running_pid(datadir)) is not None:
+            if self.is_ready(datadir, ready) and (pid := self.running_pid(datadir)) is not None:
                 return pid
             if self.running_pid(datadir) is not None:
                 seen_pid = True
