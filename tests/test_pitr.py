@@ -362,3 +362,28 @@ def test_cli_parses_relative_times() -> None:
     assert got.exit_code == 0 and "before-restore" in got.output
     got = CliRunner().invoke(cli, ["history", "--help"])
     assert got.exit_code == 0
+
+
+def test_archive_script_takes_every_file_postgres_archives_and_refuses_others(tmp_path: Path) -> None:
+    script = archive.install_script(tmp_path / "bin")
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    src = tmp_path / "src"
+    src.write_bytes(b"x" * 1000)
+    names = ["000000010000000000000004", "000000010000000000000004.partial", "00000002.history",
+             "000000010000000000000004.00000028.backup"]
+    for name in names:
+        assert subprocess.run([str(script), "archive", str(wal), str(src), name]).returncode == 0
+        archive.verify(wal, name)
+        # archiving the same file again is fine; other contents under the same name are not
+        assert subprocess.run([str(script), "archive", str(wal), str(src), name]).returncode == 0
+    (tmp_path / "other").write_bytes(b"y" * 1000)
+    assert subprocess.run([str(script), "archive", str(wal), str(tmp_path / "other"), names[0]],
+                          capture_output=True).returncode == 1
+    for bad in ("../../etc/passwd", "x; rm -rf /", ""):
+        got = subprocess.run([str(script), "archive", str(wal), str(src), bad], capture_output=True, text=True)
+        assert got.returncode == 127 and "refusing" in got.stderr
+    out = tmp_path / "restored"
+    assert subprocess.run([str(script), "restore", str(wal), names[0], str(out)]).returncode == 0
+    assert out.read_bytes() == src.read_bytes()
+    assert subprocess.run([str(script), "restore", str(wal), "000000010000000000000009", str(out)]).returncode == 1

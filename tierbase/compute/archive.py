@@ -21,7 +21,9 @@ from pathlib import Path
 from ..errors import ArchiveCorrupt
 
 SCRIPT_NAME = "tierbase-wal"
-#: a WAL segment (timeline, log, seg), its .partial tail, or a timeline history file
+#: a WAL segment (timeline, log, seg), its .partial tail, or a timeline history file (PostgreSQL also
+#: archives ``<segment>.<offset>.backup`` files after a pg_basebackup: the script takes those too, or
+#: one backup by a platform engineer would stall the archiver for ever)
 SEGMENT_RE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?$")
 HISTORY_RE = re.compile(r"^([0-9A-F]{8})\.history$")
 SEGMENT_BYTES = 16 * 1024 * 1024  # initdb's default --wal-segsize; tierbase never changes it
@@ -43,6 +45,7 @@ esac
 case "$name" in
   *[!0-9A-Fa-z.]*|"") fail "refusing the file name '$name'" 127 ;;
   ????????????????????????|????????????????????????.partial|????????.history) ;;
+  ????????????????????????.????????.backup) ;;
   *) fail "refusing the file name '$name'" 127 ;;
 esac
 if [ "$mode" = archive ]; then
