@@ -134,7 +134,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--rate", type=int, default=0, help="pgbench -R for the background load after T (0: none)")
-    ap.add_argument("--tps-seconds", type=int, default=15)
+    ap.add_argument("--tps-seconds", type=int, default=20)
+    ap.add_argument("--tps-rounds", type=int, default=3)
     ap.add_argument("--alt-runs", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pitr.json"))
     args = ap.parse_args()
@@ -162,7 +163,7 @@ def main() -> None:
         tb.create_branch("noarch", "production")
         tb.start_branch("noarch")
         on, off = [], []
-        for _ in range(2):
+        for _ in range(args.tps_rounds):
             on.append(tps(url, args.tps_seconds, 4))
             off.append(tps(tb.branch_url("noarch"), args.tps_seconds, 4))
         tb.delete_branch("noarch")
@@ -187,8 +188,12 @@ def main() -> None:
         basebackup_s = time.perf_counter() - t0
         redo0 = archive.parse_lsn(base["redo_lsn"])
         load = Load(url, args.clients, None)
-        while wal_lsn(url) - redo0 < args.wal_mb * MiB:
-            time.sleep(0.5)
+        # on 2 shared cores pgbench alone writes a few MB of WAL a minute: a batch job beside it (INSERTs
+        # of 20k rows at a time) brings the WAL since the base up to --wal-mb in about a minute
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE TABLE IF NOT EXISTS batch (id bigint, payload text)")
+            while wal_lsn(url) - redo0 < args.wal_mb * MiB:
+                conn.execute("INSERT INTO batch SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
         t_target = time.time()
         target = iso(t_target)
         log(f"T = {target} ({(wal_lsn(url) - redo0) / MiB:.0f} MiB of WAL since the base's REDO)")
@@ -267,6 +272,8 @@ def main() -> None:
                   max(alt_dump), None, None, None],
              ],
              "notes": [
+                 "WAL since the base: pgbench (-c 2) plus a batch job of INSERTs, then pgbench alone "
+                 "(-c 1 -R 200) for the minutes up to the measurements, and during them",
                  f"base snapshot took {base_ms:.0f} ms; the pg_basebackup made at the same moment took "
                  f"{basebackup_s:.1f} s and the pre-made dump {dump_s:.1f} s (not counted above)",
                  "tierbase's time is the library call (as the API runs it) to the first query through the "

@@ -387,3 +387,43 @@ def test_archive_script_takes_every_file_postgres_archives_and_refuses_others(tm
     assert subprocess.run([str(script), "restore", str(wal), names[0], str(out)]).returncode == 0
     assert out.read_bytes() == src.read_bytes()
     assert subprocess.run([str(script), "restore", str(wal), "000000010000000000000009", str(out)]).returncode == 1
+
+
+def test_a_transaction_open_at_the_target_is_not_on_the_branch(tb: Tierbase) -> None:
+    url = tb._url("production", "postgres")
+    with psycopg.connect(url) as open_tx, psycopg.connect(url, autocommit=True) as other:
+        open_tx.execute("INSERT INTO log VALUES (-100, 'in flight at T')")
+        other.execute("INSERT INTO log VALUES (-101, 'committed before T')")
+        time.sleep(0.05)
+        t = time.time()
+        time.sleep(0.05)
+        open_tx.commit()  # commits after T
+    tb.create_branch("pit-inflight", "production", at=iso(t))
+    got = ids(tb, "pit-inflight")
+    assert -101 in got and -100 not in got
+    tb.delete_branch("pit-inflight")
+
+
+def test_failing_archiving_warns_the_tier_keeps_serving_and_catches_up(tb: Tierbase) -> None:
+    b = tb.store.get("production")
+    key = tb.history_log.key(b)
+    assert key is not None
+    wal = tb.history_log.wal_dir(key)
+    wal.chmod(0o500)  # the archiver (the compute user) cannot write: as on a full pool
+    try:
+        with psycopg.connect(tb.branches.provider.endpoint(b.port).dsn(), autocommit=True) as conn:
+            conn.execute("INSERT INTO log VALUES (-200, 'while archiving fails')")
+            conn.execute("SELECT pg_switch_wal()")
+            deadline = time.time() + 30
+            while not tb.history_warnings() and time.time() < deadline:
+                time.sleep(0.2)
+        assert any("archiving is failing" in w for w in tb.status()["warnings"])
+        assert -200 in ids(tb, "production")  # still serving
+    finally:
+        wal.chmod(0o700)
+    deadline = time.time() + 90
+    while tb.history_warnings() and time.time() < deadline:
+        time.sleep(0.5)
+    assert tb.history_warnings() == []
+    arch = tb.history("production", with_bytes=False)["archiver"]
+    assert arch is not None and not arch["failing"]

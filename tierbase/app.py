@@ -419,6 +419,7 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
             "postgres": {"bindir": str(bins.bindir), "major": bins.major},
             "compute_user": self.branches.provider.pg.user.name,
             "branches": len(branches), "computes_running": running,
+            "warnings": self.history_warnings(),  # archiving that fails (app_pitr)
         }
 
 

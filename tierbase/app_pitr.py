@@ -232,6 +232,41 @@ class PitrOps(FacadeBase):
                 segs = [s for s in archive.segments(self.history_log.wal_dir(key)) if archive.segment_range(s.name)]
                 newest = {"time": _iso(max([s.mtime for s in segs], default=time.time())), "lsn": None}
         out["newest"] = newest
+        out["archiver"] = self._archiver(b)
+        return out
+
+    def _archiver(self, b: Branch) -> dict[str, Any] | None:
+        """pg_stat_archiver of a running tier: is archiving keeping up (a full pool makes it fail while
+        the tier goes on serving; WAL then waits in pg_wal and is archived once there is room)."""
+        import psycopg
+
+        if self.branches.provider.running_pid(b.volume) is None:
+            return None
+        try:
+            with psycopg.connect(self.branches.provider.endpoint(b.port).dsn(), autocommit=True,
+                                 connect_timeout=5) as conn:
+                row = conn.execute("SELECT archived_count, last_archived_wal, failed_count, last_failed_wal, "
+                                   "coalesce(last_failed_time > coalesce(last_archived_time, 'epoch'), false) "
+                                   "FROM pg_stat_archiver").fetchone()
+        except psycopg.Error:
+            return None
+        if row is None:
+            return None
+        return {"archived": row[0], "last_archived": row[1], "failed": row[2], "last_failed": row[3],
+                "failing": bool(row[4])}
+
+    def history_warnings(self) -> list[str]:
+        """For `status`: tiers whose archiver is failing (their history has a gap until it catches up)."""
+        out = []
+        for tier in self.config.tiers:
+            serving = self.store.resolve_route(tier)
+            b = self.store.find(serving) if serving else None
+            if b is None or not self.history_window(tier) or self.history_log.key(b) is None:
+                continue
+            arch = self._archiver(b)
+            if arch and arch["failing"]:
+                out.append(f"{tier}: WAL archiving is failing at {arch['last_failed']} (is the pool full?); "
+                           "the tier keeps serving and the archive catches up once it can write again")
         return out
 
     def _current_lsn(self, b: Branch) -> str | None:
