@@ -176,6 +176,8 @@ def test_features_keep_no_history(tb: Tierbase) -> None:
     tb.create_branch("pit-feature", "production")
     tb.start_branch("pit-feature")
     assert tb._compute_settings(tb.store.get("pit-feature")) is None
+    with pytest.raises(OutsideHistory, match="keeps no history"):
+        tb.take_base_snapshot("pit-feature")
     with pytest.raises(OutsideHistory, match="no history"):
         tb.create_branch("pit-kid", "pit-feature", at="-1s")
     assert tb.store.find("pit-kid") is None

@@ -130,7 +130,10 @@ class History:
         with branch_lock(self.provider.locks, name, shared=True):  # it neither starts nor stops meanwhile
             b = self.store.get(name)
             check_op(name, b.state, Op.BRANCH)
-            key = self.ensure_key(b)
+            key = self.key(b)
+            if key is None:  # a base without the WAL after it would reach nothing
+                raise OutsideHistory(f"{name!r} keeps no history (its compute does not archive WAL)",
+                                     "Tiers with `history` in tierbase.toml do, from their next start")
             ident = f"{int(time.time() * 1000)}-{secrets.token_hex(2)}"
             volume = f"{PITR_DIR}/{key}/base/{ident}"
             self._mkdir(self.provider.driver.path(volume).parent)
