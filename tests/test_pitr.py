@@ -429,3 +429,47 @@ def test_failing_archiving_warns_the_tier_keeps_serving_and_catches_up(tb: Tierb
     assert tb.history_warnings() == []
     arch = tb.history("production", with_bytes=False)["archiver"]
     assert arch is not None and not arch["failing"]
+
+
+def test_cli_through_the_service_history_branch_at_restore() -> None:
+    """The user's path: `tierbase up` (the service as the compute user; its sweeper takes the first base
+    snapshot), then history, branch create --at and restore through the CLI and the API."""
+    from .test_cli import as_json, leftovers, new_env, tierbase
+
+    home = make_home() / "home"
+    cfg = home.parent / "tierbase.toml"
+    cfg.write_text(CONFIG)
+    e = new_env(home, TIERBASE_SWEEP_INTERVAL="1")
+    try:
+        as_json(e, "up", "--btrfs-size", "2G", "--api-port", str(free_port()), "--proxy-port", str(free_port()),
+                "--config", str(cfg))
+        e["TIERBASE_TOKEN"] = (home / "api.token").read_text().strip()
+        url = as_json(e, "branch", "url", "production")["url"]
+        query(url, "CREATE TABLE t (id int)")
+        deadline = time.time() + 60
+        while not as_json(e, "history", "production")["bases"] and time.time() < deadline:
+            time.sleep(0.5)
+        query(url, "INSERT INTO t VALUES (1)")
+        time.sleep(0.2)
+        t = time.time()
+        time.sleep(0.2)
+        query(url, "INSERT INTO t VALUES (2)")
+        b = as_json(e, "branch", "create", "cli-pit", "--parent", "production", "--at", iso(t))
+        assert b["target"]["time"]
+        pit_url = as_json(e, "branch", "url", "cli-pit")["url"]
+        assert query(pit_url, "SELECT id FROM t") == [(1,)]
+        bad = tierbase(e, "branch", "create", "cli-bad", "--parent", "production", "--at", "-5x", check=False)
+        assert bad.returncode == 1 and "does not parse" in bad.stderr
+        r = as_json(e, "restore", "production", "--at", iso(t))
+        assert r["kept_as"] == "production-before-restore-1"
+        assert query(url, "SELECT id FROM t") == [(1,)]
+        h = as_json(e, "history", "production")
+        assert h["kept_states"] == ["production-before-restore-1"] and h["wal"]["segments"] >= 1
+        text = tierbase(e, "history", "production").stdout
+        assert "restorable from" in text and "kept states" in text
+    finally:
+        tierbase(e, "down", "--purge", check=False)
+        assert leftovers(home) == []
+        import shutil
+
+        shutil.rmtree(home.parent, ignore_errors=True)

@@ -116,12 +116,20 @@ class History:
                        (key, b.name, b.volume, time.time()))
         return key
 
+    def script(self) -> Path:
+        """The fixed archive/restore script, the service user's (root's in-process calls hand it over,
+        so that the service can rewrite it when tierbase changes it)."""
+        path = archive.install_script(self.bindir)
+        for p in (self.bindir, path):
+            if p.stat().st_uid != self.provider.pg.user.uid:
+                self.provider.pg.user.chown(p)
+        return path
+
     def archive_settings(self, b: Branch) -> dict[str, str]:
-        script = archive.install_script(self.bindir)
-        return archive.archive_settings(script, self.wal_dir(self.ensure_key(b)))
+        return archive.archive_settings(self.script(), self.wal_dir(self.ensure_key(b)))
 
     def recovery_settings(self, key: str, target: archive.Target) -> dict[str, str]:
-        return archive.recovery_settings(archive.install_script(self.bindir), self.wal_dir(key), target)
+        return archive.recovery_settings(self.script(), self.wal_dir(key), target)
 
     # -- base snapshots ----------------------------------------------------------------
     def take_base(self, name: str, reason: str) -> Base:
