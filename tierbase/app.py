@@ -23,6 +23,7 @@ from .app_flow import FlowOps
 from .app_governance import GovernanceOps
 from .app_images import ImageOps
 from .app_import import ImportOps
+from .app_pitr import PitrOps
 from .app_rollback import RollbackOps
 from .app_sessions import SessionOps
 from .app_sql import SqlOps
@@ -55,7 +56,7 @@ from .provider import (
 ROOT_BRANCH = "production"
 
 
-class Tierbase(GovernanceOps, ImageOps, RollbackOps, ImportOps, FlowOps, SqlOps, SessionOps):
+class Tierbase(GovernanceOps, ImageOps, RollbackOps, ImportOps, FlowOps, SqlOps, SessionOps, PitrOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------
@@ -179,12 +180,18 @@ class Tierbase(GovernanceOps, ImageOps, RollbackOps, ImportOps, FlowOps, SqlOps,
 
     # -- branches --------------------------------------------------------------
     def create_branch(self, name: str, parent: str | None = None, *, ttl: str | None = None,
-                      snapshot: bool = False, start: bool = False, platform_name: bool = False) -> dict[str, Any]:
-        """Branch ``parent`` (default: the entry tier) as ``name``.
+                      snapshot: bool = False, start: bool = False, platform_name: bool = False,
+                      at: str | None = None, lsn: str | None = None, inclusive: bool = True) -> dict[str, Any]:
+        """Branch ``parent`` (default: the entry tier) as ``name``; ``at``/``lsn``: as it was then (app_pitr).
 
         ``platform_name``: set only by platform code that made ``name`` itself (migrate verify, the CI
         branch); no request can set it, so the names the platform reserves stay its own.
         """
+        if at is not None or lsn is not None:
+            if snapshot:
+                raise InvalidInput("a branch at a point in time cannot be a snapshot",
+                                   "Drop --snapshot: the branch is made writable at that point")
+            return self.create_branch_at(name, parent, at=at, lsn=lsn, inclusive=inclusive, ttl=ttl, start=True)
         check_name(name)
         ttl_seconds = parse_ttl(ttl) if ttl else None
         parent = parent or self.config.entry
@@ -460,6 +467,7 @@ class Tierbase(GovernanceOps, ImageOps, RollbackOps, ImportOps, FlowOps, SqlOps,
             "home": str(self.home.root), "driver": health.driver, "copy_on_write": health.copy_on_write,
             "postgres": health.postgres, "compute_user": health.compute_user,
             "branches": len(branches), "computes_running": running, "space": self.space(),
+            "warnings": self.history_warnings(),  # archiving that fails (app_pitr)
         }
 
 

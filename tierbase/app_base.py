@@ -86,6 +86,8 @@ class FacadeBase:
             self._branches = Branches(self.store, self.provider)
             # what the platform does on its own (reconcile, a moved port) is audited like any action
             self._branches.audit = self._platform_audit
+            # tiers archive their WAL (app_pitr): settings for each compute start
+            self._branches.start_settings = getattr(self, "_compute_settings", None)
         return self._branches
 
     def _platform_audit(self, *, actor: str, action: str, target: str, reason: str, before: Any = None,

@@ -227,6 +227,7 @@ class MigrationOps(FacadeBase):
         self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.gate.owner)
         log.update(pid, snapshot=snapshot, migrations=[m.label() for m in pending])
         RollbackLog(self.store).note_touches(pid, [m.sql for m in pending], fork_xmin)  # what it must not replay
+        self._base_at_promotion(tier, serving)
         failpoint("promote:snapshot")
         spec = self.config.tiers[tier]
         try:
@@ -265,6 +266,11 @@ class MigrationOps(FacadeBase):
                           "Split the migration (backfill in batches, CREATE INDEX CONCURRENTLY, NOT VALID "
                           "constraints), then promote again", rehearsal=out)
         return out
+    def _base_at_promotion(self, tier: str, serving: Branch) -> None:
+        """A base snapshot of the tier's history before the migrations run (app_pitr), when it keeps one."""
+        hist = getattr(self, "history_log", None)
+        if hist is not None and hist.key(serving) is not None:
+            hist.take_base(serving.name, "promotion")
 
     def _project_dir(self) -> str | None:
         source = self.store.get_setting("config_source")

@@ -238,6 +238,11 @@ class Service:
                     log.info("%s", line)
             except Exception:
                 log.exception("masked image refresh failed")
+            try:  # tiers' history: base snapshots when due, retention (app_pitr)
+                for line in await asyncio.to_thread(self.tb.history_tick):
+                    log.info("history: %s", line)
+            except Exception:
+                log.exception("history sweep failed")
 
     def _reap_poolers(self) -> list[int]:
         provider = self.tb.branches.provider

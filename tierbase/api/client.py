@@ -199,8 +199,11 @@ class Client:
         return list(self._call("GET", "/v1/branches", params={"bytes": with_bytes}))
 
     def create_branch(self, name: str, parent: str | None = None, *, ttl: str | None = None,
-                      snapshot: bool = False, start: bool = False) -> dict[str, Any]:
-        body = {"name": name, "parent": parent, "ttl": ttl, "snapshot": snapshot, "start": start}
+                      snapshot: bool = False, start: bool = False, at: str | None = None,
+                      lsn: str | None = None, inclusive: bool = True) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "parent": parent, "ttl": ttl, "snapshot": snapshot, "start": start}
+        if at is not None or lsn is not None:  # a point in time (app_pitr)
+            body.update(at=at, lsn=lsn, inclusive=inclusive)
         return dict(self._call("POST", "/v1/branches", json=body))
 
     def create_ci_branch(self, feature: str, parent: str | None = None, *, ttl: str | None = None) -> dict[str, Any]:
@@ -420,6 +423,14 @@ class Client:
 
     def rollbacks(self, tier: str | None = None) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/rollbacks", params={"tier": tier} if tier else {}))
+
+    def restore(self, tier: str, *, at: str | None = None, lsn: str | None = None,
+                inclusive: bool = True) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/tiers/{tier}/restore",
+                               json={"at": at, "lsn": lsn, "inclusive": inclusive}))
+
+    def history(self, tier: str, *, with_bytes: bool = True) -> dict[str, Any]:
+        return dict(self._call("GET", f"/v1/tiers/{tier}/history", params={"bytes": with_bytes}))
 
     def promotions(self, tier: str | None = None) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/promotions", params={"tier": tier} if tier else {}))

@@ -31,6 +31,9 @@ class BranchCreate(BaseModel):
     ttl: str | None = Field(default=None, description="e.g. 90s, 30m, 12h, 7d")
     snapshot: bool = False
     start: bool = False
+    at: str | None = Field(default=None, description="a past time: ISO 8601 with a zone, or -5m")
+    lsn: str | None = Field(default=None, description="a past WAL position, e.g. 0/1A2B3C4")
+    inclusive: bool = Field(default=True, description="a commit exactly at the target is on the branch")
 
 
 class RouteSet(BaseModel):
@@ -163,6 +166,12 @@ class RollbackBody(BaseModel):
     dry_run: bool = Field(default=False, description="show what the rollback would undo; change nothing")
 
 
+class RestoreBody(BaseModel):
+    at: str | None = Field(default=None, description="a past time: ISO 8601 with a zone, or -5m")
+    lsn: str | None = None
+    inclusive: bool = True
+
+
 class ConfigReload(BaseModel):
     # the server reads no path a request names: the client uploads the file's text
     model_config = ConfigDict(extra="forbid")
@@ -267,7 +276,8 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
 
     @app.post("/v1/branches", status_code=201, response_model=Branch, response_model_exclude_unset=True)
     def create_branch(me: As, body: BranchCreate) -> dict[str, Any]:
-        return me.create_branch(body.name, body.parent, ttl=body.ttl, snapshot=body.snapshot, start=body.start)
+        return me.create_branch(body.name, body.parent, ttl=body.ttl, snapshot=body.snapshot, start=body.start,
+                                at=body.at, lsn=body.lsn, inclusive=body.inclusive)
 
     @app.post("/v1/flow/{feature}/ci-branch", status_code=201, response_model=Branch, response_model_exclude_unset=True)
     def create_ci_branch(me: As, feature: str, body: CiBranch) -> dict[str, Any]:
@@ -521,6 +531,14 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     @app.get("/v1/rollbacks")
     def rollbacks(me: As, tier: str | None = None) -> list[dict[str, Any]]:
         return me.rollbacks(tier)
+
+    @app.post("/v1/tiers/{tier}/restore")
+    def restore(me: As, tier: str, body: RestoreBody) -> dict[str, Any]:
+        return me.restore(tier, at=body.at, lsn=body.lsn, inclusive=body.inclusive)
+
+    @app.get("/v1/tiers/{tier}/history")
+    def history(me: As, tier: str, bytes: bool = True) -> dict[str, Any]:
+        return me.history(tier, with_bytes=bytes)
 
     @app.get("/v1/promotions")
     def promotions(me: As, tier: str | None = None) -> list[dict[str, Any]]:

@@ -42,6 +42,8 @@ COMMANDS = {
     "migrate": "tierbase.cli.migrate:migrate",
     "promote": "tierbase.cli.migrate:promote",
     "rollback": "tierbase.cli.migrate:rollback",
+    "restore": "tierbase.cli.pitr:restore",
+    "history": "tierbase.cli.pitr:history",
     "promotions": "tierbase.cli.migrate:promotions",
     "diff": "tierbase.cli.migrate:diff",
     "git": "tierbase.cli.scm:git_group",

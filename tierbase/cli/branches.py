@@ -28,14 +28,23 @@ def branch() -> None:
 @ttl_option
 @click.option("--snapshot", is_flag=True, help="A read-only snapshot instead of a writable branch.")
 @click.option("--start", is_flag=True, help="Start its compute right away.")
+@click.option("--at", default=None, help="PARENT as it was then: ISO 8601 with a zone, or -5m, -1h30m.")
+@click.option("--lsn", default=None, help="PARENT as it was at this WAL position (e.g. 0/1A2B3C4).")
+@click.option("--exclusive", is_flag=True, help="With --at/--lsn: leave out a commit exactly at the target.")
 @command
 @click.pass_context
 def branch_create(ctx: click.Context, name: str, parent: str | None, ttl: str | None, snapshot: bool,
-                  start: bool) -> None:
-    """Create NAME as a copy-on-write branch of PARENT's current state."""
-    b = client(ctx).create_branch(name, parent, ttl=ttl, snapshot=snapshot, start=start)
+                  start: bool, at: str | None, lsn: str | None, exclusive: bool) -> None:
+    """Create NAME as a copy-on-write branch of PARENT's current state (or of a past one: --at/--lsn)."""
+    b = client(ctx).create_branch(name, parent, ttl=ttl, snapshot=snapshot, start=start, at=at, lsn=lsn,
+                                  inclusive=not exclusive)
     if as_json():
         emit_json(b)
+        return
+    if b.get("target"):
+        when = b["target"]["time"] or f"LSN {b['target']['lsn']}"
+        out.print(f"created branch {b['name']!r} from {b['parent']!r} as of {when} in {b['elapsed_ms']} ms "
+                  f"(base snapshot + WAL replayed to {b['fork_lsn']})")
         return
     how = "copy-on-write snapshot" if b["copy_on_write"] else "FULL COPY (copy driver, O(size))"
     out.print(f"created {b['kind']} branch {b['name']!r} from {b['parent']!r} in {b['elapsed_ms']} ms ({how})")

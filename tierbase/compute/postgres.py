@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -150,22 +151,26 @@ class Postgres:
         return pid if pid_alive(pid) else None
 
     @staticmethod
-    def is_ready(datadir: Path) -> bool:
+    def is_ready(datadir: Path, states: tuple[str, ...] = ("ready",)) -> bool:
+        """``states``: what counts as ready in postmaster.pid (a recovery waits for "standby")."""
         try:
             lines = (datadir / "postmaster.pid").read_text().splitlines()
         except OSError:
             return False
-        return len(lines) >= 8 and lines[7].strip() == "ready"
+        return len(lines) >= 8 and lines[7].strip() in states
 
     # -- start / stop ----------------------------------------------------------
     def start(self, datadir: Path, port: int, logfile: Path, *, name: str, sockets: Path, timeout: float = 120,
-              private: Path | None = None) -> int:
+              private: Path | None = None, settings: dict[str, str] | None = None,
+              ready: tuple[str, ...] = ("ready",)) -> int:
         """Start the postmaster: loopback TCP (direct roles only) and a unix socket in ``sockets``;
-        ``private``: no TCP, and the socket in that (0700) directory instead."""
+        ``private``: no TCP, and the socket in that (0700) directory instead. ``settings``: for this
+        start only (archiving, a recovery target), on the command line so that no copy inherits them."""
         if (pid := self.running_pid(datadir)) is not None:
             # started by someone else (another process's start, a restart): answer once it is ready
             deadline = time.monotonic() + timeout
-            while not self.is_ready(datadir) and self.running_pid(datadir) == pid and time.monotonic() < deadline:
+            while (not self.is_ready(datadir, ready) and self.running_pid(datadir) == pid
+                   and time.monotonic() < deadline):
                 time.sleep(0.005)
             if self.running_pid(datadir) == pid:
                 return pid
@@ -180,13 +185,14 @@ class Postgres:
             [self.bins["pg_ctl"], "start", "-W", "-D", str(datadir), "-l", str(logfile), "-s",
              "-o", f"-p {port} -c cluster_name=tierbase-{name}" + (
                  f" -c listen_addresses='' -c unix_socket_directories='{private}'" if private
-                 else f" -c unix_socket_directories='{sockets}'")],
+                 else f" -c unix_socket_directories='{sockets}'") + "".join(
+                     f" -c {k}={shlex.quote(v)}" for k, v in (settings or {}).items())],
             what=f"starting the compute of {name!r}", where=datadir,
         )
         deadline = time.monotonic() + timeout
         seen_pid = False
         while time.monotonic() < deadline:
-            if self.is_ready(datadir) and (pid := self.running_pid(datadir)) is not None:
+            if self.is_ready(datadir, ready) and (pid := self.running_pid(datadir)) is not None:
                 return pid
             if self.running_pid(datadir) is not None:
                 seen_pid = True

@@ -42,6 +42,9 @@ if TYPE_CHECKING:
 Prepare = Callable[[str, int], list[str] | None]
 #: audit(actor=, action=, target=, reason=, after=): an effect the platform made on its own
 Audit = Callable[..., None]
+#: fork(branch being made) -> its fork LSN: fills the new volume otherwise than by copying the parent
+#: as of now (a point in time: tierbase/pitr.py); runs outside the parent's lock
+Fork = Callable[[Branch], str]
 
 PLATFORM = "tierbase"
 
@@ -55,6 +58,8 @@ class Branches:
         self.store = store
         self.provider = provider
         self.audit: Audit | None = None
+        #: settings for a compute's next start (WAL archiving of tiers: set by the facade), or None
+        self.start_settings: Callable[[Branch], dict[str, str] | None] | None = None
 
     def lock(self, name: str, *, shared: bool = False) -> contextlib.AbstractContextManager[None]:
         """The branch's lifecycle lock (re-entrant in a thread; excludes other threads and processes)."""
@@ -78,7 +83,7 @@ class Branches:
 
     def create(self, name: str, parent: str, *, kind: Kind, creator: str, ttl_seconds: int | None = None,
                protected: bool = False, start: bool = False,
-               prepare: Prepare | None = None, actor: str | None = None) -> Branch:
+               prepare: Prepare | None = None, actor: str | None = None, fork: Fork | None = None) -> Branch:
         """``prepare(volume, port)`` runs on the new volume before anyone can reach it (masking); it
         returns the masking rules the branch's data went through, which the branch records."""
         check_name(name)
@@ -91,11 +96,16 @@ class Branches:
                                ttl_seconds=ttl_seconds, protected=protected, actor=actor)
         failpoint("create:reserved")
         try:
-            with self.lock(parent, shared=True):  # the parent's row and volume hold still while it is copied
+            if fork is not None:
                 p = self.store.get(parent)
                 check_op(parent, p.state, Op.BRANCH)
-                lsn = self.provider.fork(parent, p.volume, p.port, b.volume, readonly=kind is Kind.SNAPSHOT,
-                                         limited=kind is not Kind.TIER)
+                lsn = fork(b)
+            else:
+                with self.lock(parent, shared=True):  # the parent's row and volume hold still while it is copied
+                    p = self.store.get(parent)
+                    check_op(parent, p.state, Op.BRANCH)
+                    lsn = self.provider.fork(parent, p.volume, p.port, b.volume, readonly=kind is Kind.SNAPSHOT,
+                                             limited=kind is not Kind.TIER)
             masking = p.masked_by or None
             if prepare is not None:
                 masking = prepare(b.volume, b.port)
@@ -200,13 +210,14 @@ class Branches:
             if (pid := self.provider.running_pid(b.volume)) is not None:
                 return pid
             port = b.port if port_free(b.port) else self._move_port(b, "it was taken before the start")
+            settings = self.start_settings(b) if self.start_settings is not None else None
             try:
-                return self.provider.start(name, b.volume, port)
+                return self.provider.start(name, b.volume, port, settings)
             except ComputeError:
                 if port_free(port):
                     raise  # not the port's fault
                 port = self._move_port(b, "the compute could not bind it")
-                return self.provider.start(name, b.volume, port)
+                return self.provider.start(name, b.volume, port, settings)
 
     def _move_port(self, b: Branch, why: str) -> int:
         port = self.store.reassign_port(b.name)

@@ -118,7 +118,7 @@ class FakeProvider:
         return self.driver.own_bytes(volume)
 
     # -- computes ---------------------------------------------------------------------------
-    def start(self, name: str, volume: str, port: int) -> int:
+    def start(self, name: str, volume: str, port: int, settings: dict[str, str] | None = None) -> int:
         with self.lock(name):
             self._call("start", name)
             if not self.driver.exists(volume):
@@ -126,7 +126,7 @@ class FakeProvider:
                                    "This is a bug of the caller")
             return self.computes.setdefault(volume, next(_pids))
 
-    def start_private(self, name: str, volume: str, port: int) -> Endpoint:
+    def start_private(self, name: str, volume: str, port: int, settings: dict[str, str] | None = None) -> Endpoint:
         self.start(name, volume, port)
         return Endpoint(str(self.root / "run" / name), port, SUPERUSER)
 

@@ -186,13 +186,13 @@ class LocalProvider:
         return self.driver.own_bytes(volume)
 
     # -- computes ------------------------------------------------------------
-    def start(self, name: str, volume: str, port: int) -> int:
+    def start(self, name: str, volume: str, port: int, settings: dict[str, str] | None = None) -> int:
         self._ensure_sockets()
         with self.lock(name):
             return self.pg.start(self.datadir(volume), port, self.logs / f"{name}.log", name=name,
-                                 sockets=self.sockets)
+                                 sockets=self.sockets, settings=settings)
 
-    def start_private(self, name: str, volume: str, port: int) -> Endpoint:
+    def start_private(self, name: str, volume: str, port: int, settings: dict[str, str] | None = None) -> Endpoint:
         """Start a compute reachable only through a unix socket in a 0700 directory: nobody else can
         connect while the platform prepares the branch (masks it)."""
         sockdir = self.home / "run" / name
@@ -201,7 +201,7 @@ class LocalProvider:
         sockdir.chmod(0o700)
         with self.lock(name):
             self.pg.start(self.datadir(volume), port, self.logs / f"{name}.log", name=name, sockets=self.sockets,
-                          private=sockdir)
+                          private=sockdir, settings=settings)
         return Endpoint(str(sockdir), port, SUPERUSER)
 
     def stop(self, name: str, volume: str) -> bool:

@@ -108,11 +108,12 @@ class Provider(Protocol):
         ...
 
     # -- computes ---------------------------------------------------------------------------
-    def start(self, name: str, volume: str, port: int) -> int:
-        """Start the compute (a no-op if it runs); its pid. ``ComputeError`` if it cannot."""
+    def start(self, name: str, volume: str, port: int, settings: dict[str, str] | None = None) -> int:
+        """Start the compute (a no-op if it runs); its pid. ``ComputeError`` if it cannot.
+        ``settings``: postgres settings for this start only (a tier's WAL archiving)."""
         ...
 
-    def start_private(self, name: str, volume: str, port: int) -> Endpoint:
+    def start_private(self, name: str, volume: str, port: int, settings: dict[str, str] | None = None) -> Endpoint:
         """Start a compute only the platform can reach (to mask a branch before anyone connects)."""
         ...
 

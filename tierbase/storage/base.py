@@ -58,7 +58,8 @@ class VolumeDriver(ABC):
     def volumes(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(("lost+found",)))
+        # dot-names are the platform's own trees on the pool (.pitr: WAL archives, base snapshots)
+        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(("lost+found", ".")))
 
     @abstractmethod
     def create(self, volume: str) -> Path:

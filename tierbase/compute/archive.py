@@ -1,0 +1,199 @@
+"""WAL archiving and recovery settings: the platform's own archive/restore command.
+
+A tier's compute runs with ``archive_mode=on`` and an ``archive_command`` that is
+always the same fixed script (``tierbase-wal``, written by the platform into the
+data dir; never text a principal sent). It copies each completed WAL segment into
+the tier's archive on the pool, records its SHA-256 beside it, and fsyncs both
+and the directory before answering, so that a segment the archiver was told is
+safe survives a crash. On restore the same script copies a segment out and checks
+it against the recorded sum: a mismatch (or a missing sum) exits 127, which
+PostgreSQL treats as fatal rather than as "end of the archive", and the log names
+the segment, so recovery never silently stops short of its target.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ArchiveCorrupt
+
+SCRIPT_NAME = "tierbase-wal"
+#: a WAL segment (timeline, log, seg), its .partial tail, or a timeline history file (PostgreSQL also
+#: archives ``<segment>.<offset>.backup`` files after a pg_basebackup: the script takes those too, or
+#: one backup by a platform engineer would stall the archiver for ever)
+SEGMENT_RE = re.compile(r"^([0-9A-F]{8})([0-9A-F]{8})([0-9A-F]{8})(\.partial)?$")
+HISTORY_RE = re.compile(r"^([0-9A-F]{8})\.history$")
+SEGMENT_BYTES = 16 * 1024 * 1024  # initdb's default --wal-segsize; tierbase never changes it
+
+# POSIX sh: a Python interpreter per segment would cost ~40 ms of every restore step.
+SCRIPT = r"""#!/bin/sh
+# tierbase-wal: the platform's archive_command / restore_command (written by tierbase; see
+# tierbase/compute/archive.py). archive DIR SRC NAME | restore DIR NAME DEST
+set -u
+fail() { echo "ERROR: tierbase-wal: $1" >&2; exit "${2:-1}"; }
+# openssl's SHA-256 uses the CPU's SHA instructions (~4x coreutils' sha256sum on this kind of machine)
+if command -v openssl >/dev/null 2>&1; then sha() { openssl dgst -sha256 -r "$1"; }; else sha() { sha256sum "$1"; }; fi
+mode=${1:-}; dir=${2:-}
+case "$mode" in
+  archive) src=${3:-}; name=${4:-} ;;
+  restore) name=${3:-}; dest=${4:-} ;;
+  *) fail "unknown mode '$mode'" 127 ;;
+esac
+case "$name" in
+  *[!0-9A-Fa-z.]*|"") fail "refusing the file name '$name'" 127 ;;
+  ????????????????????????|????????????????????????.partial|????????.history) ;;
+  ????????????????????????.????????.backup) ;;
+  *) fail "refusing the file name '$name'" 127 ;;
+esac
+if [ "$mode" = archive ]; then
+  if [ -f "$dir/$name" ]; then
+    cmp -s "$src" "$dir/$name" && exit 0
+    fail "$name is already archived with other contents"
+  fi
+  tmp="$dir/.$name.$$"
+  trap 'rm -f "$tmp" "$tmp.sha256"' EXIT
+  # pg_wal and the archive are on the same btrfs pool: a reflink copy shares the extents (O(1)), and
+  # copy-on-write keeps the archived copy intact when postgres recycles and overwrites the segment
+  cp --reflink=auto "$src" "$tmp" || fail "cannot copy $name into the archive"
+  sum=$(sha "$tmp") || fail "cannot checksum $name"
+  printf '%s\n' "${sum%% *}" > "$tmp.sha256" || fail "cannot record the checksum of $name"
+  sync "$tmp" "$tmp.sha256" || fail "cannot fsync $name"
+  mv "$tmp.sha256" "$dir/$name.sha256" && mv "$tmp" "$dir/$name" || fail "cannot place $name"
+  trap - EXIT
+  sync "$dir" || fail "cannot fsync the archive directory"
+  exit 0
+fi
+[ -f "$dir/$name" ] || exit 1
+want=$(cat "$dir/$name.sha256" 2>/dev/null) || fail "checksum mismatch on WAL segment $name: no checksum recorded" 127
+cp --reflink=auto "$dir/$name" "$dest" || exit 1
+got=$(sha "$dest") || exit 1
+if [ "${got%% *}" != "$want" ]; then
+  rm -f "$dest"
+  fail "checksum mismatch on WAL segment $name in the archive" 127
+fi
+exit 0
+"""
+
+
+def install_script(bindir: Path) -> Path:
+    """Write the fixed script (0755) where computes can run it; rewritten only when it differs."""
+    path = bindir / SCRIPT_NAME
+    bindir.mkdir(parents=True, exist_ok=True)
+    bindir.chmod(0o755)
+    if not path.exists() or path.read_text() != SCRIPT:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(SCRIPT)
+        tmp.chmod(0o755)
+        os.replace(tmp, path)
+    return path
+
+
+def archive_settings(script: Path, wal_dir: Path) -> dict[str, str]:
+    return {"archive_mode": "on", "archive_command": f"{script} archive {wal_dir} %p %f"}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where recovery stops: a time (ISO text with a zone) or an LSN."""
+
+    time: str | None = None
+    lsn: str | None = None
+    inclusive: bool = True
+
+
+def recovery_settings(script: Path, wal_dir: Path, target: Target) -> dict[str, str]:
+    """Settings for one archive recovery, given on the command line of that start only (never written
+    into the cluster's files, so later starts and branches of it carry none of it).
+
+    Recovery pauses at the target and the platform promotes it (``pg_promote``): a promotion asked for
+    is a fast one (an end-of-recovery record, the checkpoint in the background), while
+    ``recovery_target_action=promote`` waits for a full immediate checkpoint (~0.4 s and more under
+    load). Nobody but the platform reaches the copy meanwhile: its branch is not ready, so the proxy
+    does not route to it, and the compute does not listen on TCP during this start (its unix socket,
+    which only the platform reaches, is enough for the proxy; direct TCP comes back at its next start)."""
+    out = {
+        "restore_command": f"{script} restore {wal_dir} %f %p",
+        "recovery_target_timeline": "latest",
+        "recovery_target_action": "pause",
+        "recovery_target_inclusive": "on" if target.inclusive else "off",
+        "hot_standby": "on",
+        "listen_addresses": "",
+        # replay touches more pages than the clusters' 64MB: evicting them means writes into
+        # copy-on-write files in the middle of the replay; with room they wait for the checkpoint
+        # after the promotion (this start only: the next start is back to the cluster's own setting)
+        "shared_buffers": "256MB",
+        "archive_mode": "off",
+    }
+    if target.lsn is not None:
+        out["recovery_target_lsn"] = target.lsn
+    else:
+        out["recovery_target_time"] = str(target.time)
+    return out
+
+
+def write_signal(datadir: Path) -> None:
+    (datadir / "recovery.signal").write_text("")
+
+
+# -- the archive's contents -------------------------------------------------------------
+def parse_lsn(text: str) -> int:
+    hi, lo = text.strip().split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def format_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def segment_range(name: str) -> tuple[int, int, int] | None:
+    """(timeline, start LSN, end LSN) of a segment file name, None for other files."""
+    m = SEGMENT_RE.match(name)
+    if not m:
+        return None
+    tli, log, seg = (int(g, 16) for g in m.groups()[:3])
+    start = (log << 32) + seg * SEGMENT_BYTES
+    return tli, start, start + SEGMENT_BYTES
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    bytes: int
+    mtime: float
+
+
+def segments(wal_dir: Path) -> list[Segment]:
+    """Segment and history files in an archive (not their checksums or a copy in flight)."""
+    if not wal_dir.is_dir():
+        return []
+    out = []
+    for p in wal_dir.iterdir():
+        if SEGMENT_RE.match(p.name) or HISTORY_RE.match(p.name):
+            st = p.stat()
+            out.append(Segment(p.name, st.st_size, st.st_mtime))
+    return sorted(out, key=lambda s: s.name)
+
+
+def verify(wal_dir: Path, name: str) -> None:
+    """Check one archived file against its recorded checksum; ArchiveCorrupt naming it if not."""
+    import hashlib
+
+    try:
+        want = (wal_dir / f"{name}.sha256").read_text().strip()
+        with open(wal_dir / name, "rb") as fh:
+            got = hashlib.file_digest(fh, "sha256").hexdigest()
+    except OSError as err:
+        raise ArchiveCorrupt(f"WAL segment {name} cannot be read from the archive ({err.strerror})",
+                             "The history past it cannot be reached; branch at an earlier point", segment=name) from err
+    if got != want:
+        raise ArchiveCorrupt(f"checksum mismatch on WAL segment {name} in the archive",
+                             "The history past it cannot be reached; branch at an earlier point", segment=name)
+
+
+def corrupt_segment(log_text: str) -> str | None:
+    """The segment the restore script refused, from the compute's log."""
+    m = re.search(r"checksum mismatch on WAL segment ([0-9A-F]{24}(?:\.partial)?|[0-9A-F]{8}\.history)", log_text)
+    return m.group(1) if m else None

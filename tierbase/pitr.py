@@ -1,0 +1,177 @@
+"""Point-in-time copies: a base snapshot of the tier + its archived WAL, replayed up to a target.
+
+A branch at T: clone the newest base snapshot taken before T (O(1)), write
+``recovery.signal``, start postgres once with ``restore_command`` (the platform's
+checksum-verifying script) and ``recovery_target_time``/``_lsn`` with
+``recovery_target_action=promote`` on its command line, and wait until it is
+promoted (``hot_standby=off``: nobody connects to a half-replayed copy). The copy
+then starts a timeline of its own and is an ordinary cluster.
+
+``recovery_target_inclusive`` is on by default: a transaction that committed at
+exactly T (to the microsecond) or at exactly the target LSN is on the copy.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import psycopg
+
+from .compute import archive
+from .compute.archive import Target
+from .control.history import History
+from .control.store import Branch
+from .errors import ComputeError, InvalidInput, OutsideHistory, TierbaseError
+from .names import parse_ttl
+from .storage import Source
+
+if TYPE_CHECKING:
+    from .provider import LocalProvider
+
+_LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
+#: how long the parent's archiver may take to archive the segment holding the target
+ARCHIVE_WAIT = 30.0
+
+
+def parse_target(at: str | None, lsn: str | None, *, inclusive: bool = True,
+                 now: float | None = None) -> tuple[Target, float | None]:
+    """A recovery target from `--at` (ISO 8601 with a zone, or `-5m`/`-1h30m` before now) or `--lsn`;
+    also the target as epoch seconds for a time. Malformed, both or neither: InvalidInput."""
+    if (at is None) == (lsn is None):
+        raise InvalidInput("give exactly one of --at and --lsn", "For example `--at -5m` or `--lsn 0/1A2B3C4`")
+    now = time.time() if now is None else now
+    if lsn is not None:
+        if not _LSN_RE.fullmatch(lsn.strip()):
+            raise InvalidInput(f"LSN {lsn!r} does not parse", "Write it as PostgreSQL does, e.g. 0/1A2B3C4")
+        return Target(lsn=archive.format_lsn(archive.parse_lsn(lsn)), inclusive=inclusive), None
+    text = str(at).strip()
+    if text.startswith("-"):
+        ts = now - parse_ttl(text[1:])
+    else:
+        try:
+            when = datetime.fromisoformat(text)
+        except ValueError as err:
+            raise InvalidInput(f"time {text!r} does not parse",
+                               "Give an ISO 8601 time with a zone (2026-12-01T14:01:30Z) or -5m") from err
+        if when.tzinfo is None:
+            raise InvalidInput(f"time {text!r} has no time zone",
+                               "Add one (Z for UTC, or +02:00): a time without a zone is ambiguous")
+        ts = when.timestamp()
+    if ts > now:
+        raise OutsideHistory(f"the time {_iso(ts)} is in the future", "Pick a time up to now")
+    return Target(time=_iso(ts, micro=True), inclusive=inclusive), ts
+
+
+class PointInTime:
+    def __init__(self, history: History, provider: LocalProvider) -> None:
+        self.history = history
+        self.provider = provider
+
+    def reach(self, parent: Branch, key: str, target: Target, ts: float | None) -> None:
+        """Make sure the archive holds the WAL up to the target: the parent (running: it is a tier the
+        caller woke) switches to a new segment and its archiver copies the one holding the target.
+        An LSN past the parent's end of WAL is refused."""
+        ep = self.provider.endpoint(parent.port)
+        with psycopg.connect(ep.dsn(), autocommit=True, connect_timeout=10) as conn:
+            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            end = str(row[0]) if row else "0/0"
+            if target.lsn is not None and archive.parse_lsn(target.lsn) > archive.parse_lsn(end):
+                raise OutsideHistory(f"LSN {target.lsn} is past the end of {parent.name!r}'s WAL ({end})",
+                                     "Pick an LSN up to the current one (`tierbase history TIER`)")
+            if target.time is not None:
+                # recovery to a time stops at the first commit after it, and fails when the WAL ends
+                # before one: a commit of the platform's own (now, after the target) marks the end
+                conn.execute("SELECT txid_current()")
+            row = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
+            wanted = str(row[0]) if row else ""
+            deadline = time.monotonic() + ARCHIVE_WAIT
+            while True:
+                got = conn.execute("SELECT last_archived_wal, last_failed_wal, last_failed_time > "
+                                   "coalesce(last_archived_time, 'epoch') FROM pg_stat_archiver").fetchone()
+                if got and got[0] and str(got[0])[:24] >= wanted:
+                    return
+                if (self.history.wal_dir(key) / wanted).exists():
+                    return
+                if time.monotonic() > deadline:
+                    failing = f" (it fails on {got[1]})" if got and got[2] else ""
+                    raise TierbaseError(f"the archiver of {parent.name!r} has not archived {wanted} yet{failing}",
+                                        "Check the pool's free space (`tierbase status`) and try again")
+                time.sleep(0.02)
+
+    def recover(self, b: Branch, key: str, target: Target, ts: float | None, *,
+                private: bool = False, settings: dict[str, str] | None = None) -> str:
+        """Fill ``b``'s (new, not yet existing) volume with the history ``key`` as of the target, and
+        leave its compute running, promoted (``private``: on a 0700 socket only). Returns where its
+        history ends (the last replayed LSN)."""
+        driver, pg = self.provider.driver, self.provider.pg
+        with self.history.reading(key):
+            base = self.history.choose(key, at=ts, lsn=target.lsn)
+            driver.clone(Source(base.volume), b.volume)
+        datadir = driver.path(b.volume)
+        pg.clear_runtime_files(datadir)
+        archive.write_signal(datadir)
+        pg.user.chown(datadir / "recovery.signal")
+        conf = {**self.history.recovery_settings(key, target), **(settings or {})}
+        sockdir = self.provider.home / "run" / b.name if private else self.provider.sockets
+        if private:
+            sockdir.mkdir(parents=True, exist_ok=True)
+            pg.user.chown(sockdir)
+            sockdir.chmod(0o700)
+        logfile = self.provider.logs / f"{b.name}.log"
+        dsn = psycopg.conninfo.make_conninfo("", host=str(sockdir), port=b.port, user="tierbase", dbname="postgres")
+        try:
+            with self.provider.lock(b.name):
+                pg.start(datadir, b.port, logfile, name=b.name, sockets=self.provider.sockets,
+                         private=sockdir if private else None, settings=conf, ready=("standby", "ready"))
+                return self._promote_at_target(dsn, datadir)
+        except (ComputeError, psycopg.OperationalError) as err:
+            raise _recovery_error(err, logfile) from err
+
+    def _promote_at_target(self, dsn: str, datadir: Path, timeout: float = 600) -> str:
+        """Promote as soon as the replay stops at its target; returns the last replayed LSN.
+
+        The promotion is asked for at once: in an archive recovery that is not a standby, the
+        startup process looks at the request only once it has stopped at the target (where it
+        would pause), so the request neither cuts the replay short nor waits for the pause loop's
+        one-second tick, and the promotion is the fast kind."""
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            conn.execute("SELECT pg_promote(false)")
+            deadline = time.monotonic() + timeout
+            while True:
+                row = conn.execute("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text").fetchone()
+                assert row is not None
+                if not row[0]:
+                    return str(row[1])
+                if time.monotonic() > deadline:
+                    raise ComputeError(f"recovery did not reach its target within {timeout:.0f}s",
+                                       "Pick a target closer to a base snapshot, or check the machine's load")
+                time.sleep(0.005)
+
+
+def _recovery_error(err: ComputeError | psycopg.Error, logfile: Path) -> TierbaseError:
+    """What went wrong, from the compute's log: a segment the script refused, a target not reached."""
+    try:
+        text = logfile.read_text(errors="replace")[-20000:]
+    except OSError:
+        text = str(err)
+    seg = archive.corrupt_segment(text)
+    if seg is not None:
+        from .errors import ArchiveCorrupt
+
+        return ArchiveCorrupt(f"checksum mismatch on WAL segment {seg} in the archive: recovery refused",
+                              "Nothing was made; pick a point before that segment, or restore the archive",
+                              segment=seg)
+    if "recovery ended before configured recovery target was reached" in text:
+        return OutsideHistory("the archived WAL ends before the target",
+                              "Pick an earlier point (`tierbase history TIER`); a missing segment ends it early")
+    if isinstance(err, TierbaseError):
+        return err
+    return ComputeError(f"the recovery failed: {err}", f"See the compute's log at {logfile}")
+
+
+def _iso(ts: float, micro: bool = False) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="microseconds" if micro else "seconds")
