@@ -325,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
              "columns": ["way", "connected", "errors", "first error", "wall s", "queries/s", "p50 ms", "p95 ms"],
              "rows": ways,
              "notes": ["clients connect 50 at a time and all stay connected until every one has run its queries",
-                       "the session URL gives each client a backend of its own, so Postgres's max_connections "
-                       "(100) refuses the rest: that is what the pooled URL is for"]},
+                       "the session URL gives each client a backend of its own, so the compute's max_connections "
+                       "refuses the rest: that is what the pooled URL is for"]},
         ],
         "raw": raw,
         "meta": {"cmd": "python bench/agents.py --out bench/results/agents.json", "date": dt.date.today().isoformat(),
