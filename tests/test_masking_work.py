@@ -179,6 +179,8 @@ def test_no_way_back_to_the_superuser_or_the_unmasked_data(shop: Shop) -> None:
     # production's data (unmasked) is not reachable: no connection, no unmasked branch or snapshot of it
     with pytest.raises(PolicyDenied, match="unmasked_read"):
         dev.branch_url("production", "shop")
+    with pytest.raises(PolicyDenied, match="unmasked_read"):  # SQL through the API (and MCP) is a connection too
+        dev.run_sql("production", "SELECT email FROM customer", database="shop")
     with pytest.raises(PolicyDenied, match="unmasked_read"):
         dev.branch_url("production-pre-1" if shop.tb.store.find("production-pre-1") else "production")
     # the proxy asks the same policy: the developer's own credentials routed to production are refused
