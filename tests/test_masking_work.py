@@ -179,6 +179,8 @@ def test_no_way_back_to_the_superuser_or_the_unmasked_data(shop: Shop) -> None:
     # production's data (unmasked) is not reachable: no connection, no unmasked branch or snapshot of it
     with pytest.raises(PolicyDenied, match="unmasked_read"):
         dev.branch_url("production", "shop")
+    with pytest.raises(PolicyDenied, match="unmasked_read"):  # SQL through the API (and MCP) is a connection too
+        dev.run_sql("production", "SELECT email FROM customer", database="shop")
     with pytest.raises(PolicyDenied, match="unmasked_read"):
         dev.branch_url("production-pre-1" if shop.tb.store.find("production-pre-1") else "production")
     # the proxy asks the same policy: the developer's own credentials routed to production are refused
@@ -335,6 +337,49 @@ def test_masked_branches_clone_the_tiers_masked_image(shop: Shop) -> None:
         for name in ("img-c", "img-b", "img-a", "production-masked-2", "production-masked-1"):
             if tb.store.find(name):
                 tb.delete_branch(name)
+
+
+def test_ready_refuses_an_unclassified_column_until_the_same_change_classifies_it(shop: Shop, tmp_path: Path) -> None:
+    """flow ready's masking gate on the platform's own git record of the change (real git, real config)."""
+    import subprocess
+
+    from tierbase.workflow.commands import Flow
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+    repo = tmp_path / "app"
+    (repo / "db" / "migrations").mkdir(parents=True)
+    (repo / "tierbase.toml").write_text(CONFIG)
+    git("init", "-q", "-b", "staging")
+    git("-c", "user.email=d@x", "-c", "user.name=d", "commit", "-q", "--allow-empty", "-m", "base")
+    git("add", "-A")
+    git("-c", "user.email=d@x", "-c", "user.name=d", "commit", "-q", "-m", "config")
+    base = git("rev-parse", "HEAD")
+    git("checkout", "-q", "-b", "feature/nick")
+    (repo / "db" / "migrations" / "V0003__nick.sql").write_text("ALTER TABLE customer ADD COLUMN nick text;\n")
+    git("add", "-A")
+    git("-c", "user.email=d@x", "-c", "user.name=d", "commit", "-q", "-m", "nick")
+    unclassified = git("rev-parse", "HEAD")
+    (repo / "tierbase.toml").write_text(CONFIG + 'customer.nick = "safe"\n')
+    git("-c", "user.email=d@x", "-c", "user.name=d", "commit", "-q", "-am", "classify nick")
+    classified = git("rev-parse", "HEAD")
+    bundle = subprocess.run(["git", "bundle", "create", "-q", "-", "staging", "feature/nick"], cwd=repo,
+                            check=True, capture_output=True).stdout
+    flow = Flow(as_(shop.tb, "dev"))
+    if not flow.repo.exists():
+        flow.repo.create()
+    flow.repo.receive(bundle, "nick-test")
+    for head, expected in ((unclassified, ["unclassified-column"]), (classified, [])):
+        verify: dict[str, object] = {}
+        with flow.migrations_at(head, base) as (mdir, files):
+            assert files == ["V0003__nick.sql"]
+            got = flow.masking_failures(head, base, mdir, verify)
+        assert [f.code for f in got] == expected
+        if got:
+            assert "public.customer.nick is added to the sensitive table public.customer" in got[0].message
+            assert 'customer.nick = "safe"' in got[0].hint and got[0].message.startswith("V0003__nick.sql:1")
+        assert "masking" in verify
 
 
 # -- derived data and rules that migrate with the schema: the split of customer.email ----------------------------
