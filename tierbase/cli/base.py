@@ -32,6 +32,7 @@ COMMANDS = {
     "promote": "tierbase.cli.migrate:promote",
     "rollback": "tierbase.cli.migrate:rollback",
     "promotions": "tierbase.cli.migrate:promotions",
+    "rollbacks": "tierbase.cli.migrate:rollbacks",
     "diff": "tierbase.cli.migrate:diff",
     "git": "tierbase.cli.scm:git_group",
     "ci": "tierbase.cli.scm:ci_group",
