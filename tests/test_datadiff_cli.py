@@ -30,4 +30,5 @@ def test_data_diff_and_rollback_through_the_cli(env: dict[str, str]) -> None:
     assert same.returncode == 1 and "same branch" in same.stderr
     none = tierbase(env, "rollback", "production", "--dry-run", check=False)
     assert none.returncode == 2 and "no pre-promotion snapshot" in none.stderr
+    assert as_json(env, "rollbacks") == []
     tierbase(env, "branch", "delete", "dd-a", "--recursive")

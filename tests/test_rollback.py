@@ -338,3 +338,34 @@ def test_rehearsal_catches_a_long_locking_migration(project: Project) -> None:
         for f in ("V0002__backfill.sql", "V0002__tag.sql"):
             (p.mig / f).unlink(missing_ok=True)
         p.tb.reload_config(str(p.base / "tierbase.toml"))
+
+
+def test_a_rollback_during_a_promotion_is_refused(project: Project) -> None:
+    p = project
+    p.migration("V0002__tag.sql", "ALTER TABLE events ADD COLUMN tag text;\n")  # promoted by the test above
+    p.migration("V0003__slow.sql", "SELECT pg_sleep(4);\nCREATE TABLE IF NOT EXISTS slow_t (x int);\n")
+    feat = p.feature()
+    results: list[object] = []
+
+    def promote() -> None:
+        other = Tierbase(p.tb.home.root)
+        try:
+            results.append(other.promote("production", feat, str(p.mig))["status"])
+        finally:
+            other.close()
+
+    t = threading.Thread(target=promote)
+    t.start()
+    try:
+        end = time.monotonic() + 30
+        while not (running := [r for r in p.tb.promotions("production") if r["status"] == "running"
+                               and r["snapshot"]]):
+            assert time.monotonic() < end, "the promotion never started"
+            time.sleep(0.05)
+        with pytest.raises(Refused, match=r"a promotion of 'production' is running"):
+            p.me.rollback("production", to=running[0]["snapshot"], yes=True)
+    finally:
+        t.join(timeout=60)
+        for f in ("V0002__tag.sql", "V0003__slow.sql"):
+            (p.mig / f).unlink()
+    assert results == ["succeeded"]

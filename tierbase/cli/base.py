@@ -45,6 +45,7 @@ COMMANDS = {
     "restore": "tierbase.cli.pitr:restore",
     "history": "tierbase.cli.pitr:history",
     "promotions": "tierbase.cli.migrate:promotions",
+    "rollbacks": "tierbase.cli.migrate:rollbacks",
     "diff": "tierbase.cli.migrate:diff",
     "git": "tierbase.cli.scm:git_group",
     "ci": "tierbase.cli.scm:ci_group",

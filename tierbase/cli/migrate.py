@@ -193,6 +193,23 @@ def promotions(ctx: click.Context, tier: str | None) -> None:
 
 
 @click.command()
+@click.option("--tier", default=None)
+@command
+@click.pass_context
+def rollbacks(ctx: click.Context, tier: str | None) -> None:
+    """Rollbacks: which snapshot, what they replaced (and its route), rows replayed and left, time added."""
+    rows = client(ctx).rollbacks(tier)
+    if as_json():
+        emit_json(rows)
+        return
+    for r in rows:
+        kept = f"kept as {r['replaced_route']}" if r["replaced_route"] else ""
+        writes = "writes DISCARDED" if r["discard_writes"] else f"{r['rows_replayed']} replayed, {r['rows_left']} left"
+        out.print(f"#{r['rollback']:<4} {r['tier']:<12} {r['kind']:<9} {r['status']:<9} -> {r['snapshot']} "
+                  f"({r['serving_now']}); {r['replaced']} {kept}; {writes}; +{r['time_added_ms']} ms", markup=False)
+
+
+@click.command()
 @click.argument("a")
 @click.argument("b", required=False)
 @click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "sql"]), default="text",

@@ -64,6 +64,11 @@ class PromotionLog:
     def begin(self, tier: str, source: str, actor: str, served_by: str) -> int:
         try:
             with self.store.write() as db:
+                rb = db.execute("SELECT id, owner FROM rollbacks WHERE tier=? AND status='running'", (tier,)
+                                ).fetchone() if _has_rollbacks(db) else None
+                if rb is not None and token_alive(rb[1]):
+                    raise PromotionBusy(f"a rollback of {tier!r} is running (rollback #{rb[0]})",
+                                        "Wait for it to finish (`tierbase rollbacks`), then promote again", tier=tier)
                 cur = db.execute("INSERT INTO promotions(tier, source, actor, status, started_at, served_by, owner)"
                                  " VALUES(?,?,?,?,?,?,?)",
                                  (tier, source, actor, "running", time.time(), served_by, process_token()))
@@ -106,6 +111,10 @@ class PromotionLog:
         at start-up (Tierbase.reconcile_promotions: completed or rolled back, and audited)."""
         rows = self.store.db.execute("SELECT * FROM promotions WHERE status='running' ORDER BY id").fetchall()
         return [_public(r) for r in rows if not token_alive(r["owner"])]
+
+
+def _has_rollbacks(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='rollbacks'").fetchone() is not None
 
 
 def _public(row: sqlite3.Row) -> dict[str, Any]:

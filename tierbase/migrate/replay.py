@@ -333,9 +333,25 @@ class RollbackLog:
         return out
 
     def begin(self, **fields: Any) -> int:
+        """Record a running rollback. A manual one is refused while a promotion of the tier runs (a failed
+        promotion's own rollback runs inside it), and a promotion while one runs (promote.PromotionLog):
+        both checks and inserts happen in one write transaction of the store."""
+        from ..errors import Refused
+
         fields.update(status="running", started_at=time.time(), owner=process_token())
         cols = ", ".join(fields)
         with self.store.write() as db:
+            busy = db.execute("SELECT id FROM promotions WHERE tier=? AND status='running'",
+                              (fields["tier"],)).fetchone() if fields.get("kind") == "manual" else None
+            other = db.execute("SELECT id FROM rollbacks WHERE tier=? AND status='running'",
+                               (fields["tier"],)).fetchone()
+            live = other is not None and token_alive(
+                db.execute("SELECT owner FROM rollbacks WHERE id=?", (other[0],)).fetchone()[0])
+            if busy or live:
+                what = f"promotion #{busy[0]}" if busy else f"rollback #{other[0]}"
+                raise Refused(f"a {what.split(' ')[0]} of {fields['tier']!r} is running ({what})",
+                              "Wait for it to finish (`tierbase promotions`, `tierbase rollbacks`), then look "
+                              "again at what a rollback would undo", tier=fields["tier"])
             cur = db.execute(f"INSERT INTO rollbacks({cols}) VALUES({', '.join('?' * len(fields))})",
                              tuple(fields.values()))
             return int(cur.lastrowid or 0)
