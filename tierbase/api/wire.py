@@ -9,8 +9,8 @@ with ``Connection: close``, an answer framed by Content-Length or chunked, read 
 
 from __future__ import annotations
 
+import _socket  # the C module under `socket`: `import socket` spends milliseconds building its enums
 import json
-import socket
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -72,13 +72,13 @@ def request(base_url: str, method: str, path: str, *, headers: dict[str, str], p
     if json_body is not None:
         hdrs["Content-Type"] = "application/json"
     head = f"{method} {target} HTTP/1.1\r\n" + "".join(f"{k}: {_header_value(v)}\r\n" for k, v in hdrs.items())
-    # an ASCII host as bytes: a str would be run through the idna codec (unicodedata) by getaddrinfo
-    host: str | bytes = url.hostname.encode() if url.hostname.isascii() else url.hostname
     try:
-        with socket.create_connection((host, url.port or 80), timeout=timeout) as sock:  # type: ignore[arg-type]
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = _connect(url.hostname, url.port or 80, timeout)
+        try:
             sock.sendall(head.encode("latin-1") + b"\r\n" + body)
             return _read(sock)
+        finally:
+            sock.close()
     except WireError:
         raise
     except OSError as err:
@@ -87,10 +87,28 @@ def request(base_url: str, method: str, path: str, *, headers: dict[str, str], p
         raise WireError(f"the service's answer does not parse ({err})") from err
 
 
+def _connect(hostname: str, port: int, timeout: float) -> _socket.socket:
+    """socket.create_connection's loop: each address of the host in turn, the last error if none answers."""
+    # an ASCII host as bytes: a str would be run through the idna codec (unicodedata) by getaddrinfo
+    host: str | bytes = hostname.encode() if hostname.isascii() else hostname
+    last: OSError = WireError(f"{hostname} has no address")
+    for family, kind, proto, _, addr in _socket.getaddrinfo(host, port, 0, _socket.SOCK_STREAM):
+        sock = _socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(addr)
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            return sock
+        except OSError as err:
+            sock.close()
+            last = err
+    raise last
+
+
 class _Reader:
     """Bytes of one connection, read as they are needed."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock, self.buf = sock, b""
 
     def _fill(self, what: str) -> None:
@@ -120,7 +138,7 @@ class _Reader:
         return out
 
 
-def _read(sock: socket.socket) -> Reply:
+def _read(sock: _socket.socket) -> Reply:
     r = _Reader(sock)
     while True:
         status_line = r.line("its answer").decode("latin-1")
