@@ -28,11 +28,8 @@ PROVIDER_FACE = {"tierbase.provider", "tierbase.provider.types", "tierbase.provi
 #: the boundary's vocabulary, shared with the layers below it
 VALUE_TYPES = {"tierbase.provider.types"}
 
-#: imports that break the table today, each with who removes it; the list may only shrink
-KNOWN: dict[tuple[str, str], str] = {
-    # `up` asks for the compute user; cli/ is being reworked on another branch: it becomes
-    # `from ..provider import compute_user`
-}
+#: imports that break the table today, each with why and who removes it; empty now, and it may only shrink
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def layer(module: str) -> str:
