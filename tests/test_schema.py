@@ -54,8 +54,9 @@ def test_a_fresh_data_dir_gets_every_table_at_the_latest_version(tmp_path: Path)
     Store(tmp_path / "meta.db").close()
     got = tables(tmp_path / "meta.db")
     assert set(got) == {"settings", "branches", "routes", "intents", "principals", "audit", "audit_head",
-                        "promotions", "flow_events", "flow_tiers", "flow_workspaces", "ci_jobs"}
-    assert user_version(tmp_path / "meta.db") == schema.LATEST == 2
+                        "promotions", "flow_events", "flow_tiers", "flow_workspaces", "ci_jobs", "sessions",
+                        "masking_lineage"}
+    assert user_version(tmp_path / "meta.db") == schema.LATEST == 4
     for table, column, _ in schema.ADDED_COLUMNS:
         assert column in got[table]
 
@@ -151,7 +152,7 @@ def test_concurrent_opens_migrate_once(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert not errors
-    assert sorted(v for d in done for v in d) == [1, 2]  # each migration ran exactly once
+    assert sorted(v for d in done for v in d) == [1, 2, 3, 4]  # each migration ran exactly once
     assert user_version(db) == schema.LATEST
 
 
@@ -163,4 +164,4 @@ def test_no_module_but_the_schema_creates_tables() -> None:
 
     assert having(".executescript(") == []
     # tables in postgres (each branch's migration ledger, the audit trail's SQL mirror) are not meta.db's
-    assert having("CREATE TABLE") == ["governance/mirror.py", "migrate/ledger.py"]
+    assert having("CREATE TABLE IF NOT EXISTS") == ["governance/mirror.py", "migrate/ledger.py"]

@@ -25,19 +25,6 @@ from .errors import InvalidInput, QuotaExceeded, Refused, SessionNotFound, Tierb
 from .governance.principals import Principal
 from .names import check_name, format_duration, parse_ttl
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS sessions (
-    id          TEXT PRIMARY KEY,      -- ses_<hex>
-    principal   TEXT NOT NULL,
-    branch      TEXT NOT NULL,
-    ttl_seconds INTEGER NOT NULL,
-    started_at  REAL NOT NULL,
-    renewed_at  REAL NOT NULL,
-    ended_at    REAL,
-    end_reason  TEXT                   -- ended | expired | gone
-);
-CREATE INDEX IF NOT EXISTS sessions_live ON sessions(branch) WHERE ended_at IS NULL;
-"""
 DEFAULT_TTL = "30m"
 MAX_TTL = 7 * 86400
 #: activity renews a lease at most this often per branch (a proxy storm must not become a write storm)
@@ -47,21 +34,11 @@ _renewed: dict[str, float] = {}
 _renewed_lock = threading.Lock()
 
 
-#: the meta.db files whose sessions table this process made sure of
-_made: set[str] = set()
-
-
 class SessionOps(FacadeBase):
-    def _sessions_db(self) -> None:
-        if str(self.home.db) not in _made:
-            self.store.db.executescript(SCHEMA)
-            _made.add(str(self.home.db))
-
     # -- sessions ------------------------------------------------------------------------------
     def session_start(self, branch: str | None = None, parent: str | None = None,
                       ttl: str | None = None) -> dict[str, Any]:
         """Lease a new branch (named ``branch``, default ``<principal>-<hex>``) off ``parent`` (the entry tier)."""
-        self._sessions_db()
         seconds = parse_ttl(ttl or DEFAULT_TTL)
         if seconds > MAX_TTL:
             raise InvalidInput(f"a session's ttl of {ttl} is longer than {format_duration(MAX_TTL)}",
@@ -105,7 +82,6 @@ class SessionOps(FacadeBase):
 
     def session_list(self, *, everyone: bool = False) -> list[dict[str, Any]]:
         """Live sessions: one's own, or (a platform engineer's ``everyone``) all of them."""
-        self._sessions_db()
         self.sessions_reclaimed()
         who = self.gate.principal(self.actor)
         if everyone and self.config.base_role(who.role) != "platform-engineer":
@@ -121,7 +97,6 @@ class SessionOps(FacadeBase):
             if now - _renewed.get(branch, -RENEW_EVERY) < RENEW_EVERY:
                 return
             _renewed[branch] = now
-        self._sessions_db()
         row = self.store.db.execute("SELECT id, ttl_seconds FROM sessions WHERE branch = ? AND ended_at IS NULL",
                                     (branch,)).fetchone()
         if row is None:
@@ -130,7 +105,6 @@ class SessionOps(FacadeBase):
 
     def sessions_reclaimed(self) -> list[str]:
         """Sessions whose branch is gone (the sweeper reclaimed it, or it was deleted): ended, audited."""
-        self._sessions_db()
         rows = self.store.db.execute("SELECT id, principal, branch FROM sessions WHERE ended_at IS NULL").fetchall()
         out = []
         for sid, principal, branch in rows:
@@ -155,7 +129,6 @@ class SessionOps(FacadeBase):
                        (time.time(), reason, sid))
 
     def _own_session(self, sid: str) -> dict[str, Any]:
-        self._sessions_db()
         row = self.store.db.execute("SELECT * FROM sessions WHERE id = ?", (sid,)).fetchone()
         who = self.gate.principal(self.actor)
         mine = row is not None and (row["principal"] == who.name

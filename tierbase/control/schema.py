@@ -167,9 +167,12 @@ def statements(script: str) -> list[str]:
     return out
 
 
-def _tables(db: sqlite3.Connection) -> None:
-    for stmt in statements(TABLES):
-        db.execute(stmt)
+def _create(script: str) -> Callable[[sqlite3.Connection], None]:
+    """A migration that runs the CREATE ... IF NOT EXISTS statements of ``script``."""
+    def apply(db: sqlite3.Connection) -> None:
+        for stmt in statements(script):
+            db.execute(stmt)
+    return apply
 
 
 def _columns(db: sqlite3.Connection) -> None:
@@ -178,10 +181,43 @@ def _columns(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
 
+#: leased branches of agents' sessions (app_sessions.py)
+SESSIONS = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id          TEXT PRIMARY KEY,      -- ses_<hex>
+    principal   TEXT NOT NULL,
+    branch      TEXT NOT NULL,
+    ttl_seconds INTEGER NOT NULL,
+    started_at  REAL NOT NULL,
+    renewed_at  REAL NOT NULL,
+    ended_at    REAL,
+    end_reason  TEXT                   -- ended | expired | gone
+);
+CREATE INDEX IF NOT EXISTS sessions_live ON sessions(branch) WHERE ended_at IS NULL;
+"""
+
+
+#: where masked data went through migrations: derived, renamed, dropped columns (governance/lineage.py)
+MASKING_LINEAGE = """
+CREATE TABLE IF NOT EXISTS masking_lineage (
+    col TEXT PRIMARY KEY,          -- schema.table.column
+    kind TEXT NOT NULL,            -- derived | renamed | dropped
+    method TEXT NOT NULL,          -- the rule it inherits ('' when dropped)
+    source TEXT NOT NULL,          -- the masked column it came from (its old name, for a rename)
+    origin TEXT NOT NULL,          -- file:line of the migration
+    at REAL NOT NULL,
+    by TEXT NOT NULL
+);
+"""
+
+
 MIGRATIONS = (
-    Migration(1, "the tables (IF NOT EXISTS: a data dir from before versions keeps its own)", _tables),
+    Migration(1, "the tables (IF NOT EXISTS: a data dir from before versions keeps its own)", _create(TABLES)),
     Migration(2, "columns added before versions were kept: " + ", ".join(f"{t}.{c}" for t, c, _ in ADDED_COLUMNS),
               _columns),
+    Migration(3, "sessions: leased branches with a TTL (app_sessions.py)", _create(SESSIONS)),
+    Migration(4, "masking_lineage: where masked columns went through migrations (governance/lineage.py)",
+              _create(MASKING_LINEAGE)),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -22,18 +22,6 @@ from typing import Any
 
 from ..migrate.sensitivity import Col, Report
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS masking_lineage (
-    col TEXT PRIMARY KEY,          -- schema.table.column
-    kind TEXT NOT NULL,            -- derived | renamed | dropped
-    method TEXT NOT NULL,          -- the rule it inherits ('' when dropped)
-    source TEXT NOT NULL,          -- the masked column it came from (its old name, for a rename)
-    origin TEXT NOT NULL,          -- file:line of the migration
-    at REAL NOT NULL,
-    by TEXT NOT NULL
-);
-"""
-
 
 @dataclass(frozen=True)
 class Entry:
@@ -64,7 +52,6 @@ def _col(text: str) -> Col:
 class Lineage:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
-        db.execute(SCHEMA)  # (not executescript: that would commit a caller's open transaction)
 
     def entries(self) -> list[Entry]:
         rows = self.db.execute("SELECT col, kind, method, source, origin FROM masking_lineage ORDER BY at, col")
