@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 export TIERBASE_DEMO_HOME ?= /tmp/tierbase-demo
 
-.PHONY: install deps demo test lint bench bench-proxy bench-proxy-quick clean
+.PHONY: install deps demo test test-unit lint bench bench-proxy bench-proxy-quick clean
 
 deps:            ## Debian packages: postgres, btrfs-progs, pgbouncer (for the proxy benchmark)
 	@scripts/install-deps.sh
@@ -22,6 +22,9 @@ lint:
 
 test: install lint  ## everything the CI runs
 	$(PYTHON) -m pytest -q
+
+test-unit:       ## the control plane on the fake provider, the layer, settings and schema checks: no root, seconds
+	$(PYTHON) -m pytest -q tests/test_control_fake.py tests/test_layers.py tests/test_settings.py tests/test_schema.py
 
 bench: install   ## benchmarks (as root); results in bench/results, table in docs/benchmarks.md
 	$(PYTHON) bench/branching.py --sizes-mb 10,1000

@@ -213,7 +213,7 @@ def settle(p: Platform) -> float:
     if p.kind != "btrfs":
         return 0.0
     t0 = time.perf_counter()
-    root = str(p.tb.driver.root)
+    root = str(p.tb.branches.provider.driver.root)  # the local provider's volume root
     run(["btrfs", "filesystem", "sync", root])  # commit now: the cleaner otherwise waits up to 30 s for one
     run(["btrfs", "subvolume", "sync", root])
     return time.perf_counter() - t0

@@ -10,7 +10,10 @@ measures, per size and run:
 * plain: create the branch, start its compute, first query (no masking);
 * masked: the same, then ``apply_masking`` with customer.email=email, customer.first_name=hash,
   customer.last_name=hash, address.phone=partial, payment.amount=noise, then first query;
-* what the masked branch adds on disk (masking rewrites every masked row).
+* what the masked branch adds on disk (masking rewrites every masked row);
+* imaged: with ``[masking] image = ["production"]``, a developer's masked branch of production made
+  by the platform (a clone of production's masked image), and what re-making the image costs (once
+  per promotion or rule change, instead of once per branch).
 
 Writes JSON in the shared results shape, then renders docs/benchmarks.md.
 """
@@ -18,6 +21,7 @@ Writes JSON in the shared results shape, then renders docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import math
 import os
@@ -43,6 +47,7 @@ from psycopg import sql  # noqa: E402
 from bench.common import log, pct, port_free, write_results  # noqa: E402
 from tierbase import Tierbase  # noqa: E402
 from tierbase.compute import find_binaries  # noqa: E402
+from tierbase.errors import TierbaseError  # noqa: E402
 from tierbase.governance.masking import apply_masking, parse_rules  # noqa: E402
 
 PAGILA = REPO / "tests" / "fixtures" / "pagila" / "pagila-schema.sql"
@@ -110,7 +115,7 @@ def free_port_base() -> int:
 
 def settle(tb: Tierbase) -> None:
     """Wait until btrfs has really dropped deleted subvolumes, so the next run does not pay for it."""
-    root = str(tb.driver.root)
+    root = str(tb.branches.provider.driver.root)  # the local provider's volume root
     for args in (["btrfs", "filesystem", "sync", root], ["btrfs", "subvolume", "sync", root]):
         subprocess.run(args, capture_output=True, check=True)
 
@@ -119,8 +124,7 @@ def load(tb: Tierbase, db: str, n: int) -> int:
     """Restore pagila's schema into ``db`` on production and fill it; returns the database size."""
     t0 = time.perf_counter()
     tb.import_dump(str(PAGILA), "production", db)
-    url = tb.branch_url("production", db, direct=True)
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(admin(tb, "production", db), autocommit=True) as conn:
         conn.execute("SET search_path = public")
         conn.execute(LOAD.format(n=n, rentals=max(100, n // 10)))
         conn.execute("VACUUM ANALYZE")
@@ -129,6 +133,13 @@ def load(tb: Tierbase, db: str, n: int) -> int:
     size = int(row[0]) if row else 0
     log(f"  loaded {n:,} customers into {db}: {human_bytes(size)} in {time.perf_counter() - t0:.1f}s")
     return size
+
+
+def admin(tb: Tierbase, branch: str, db: str) -> str:
+    """The platform's superuser on a branch (unix socket, peer auth): loading in replica mode and masking
+    are platform duties, which no principal's URL can do."""
+    tb.branches.start(branch)
+    return tb.branches.provider.endpoint(tb.store.get(branch).port, db).dsn()
 
 
 def sample(tb: Tierbase, db: str, mode: str) -> dict[str, Any]:
@@ -141,7 +152,7 @@ def sample(tb: Tierbase, db: str, mode: str) -> dict[str, Any]:
     report: dict[str, Any] = {}
     wal = None
     try:
-        with psycopg.connect(tb.branch_url(name, db, direct=True), connect_timeout=60) as conn:
+        with psycopg.connect(admin(tb, name, db), connect_timeout=60) as conn:
             lsn = scalar(conn, "SELECT pg_current_wal_lsn()")
             conn.commit()
             if mode == "masked":
@@ -182,6 +193,57 @@ def scalar(conn: psycopg.Connection[Any], query: str, *params: Any) -> Any:
     return row[0] if row else None
 
 
+IMAGE_CONFIG = """
+[project]
+database = "{db}"
+
+[tiers.production]
+protected = true
+sensitive = true
+
+[tiers.staging]
+parent = "production"
+entry = true
+
+[masking]
+image = ["production"]
+{rules}
+"""
+
+
+def imaged(tb: Tierbase, db: str, runs: int) -> dict[str, Any]:
+    """The platform's own path: a developer's masked branch of production, cloned from its masked image."""
+    rules = "\n".join(f'"{k}" = "{v}"' for k, v in RULES.items())
+    tb.apply_config(IMAGE_CONFIG.format(db=db, rules=rules), "bench")  # makes staging (and an image)
+    t0 = time.perf_counter()
+    tb.refresh_masked_images("production")  # this size's data
+    first = time.perf_counter() - t0
+    if not any(p["name"] == "benchdev" for p in tb.list_principals()):
+        token = str(tb.create_principal("benchdev", "developer")["token"])
+        tb._bench_token = token  # type: ignore[attr-defined]
+    dev = tb.as_principal("benchdev", token=getattr(tb, "_bench_token", None))
+    branch_s, refresh_s = [], []
+    for _ in range(runs):
+        name = f"mi-{secrets.token_hex(3)}"
+        t1 = time.perf_counter()
+        made = dev.create_branch(name, "production")
+        tb.start_branch(name)
+        with psycopg.connect(tb.branch_url(name, db, direct=True), connect_timeout=60) as conn:
+            conn.execute("SELECT count(*) FROM customer").fetchone()
+            branch_s.append(time.perf_counter() - t1)  # what `sample` times: create, start, first query
+            if scalar(conn, "SELECT count(*) FROM customer WHERE email LIKE %s", "%@mail.example.com") != 0:
+                raise RuntimeError(f"customers still have their original e-mail on {name}")
+        if "masked_image" not in made:
+            raise RuntimeError(f"{name} was not cloned from the masked image: {made.get('parent')}")
+        tb.delete_branch(name)
+        t2 = time.perf_counter()
+        tb.refresh_masked_images("production")
+        refresh_s.append(time.perf_counter() - t2)
+        settle(tb)
+    return {"imaged_s": [round(x, 3) for x in branch_s], "refresh_s": [round(x, 2) for x in refresh_s],
+            "first_config_s": round(first, 2)}
+
+
 def measure(tb: Tierbase, n: int, runs: int) -> dict[str, Any]:
     db = f"mask{n}"
     db_bytes = load(tb, db, n)
@@ -194,6 +256,12 @@ def measure(tb: Tierbase, n: int, runs: int) -> dict[str, Any]:
             f"{last['masked']['total_s']:.2f} s (masking {last['masked']['mask_s']:.2f} s, "
             f"{human_bytes(last['masked']['wal_bytes'])} WAL, {human_bytes(last['masked']['added_bytes'])} own); "
             f"rewrite alone {last['rewrite']['mask_s']:.2f} s")
+    img = imaged(tb, db, runs)
+    log(f"  {n:,} imaged: masked branch from the image {', '.join(f'{x * 1000:.0f} ms' for x in img['imaged_s'])}; "
+        f"re-making the image {', '.join(f'{x:.2f} s' for x in img['refresh_s'])}")
+    for b in tb.store.children("production"):  # staging and the images: the next size makes its own
+        with contextlib.suppress(TierbaseError):
+            tb.delete_branch(b.name, recursive=True)
     with psycopg.connect(tb.branch_url("production", direct=True), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
     masked = got["masked"]
@@ -214,13 +282,15 @@ def measure(tb: Tierbase, n: int, runs: int) -> dict[str, Any]:
         "rewrite_s_p50": round(p50("rewrite", "mask_s"), 2), "rewrite_s": [r["mask_s"] for r in got["rewrite"]],
         "wal_bytes": int(p50("masked", "wal_bytes")), "rewrite_wal_bytes": int(p50("rewrite", "wal_bytes")),
         "added_bytes": int(p50("masked", "added_bytes")), "plain_added_bytes": int(p50("plain", "added_bytes")),
+        "imaged_ms_p50": round(pct(img["imaged_s"], 0.5) * 1000, 1), "imaged_s": img["imaged_s"],
+        "refresh_s_p50": round(pct(img["refresh_s"], 0.5), 2), "refresh_s": img["refresh_s"],
     }
 
 
 def build_table(raw: list[dict[str, Any]]) -> dict[str, Any]:
     rows = [[f"{r['customers']:,}", human_bytes(r["db_bytes"]), f"{r['masked_rows']:,}", r["plain_ms_p50"],
-             r["masked_s_p50"], r["mask_s_p50"], f"{r['rows_per_s']:,}", r["rewrite_s_p50"],
-             human_bytes(r["wal_bytes"]), human_bytes(r["added_bytes"])]
+             r["masked_s_p50"], r.get("imaged_ms_p50", "-"), r.get("refresh_s_p50", "-"), r["mask_s_p50"],
+             f"{r['rows_per_s']:,}", r["rewrite_s_p50"], human_bytes(r["wal_bytes"]), human_bytes(r["added_bytes"])]
             for r in raw]
     per_row = "; ".join(
         f"{r['customers']:,} customers: " + ", ".join(
@@ -229,11 +299,17 @@ def build_table(raw: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "title": TITLE,
         "columns": ["customers", "database", "masked rows", "create + start, no masking p50 (ms)",
-                    "create + start + mask p50 (s)", "masking alone p50 (s)", "masked rows/s",
+                    "create + start + mask p50 (s)", "masked branch from the image p50 (ms)",
+                    "re-making the image p50 (s)", "masking alone p50 (s)", "masked rows/s",
                     "same rows rewritten unmasked p50 (s)", "WAL written by masking",
                     "branch's own bytes after masking"],
         "rows": rows,
         "notes": [
+            "'Masked branch from the image': a developer's branch of production made by the platform with "
+            "`[masking] image = [\"production\"]` (create + start + first query): a clone of production's masked "
+            "image, so nothing is masked per branch. Re-making the image (a masked branch of production, once per "
+            "promotion, rule change or refresh) costs about one masking; the image holds production's data as of "
+            "its last re-making (staleness = time since the last promotion or refresh).",
             "Rules: " + ", ".join(f"{k}={v}" for k, v in RULES.items()) + "; each size has N customers, N + 4 "
             "addresses and N payments (partitioned by month), so masked rows = 3N + 4.",
             "Both create columns include the branch's compute start and a first query; masking is one transaction "

@@ -100,8 +100,9 @@ def wait_port(port: int, timeout: float = 20) -> None:
 class Platform:
     """A running tierbase of a throwaway data dir, driven through its CLI as a user would."""
 
-    def __init__(self, root: Path, btrfs_size: str) -> None:
+    def __init__(self, root: Path, btrfs_size: str, up_args: tuple[str, ...] = ()) -> None:
         self.root = root
+        self.up_args = up_args  # more `tierbase up` options a benchmark needs (they come last, so they win)
         self.home = root / "home"
         self.btrfs_size = btrfs_size
         # the service must run this checkout's code, whatever tierbase is installed
@@ -127,7 +128,8 @@ class Platform:
     def up(self) -> None:
         # idle suspend off: a compute stopped by the service between two runs would measure a cold start
         self.up_info = self.cli("up", "--storage", "btrfs", "--btrfs-size", self.btrfs_size, "--api-port",
-                                str(free_port()), "--proxy-port", str(free_port()), "--idle-timeout", "0")
+                                str(free_port()), "--proxy-port", str(free_port()), "--idle-timeout", "0",
+                                *self.up_args)
         self.token = (self.home / "api.token").read_text().strip()  # the owner principal's, made by `up`
         self.env["TIERBASE_TOKEN"] = self.token
 
@@ -157,11 +159,11 @@ class Platform:
 
 
 @contextmanager
-def platform(btrfs_size: str) -> Iterator[Platform]:
+def platform(btrfs_size: str, *up_args: str) -> Iterator[Platform]:
     """A platform for the length of the block; `tierbase down --purge` however the block ends."""
     root = Path(tempfile.mkdtemp(prefix="tierbase-bench-proxy-", dir="/tmp"))
     root.chmod(0o711)  # the compute user must reach into it
-    p = Platform(root, btrfs_size)
+    p = Platform(root, btrfs_size, up_args)
     ok = False
     try:
         log(f"tierbase up (data dir {p.home})")

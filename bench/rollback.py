@@ -5,7 +5,9 @@ with a migration (so it has a pre-promotion snapshot), then repeated
 `tierbase rollback production --to <snapshot>` with a client polling the
 production route through the proxy until it answers from the snapshot.
 The alternative a team without branching has, a restore of a dump of the same
-database, is measured in the same run.
+database, is measured in the same run. Then rollback with replay: for 1k, 10k and
+100k rows written to production after a promotion, `tierbase rollback production`
+(which replays them onto the snapshot's copy) against `--discard-writes`.
 
     python bench/rollback.py --runs 7 --rows 2000000 --out bench/results/rollback.json
 """
@@ -41,10 +43,61 @@ def tb(env: dict[str, str], *args: str) -> Any:
     return json.loads(got.stdout)
 
 
+def replay_runs(env: dict[str, str], mig: Path, sizes: list[int]) -> list[dict[str, Any]]:
+    """For each size: promote a migration, write that many rows to production, roll back (replaying them),
+    and again with --discard-writes."""
+    out: list[dict[str, Any]] = []
+    for i, n in enumerate(sizes):
+        for mode in ("replay", "discard"):
+            k = len(list(mig.glob("V*.sql"))) + 1
+            (mig / f"V{k:04d}__side_table_{k}.sql").write_text(f"CREATE TABLE IF NOT EXISTS side_{k} (x int);\n")
+            feat = f"feat-{i}-{mode}"
+            tb(env, "branch", "create", feat)
+            tb(env, "migrate", "apply", "--branch", feat, "--dir", str(mig))
+            tb(env, "promote", "production", "--from", feat, "--dir", str(mig))
+            url = tb(env, "branch", "url", "production")["url"]
+            with psycopg.connect(url, autocommit=True) as conn:
+                conn.execute("INSERT INTO events (payload) SELECT %s || g FROM generate_series(1, %s) g",
+                             (f"written after promotion {feat}: ", n))
+            t0 = time.perf_counter()
+            rec = tb(env, "rollback", "production", *(["--discard-writes"] if mode == "discard" else []))
+            wall = time.perf_counter() - t0
+            with psycopg.connect(url, autocommit=True) as conn:
+                got = conn.execute("SELECT count(*) FROM events WHERE payload LIKE %s",
+                                   (f"written after promotion {feat}: %",)).fetchone()
+            out.append({"writes": n, "mode": mode, "wall_s": round(wall, 3), "rows_replayed": rec["rows_replayed"],
+                        "rows_left": rec["rows_left"], "time_added_ms": rec["time_added_ms"],
+                        "hold_ms": rec["hold_ms"], "seconds_to_first_query": rec["seconds_to_first_query"],
+                        "on_route_after": int(got[0]) if got else 0})
+            print(json.dumps(out[-1]), flush=True)
+    return out
+
+
+def replay_table(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    rows = [[f"{r['writes']:,}", r["mode"], f"{r['rows_replayed']:,}", r["rows_left"], r["time_added_ms"],
+             r["hold_ms"], r["seconds_to_first_query"], r["wall_s"], f"{r['on_route_after']:,}"] for r in runs]
+    return {
+        "title": "Rollback with replay of post-promotion writes",
+        "columns": ["rows written after the promotion", "mode", "rows replayed", "rows left", "time added (ms)",
+                    "route held (ms)", "to first query (s)", "command (s)", "those rows on the route after"],
+        "rows": rows,
+        "notes": [
+            "replay: the writes (to a table the promoted migration did not touch) are diffed from the snapshot's "
+            "copy to the replaced branch and applied, once while it serves and once inside the route's hold "
+            "after its sessions end; only tables written since the fork are diffed (row count, or a row "
+            "version newer than the oldest transaction running at the snapshot).",
+            "discard: `--discard-writes`, the old behaviour: the rows stay on the replaced branch only.",
+            "time added = the rollback's own time from creating the snapshot's copy to the switch; route held = "
+            "the part during which new connections to the route wait.",
+        ],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--rows", type=int, default=2_000_000, help="rows in production's table (~70 B each)")
+    ap.add_argument("--replay", default="1000,10000,100000", help="post-promotion writes to replay, per run")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "rollback.json"))
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -61,6 +114,7 @@ def main() -> None:
             conn.execute("CREATE TABLE orders (id bigint PRIMARY KEY, customer int, total numeric(10,2), note text)")
             conn.execute("INSERT INTO orders SELECT g, g %% 50000, (g %% 997) / 10.0, 'order ' || g "
                          "FROM generate_series(1, %s) g", (args.rows,))
+            conn.execute("CREATE TABLE events (id bigserial PRIMARY KEY, at timestamptz DEFAULT now(), payload text)")
             size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]  # type: ignore[index]
         (mig / "V0001__add_status.sql").write_text("ALTER TABLE orders ADD COLUMN status text DEFAULT 'new';\n")
         tb(env, "branch", "create", "feat")
@@ -88,6 +142,7 @@ def main() -> None:
             reported.append(float(json.loads(out)["seconds_to_first_query"]))
             # put the promoted state back on the route for the next run (the replaced branch is kept)
             tb(env, "route", "set", "production", json.loads(out)["replaced"])
+        replay = replay_runs(env, mig, [int(x) for x in args.replay.split(",") if x])
         # the alternative: restore a dump of the same database
         dump = base / "prod.dump"
         pgbin = Path(subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True).stdout.strip())
@@ -124,7 +179,7 @@ def main() -> None:
                 "the time includes the CLI's start-up (~0.3 s of Python imports).",
                 "rollback is O(1) in the database size: a writable snapshot branch + a route change.",
             ],
-        }],
+        }, replay_table(replay)],
         "meta": {"date": time.strftime("%Y-%m-%d"), "machine": f"{os.cpu_count()} cores", "rows": args.rows,
                  "cmd": " ".join(sys.argv)},
     }

@@ -211,3 +211,18 @@ def test_own_bytes_grow_with_writes(platform: Tierbase, branch: str) -> None:
     query(started(platform, branch), "CREATE TABLE big AS SELECT g, repeat('x', 200) AS pad "
                                      "FROM generate_series(1, 50000) g; CHECKPOINT")
     assert platform.get_branch(branch)["own_bytes"] > before + 5 * 1024 * 1024
+
+
+def test_the_local_provider_refuses_a_fork_at_a_point_in_time_and_makes_nothing(platform: Tierbase) -> None:
+    """Until point-in-time branches exist, `fork(at=...)` says so plainly instead of forking 'now'."""
+    from tierbase.errors import NotSupported
+    from tierbase.provider import ForkPoint
+
+    p = platform.store.get("production")
+    volumes = platform.provider.volumes()
+    for at in (ForkPoint(lsn="0/16B3748"), ForkPoint(time=1_700_000_000.0)):
+        with pytest.raises(NotSupported, match="is not supported by the 'btrfs' storage yet") as err:
+            platform.provider.fork("production", p.volume, p.port, "pitr.00000000", at=at)
+        assert err.value.http_status == 501 and "Branch it as of now" in err.value.hint
+    assert platform.provider.volumes() == volumes
+    assert platform.provider.health().driver == "btrfs" and platform.provider.health().compute_user == "postgres"

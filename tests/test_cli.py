@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +116,12 @@ def test_branch_lifecycle_through_the_cli(env: dict[str, str]) -> None:
     (("branch", "delete", "production"), 2, "cannot be deleted"),
     (("branch", "reset", "production"), 2, "production"),
     (("branch", "show", "ghost"), 1, "does not exist"),
+    # a name is one path segment of the API, whatever it holds: never another endpoint, query or branch
+    (("branch", "delete", "../../v1/principals"), 1, "no API endpoint DELETE /v1/branches/../../v1/principals"),
+    (("branch", "delete", ".."), 1, "lowercase letters"),
+    (("branch", "delete", "production?recursive=true"), 1, "lowercase letters"),
+    (("branch", "show", "production#x"), 1, "lowercase letters"),
+    (("branch", "reset", "production%2F"), 1, "lowercase letters"),
 ])
 def test_bad_input_exit_codes_and_messages(env: dict[str, str], args: tuple[str, ...], code: int,
                                            says: str) -> None:
@@ -169,11 +177,44 @@ def test_api_openapi_and_auth(env: dict[str, str]) -> None:
     assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_input"
 
 
+def test_openapi_describes_every_response_and_the_error_envelope(env: dict[str, str]) -> None:
+    info = json.loads((Path(env["TIERBASE_HOME"]) / "service.json").read_text())
+    doc = httpx.get(f"{info['api_url']}/openapi.json").json()
+    missing = []
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            ok = {code: r for code, r in op["responses"].items() if code.startswith("2")}
+            if not ok or not all(r.get("content", {}).get("application/json", {}).get("schema") for r in ok.values()):
+                missing.append(f"{method.upper()} {path}: no success schema")
+            for code in ("401", "404", "422", "500"):
+                schema = op["responses"].get(code, {}).get("content", {}).get("application/json", {}).get("schema")
+                if schema != {"$ref": "#/components/schemas/ErrorEnvelope"}:
+                    missing.append(f"{method.upper()} {path}: {code} is not the error envelope")
+    assert missing == []
+    schemas = doc["components"]["schemas"]
+    for model, field in (("Branch", "copy_on_write"), ("Route", "movable"), ("Principal", "role"),
+                         ("PrincipalCreated", "token"), ("AuditRecord", "hash"), ("ErrorBody", "hint")):
+        assert field in schemas[model]["properties"], model
+    listed = doc["paths"]["/v1/branches"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert listed["items"] == {"$ref": "#/components/schemas/Branch"}
+    # typed answers keep every field the facade gave, and add none it did not
+    made = as_json(env, "branch", "create", "typed-x")
+    assert {"elapsed_ms", "driver", "copy_on_write", "fork_lsn"} <= set(made) and "sessions" not in made
+    listed_x = next(b for b in as_json(env, "branch", "list", "--no-bytes") if b["name"] == "typed-x")
+    assert "own_bytes" not in listed_x and "elapsed_ms" not in listed_x
+    tierbase(env, "branch", "delete", "typed-x")
+
+
 def test_commands_without_a_running_platform_say_so() -> None:
     home = make_home() / "nothing-here"
     try:
         got = tierbase(new_env(home), "branch", "list", check=False)
         assert got.returncode == 1 and "not running" in got.stderr and "tierbase up" in got.stderr
+        # by URL: nothing listens there (the light transport's connection error is the same clear error)
+        dead = f"http://127.0.0.1:{free_port()}"
+        got = tierbase(new_env(home, TIERBASE_TOKEN="t"), "--api", dead, "branch", "create", "x", check=False)
+        assert got.returncode == 1 and f"the tierbase service at {dead} does not answer" in got.stderr
+        assert "tierbase status" in got.stderr
     finally:
         shutil.rmtree(home.parent, ignore_errors=True)
 
@@ -296,3 +337,64 @@ def test_route_set_repoints_live_sessions(env: dict[str, str]) -> None:
     assert refused.returncode == 2 and "route 'live' points at branch 'green'" in refused.stderr
     as_json(env, "route", "set", "live", "blue")
     tierbase(env, "branch", "delete", "green")
+
+
+def fresh_app_repo(path: Path) -> Path:
+    """A new app's git repo: one commit on main, no tierbase files yet."""
+    path.mkdir(parents=True)
+    (path / "app.py").write_text("print('hello')\n")
+    for args in (("init", "--quiet", "-b", "main"), ("config", "user.email", "dev@example.com"),
+                 ("config", "user.name", "Dev"), ("add", "-A"), ("commit", "--quiet", "-m", "app")):
+        subprocess.run(["git", "-C", str(path), *args], check=True, capture_output=True)
+    return path
+
+
+@contextmanager
+def fresh_platform() -> Iterator[dict[str, str]]:
+    """A platform of its own, as `tierbase up` leaves it (no config loaded), acting as its owner by token."""
+    home = make_home() / "home"
+    e = new_env(home)
+    try:
+        as_json(e, "up", "--btrfs-size", "2G", "--api-port", str(free_port()), "--proxy-port", str(free_port()))
+        e["TIERBASE_TOKEN"] = (home / "api.token").read_text().strip()  # the owner: a platform engineer
+        yield e
+    finally:
+        tierbase(e, "down", "--purge", check=False)
+        assert leftovers(home) == []
+        shutil.rmtree(home.parent, ignore_errors=True)
+
+
+def test_init_by_a_platform_engineer_on_a_fresh_platform_is_one_step(tmp_path: Path) -> None:
+    with fresh_platform() as e:
+        repo = fresh_app_repo(tmp_path / "shop")
+        done = as_json(e, "init", "--repo", str(repo))
+        assert done["state"] == "scaffold-complete" and "pending" not in done
+        assert any("created tier 'staging'" in s for s in done["said"])
+        assert any("committed the scaffold" in s for s in done["said"])
+        assert as_json(e, "branch", "show", "staging")["kind"] == "tier"
+        assert as_json(e, "policy", "show")["source"] == str(repo / "tierbase.toml")
+        assert json.loads((repo / ".tierbase" / "workflow-state.json").read_text())["state"] == "scaffold-complete"
+
+
+def test_init_by_anyone_else_writes_the_files_and_names_the_command_to_ask_for(tmp_path: Path) -> None:
+    with fresh_platform() as e:
+        dev = dict(e, TIERBASE_TOKEN=as_json(e, "principal", "create", "dev", "--role", "developer")["token"])
+        before = as_json(e, "policy", "show")
+        repo = fresh_app_repo(tmp_path / "shop")
+        got = tierbase(dev, "init", "--repo", str(repo))
+        command = f"tierbase policy reload --file {repo / 'tierbase.toml'}"
+        assert command in got.stdout and "platform engineer" in got.stdout and "tierbase init" in got.stdout
+        assert (repo / "tierbase.toml").is_file() and (repo / "db" / "migrations").is_dir()
+        as_js = json.loads(tierbase(dev, "init", "--repo", str(repo), "--json").stdout)
+        assert as_js["pending"] == {"who": "platform-engineer", "command": command, "then": "tierbase init"}
+        assert as_js["state"] is None
+        # nothing changed on the platform: no tier, the same config, no workspace; the refusal is audited
+        assert "staging" not in [b["name"] for b in as_json(e, "branch", "list", "--no-bytes")]
+        assert as_json(e, "policy", "show")["sha256"] == before["sha256"]
+        assert not (repo / ".tierbase" / "workflow-state.json").exists()
+        denied = as_json(e, "audit", "log", "--action", "policy.reload")
+        assert denied and all(r["actor"] == "dev" and r["decision"] == "denied" for r in denied)
+        # the platform engineer runs the command named, verbatim; the developer's next init finishes
+        tierbase(e, *shlex.split(command)[1:])
+        again = as_json(dev, "init", "--repo", str(repo))
+        assert again["state"] == "scaffold-complete" and any("committed the scaffold" in s for s in again["said"])

@@ -192,14 +192,16 @@ def test_masked_branch_shows_no_original_value_and_keeps_joins(platform: Tierbas
     after = query(url, CUSTOMER_COLUMNS)
     assert [r[0] for r in after] == [r[0] for r in before]
     assert [r[4] for r in after] == [r[4] for r in before], "the last_updated trigger fired"
-    assert all(re.fullmatch(r"u[0-9a-f]{16}@example\.invalid", r[1]) for r in after)
+    # a valid address stays valid, as long as the original (at least 30 characters)
+    assert all(re.fullmatch(r"u[0-9a-f]{13,64}@example\.invalid", r[1]) and len(r[1]) == max(30, len(b[1]))
+               for r, b in zip(after, before, strict=True))
     assert all(re.fullmatch(r"[0-9a-f]{64}", r[2]) and re.fullmatch(r"[0-9a-f]{64}", r[3]) for r in after)
     assert len({r[1] for r in after}) == CUSTOMERS  # unique stays unique
     # the same name masks to the same hash: as many distinct masked names as real ones
     assert len({r[3] for r in after}) == len({r[3] for r in before})
     # the construction is HMAC-SHA256 under a key derived from the project's secret
     mac = hmac.new(masking_key(KEY), b"email:" + before[0][1].encode(), hashlib.sha256).hexdigest()
-    assert after[0][1] == f"u{mac[:16]}@example.invalid"
+    assert after[0][1] == f"u{mac[:max(13, len(before[0][1]) - 17)]}@example.invalid"
 
     # joins and views still see every row
     for sql in ("SELECT count(*) FROM customer c JOIN address a USING (address_id)",
@@ -348,7 +350,7 @@ def test_check_rules_names_each_bad_rule(pagila: Pagila) -> None:
         "customer.active=email": "email needs a text column, active is integer",
         "customer.customer_id=noise": "part of the primary key and noise would make duplicates",
         "probe.code=partial": "part of a unique key and partial would make duplicates",
-        "probe.code=email": "email writes 33 characters, code is character varying(6)",
+        "probe.code=email": "email writes at least 30 characters, code is character varying(6)",
         "probe.short_name=hash": "hash needs at least 8 characters",
         "probe.doubled=noise": "doubled is a generated column",
         "customer_list.name=redact": "public.customer_list is a view",

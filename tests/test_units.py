@@ -128,3 +128,12 @@ def test_foreign_errors_get_the_envelope_with_what_to_do() -> None:
     assert other.to_dict()["code"] and other.to_dict()["hint"]
     mine = TierbaseError("x", "y")
     assert translate(mine) is mine
+
+
+@pytest.mark.parametrize("feature", ["items", "split-code", "x" * 63, "0day"])
+def test_the_hooks_and_the_flow_pair_git_and_database_branches_alike(feature: str) -> None:
+    from tierbase.git import db_branch_for, feature_git_branch
+
+    assert feature_git_branch(feature) == f"feature/{feature}"
+    assert db_branch_for(feature_git_branch(feature)) == feature
+    assert db_branch_for("fix/Inventory_Split") == "inventory-split"  # other prefixes: normalised

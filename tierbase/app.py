@@ -21,12 +21,13 @@ from psycopg import sql
 
 from .app_flow import FlowOps
 from .app_governance import GovernanceOps
+from .app_images import ImageOps
 from .app_import import ImportOps
-from .app_migrate import MigrationOps
 from .app_pitr import PitrOps
-from .compute import Postgres, compute_user, find_binaries
-from .compute.ports import COMPUTE_PORTS, Ports, check_base, check_port, default_ports, ephemeral_range
-from .compute.roles import DIRECT_GROUP, OWNER_ROLE, READER_ROLE
+from .app_rollback import RollbackOps
+from .app_sessions import SessionOps
+from .app_sql import SqlOps
+from .control import space as spacectl
 from .control.store import Branch, Kind, Store
 from .errors import BranchNotFound, InvalidInput, NotRunning, PolicyDenied, Refused, TierbaseError
 from .governance.config import load_config
@@ -34,30 +35,49 @@ from .governance.gate import os_principal_name
 from .governance.policy import Action, Subject
 from .governance.principals import db_password, new_token
 from .names import check_name, check_unreserved, format_duration, parse_ttl
-from .storage import DEFAULT_IMAGE_SIZE, VolumeDriver, make_driver
-from .storage.btrfs import parse_size
+from .provider import (
+    COMPUTE_PORTS,
+    DEFAULT_IMAGE_SIZE,
+    DIRECT_GROUP,
+    OWNER_ROLE,
+    READER_ROLE,
+    ComputeUser,
+    LocalProvider,
+    Ports,
+    check_base,
+    check_port,
+    compute_user,
+    default_ports,
+    ephemeral_range,
+    find_binaries,
+    parse_size,
+)
 
 ROOT_BRANCH = "production"
 
 
-class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
+class Tierbase(GovernanceOps, ImageOps, RollbackOps, ImportOps, FlowOps, SqlOps, SessionOps, PitrOps):
     """A tierbase platform rooted at one data dir."""
 
     # -- platform lifecycle ----------------------------------------------------
     def init(self, storage: str = "auto", btrfs_size: str = DEFAULT_IMAGE_SIZE, *,
-             api_port: int | None = None, proxy_port: int | None = None, config: str | None = None) -> list[str]:
+             api_port: int | None = None, proxy_port: int | None = None, config: str | None = None,
+             space_reserve: str | None = None) -> list[str]:
         """Create (or re-open) the platform: storage ready, root branch present, leftovers reconciled,
-        and the tiers of ``config`` (a tierbase.toml) created."""
+        and the tiers of ``config`` (a tierbase.toml) created. ``space_reserve``: pool space kept for
+        tiers (control/space.py)."""
         said: list[str] = []
-        find_binaries()  # fail before touching anything if postgres is missing
+        if self._local:
+            find_binaries()  # fail before touching anything if postgres is missing
         parse_size(btrfs_size)
+        reserve = parse_size(space_reserve) if space_reserve else None
         cfg = load_config(config) if config else None  # a bad config changes nothing
         ports = default_ports()
         if api_port is not None:
             check_port(api_port, "the API port", f"--api-port {ports.api}")
         if proxy_port is not None:
             check_port(proxy_port, "the proxy port", f"--proxy-port {ports.proxy}")
-        user = compute_user()
+        user = compute_user() if self._local else ComputeUser.current()
         fresh = not self.home.exists()
         if fresh:
             check_base(self._port_base())
@@ -68,17 +88,18 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
         self.home.make(user)
         if fresh:
             self.home.write_marker()
-            driver = make_driver(storage, self.home.root, Postgres(), image_size=btrfs_size)
+            provider = LocalProvider.open(self.home.root, storage, image_size=btrfs_size) if self._local \
+                else self.provider
             try:
-                said += driver.prepare()
+                said += provider.prepare()
                 self.home.private_file(self.home.db, user)
                 self._store = Store(self.home.db, self._port_base())
-                self.store.set_setting("driver", driver.name)
+                self.store.set_setting("driver", provider.name)
                 self.store.set_setting("btrfs_size", btrfs_size)
                 self.store.set_setting("port_base", self._port_base())
                 self.store.set_setting("api_port", api_port or ports.api)
                 self.store.set_setting("proxy_port", proxy_port or ports.proxy)
-                self._driver = driver
+                self._provider = provider
                 owner = os_principal_name()
                 self.store.set_setting("owner", owner)
                 token = new_token()
@@ -87,13 +108,13 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
                 self.branches.create_root(ROOT_BRANCH, creator=owner)
             except BaseException:
                 self.close()
-                driver.release(purge=True)
+                provider.release(purge=True)
                 _remove_made(self.home.root, existed)  # only what this first `up` made
                 raise
-            said.append(f"created the root branch {ROOT_BRANCH!r} with initdb (storage driver: {driver.name})")
+            said.append(f"created the root branch {ROOT_BRANCH!r} with initdb (storage driver: {provider.name})")
         else:
             stored = self.store.get_setting("driver")
-            if storage not in ("auto", stored):
+            if storage not in ("auto", stored) and self._local:
                 raise InvalidInput(f"this data dir uses the {stored!r} storage driver, not {storage!r}",
                                    "Use `tierbase down --purge` first to start over with another driver")
             for key, value in (("api_port", api_port), ("proxy_port", proxy_port)):
@@ -102,11 +123,19 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
             if not self.home.owned():  # made by a tierbase from before the marker: its meta.db says so
                 self.home.write_marker()
             said += self._move_ports_out_of_ephemeral_range(ports)
-            said += self.driver.prepare() if not _mounted_ok(self.driver) else []
+            said += self.provider.prepare()
             said += self.reconcile()
+        if reserve is not None:
+            self.store.set_setting("space_reserve", reserve)
+        said += spacectl.isolate(self.provider, self.store)  # root only: the features' share of the pool
         if cfg is not None:
             said += self.reload_config(config)["said"]
         return said
+
+    # -- pool space (control/space.py) -------------------------------------------
+    def space(self) -> dict[str, Any]:
+        """The pool's free space, the reserve kept for tiers, the features' limit, and a warning if low."""
+        return spacectl.measure(self.provider, self.store).to_dict()
 
     def _move_ports_out_of_ephemeral_range(self, ports: Ports) -> list[str]:
         """A data dir made before ports left the ephemeral range: new computes get ports below it."""
@@ -132,20 +161,22 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
                 shutil.rmtree(self.home.root, ignore_errors=True)
             return []
         said = []
+        for port in self.branches.provider.pooler().stop_all():
+            said.append(f"stopped the PgBouncer of the compute on port {port}")
         for b in self.store.all():
             if self.branches.provider.stop(b.name, b.volume):
                 said.append(f"stopped the compute of {b.name!r}")
-        driver = self.driver
+        provider = self.provider
         self.close()
-        said += driver.release(purge=purge)
+        said += provider.release(purge=purge)
         if purge:
             shutil.rmtree(self.home.root, ignore_errors=True)
             said.append(f"removed {self.home.root}")
         return said
 
     def reconcile(self) -> list[str]:
-        """Finish or undo what dead processes left: branch operations, then promotions (audited)."""
-        return self.branches.reconcile() + self.reconcile_promotions()
+        """Finish or undo what dead processes left: branch operations, rollbacks, then promotions (audited)."""
+        return self.branches.reconcile() + self.reconcile_rollbacks() + self.reconcile_promotions()
 
     # -- branches --------------------------------------------------------------
     def create_branch(self, name: str, parent: str | None = None, *, ttl: str | None = None,
@@ -169,17 +200,25 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
                            intent={"op": "create", "branch": name, "parent": parent}) as rec:
             if not platform_name:
                 check_unreserved(name)  # inside the gate: an attempt to take a platform name is audited
+                self.check_quota(self.gate.principal(self.actor), branch=True, compute=start)
             t0 = time.perf_counter()
+            spacectl.check_room(self.provider, self.store)  # refused (DiskFull, audited) below the reserve
             pb = self.store.get(parent)
-            hook = None if snapshot else self._mask_hook(name, pb, self._masking_plan(pb))
+            plan = None if snapshot else self._masking_plan(pb)
+            image = self._current_image(pb) if plan is not None and not pb.masked_by else None
+            if image is not None:  # the tier's masked image: a clone of it has nothing to mask (app_images.py)
+                pb, plan = image[0], self._masking_plan(image[0])
+            hook = None if snapshot else self._mask_hook(name, pb, plan)
             if snapshot and self._masking_plan(pb) is not None and not pb.masked_by:
                 raise Refused(f"{parent!r} holds sensitive data you may not read unmasked: a snapshot of it "
                               "would be unmasked", f"Create a (masked) branch instead: `tierbase branch create "
                               f"{name} --parent {parent}`")
             who = self.gate.principal(self.actor).name
-            b = self.branches.create(name, parent, kind=Kind.SNAPSHOT if snapshot else Kind.FEATURE,
+            b = self.branches.create(name, pb.name, kind=Kind.SNAPSHOT if snapshot else Kind.FEATURE,
                                      creator=who, ttl_seconds=ttl_seconds, start=start, prepare=hook, actor=who)
             rec.after = info = self.describe(b)
+            if image is not None:
+                info["masked_image"] = {"image": image[0].name, "tier_branch": parent, "as_of": image[1]["as_of"]}
         info["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
         return info
 
@@ -213,6 +252,9 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
 
     def start_branch(self, name: str) -> dict[str, Any]:
         with self.gate.act(self.actor, Action.BRANCH_START, self._subject(name)):
+            b = self.store.get(name)
+            if b.creator == self.gate.principal(self.actor).name and not self.branches.provider.running_pid(b.volume):
+                self.check_quota(self.gate.principal(self.actor), compute=True)
             self.branches.start(name)
         return self.describe(self.store.get(name))
 
@@ -229,14 +271,17 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
         return [self.describe(b, with_bytes=with_bytes) for b in self.store.all() if b.kind is not Kind.SYSTEM]
 
     def branch_url(self, name: str, dbname: str = "postgres", *, direct: bool = False,
-                   sslmode: str | None = None) -> str:
+                   sslmode: str | None = None, pooled: bool = False) -> str:
         """A URL for psql/psycopg with this principal's own credentials, through the proxy (stable).
 
         The user is the principal and the password its Postgres password (derived from its token:
         the platform keeps only the SCRAM verifier). What the principal may do once connected is
         decided by the proxy at each login (policy ``branch.connect``, then the compute role).
         ``direct``: the compute's own port, for platform engineers only, with a login role of their own.
+        ``pooled``: the proxy's pooled port (transaction pooling by the compute's PgBouncer, pooler.py).
         """
+        if direct and pooled:
+            raise InvalidInput("a URL is either direct or pooled", "Ask for one of --direct and --pooled")
         check_name(name)
         target = self.store.resolve_route(name)
         if target is None:
@@ -261,7 +306,8 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
             rec.after = {"user": who.name, "role": self.connect_role(who.name, branch.name, audit=False)}
         route = name if dbname == "postgres" else f"{name}.{dbname}"
         query = f"?sslmode={sslmode}" if sslmode else ""
-        return f"postgresql://{quote(who.name, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.proxy_port}/" \
+        port = self.pool_port if pooled else self.proxy_port
+        return f"postgresql://{quote(who.name, safe='')}:{quote(password, safe='')}@127.0.0.1:{port}/" \
                f"{quote(route, safe='')}{query}"
 
     def _db_password(self) -> str:
@@ -327,7 +373,9 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
                                      later=later)
         if not decision.allowed:
             raise PolicyDenied(action.value, b.name, decision.reason, decision.rule)
-        if b.kind is Kind.SYSTEM:
+        if audit:  # a login on a leased branch is activity: it renews the lease (throttled, off the loop)
+            self.renew_on_activity(b.name, later)
+        if b.kind is Kind.SYSTEM or self.config.read_only(who.role):  # read-only roles read, wherever they are
             return READER_ROLE
         if self.config.base_role(who.role) == "platform-engineer" or subject.owner == who.name:
             return OWNER_ROLE
@@ -387,6 +435,7 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
                                        reason=why, after={"deleted": deleted})
                 gone += deleted
                 progress = True
+        self.sessions_reclaimed()  # the leases of what went: ended and audited, naming their holders
         return gone
 
     def describe(self, b: Branch, *, with_bytes: bool = False) -> dict[str, Any]:
@@ -400,7 +449,7 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
             "ttl_seconds": b.ttl_seconds, "expires_at": b.expires_at,
             "expires_in": format_duration(b.expires_at - now) if b.expires_at else None,
             "compute": "running" if pid else ("none" if b.kind is Kind.SNAPSHOT else "stopped"),
-            "pid": pid, "port": b.port, "driver": provider.driver.name,
+            "pid": pid, "port": b.port, "driver": provider.name,
             "copy_on_write": provider.copy_on_write, "masked": bool(b.masked_by), "masking": b.masked_by,
         }
         if with_bytes and b.state.value == "ready":
@@ -412,13 +461,12 @@ class Tierbase(GovernanceOps, MigrationOps, ImportOps, FlowOps, PitrOps):
 
     def status(self) -> dict[str, Any]:
         branches = self.store.all()
-        running = sum(1 for b in branches if self.branches.provider.running_pid(b.volume))
-        bins = find_binaries()
+        running = sum(1 for b in branches if self.provider.running_pid(b.volume))
+        health = self.provider.health()
         return {
-            "home": str(self.home.root), "driver": self.driver.name, "copy_on_write": self.driver.copy_on_write,
-            "postgres": {"bindir": str(bins.bindir), "major": bins.major},
-            "compute_user": self.branches.provider.pg.user.name,
-            "branches": len(branches), "computes_running": running,
+            "home": str(self.home.root), "driver": health.driver, "copy_on_write": health.copy_on_write,
+            "postgres": health.postgres, "compute_user": health.compute_user,
+            "branches": len(branches), "computes_running": running, "space": self.space(),
             "warnings": self.history_warnings(),  # archiving that fails (app_pitr)
         }
 
@@ -434,11 +482,3 @@ def _remove_made(root: Path, existed: set[Path] | None) -> None:
         else:
             entry.unlink(missing_ok=True)
 
-
-def _mounted_ok(driver: VolumeDriver) -> bool:
-    """True when the driver's volume root is ready to use as it is."""
-    from .storage.btrfs import BtrfsDriver, is_mounted
-
-    if isinstance(driver, BtrfsDriver) and driver.image is not None:
-        return is_mounted(driver.root)
-    return True

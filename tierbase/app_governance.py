@@ -14,9 +14,14 @@ from .control.branches import Prepare
 from .control.store import Branch, Kind
 from .errors import BranchExists, InvalidInput, TierbaseError
 from .governance import mirror
+from .governance.classify import MARK, default_rules, fit_rules, image_tiers, qualified, sensitive_tables
 from .governance.config import Config, ConfigError, parse_config
+from .governance.lineage import Lineage
 from .governance.masking import MaskRule, apply_masking, check_rules, describe, masking_key, parse_rules
 from .governance.policy import Action, Subject, parse_action
+from .migrate.files import Migration
+from .migrate.sensitivity import Col, analyze
+from .provider import OWNER_ROLE
 from .workflow.history import FlowHistory
 
 AUDIT_BRANCH = "tierbase-audit"
@@ -53,15 +58,19 @@ class GovernanceOps(FacadeBase):
             cfg = parse_config(text, source or "the uploaded config")
             self.gate.check_against_branches(cfg)
             self.gate.check_roles_kept(cfg, old)
-            self._check_masking(cfg)
+            stale = self._check_masking(cfg)
             diff = cfg.diff(old)
-            said = self._apply_tiers(cfg, dry_run=dry_run)
+            said = self._apply_tiers(cfg, dry_run=dry_run) + stale
             if dry_run:
                 said.insert(0, f"dry run: {source or 'the config'} (sha256 {cfg.digest[:12]}) is valid; "
                                "nothing was changed")
             else:
                 self.gate.store_config(cfg, source)
                 said.insert(0, f"loaded {source or 'the config'} (sha256 {cfg.digest[:12]})")
+                # a changed masking table re-masks each tier's image once (app_images.py)
+                said += self._refresh_images_quietly(  # type: ignore[attr-defined]
+                    [t for t in image_tiers(cfg.masking)
+                     if cfg.masking != old.masking or self.store.get_setting(f"masked_image.{t}") is None])
                 rec.after = {"sha256": cfg.digest, "diff": diff}
         return {"sha256": cfg.digest, "source": source, "said": said, "entry": cfg.entry, "diff": diff,
                 "changed": cfg.digest != old.digest, "applied": not dry_run}
@@ -81,7 +90,7 @@ class GovernanceOps(FacadeBase):
                 parent = self.store.resolve_route(tier.parent) or tier.parent
                 pb = self.store.get(parent)
                 hook = self._mask_hook(name, pb, self._masking_plan(pb, force=tier.masked, cfg=cfg),
-                                       database=str(cfg.project.get("database", "postgres")))
+                                       database=str(cfg.project.get("database", "postgres")), cfg=cfg)
                 self.branches.create(name, parent, kind=Kind.TIER, creator=self.gate.owner,
                                      protected=tier.protected, prepare=hook)
                 said.append(f"created tier {name!r} from {tier.parent!r}")
@@ -140,7 +149,8 @@ class GovernanceOps(FacadeBase):
 
     def whoami(self) -> dict[str, Any]:
         p = self.gate.principal(self.actor)
-        return {**p.to_dict(), "base_role": self.config.base_role(p.role)}
+        return {**p.to_dict(), "base_role": self.config.base_role(p.role), "read_only": self.config.read_only(p.role),
+                "quota": self.config.quota(p.role)}
 
 
 
@@ -207,13 +217,15 @@ class GovernanceOps(FacadeBase):
         A masked parent's children are masked already (only rules declared since are applied: masking
         twice would break determinism). An unmasked branch of sensitive data is masked unless the
         creating principal holds the unmasked-read grant; ``force`` masks anyway (tiers declared masked).
+        The defaults of unclassified columns (classify.py) are added by the hook, on the live schema.
         """
         cfg = cfg or self.config  # a reload plans with the config being loaded
         rules = parse_rules(cfg.masking)
         done = set(parent.masked_by)
-        if done:
+        if done:  # (inherited rules need no re-masking there: a masked branch's copies are of masked values)
             return [r for r in rules if describe([r])[0] not in done]
-        if not self._sensitive_lineage(parent, cfg) or not rules:
+        rules += self._inherited_rules(rules)
+        if not self._sensitive_lineage(parent, cfg) or not (rules or sensitive_tables(cfg.masking)):
             return None
         if force:
             return rules
@@ -221,24 +233,32 @@ class GovernanceOps(FacadeBase):
         return None if decision.allowed else rules
 
     def _mask_hook(self, name: str, parent: Branch, rules: list[MaskRule] | None,
-                   database: str | None = None) -> Prepare | None:
+                   database: str | None = None, cfg: Config | None = None) -> Prepare | None:
         """The hook that masks a new volume before anyone can connect (private unix-socket compute)."""
         if rules is None:
             return None
+        cfg = cfg or self.config
+        tables = [t for t in sensitive_tables(cfg.masking) if f"{t}.{MARK}" not in parent.masked_by]
 
         def prepare(volume: str, port: int) -> list[str]:
-            applied = sorted({*parent.masked_by, *describe(rules)})
-            if not rules:
-                return applied
+            if not rules and not tables:
+                return sorted(parent.masked_by)
             provider = self.branches.provider
             ep = provider.start_private(name, volume, port)
+            db = database or str(cfg.project.get("database", "postgres"))
             try:
                 key = masking_key(self.home.read_secret(self.home.root / "masking.secret", create=True).encode())
-                with psycopg.connect(ep.dsn(database or self._project_database), autocommit=True) as conn:
-                    apply_masking(conn, rules, key)
+                with psycopg.connect(ep.dsn(db), autocommit=True) as conn:
+                    fitted, _ = fit_rules(conn, rules, self._retired(), set(self._lineage.masked()))
+                    rules[:] = fitted
+                    defaults, problems = default_rules(conn, rules, tables, parent.masked_by, db)
+                    if problems:
+                        raise InvalidInput("; ".join(problems), "Fix the [masking] table of tierbase.toml; "
+                                           "the branch was not made", problems=problems)
+                    apply_masking(conn, [*rules, *defaults], key, owner=OWNER_ROLE)
             finally:
-                provider.pg.stop(provider.datadir(volume))
-            return applied
+                provider.stop(name, volume)
+            return sorted({*parent.masked_by, *describe([*rules, *defaults]), *(f"{t}.{MARK}" for t in tables)})
 
         return prepare
 
@@ -246,12 +266,16 @@ class GovernanceOps(FacadeBase):
     def _project_database(self) -> str:
         return str(self.config.project.get("database", "postgres"))
 
-    def _check_masking(self, cfg: Config) -> None:
-        """Masking rules must name real columns of the sensitive tiers' project database."""
+    def _check_masking(self, cfg: Config) -> list[str]:
+        """Masking rules must name real columns of the sensitive tiers' project database, and every
+        unclassified column of a sensitive table must have a default mask. Returns notes on stale
+        rules (columns a migration dropped or renamed): those are skipped, not refused."""
         rules = parse_rules(cfg.masking)
-        if not rules:
-            return
+        tables = sensitive_tables(cfg.masking)
+        if not rules and not tables:
+            return []
         problems: list[str] = []
+        notes: list[str] = []
         database = str(cfg.project.get("database", "postgres"))
         for name, tier in cfg.tiers.items():
             b = self.store.find(self.store.resolve_route(name) or name)
@@ -260,6 +284,59 @@ class GovernanceOps(FacadeBase):
             self.branches.start(b.name)
             ep = self.branches.provider.endpoint(b.port, database)
             with psycopg.connect(ep.dsn(), autocommit=True) as conn:
-                problems += check_rules(conn, rules, database)
+                fitted, stale = fit_rules(conn, rules, self._retired(), set())
+                notes += stale
+                defaults, more = default_rules(conn, fitted, tables, (), database)
+                problems += more + check_rules(conn, [*fitted, *defaults], database)
         if problems:
             raise ConfigError(sorted(set(problems)), "the config")
+        return sorted(set(notes))
+
+    # -- rules that migrate with the schema (governance/lineage.py) ---------------------------
+    @property
+    def _lineage(self) -> Lineage:
+        return Lineage(self.store.db)
+
+    def _retired(self) -> dict[Col, str]:
+        return {c: e.why for c, e in self._lineage.retired().items()}
+
+    def _inherited_rules(self, rules: list[MaskRule]) -> list[MaskRule]:
+        """Rules recorded from applied migrations, for columns tierbase.toml declares nothing for."""
+        declared = {(*r.qualified, r.column) for r in rules}
+        return [MaskRule(f"{c[0]}.{c[1]}", c[2], m) for c, m in self._lineage.masked().items() if c not in declared]
+
+    def _masking_view(self, extra: dict[str, Any] | None = None
+                      ) -> tuple[dict[Col, str], set[Col], set[tuple[str, str]]]:
+        """Masked columns (-> method), classified columns and sensitive tables: the config in force,
+        the recorded lineage, and ``extra`` (a change's own [masking] table, which may declare more)."""
+        rules = parse_rules(self.config.masking)
+        tables = sensitive_tables(self.config.masking)
+        if extra:
+            with contextlib.suppress(InvalidInput):  # a broken table in the change: the reload will say so
+                rules = [*parse_rules(extra), *rules]
+                tables += sensitive_tables(extra)
+        retired = self._lineage.retired()
+        masked: dict[Col, str] = {}
+        for r in rules:
+            col = (*r.qualified, r.column)
+            if r.method != "safe" and col not in retired:
+                masked.setdefault(col, r.method)
+        classified = {(*r.qualified, r.column) for r in rules} | set(masked)
+        for col, method in self._lineage.masked().items():
+            masked.setdefault(col, method)
+        return masked, classified, {qualified(t) for t in tables}
+
+    def masking_change(self, migrations: list[Migration], masking: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What ``migrations`` do to masked data (migrate/sensitivity.py), read-only; ``masking``: the
+        change's own [masking] table, whose declarations count as classification."""
+        masked, classified, sensitive = self._masking_view(masking)
+        return analyze([(m.path.name, m.sql) for m in migrations], masked, classified, sensitive).to_dict()
+
+    def _record_lineage(self, migrations: list[Migration]) -> None:
+        """After migrations were applied: record what they derived, renamed and dropped."""
+        masked, classified, sensitive = self._masking_view()
+        report = analyze([(m.path.name, m.sql) for m in migrations], masked, classified, sensitive)
+        self._lineage.record(report, self.gate.principal(self.actor).name)
+
+    def masking_lineage(self) -> list[dict[str, Any]]:
+        return [e.to_dict() for e in self._lineage.entries()]

@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from .app_base import FacadeBase
-from .compute.restore import DATABASE_NAME, directory_script, restore_dump
-from .compute.roles import OWNER_ROLE
 from .errors import InvalidInput, UploadTooLarge
 from .governance.policy import Action
-from .storage.btrfs import parse_size
+from .provider import DATABASE_NAME, directory_script, parse_size
+from .settings import default
 
 #: setting ``import_max_bytes`` (`tierbase up --import-limit`): the largest dump an import accepts
-DEFAULT_IMPORT_LIMIT = 4 * 1024**3
+DEFAULT_IMPORT_LIMIT: int = default("import_max_bytes")
 
 
 def check_database(dbname: str) -> str:
@@ -103,13 +102,8 @@ class ImportOps(FacadeBase):
                 raise too_large(self.import_limit)
             self.branches.start(branch)
             t0 = time.perf_counter()
-            provider = self.branches.provider
-            port = self.store.get(branch).port
-            admin = provider.endpoint(port)  # creates (and after a failure drops) the import's database
-            # who restores: the branch owner's role, never the superuser: a dump can do no more than its
-            # importer could in SQL (no COPY PROGRAM, no server files), into a database that role owns
-            restorer = provider.endpoint(port, dbname, role=OWNER_ROLE)
-            fmt = restore_dump(provider.pg, admin, restorer, upload, dbname)
-            rec.after = out = {"branch": branch, "database": dbname, "format": fmt.value, "bytes": size,
+            # as the branch owner's role, never the superuser (the provider's restore)
+            fmt = self.provider.restore(self.store.get(branch).port, upload, dbname)
+            rec.after = out = {"branch": branch, "database": dbname, "format": fmt, "bytes": size,
                                "seconds": round(time.perf_counter() - t0, 2)}
         return out

@@ -12,7 +12,6 @@ from typing import Any
 import psycopg
 
 from .app_base import FacadeBase
-from .compute.roles import OWNER_ROLE
 from .control.store import Branch, Kind
 from .errors import InvalidInput, Refused, TierbaseError
 from .failpoints import failpoint
@@ -23,7 +22,11 @@ from .migrate.diff import diff_urls
 from .migrate.files import Migration
 from .migrate.lint import lint
 from .migrate.promote import PromotionLog, pre_snapshot_name, rollback_name, run_smoke, to_promote
+from .migrate.rehearse import rehearse
+from .migrate.replay import RollbackLog, current_xmin, touched_tables
 from .migrate.verify import verify
+from .names import parse_ttl
+from .provider import OWNER_ROLE
 
 
 class _VerifyPlatform:
@@ -113,10 +116,6 @@ class MigrationOps(FacadeBase):
             rec.after = {"applied": [a["version"] for a in applied]}
         return {"branch": b.name, "applied": applied}
 
-    def migrate_new(self, name: str, migrations_dir: str | None = None, undo: bool = False) -> dict[str, Any]:
-        paths = migration_files.new_migration(self._migrations_dir(migrations_dir), name, with_undo=undo)
-        return {"created": [str(p) for p in paths]}
-
     def migrate_lint(self, migrations_dir: str | None = None, block: list[str] | None = None, *,
                      files: Mapping[str, str] | None = None) -> dict[str, Any]:
         rules = block if block is not None else self.config.raw.get("migrations", {}).get("lint_block")
@@ -147,9 +146,13 @@ class MigrationOps(FacadeBase):
 
     def _apply(self, conn: psycopg.Connection[Any], migrations: list[Migration]) -> list[dict[str, Any]]:
         """ledger.apply with the declared [migrations] timeouts, as the acting principal."""
-        return ledger.apply(conn, migrations, actor=self.gate.principal(self.actor).name,
-                            statement_timeout=str(self._settings.get("statement_timeout", "5min")),
-                            lock_timeout=str(self._settings.get("lock_timeout", "10s")))
+        applied = ledger.apply(conn, migrations, actor=self.gate.principal(self.actor).name,
+                               statement_timeout=str(self._settings.get("statement_timeout", "5min")),
+                               lock_timeout=str(self._settings.get("lock_timeout", "10s")))
+        versions = {a["version"] for a in applied}
+        # masking rules migrate with the schema: what these derived, renamed, dropped (app_governance.py)
+        self._record_lineage([m for m in migrations if m.version in versions])  # type: ignore[attr-defined]
+        return applied
 
     # -- promotion ---------------------------------------------------------------------------
     def _default_source(self, tier: str) -> str:
@@ -164,7 +167,7 @@ class MigrationOps(FacadeBase):
                            "Name the source: `tierbase promote TIER --from BRANCH`")
 
     def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None, *,
-                files: Mapping[str, str] | None = None) -> dict[str, Any]:
+                files: Mapping[str, str] | None = None, rehearse: bool = False) -> dict[str, Any]:
         """Apply to TIER the migrations validated on SOURCE; roll back by repoint if anything fails."""
         # authorization before validation: a principal that may not promote into ``tier`` is refused by
         # the policy whatever the platform looks like (no child tier, no such tier, no migrations)
@@ -185,6 +188,9 @@ class MigrationOps(FacadeBase):
         with self.gate.act(self.actor, Action.PROMOTE, target, src_subject,
                            intent={"op": "promote", "tier": tier, "source": src_name}) as rec:
             serving = self._serving(tier)
+            rehearsal = None
+            if rehearse or self._settings.get("rehearse"):
+                rehearsal = self._rehearse(tier, serving, src_branch, migrations)  # refuses over max_stall
             pid = log.begin(tier, src_name, self.gate.principal(self.actor).name, serving.name)
             t0 = time.perf_counter()
             try:
@@ -192,12 +198,20 @@ class MigrationOps(FacadeBase):
             except BaseException as err:
                 log.finish(pid, "failed", f"{type(err).__name__}: {err}", t0)
                 raise
+            if rehearsal is not None:
+                result["rehearsal"] = rehearsal
             rec.after = result
         if result["status"] != "succeeded":
+            rb = next((r for r in reversed(RollbackLog(self.store).history(tier)) if r["replaced"] == serving.name),
+                      None)
+            kept = str(rb["replaced_route"]) if rb and rb.get("replaced_route") else serving.name
+            replayed = f"; {rb['replayed']} rows written meanwhile were replayed" if rb else ""
             raise Refused(f"promotion #{pid} into {tier!r} failed and was rolled back: {result['reason']}",
-                          f"{tier!r} is served by {result['serving_now']!r} again; the failed state is kept as "
-                          f"branch {serving.name!r} (`tierbase diff {result['serving_now']} {serving.name}`)",
-                          promotion=result)
+                          f"{tier!r} is served by {result['serving_now']!r} again{replayed}; the failed state is "
+                          f"kept on branch {serving.name!r}, reached as {kept!r} (`tierbase branch url {kept}`, "
+                          f"`tierbase diff {tier} {kept}`)", promotion=result, rollback=rb and rb["id"])
+        # the tier's masked image is re-masked once here, not on every masked branch (app_images.py)
+        result["masked_images"] = self._refresh_images_quietly([tier])  # type: ignore[attr-defined]
         return result
 
     def _promote(self, pid: int, log: PromotionLog, tier: str, serving: Branch, src: Branch,
@@ -208,9 +222,12 @@ class MigrationOps(FacadeBase):
         self.gate.audit.append(actor="tierbase", action="promote.snapshot", target=tier, allowed=True,
                                reason=f"promotion #{pid}: the pre-promotion snapshot of {serving.name!r}",
                                outcome="intent", after={"promotion": pid, "snapshot": snapshot})
+        with self._connect(serving.name) as conn:  # a rollback replays only rows written after the fork
+            fork_xmin = current_xmin(conn)
         self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.gate.owner)
         log.update(pid, snapshot=snapshot, migrations=[m.label() for m in pending])
         self._base_at_promotion(tier, serving)
+        RollbackLog(self.store).note_touches(pid, [m.sql for m in pending], fork_xmin)  # what it must not replay
         failpoint("promote:snapshot")
         spec = self.config.tiers[tier]
         try:
@@ -231,6 +248,30 @@ class MigrationOps(FacadeBase):
         hist = getattr(self, "history_log", None)
         if hist is not None and hist.key(serving) is not None:
             hist.take_base(serving.name, "promotion")
+
+    def _rehearse(self, tier: str, serving: Branch, src: Branch, migrations: list[Migration]) -> dict[str, Any]:
+        """The migrations to promote, applied to an O(1) branch of the tier under a write load on the tables
+        they name; refused (naming the statement) when the writers stalled longer than ``max_stall``."""
+        with self._connect(serving.name) as tconn, self._connect(src.name) as sconn:
+            pending = to_promote(ledger.status(tconn, migrations), ledger.status(sconn, migrations), tier, src.name)
+        name = f"verify-rehearse-{secrets.token_hex(3)}"
+        self.branches.create(name, serving.name, kind=Kind.FEATURE, creator=self.gate.owner, actor="tierbase")
+        try:
+            self.branches.start(name)
+            got = rehearse(lambda: psycopg.connect(self._url(name), autocommit=True, connect_timeout=10),
+                           touched_tables(m.sql for m in pending), lambda conn: self._apply(conn, pending))
+        finally:
+            self.branches.delete(name, actor="tierbase")
+        budget_text = str(self.config.raw["tiers"].get(tier, {}).get("max_stall") or "")
+        budget = parse_ttl(budget_text) if budget_text else None
+        out = {**got.to_dict(), "max_stall_s": budget, "migrations": [m.label() for m in pending]}
+        if budget is not None and got.longest_stall_s > budget:
+            raise Refused(f"rehearsal of the promotion into {tier!r}: writers to {got.stall_table} stalled "
+                          f"{got.longest_stall_s:.1f} s (max_stall {budget_text}), waiting on "
+                          f"{(got.statement or 'a migration statement').strip()[:200]!r}",
+                          "Split the migration (backfill in batches, CREATE INDEX CONCURRENTLY, NOT VALID "
+                          "constraints), then promote again", rehearsal=out)
+        return out
 
     def _project_dir(self) -> str | None:
         source = self.store.get_setting("config_source")
@@ -303,32 +344,6 @@ class MigrationOps(FacadeBase):
                              self._url(serving), self._project_dir())
         except (TierbaseError, psycopg.Error) as err:
             return f"cannot check the tier: {err}"
-
-    def rollback(self, tier: str, to: str | None = None) -> dict[str, Any]:
-        """Point TIER's route at a writable copy of a pre-promotion snapshot; keep what it replaces."""
-        target = self._tier_subject(tier)
-        log = PromotionLog(self.store)
-        snapshot = to or log.last_snapshot(tier)
-        if snapshot is None:
-            raise Refused(f"{tier!r} has no pre-promotion snapshot to roll back to",
-                          "Run `tierbase promotions` to see its history, or pass --to SNAPSHOT")
-        snap = self.store.get(snapshot)
-        if snap.kind is not Kind.SNAPSHOT:
-            raise InvalidInput(f"{snapshot!r} is not a snapshot", "Pass a `<tier>-pre-<n>` snapshot branch")
-        name = rollback_name(tier, secrets.token_hex(3))
-        with self.gate.act(self.actor, Action.PROMOTE, target, before={"serving": self._serving(tier).name},
-                           intent={"op": "rollback", "tier": tier, "snapshot": snapshot, "branch": name}) as rec:
-            t0 = time.perf_counter()
-            replaced = self._serving(tier).name
-            self._repoint_to_snapshot(tier, snapshot, name)
-            with self._connect(name) as conn:
-                conn.execute("SELECT 1")
-            seconds = round(time.perf_counter() - t0, 3)
-            rec.after = out = {"tier": tier, "snapshot": snapshot, "serving_now": name, "replaced": replaced,
-                               "seconds_to_first_query": seconds,
-                               "hint": f"writes made after the promotion are kept on {replaced!r}: "
-                                       f"`tierbase branch url {replaced}`"}
-        return out
 
     def promotions(self, tier: str | None = None) -> list[dict[str, Any]]:
         return PromotionLog(self.store).history(tier)

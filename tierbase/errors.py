@@ -63,11 +63,6 @@ class BranchExists(TierbaseError):
         )
 
 
-class BranchBusy(TierbaseError):
-    code = "branch_busy"
-    http_status = 409
-
-
 class Refused(TierbaseError):
     """An operation a rule forbids (protection, children, policy): exit 2."""
 
@@ -103,6 +98,13 @@ class DiskFull(StorageError):
 class ComputeError(TierbaseError):
     code = "compute_error"
     http_status = 500
+
+
+class NotSupported(TierbaseError):
+    """An operation this platform's provider cannot do (e.g. branching at a past point in time)."""
+
+    code = "not_supported"
+    http_status = 501
 
 
 class PortInUse(ComputeError):
@@ -174,6 +176,12 @@ class ComputeBusy(TierbaseError):
     http_status = 503
 
 
+def space_exhausted(text: str) -> bool:
+    """An OS or Postgres message saying a write found no room: a full pool, or a feature branch at the
+    features' quota limit (Postgres reports EDQUOT as XX000, so the text is what tells)."""
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
 def translate(err: BaseException) -> TierbaseError:
     """Errors that are not tierbase's own (psycopg, the OS), as one of ours with what to do.
 
@@ -183,7 +191,7 @@ def translate(err: BaseException) -> TierbaseError:
     if isinstance(err, TierbaseError):
         return err
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in text:
+    if (isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)) or space_exhausted(text):
         return DiskFull(f"no space left on the device: {text}",
                         "Free space (delete branches you no longer need) or give tierbase more room")
     sqlstate = getattr(err, "sqlstate", None)
@@ -211,3 +219,33 @@ class ArchiveCorrupt(TierbaseError):
 
     code = "archive_corrupt"
     http_status = 500
+
+
+class SqlFailed(TierbaseError):
+    """Postgres refused a statement sent through `POST /v1/branches/{name}/sql`; nothing of the call was kept."""
+
+    code = "sql_error"
+    http_status = 422
+
+
+class SqlTimeout(SqlFailed):
+    """A statement ran past the call's time limit: the compute cancelled it, nothing of the call was kept."""
+
+    code = "sql_timeout"
+    http_status = 408
+
+
+class QuotaExceeded(Refused):
+    """A per-principal quota of tierbase.toml (``[quotas.ROLE]``) would be exceeded."""
+
+    code = "quota_exceeded"
+
+
+class SessionNotFound(TierbaseError):
+    code = "session_not_found"
+    http_status = 404
+
+    def __init__(self, sid: str, ended: str | None = None) -> None:
+        super().__init__(f"session {sid!r} " + (f"is over ({ended})" if ended else "does not exist"),
+                         "Run `tierbase session list` to see your live sessions; start one with "
+                         "`tierbase session start`", session=sid)

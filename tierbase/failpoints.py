@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import signal
 
+from .settings import value
+
 
 def failpoint(name: str) -> None:
-    armed = os.environ.get("TIERBASE_FAILPOINTS")
+    armed = value("failpoints")
     if armed and name in armed.split(","):
         os.kill(os.getpid(), signal.SIGKILL)

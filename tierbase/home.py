@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
-import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .compute.binaries import ComputeUser
 from .errors import TierbaseError
+from .settings import from_env
+
+if TYPE_CHECKING:  # the CLI imports this module on every call; the provider is the platform's side
+    from .provider.types import ComputeUser
 
 
 def default_home() -> Path:
-    env = os.environ.get("TIERBASE_HOME")
+    env = from_env("home")
     if env:
         return Path(env).expanduser().absolute()
     if os.geteuid() == 0:
@@ -140,6 +143,8 @@ class Home:
         if not path.exists():
             if not create:
                 raise TierbaseError(f"{path} is missing", "Run `tierbase up` to initialise this data dir")
+            import secrets  # only when a secret is made: the CLI imports this module on every call
+
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(secrets.token_urlsafe(24))

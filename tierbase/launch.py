@@ -18,15 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from .api.client import service_info
-from .compute import ComputeUser
 from .errors import TierbaseError
 from .home import Home
+from .provider import ComputeUser
+from .settings import from_env, value
 
 START_TIMEOUT = 30.0
 
 
 #: where `make install` (scripts/service-python.sh) makes an interpreter the service user can run
-SERVICE_VENV_PYTHON = Path(os.environ.get("TIERBASE_SERVICE_VENV", "/opt/tierbase/venv")) / "bin" / "python"
+SERVICE_VENV_PYTHON = Path(value("service_venv")) / "bin" / "python"
 
 
 def service_python() -> str:
@@ -36,9 +37,9 @@ def service_python() -> str:
     Set TIERBASE_PYTHON when this interpreter lives where the service user cannot go
     (a pyenv under /root, a venv in a private home) and there is no such venv.
     """
-    chosen = os.environ.get("TIERBASE_PYTHON")
+    chosen = from_env("python")
     if chosen:
-        return chosen
+        return str(chosen)
     if os.geteuid() == 0 and not _reachable_by_others(Path(sys.executable)) and SERVICE_VENV_PYTHON.exists():
         return str(SERVICE_VENV_PYTHON)
     return sys.executable

@@ -22,6 +22,7 @@ RESERVED: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^.+-before-restore-.+$"), "the state kept before a restore (*-before-restore-*)"),
     (re.compile(r"^ci-.+$"), "the workflow's CI branches (ci-<feature>)"),
     (re.compile(r"^verify-.+$"), "migration verify branches (verify-*)"),
+    (re.compile(r"^.+-masked-\d+$"), "masked images of sensitive tiers (<tier>-masked-<n>)"),
 )
 
 

@@ -24,10 +24,10 @@ import psycopg
 from .compute import archive
 from .compute.archive import Target
 from .control.history import History
-from .control.locks import branch_lock
 from .control.store import Branch
 from .errors import ComputeError, InvalidInput, OutsideHistory, TierbaseError
 from .names import parse_ttl
+from .provider.locks import branch_lock
 from .storage import Source
 
 if TYPE_CHECKING:

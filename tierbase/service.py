@@ -24,13 +24,13 @@ import uvicorn
 
 from .api.server import create_app
 from .app import Tierbase
-from .compute.postgres import Postgres
 from .control.lifecycle import State
 from .control.store import Kind
-from .errors import PolicyDenied, TierbaseError
+from .errors import PolicyDenied, TierbaseError, space_exhausted
 from .proxy import Proxy, RouteError, Target
 from .proxy.auth import Verifier
 from .proxy.tls import TlsFiles, ensure_certificates
+from .settings import default, value
 
 log = logging.getLogger("tierbase.service")
 
@@ -65,17 +65,20 @@ class Resolver:
         if b.kind is Kind.SNAPSHOT:
             raise RouteError(f'branch "{branch}" is a read-only snapshot and has no compute',
                              f"Create a branch from it: `tierbase branch create NAME --parent {branch}`")
-        sockets = str(self.tb.branches.provider.sockets)
+        provider = self.tb.provider
         if (branch not in self.stopping and b.state is State.READY
-                and self.tb.branches.provider.running_pid(b.volume) is not None
-                and Postgres.is_ready(self.tb.branches.provider.datadir(b.volume))):  # not still starting up
-            return Target(branch, sockets, b.port)  # the common case: no lock, no thread
+                and provider.ready(b.volume)):  # running and not still starting up
+            return Target(branch, provider.endpoint(b.port).host, b.port)  # the common case: no lock, no thread
         try:
             await asyncio.to_thread(self.tb.branches.start, branch)
         except TierbaseError as err:
+            if space_exhausted(err.message):  # its writes hit the features' limit or a full pool: 53100
+                raise RouteError(f'branch "{branch}" is out of disk space: {err.message}',
+                                 "Delete branches you no longer need (or reset this one); tiers are not "
+                                 "affected", sqlstate="53100") from err
             raise RouteError(err.message, err.hint, sqlstate="57P03") from err
         b = await asyncio.to_thread(self.tb.store.get, branch)  # the start may have moved its port
-        return Target(branch, sockets, b.port)
+        return Target(branch, provider.endpoint(b.port).host, b.port)
 
 
 class PlatformAuthority:
@@ -112,25 +115,55 @@ class PlatformAuthority:
                                 f"authentication failed for user {user!r}: {reason}")
 
 
-def make_proxy(tb: Tierbase, *, port: int | None = None) -> Proxy:
-    """The proxy as the service runs it: the platform's resolver and authority, TLS with its certificates."""
+class PooledResolver:
+    """The pooled port's resolver: the route's compute (woken as usual), then its PgBouncer in front."""
+
+    def __init__(self, inner: Resolver) -> None:
+        self.inner = inner
+        tb = inner.tb
+        self.poolers = tb.branches.provider.pooler()
+
+    async def resolve(self, route: str) -> Target:
+        target = await self.inner.resolve(route)
+        try:
+            sockets = await asyncio.to_thread(self.poolers.ensure, target.port)
+        except TierbaseError as err:
+            raise RouteError(err.message, err.hint, sqlstate="57P03") from err
+        return Target(target.branch, sockets, target.port)
+
+
+def make_proxy(tb: Tierbase, *, port: int | None = None, pooled: Resolver | None = None) -> Proxy:
+    """The proxy as the service runs it: the platform's resolver and authority, TLS with its certificates.
+
+    ``pooled``: the proxy of the pooled port instead, in front of each compute's PgBouncer (pooler.py),
+    sharing the main proxy's resolver (one wake-up path, one idle bookkeeping).
+    """
     cert, key = tb.store.get_setting("tls_cert"), tb.store.get_setting("tls_key")
     tls = TlsFiles(Path(cert), Path(cert), Path(key)) if cert and key else ensure_certificates(tb.home.root / "tls")
-    return Proxy(Resolver(tb), PlatformAuthority(tb), host="127.0.0.1",
-                 port=tb.proxy_port if port is None else port, tls=tls,
-                 plain_loopback=bool(tb.store.get_setting("plain_loopback", True)),
+    resolver: Any = Resolver(tb) if pooled is None else PooledResolver(pooled)
+    default_port = tb.proxy_port if pooled is None else tb.pool_port
+    return Proxy(resolver, PlatformAuthority(tb), host="127.0.0.1",
+                 port=default_port if port is None else port, tls=tls,
+                 plain_loopback=bool(tb.store.get_setting("plain_loopback", default("plain_loopback"))),
                  decoy_key=tb.home.read_secret(tb.home.root / "audit.key", create=True).encode())
 
 
 class Service:
+    #: the pooled port's proxy (None only in tests that build a Service of just a proxy and its loop)
+    pooled: Proxy | None = None
+
     def __init__(self, home: Path) -> None:
         self.tb = Tierbase(home)
         self.tb.router = self
         self.proxy = make_proxy(self.tb)
         self.resolver: Resolver = self.proxy.resolver  # type: ignore[assignment]
+        self.pooled = make_proxy(self.tb, pooled=self.resolver)  # the pooled URL's port (PgBouncer behind)
+        self.poolers = self.tb.branches.provider.pooler()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.idle_timeout = float(self.tb.store.get_setting("idle_timeout", 300))
-        self.sweep_interval = float(os.environ.get("TIERBASE_SWEEP_INTERVAL", "30"))
+        self.idle_timeout = float(self.tb.store.get_setting("idle_timeout", default("idle_timeout")))
+        self.sweep_interval = float(value("sweep_interval"))
+        # masked images (app_images.py) older than this are re-made by the sweeper
+        self.image_max_age = float(os.environ.get("TIERBASE_IMAGE_MAX_AGE", str(24 * 3600)))
         self._busy_at: dict[str, float] = {}
 
     # -- hooks for the API ------------------------------------------------------
@@ -156,8 +189,10 @@ class Service:
         """
         assert self.loop is not None
         t0 = time.perf_counter()
-        held = self.proxy.hold(route)
-        self._on_loop(held.__aenter__())
+        proxies = [p for p in (self.proxy, self.pooled) if p is not None]  # the pooled port's sessions move too
+        held = [p.hold(route) for p in proxies]
+        for h in held:
+            self._on_loop(h.__aenter__())
         released = False
         try:
             out = change()
@@ -166,12 +201,18 @@ class Service:
             ended = 0
             if old and old != new:
                 if drain > 0:
-                    self._on_loop(held.__aexit__(None, None, None))
+                    for h in held:
+                        self._on_loop(h.__aexit__(None, None, None))
                     released = True
-                ended = self._on_loop(self.proxy.terminate(old, msg, drain=drain, route=route))
+                async def both() -> int:  # at once: a drain is waited out once, not once per port
+                    got = await asyncio.gather(*(p.terminate(old, msg, drain=drain, route=route) for p in proxies))
+                    return sum(got)
+
+                ended = self._on_loop(both())
         finally:
             if not released:
-                self._on_loop(held.__aexit__(None, None, None))
+                for h in held:
+                    self._on_loop(h.__aexit__(None, None, None))
         out.update(sessions_ended=ended, switch_ms=round((time.perf_counter() - t0) * 1000, 1))
         return out
 
@@ -187,13 +228,26 @@ class Service:
                 gone = await asyncio.to_thread(self.tb.sweep)
                 if gone:
                     log.info("expired and deleted: %s", ", ".join(gone))
+                stopped = await asyncio.to_thread(self._reap_poolers)
+                if stopped:
+                    log.info("stopped the PgBouncers of stopped computes on ports %s", stopped)
             except Exception:
                 log.exception("TTL sweep failed")
+            try:
+                for line in await asyncio.to_thread(self.tb.refresh_stale_images, self.image_max_age):
+                    log.info("%s", line)
+            except Exception:
+                log.exception("masked image refresh failed")
             try:  # tiers' history: base snapshots when due, retention (app_pitr)
                 for line in await asyncio.to_thread(self.tb.history_tick):
                     log.info("history: %s", line)
             except Exception:
                 log.exception("history sweep failed")
+
+    def _reap_poolers(self) -> list[int]:
+        provider = self.tb.branches.provider
+        running = {b.port for b in self.tb.store.all() if provider.running_pid(b.volume) is not None}
+        return self.poolers.reap(running)
 
     async def suspender(self) -> None:
         if self.idle_timeout <= 0:
@@ -248,6 +302,7 @@ class Service:
     # -- main -------------------------------------------------------------------
     async def run(self) -> None:
         self.loop = asyncio.get_running_loop()
+        assert self.pooled is not None  # made in __init__
         for line in await asyncio.to_thread(self.tb.reconcile):  # branches, intents and promotions, audited
             log.info("reconcile: %s", line)
         for name in await asyncio.to_thread(self.tb.clear_uploads):
@@ -259,12 +314,18 @@ class Service:
         # process before the finally below (the audit's pending counts, the proxy's sessions, service.json)
         signal.signal(signal.SIGTERM, lambda *_: setattr(server, "should_exit", True))
         await self.proxy.start()
+        try:
+            await self.pooled.start()
+        except OSError as err:  # pooling is an extra: without its port the platform still serves
+            log.warning("the pooled port %s is not available (%s): pooled URLs will not connect; "
+                        "choose another with `tierbase up --pool-port N`", self.tb.pool_port, err)
         tasks = [asyncio.create_task(self.sweeper()), asyncio.create_task(self.suspender())]
         serving = asyncio.create_task(server.serve())
         while not server.started and not serving.done():
             await asyncio.sleep(0.01)
         if serving.done():
             await self.proxy.close()
+            await self.pooled.close()
             raise SystemExit(f"the API could not listen on 127.0.0.1:{self.tb.api_port}")
         self._write_info()
         try:
@@ -274,11 +335,14 @@ class Service:
                 t.cancel()
             await asyncio.to_thread(self.tb.gate.audit.flush)  # the counts of folded failures still open
             await self.proxy.close()
+            await self.pooled.close()
+            await asyncio.to_thread(self.poolers.stop_all)
             self.tb.home.service.unlink(missing_ok=True)
 
     def _write_info(self) -> None:
+        assert self.pooled is not None
         info = {"pid": os.getpid(), "api_url": f"http://127.0.0.1:{self.tb.api_port}",
-                "proxy_port": self.proxy.port, "started_at": time.time()}
+                "proxy_port": self.proxy.port, "pool_port": self.pooled.port, "started_at": time.time()}
         tmp = self.tb.home.service.with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
         tmp.chmod(0o600)

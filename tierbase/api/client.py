@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import sys
-import tempfile
-import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
-
-import httpx
+from typing import IO, TYPE_CHECKING, Any
 
 from ..errors import InvalidInput, NotRunning, TierbaseError, Unauthorized, error_from_dict
 from ..home import Home, default_home
+from ..settings import from_env
+
+if TYPE_CHECKING:
+    import httpx
+
+# httpx is imported only by a client that needs it (an https URL, an upload): JSON calls to an http://
+# service go through api/wire.py, so a CLI process does not pay for httpx's import.
 
 _CHUNK = 1 << 20
 
@@ -46,8 +48,10 @@ def _token_file() -> str | None:
 def _dump_body(src: Path) -> Iterator[tuple[IO[bytes], int]]:
     """The bytes to upload for ``src`` and their size: a file as it is, a -Fd directory as a script."""
     if src.is_dir():
+        import tempfile
+
         with tempfile.TemporaryFile() as fh:
-            from ..compute.restore import directory_script  # pg_restore + psycopg: only for -Fd dumps
+            from ..provider import directory_script  # pg_restore + psycopg: only for -Fd dumps
 
             directory_script(src, fh)
             size = os.fstat(fh.fileno()).st_size  # pg_restore wrote through the shared descriptor
@@ -66,6 +70,8 @@ def _chunks(fh: IO[bytes]) -> Iterator[bytes]:
 
 
 def _os_user(uid: int) -> str:
+    import pwd
+
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
@@ -118,38 +124,76 @@ class Client:
     def __init__(self, home: str | os.PathLike[str] | None = None, *, url: str | None = None,
                  token: str | None = None, timeout: float = 600) -> None:
         self.home = Home(default_home() if home is None else Path(home))
-        url = url or os.environ.get("TIERBASE_API") or None
+        url = url or from_env("api") or None
         info = service_info(self.home) if url is None else {"api_url": url.rstrip("/")}
         if info is None:
             raise NotRunning(f"tierbase is not running for the data dir {self.home.root}",
                              "Start it with `tierbase up` (or set TIERBASE_HOME to the right data dir, or "
                              "TIERBASE_API to the service's URL)")
-        tok = (token or os.environ.get("TIERBASE_TOKEN") or "").strip() or _token_file() or owner_token(self.home)
-        self._http = httpx.Client(base_url=str(info["api_url"]), timeout=timeout,
-                                  headers={"Authorization": f"Bearer {tok}"})
+        tok = (token or from_env("token") or "").strip() or _token_file() or owner_token(self.home)
+        self.base_url = str(info["api_url"]).rstrip("/")
+        self._timeout = timeout
+        self._headers = {"Authorization": f"Bearer {tok}"}
+        self._wire = self.base_url.startswith("http://")
+        self._httpx: httpx.Client | None = None
 
     def close(self) -> None:
-        self._http.close()
+        if self._httpx is not None:
+            self._httpx.close()
 
-    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+    @property
+    def _http(self) -> httpx.Client:
+        if self._httpx is None:
+            import httpx
+
+            # idle connections are dropped before the server's keep-alive timeout (uvicorn: 5 s) can close
+            # them under a request just sent (the soak saw "Connection reset by peer" on 0.1 % of calls)
+            self._httpx = httpx.Client(base_url=self.base_url, timeout=self._timeout, headers=self._headers,
+                                       limits=httpx.Limits(keepalive_expiry=2.0))
+        return self._httpx
+
+    def _send(self, method: str, path: str, params: dict[str, Any] | None, json_body: Any,
+              **kwargs: Any) -> tuple[int, Any, str]:
+        """(status, parsed JSON or None, text) of one request, by the light transport when it can serve it."""
+        down = ("Check `tierbase status`; restart it with `tierbase up`")
+        if self._wire and not kwargs:
+            from .wire import WireError, request
+
+            try:
+                reply = request(self.base_url, method, path, headers=self._headers, params=params,
+                                json_body=json_body, timeout=self._timeout)
+            except WireError as err:
+                raise NotRunning(f"the tierbase service at {self.base_url} does not answer ({err})", down) from err
+            status, text = reply.status, reply.text
+        else:
+            import httpx
+
+            try:
+                resp = self._http.request(method, path, params=params, json=json_body, **kwargs)
+            except httpx.TransportError as err:
+                raise NotRunning(f"the tierbase service at {self.base_url} does not answer ({err})", down) from err
+            status, text = resp.status_code, resp.text
         try:
-            resp = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as err:
-            raise NotRunning(f"the tierbase service at {self._http.base_url} does not answer ({err})",
-                             "Check `tierbase status`; restart it with `tierbase up`") from err
-        try:
-            body = resp.json()
+            body = json.loads(text) if text else None
         except ValueError:
             body = None
-        if resp.status_code >= 400:
+        return status, body, text
+
+    def _call(self, method: str, path: str, *, params: dict[str, Any] | None = None, json: Any = None,
+              **kwargs: Any) -> Any:
+        status, body, text = self._send(method, path, params, json, **kwargs)
+        if status >= 400:
             if isinstance(body, dict) and isinstance(body.get("error"), dict):
                 raise error_from_dict(body["error"])
-            raise TierbaseError(f"the API answered {resp.status_code}: {resp.text[:300]}", "See the service log")
+            raise TierbaseError(f"the API answered {status}: {text[:300]}", "See the service log")
         return body
 
     # -- the facade's methods -----------------------------------------------------
     def status(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/status"))
+
+    def space(self) -> dict[str, Any]:
+        return dict(self._call("GET", "/v1/space"))
 
     def list_branches(self, *, with_bytes: bool = True) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/branches", params={"bytes": with_bytes}))
@@ -181,12 +225,31 @@ class Client:
         return dict(self._call("POST", f"/v1/branches/{name}/stop"))
 
     def branch_url(self, name: str, dbname: str = "postgres", direct: bool = False,
-                   sslmode: str | None = None) -> str:
-        params: dict[str, Any] = {"database": dbname, "direct": direct}
+                   sslmode: str | None = None, *, pooled: bool = False) -> str:
+        params: dict[str, Any] = {"database": dbname, "direct": direct, **({"pooled": True} if pooled else {})}
         if sslmode:
             params["sslmode"] = sslmode
         got = self._call("GET", f"/v1/branches/{name}/url", params=params)
         return str(got["url"])
+
+    def run_sql(self, name: str, sql: str, params: list[Any] | None = None, *, database: str | None = None,
+                max_rows: int = 1000, timeout_s: float = 30.0, read_only: bool = False) -> dict[str, Any]:
+        body = {"sql": sql, "params": params, "database": database, "max_rows": max_rows, "timeout_s": timeout_s,
+                "read_only": read_only}
+        return dict(self._call("POST", f"/v1/branches/{name}/sql", json=body))
+
+    def session_start(self, branch: str | None = None, parent: str | None = None,
+                      ttl: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", "/v1/sessions", json={"branch": branch, "parent": parent, "ttl": ttl}))
+
+    def session_list(self, *, everyone: bool = False) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/sessions", params={"all": everyone}))
+
+    def session_renew(self, sid: str, ttl: str | None = None) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/sessions/{sid}/renew", json={"ttl": ttl}))
+
+    def session_end(self, sid: str) -> dict[str, Any]:
+        return dict(self._call("DELETE", f"/v1/sessions/{sid}"))
 
     def list_routes(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/routes"))
@@ -312,6 +375,8 @@ class Client:
 
     def _default_migrations_dir(self) -> Path:
         """[project] migrations of the tierbase.toml the platform loaded (relative to it), else of ./tierbase.toml."""
+        import tomllib
+
         shown = self.show_config()
         for source, text in ((shown.get("source"), shown.get("text")), ("tierbase.toml", None)):
             if not source:
@@ -326,27 +391,38 @@ class Client:
         raise InvalidInput("no migrations directory is known",
                            "Pass --dir, or declare `[project] migrations = \"db/migrations\"` in tierbase.toml")
 
-    def migrate_status(self, branch: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
-        body = {"branch": branch, "files": self._migration_files(migrations_dir)}
+    def migrate_status(self, branch: str | None = None, migrations_dir: str | None = None, *,
+                       files: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {"branch": branch, "files": files if files is not None else self._migration_files(migrations_dir)}
         return dict(self._call("POST", "/v1/migrations/status", json=body))
 
-    def migrate_apply(self, branch: str, migrations_dir: str | None = None) -> dict[str, Any]:
-        body = {"branch": branch, "files": self._migration_files(migrations_dir)}
+    def migrate_apply(self, branch: str, migrations_dir: str | None = None, *,
+                      files: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {"branch": branch, "files": files if files is not None else self._migration_files(migrations_dir)}
         return dict(self._call("POST", "/v1/migrations/apply", json=body))
 
-    def migrate_verify(self, parent: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
-        body = {"branch": parent, "files": self._migration_files(migrations_dir)}
+    def migrate_verify(self, parent: str | None = None, migrations_dir: str | None = None, *,
+                       files: dict[str, str] | None = None) -> dict[str, Any]:
+        body = {"branch": parent, "files": files if files is not None else self._migration_files(migrations_dir)}
         return dict(self._call("POST", "/v1/migrations/verify", json=body))
 
-    def migrate_lint(self, migrations_dir: str | None = None) -> dict[str, Any]:
-        return dict(self._call("POST", "/v1/migrations/lint", json={"files": self._migration_files(migrations_dir)}))
+    def migrate_lint(self, migrations_dir: str | None = None, *, files: dict[str, str] | None = None) -> dict[str, Any]:
+        sent = files if files is not None else self._migration_files(migrations_dir)
+        return dict(self._call("POST", "/v1/migrations/lint", json={"files": sent}))
 
-    def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]:
-        body = {"source": source, "files": self._migration_files(migrations_dir)}
+    def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None, *,
+                files: dict[str, str] | None = None, rehearse: bool = False) -> dict[str, Any]:
+        body = {"source": source, "files": files if files is not None else self._migration_files(migrations_dir),
+                "rehearse": rehearse}
         return dict(self._call("POST", f"/v1/tiers/{tier}/promote", json=body))
 
-    def rollback(self, tier: str, to: str | None = None) -> dict[str, Any]:
-        return dict(self._call("POST", f"/v1/tiers/{tier}/rollback", json={"to": to}))
+    def rollback(self, tier: str, to: str | None = None, *, discard_writes: bool = False, yes: bool = False,
+                 dry_run: bool = False) -> dict[str, Any]:
+        body = {"to": to, "discard_writes": discard_writes, "yes": yes, "dry_run": dry_run}
+        return dict(self._call("POST", f"/v1/tiers/{tier}/rollback", json=body))
+
+    def rollbacks(self, tier: str | None = None) -> list[dict[str, Any]]:
+        return list(self._call("GET", "/v1/rollbacks", params={"tier": tier} if tier else {}))
 
     def restore(self, tier: str, *, at: str | None = None, lsn: str | None = None,
                 inclusive: bool = True) -> dict[str, Any]:
@@ -362,6 +438,10 @@ class Client:
     def diff(self, a: str, b: str | None = None, fmt: str = "text") -> dict[str, Any]:
         params = {"a": a, "format": fmt, **({"b": b} if b else {})}
         return dict(self._call("GET", "/v1/diff", params=params))
+
+    def data_diff(self, a: str, b: str, tables: list[str] | None = None, fmt: str = "text") -> dict[str, Any]:
+        params: dict[str, Any] = {"a": a, "b": b, "format": fmt, **({"table": tables} if tables else {})}
+        return dict(self._call("GET", "/v1/diff/data", params=params))
 
     def audit_url(self) -> str:
         return str(self._call("GET", "/v1/audit/url")["url"])

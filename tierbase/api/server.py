@@ -8,16 +8,18 @@ proxy shares.
 import logging
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..app import Tierbase
 from ..app_import import too_large
 from ..errors import InvalidInput, TierbaseError, Unauthorized, translate
+from .models import ERRORS, AuditRecord, Branch, Deleted, Principal, PrincipalCreated, Route
 from .upload import drain, require_octets, spool
 
 log = logging.getLogger("tierbase.api")
@@ -154,10 +156,14 @@ class MigrateBody(MigrationFiles):
 
 class PromoteBody(MigrationFiles):
     source: str | None = None
+    rehearse: bool = Field(default=False, description="rehearse on an O(1) branch under a write load first")
 
 
 class RollbackBody(BaseModel):
     to: str | None = None
+    discard_writes: bool = Field(default=False, description="do not replay the writes made since (loudly)")
+    yes: bool = Field(default=False, description="confirm a rollback past several promotions or a rolled-back tier")
+    dry_run: bool = Field(default=False, description="show what the rollback would undo; change nothing")
 
 
 class RestoreBody(BaseModel):
@@ -174,6 +180,28 @@ class ConfigReload(BaseModel):
     dry_run: bool = Field(default=False, description="validate and show the diff; change nothing")
 
 
+class SqlBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sql: str = Field(max_length=1_000_000, description="one or more statements, run in one transaction")
+    params: list[Any] | None = Field(default=None, max_length=1000, description="%s parameters (one statement)")
+    database: str | None = Field(default=None, max_length=63, description="default: the project database")
+    max_rows: int = Field(default=1000, ge=1, le=10_000, description="rows returned at most; more are cut")
+    timeout_s: float = Field(default=30.0, gt=0, le=300, description="per statement and for the whole call")
+    read_only: bool = Field(default=False, description="run as tb_reader even where the caller could write")
+
+
+class SessionStart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    branch: str | None = Field(default=None, description="the leased branch's name (default: <principal>-<hex>)")
+    parent: str | None = Field(default=None, description="default: the entry tier")
+    ttl: str | None = Field(default=None, description="lease, renewed by activity; e.g. 30m (default), 2h")
+
+
+class SessionRenew(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ttl: str | None = None
+
+
 class CiBranch(BaseModel):
     parent: str | None = None
     ttl: str | None = None
@@ -181,7 +209,7 @@ class CiBranch(BaseModel):
 
 def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     """Build the API over ``tb``; ``hooks`` (the service) repoints live proxy sessions."""
-    app = FastAPI(title="tierbase", version=__version__,
+    app = FastAPI(title="tierbase", version=__version__, responses=ERRORS,  # one error envelope, documented
                   description="Copy-on-write branches of PostgreSQL: branches, computes, routes, governance.")
 
     def auth(request: Request) -> Tierbase:
@@ -218,6 +246,15 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
                 "hint": "See the OpenAPI document at /openapi.json", "data": {}}
         return JSONResponse({"error": body}, status_code=422)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def no_such_endpoint(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        # an unknown path or method (a name holding "/", a client of another version): the same envelope
+        code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
+        body = {"code": code, "message": f"no API endpoint {request.method} {request.url.path} ({err.detail})",
+                "hint": "Check the names in the command (one path segment each) and the URL of the service; "
+                        "the endpoints are listed at /openapi.json", "data": {}}
+        return JSONResponse({"error": body}, status_code=err.status_code, headers=getattr(err, "headers", None))
+
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
         return {"ok": True, "version": __version__}
@@ -229,46 +266,72 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
             out.update(hooks.status())
         return out
 
-    @app.get("/v1/branches")
+    @app.get("/v1/space")
+    def space(me: As) -> dict[str, Any]:
+        return me.space()
+
+    @app.get("/v1/branches", response_model=list[Branch], response_model_exclude_unset=True)
     def list_branches(me: As, bytes: bool = True) -> list[dict[str, Any]]:
         return _with_sessions(me.list_branches(with_bytes=bytes), hooks)
 
-    @app.post("/v1/branches", status_code=201)
+    @app.post("/v1/branches", status_code=201, response_model=Branch, response_model_exclude_unset=True)
     def create_branch(me: As, body: BranchCreate) -> dict[str, Any]:
         return me.create_branch(body.name, body.parent, ttl=body.ttl, snapshot=body.snapshot, start=body.start,
                                 at=body.at, lsn=body.lsn, inclusive=body.inclusive)
 
-    @app.post("/v1/flow/{feature}/ci-branch", status_code=201)
+    @app.post("/v1/flow/{feature}/ci-branch", status_code=201, response_model=Branch, response_model_exclude_unset=True)
     def create_ci_branch(me: As, feature: str, body: CiBranch) -> dict[str, Any]:
         return me.create_ci_branch(feature, body.parent, ttl=body.ttl)
 
-    @app.get("/v1/branches/{name}")
+    @app.get("/v1/branches/{name}", response_model=Branch, response_model_exclude_unset=True)
     def show_branch(me: As, name: str) -> dict[str, Any]:
         return _with_sessions([me.get_branch(name)], hooks)[0]
 
-    @app.delete("/v1/branches/{name}")
+    @app.delete("/v1/branches/{name}", response_model=Deleted, response_model_exclude_unset=True)
     def delete_branch(me: As, name: str, recursive: bool = False) -> dict[str, Any]:
         return {"deleted": me.delete_branch(name, recursive=recursive)}
 
-    @app.post("/v1/branches/{name}/reset")
+    @app.post("/v1/branches/{name}/reset", response_model=Branch, response_model_exclude_unset=True)
     def reset_branch(me: As, name: str) -> dict[str, Any]:
         return me.reset_branch(name)
 
-    @app.post("/v1/branches/{name}/start")
+    @app.post("/v1/branches/{name}/start", response_model=Branch, response_model_exclude_unset=True)
     def start_branch(me: As, name: str) -> dict[str, Any]:
         return me.start_branch(name)
 
-    @app.post("/v1/branches/{name}/stop")
+    @app.post("/v1/branches/{name}/stop", response_model=Branch, response_model_exclude_unset=True)
     def stop_branch(me: As, name: str) -> dict[str, Any]:
         return me.stop_branch(name)
 
     @app.get("/v1/branches/{name}/url")
     def branch_url(me: As, name: str, database: str = "postgres", direct: bool = False,
                    sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] | None = None,
-                   ) -> dict[str, Any]:
-        return {"name": name, "url": me.branch_url(name, database, direct=direct, sslmode=sslmode)}
+                   pooled: bool = False) -> dict[str, Any]:
+        return {"name": name, "url": me.branch_url(name, database, direct=direct, sslmode=sslmode, pooled=pooled)}
 
-    @app.get("/v1/routes")
+    @app.post("/v1/branches/{name}/sql")
+    def run_sql(me: As, name: str, body: SqlBody) -> dict[str, Any]:
+        """Rows as JSON, run as the caller's compute role (tb_owner on its branches, else tb_reader)."""
+        return me.run_sql(name, body.sql, body.params, database=body.database, max_rows=body.max_rows,
+                          timeout_s=body.timeout_s, read_only=body.read_only)
+
+    @app.post("/v1/sessions", status_code=201)
+    def session_start(me: As, body: SessionStart) -> dict[str, Any]:
+        return me.session_start(body.branch, body.parent, body.ttl)
+
+    @app.get("/v1/sessions")
+    def session_list(me: As, all: bool = False) -> list[dict[str, Any]]:
+        return me.session_list(everyone=all)
+
+    @app.post("/v1/sessions/{sid}/renew")
+    def session_renew(me: As, sid: str, body: SessionRenew) -> dict[str, Any]:
+        return me.session_renew(sid, body.ttl)
+
+    @app.delete("/v1/sessions/{sid}")
+    def session_end(me: As, sid: str) -> dict[str, Any]:
+        return me.session_end(sid)
+
+    @app.get("/v1/routes", response_model=list[Route], response_model_exclude_unset=True)
     def routes(me: As) -> list[dict[str, Any]]:
         return me.list_routes()
 
@@ -278,7 +341,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
             return dict(hooks.repoint(me, name, body.branch, body.drain))
         return me.set_route(name, body.branch)
 
-    @app.post("/v1/sweep")
+    @app.post("/v1/sweep", response_model=Deleted, response_model_exclude_unset=True)
     def sweep(me: As) -> dict[str, Any]:
         return {"deleted": me.sweep()}
 
@@ -315,15 +378,15 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
             upload.unlink(missing_ok=True)
 
     # -- governance ---------------------------------------------------------------------
-    @app.get("/v1/principals")
+    @app.get("/v1/principals", response_model=list[Principal], response_model_exclude_unset=True)
     def principals(me: As) -> list[dict[str, Any]]:
         return me.list_principals()
 
-    @app.post("/v1/principals", status_code=201)
+    @app.post("/v1/principals", status_code=201, response_model=PrincipalCreated, response_model_exclude_unset=True)
     def create_principal(me: As, body: PrincipalCreate) -> dict[str, Any]:
         return me.create_principal(body.name, body.role)
 
-    @app.delete("/v1/principals/{name}")
+    @app.delete("/v1/principals/{name}", response_model=Principal, response_model_exclude_unset=True)
     def revoke_principal(me: As, name: str) -> dict[str, Any]:
         return me.revoke_principal(name)
 
@@ -339,7 +402,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     def explain(me: As, principal: str, action: str, target: str, source: str | None = None) -> dict[str, Any]:
         return me.explain(principal, action, target, source)
 
-    @app.get("/v1/audit")
+    @app.get("/v1/audit", response_model=list[AuditRecord], response_model_exclude_unset=True)
     def audit_log(me: As, actor: str | None = None, action: str | None = None, target: str | None = None,
                   denied: bool | None = None, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         return me.audit_log(actor=actor, action=action, target=target, denied=denied, since=since, limit=limit)
@@ -459,11 +522,15 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
 
     @app.post("/v1/tiers/{tier}/promote")
     def promote(me: As, tier: str, body: PromoteBody) -> dict[str, Any]:
-        return me.promote(tier, body.source, files=body.migrations())
+        return me.promote(tier, body.source, files=body.migrations(), rehearse=body.rehearse)
 
     @app.post("/v1/tiers/{tier}/rollback")
     def rollback(me: As, tier: str, body: RollbackBody) -> dict[str, Any]:
-        return me.rollback(tier, body.to)
+        return me.rollback(tier, body.to, discard_writes=body.discard_writes, yes=body.yes, dry_run=body.dry_run)
+
+    @app.get("/v1/rollbacks")
+    def rollbacks(me: As, tier: str | None = None) -> list[dict[str, Any]]:
+        return me.rollbacks(tier)
 
     @app.post("/v1/tiers/{tier}/restore")
     def restore(me: As, tier: str, body: RestoreBody) -> dict[str, Any]:
@@ -480,6 +547,11 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     @app.get("/v1/diff")
     def diff(me: As, a: str, b: str | None = None, format: str = "text") -> dict[str, Any]:
         return me.diff(a, b, format)
+
+    @app.get("/v1/diff/data")
+    def data_diff(me: As, a: str, b: str, format: str = "text",
+                  table: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
+        return me.data_diff(a, b, table=table, fmt=format)
 
     return app
 

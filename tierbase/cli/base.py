@@ -1,14 +1,17 @@
-"""What every CLI command shares: the root group, --json and the one error path, the SDK client.
+"""What every CLI command shares: the root group, --json and the one error path, the SDK client,
+option bundles; and the one table of commands.
 
-Commands are registered explicitly: the root group names each command's module and object
-(``COMMANDS``) and imports it when it is invoked (or listed by --help), so `tierbase --version` and
-every command import only what they use. The idea is click's documented lazy group.
+Registration is eager and explicit: ``root()`` adds every command named in ``COMMANDS`` to the root
+group, so ``from tierbase.cli.main import cli`` sees them all. That stays cheap because command modules
+import only click and this module at the top; what a command needs (the SDK, the workflow kit, git)
+it imports when it runs. `tierbase --version` does not even get here (cli/main.py).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from .. import __version__
 from ..errors import TierbaseError
 
 if TYPE_CHECKING:
@@ -23,8 +27,15 @@ if TYPE_CHECKING:
 
 F = Callable[..., Any]
 
-#: command name -> "module:object" of the commands defined outside main.py
+#: command name -> "module:object" (every command of `tierbase`; --help lists them by name)
 COMMANDS = {
+    "up": "tierbase.cli.platform:up",
+    "down": "tierbase.cli.platform:down",
+    "status": "tierbase.cli.platform:status",
+    "import": "tierbase.cli.platform:import_",
+    "tls": "tierbase.cli.platform:tls",
+    "branch": "tierbase.cli.branches:branch",
+    "route": "tierbase.cli.branches:route",
     "principal": "tierbase.cli.governance:principal",
     "policy": "tierbase.cli.governance:policy",
     "audit": "tierbase.cli.governance:audit",
@@ -40,23 +51,51 @@ COMMANDS = {
     "init": "tierbase.cli.workflow:init",
     "flow": "tierbase.cli.workflow:flow_group",
     "tdd": "tierbase.cli.workflow:tdd_group",
+    "mcp": "tierbase.cli.mcp:mcp",
+    "session": "tierbase.cli.session:session",
 }
 
 
-class LazyGroup(click.Group):
-    """A group whose commands from other modules are imported on first use."""
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", envvar="TIERBASE_HOME", type=click.Path(file_okay=False, readable=False), default=None,
+              help="Data dir of the platform (env TIERBASE_HOME).")
+@click.option("--api", "api", envvar="TIERBASE_API", default=None, metavar="URL",
+              help="URL of the service's API, e.g. http://127.0.0.1:25430 (env TIERBASE_API); with "
+                   "TIERBASE_TOKEN, for clients that cannot read the data dir (other OS users, agents).")
+@click.version_option(version=__version__, prog_name="tierbase")
+@click.pass_context
+def _root(ctx: click.Context, home: str | None, api: str | None) -> None:
+    """tierbase: copy-on-write branches of a real PostgreSQL."""
+    ctx.obj = {"home": os.path.abspath(home) if home else None, "api": api or None}
 
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *COMMANDS})
 
-    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in COMMANDS and cmd_name not in self.commands:
-            module, _, attr = COMMANDS[cmd_name].partition(":")
+def root(only: str | None = None) -> click.Group:
+    """The root group with every command of ``COMMANDS`` registered (once); with ``only``, that one.
+
+    ``only`` is for the process entry point (cli/main.py), which runs one command: it skips building the
+    other commands' click objects. Whoever imports the group gets it whole."""
+    for name, spec in COMMANDS.items():
+        if (only is None or name == only) and name not in _root.commands:
+            module, _, attr = spec.partition(":")
             got = getattr(importlib.import_module(module), attr)
             if not isinstance(got, click.Command):
-                raise TypeError(f"{COMMANDS[cmd_name]} is not a click command")
-            self.add_command(got, cmd_name)
-        return super().get_command(ctx, cmd_name)
+                raise TypeError(f"{spec} is not a click command")
+            _root.add_command(got, name)
+    return _root
+
+
+def invoked(args: list[str]) -> str | None:
+    """The command an argv names, if it is one of the table (past the root's own options); else None."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg in ("--home", "--api"):
+            i += 2
+        elif arg.startswith(("--home=", "--api=")):
+            i += 1
+        else:
+            return arg if arg in COMMANDS else None
+    return None
 
 
 def command(fn: F) -> F:
@@ -74,10 +113,18 @@ def command(fn: F) -> F:
 
             if as_json:
                 emit_json({"error": e.to_dict()})
-            err.print(f"Error: {e.message}." + (f" {e.hint}." if e.hint else ""), markup=False)
+            err.print(f"Error: {e.message}." + (f" {e.hint}." if e.hint else ""))
             sys.exit(e.exit_code)
 
     return wrapper
+
+
+# -- option bundles shared by several commands ------------------------------------------------
+repo_option = click.option("--repo", type=click.Path(file_okay=False, exists=True), default=".",
+                           show_default=True, help="The app repo (any directory inside it).")
+ttl_option = click.option("--ttl", default=None, help="Delete automatically after this long (e.g. 2h, 7d).")
+migrations_dir_option = click.option("--dir", "migrations_dir", type=click.Path(file_okay=False), default=None,
+                                     help="Migrations directory (default: [project] migrations of tierbase.toml).")
 
 
 def as_json() -> bool:
@@ -85,7 +132,13 @@ def as_json() -> bool:
 
 
 def home_of(ctx: click.Context) -> Path:
-    return Path(ctx.obj["home"])
+    """The data dir: --home / TIERBASE_HOME, else the default (looked up only when a command needs it)."""
+    home = ctx.find_root().obj.get("home")
+    if home is None:
+        from ..home import default_home
+
+        return default_home()
+    return Path(home)
 
 
 def client(ctx: click.Context) -> Client:

@@ -9,10 +9,8 @@ import click
 
 from ..errors import Refused
 from .base import as_json, client, command
+from .base import migrations_dir_option as DIR
 from .render import emit_json, out
-
-DIR = click.option("--dir", "migrations_dir", type=click.Path(file_okay=False), default=None,
-                   help="Migrations directory (default: [project] migrations of tierbase.toml).")
 
 
 def _abs(path: str | None) -> str | None:
@@ -123,12 +121,14 @@ def migrate_verify(ctx: click.Context, parent: str | None, migrations_dir: str |
 @click.command()
 @click.argument("tier")
 @click.option("--from", "source", default=None, help="Source tier or feature branch (default: the child tier).")
+@click.option("--rehearse", is_flag=True,
+              help="First apply them to an O(1) branch of TIER under a write load; refuse over the tier's max_stall.")
 @DIR
 @command
 @click.pass_context
-def promote(ctx: click.Context, tier: str, source: str | None, migrations_dir: str | None) -> None:
+def promote(ctx: click.Context, tier: str, source: str | None, rehearse: bool, migrations_dir: str | None) -> None:
     """Apply to TIER the migrations validated on the tier below it (snapshot first; rollback on failure)."""
-    rec = client(ctx).promote(tier, source, _abs(migrations_dir))
+    rec = client(ctx).promote(tier, source, _abs(migrations_dir), rehearse=rehearse)
     if as_json():
         emit_json(rec)
         return
@@ -139,17 +139,42 @@ def promote(ctx: click.Context, tier: str, source: str | None, migrations_dir: s
 @click.command()
 @click.argument("tier")
 @click.option("--to", "to", default=None, help="Snapshot to return to (default: the last pre-promotion snapshot).")
+@click.option("--discard-writes", is_flag=True,
+              help="Do not replay the writes made since the snapshot (they stay on the replaced branch only).")
+@click.option("--yes", is_flag=True, help="Confirm a rollback past several promotions or of a rolled-back tier.")
+@click.option("--dry-run", is_flag=True, help="Show the snapshot, its age and what would be undone; change nothing.")
 @command
 @click.pass_context
-def rollback(ctx: click.Context, tier: str, to: str | None) -> None:
-    """Repoint TIER's route to a pre-promotion snapshot; the replaced branch is kept."""
-    rec = client(ctx).rollback(tier, to)
+def rollback(ctx: click.Context, tier: str, to: str | None, discard_writes: bool, yes: bool, dry_run: bool) -> None:
+    """Repoint TIER's route to a pre-promotion snapshot, replaying the writes made since; the replaced
+    branch is kept under a route of its own."""
+    rec = client(ctx).rollback(tier, to, discard_writes=discard_writes, yes=yes, dry_run=dry_run)
+    left = rec.get("left_sql")
+    if left and not dry_run:
+        path = Path(f"{rec['replaced_route']}-left.sql")
+        path.write_text(left)
+        rec["left_sql_file"] = str(path.absolute())
     if as_json():
         emit_json(rec)
         return
-    out.print(f"{tier} now served by {rec['serving_now']} (from {rec['snapshot']}), first query after "
-              f"{rec['seconds_to_first_query']} s")
-    out.print(rec["hint"])
+    age = f"{rec['snapshot_age_s']:.0f} s old"
+    undone = ", ".join(rec["migrations_undone"]) or "no promoted migration"
+    if dry_run:
+        out.print(f"rollback of {tier} would return to {rec['snapshot']} ({age}), served by {rec['serving']} now; "
+                  f"undoes {undone}", markup=False)
+        for why in rec["why_confirm"]:
+            out.print(f"  needs --to {rec['snapshot']} --yes: {why}", markup=False)
+        return
+    out.print(f"{tier} now served by {rec['serving_now']} (from {rec['snapshot']}, {age}); undid {undone}; "
+              f"first query after {rec['seconds_to_first_query']} s", markup=False)
+    if rec["discard_writes"]:
+        click.echo(f"WARNING: writes made on {rec['replaced']} since the snapshot were DISCARDED from {tier}", err=True)
+    else:
+        out.print(f"writes replayed: {rec['rows_replayed']} rows, left on the replaced branch: {rec['rows_left']} "
+                  f"(+{rec['time_added_ms']} ms, route held {rec['hold_ms']} ms)", markup=False)
+    if rec.get("left_sql_file"):
+        out.print(f"SQL for the rows left: {rec['left_sql_file']}", markup=False)
+    out.print(rec["hint"], markup=False)
 
 
 @click.command()
@@ -170,11 +195,23 @@ def promotions(ctx: click.Context, tier: str | None) -> None:
 @click.command()
 @click.argument("a")
 @click.argument("b", required=False)
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json"]), default="text")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "sql"]), default="text",
+              help="markdown: schema only; sql: data only (statements that make A's rows B's).")
+@click.option("--data", is_flag=True, help="Compare rows by primary key instead of the schema.")
+@click.option("--table", "tables", multiple=True, help="With --data: only this table (repeatable).")
 @command
 @click.pass_context
-def diff(ctx: click.Context, a: str, b: str | None, fmt: str) -> None:
-    """Schema diff between two branches (default: A's parent -> A)."""
+def diff(ctx: click.Context, a: str, b: str | None, fmt: str, data: bool, tables: tuple[str, ...]) -> None:
+    """Schema diff between two branches (default: A's parent -> A); rows with --data."""
+    if data or tables or fmt == "sql":
+        if b is None:
+            raise click.UsageError("a data diff needs two branches: tierbase diff A B --data")
+        d = client(ctx).data_diff(a, b, list(tables) or None, fmt)
+        if as_json() or fmt == "json":
+            emit_json(d)
+        else:
+            click.echo(d["text"], nl=fmt != "sql")
+        return
     d = client(ctx).diff(a, b, fmt)
     if as_json() or fmt == "json":
         emit_json(d)

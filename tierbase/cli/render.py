@@ -1,16 +1,45 @@
-"""Rendering helpers: human text with rich, or JSON with --json."""
+"""Rendering helpers: plain text, a rich table only where one is drawn, or JSON with --json.
+
+rich costs tens of milliseconds to import, more than most commands take end to end: text goes out
+through click, and rich is imported by the few renderers that draw (the branch tree).
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+import click
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+
+class Printer:
+    """``out.print(text)`` as before; text is printed as it is (no markup), renderables through rich."""
+
+    def __init__(self, stderr: bool = False) -> None:
+        self.stderr = stderr
+        self._console: Console | None = None
+
+    def print(self, obj: Any, *, markup: bool = False) -> None:
+        if isinstance(obj, str):
+            click.echo(obj, err=self.stderr)
+            return
+        self.console.print(obj)
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self.stderr, highlight=False, soft_wrap=True)
+        return self._console
+
+
+out = Printer()
+err = Printer(stderr=True)
 
 
 def emit_json(data: Any) -> None:
@@ -30,6 +59,9 @@ def human_bytes(n: int | None) -> str:
 
 def branch_tree(branches: list[dict[str, Any]]) -> Table:
     """Branches as a table whose name column draws the parent/child tree."""
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table(box=None, pad_edge=False)
     table.add_column("branch", no_wrap=True)
     for col in ("kind", "compute", "age", "expires in", "own bytes", "port"):
@@ -61,3 +93,11 @@ def branch_details(b: dict[str, Any]) -> None:
         if k in b:
             value = human_bytes(b[k]) if k == "own_bytes" else b[k]
             out.print(f"{k:>10}: {'-' if value is None else value}")
+
+
+def space_line(space: dict[str, Any]) -> None:
+    """The pool's free space (under the branch tree, in status); a warning on stderr when it is low."""
+    out.print(f"pool: {space['free'] / 1024 ** 2:,.0f} MiB free of {space['total'] / 1024 ** 2:,.0f} MiB "
+              f"(reserve for tiers {space['reserve'] / 1024 ** 2:,.0f} MiB)")
+    if space.get("warning"):
+        click.echo(f"Warning: {space['warning']}", err=True)

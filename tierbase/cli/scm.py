@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import click
 
 from ..errors import BranchExists, InvalidInput, PolicyDenied, Refused
-from ..governance.config import parse_config
-from ..migrate.gitci import db_branch_for, git, install_hooks, tier_for_git_branch, write_env, write_github_workflows
 from .base import as_json, client, command
+from .base import repo_option as REPO
 from .render import emit_json, out
 
-REPO = click.option("--repo", type=click.Path(file_okay=False, exists=True), default=".", show_default=True)
+# git and config parsing are imported by the commands that use them (the config parser pulls in psycopg's SQL
+# helpers): a `tierbase branch create` must not pay for them.
 
 
 def _git_branches(ctx: click.Context) -> dict[str, str]:
+    from ..governance.config import parse_config
+
     cfg = parse_config(client(ctx).show_config()["text"], "the platform's config")
     return {name: t.git_branch for name, t in cfg.tiers.items() if t.git_branch}
 
@@ -32,6 +33,8 @@ def git_group() -> None:
 @click.pass_context
 def git_install_hooks(ctx: click.Context, repo: str) -> None:
     """post-checkout: a feature git branch gets its database branch and .env; post-merge: promote the tier."""
+    from ..git import install_hooks
+
     written = install_hooks(Path(repo).absolute())
     emit_json({"hooks": written}) if as_json() else out.print("installed " + ", ".join(written))
 
@@ -42,6 +45,8 @@ def git_install_hooks(ctx: click.Context, repo: str) -> None:
 @click.pass_context
 def git_tier(ctx: click.Context, git_branch: str) -> None:
     """Print the tier whose git branch is GIT_BRANCH."""
+    from ..git import tier_for_git_branch
+
     mapping = _git_branches(ctx)
     tier = tier_for_git_branch(mapping, git_branch)
     if tier is None:
@@ -57,6 +62,8 @@ def git_tier(ctx: click.Context, git_branch: str) -> None:
 @click.pass_context
 def git_on_checkout(ctx: click.Context, args: tuple[str, ...], repo: str) -> None:
     """Called by the post-checkout hook (prev-head new-head is-branch-checkout)."""
+    from ..git import db_branch_for, git, tier_for_git_branch, write_env
+
     if len(args) >= 3 and args[2] == "0":
         return  # a file checkout, not a branch switch
     root = Path(git(Path(repo), "rev-parse", "--show-toplevel"))
@@ -88,6 +95,8 @@ def git_on_checkout(ctx: click.Context, args: tuple[str, ...], repo: str) -> Non
 @click.pass_context
 def git_on_merge(ctx: click.Context, args: tuple[str, ...], repo: str) -> None:
     """Called by the post-merge hook: a merge into a tier's git branch promotes that tier."""
+    from ..git import git, tier_for_git_branch
+
     root = Path(git(Path(repo), "rev-parse", "--show-toplevel"))
     branch = git(root, "rev-parse", "--abbrev-ref", "HEAD")
     mapping = _git_branches(ctx)
@@ -110,6 +119,10 @@ def git_on_merge(ctx: click.Context, args: tuple[str, ...], repo: str) -> None:
 
 def _merged_source(root: Path, mapping: dict[str, str], current: str) -> str | None:
     """The database branch behind the git branch just merged (HEAD^2 of the merge commit), if known."""
+    import subprocess
+
+    from ..git import db_branch_for, git, tier_for_git_branch
+
     got = subprocess.run(["git", "-C", str(root), "rev-parse", "-q", "--verify", "HEAD^2"], capture_output=True,
                          text=True)
     if got.returncode != 0:
@@ -136,6 +149,9 @@ def ci_group() -> None:
 @click.pass_context
 def ci_init(ctx: click.Context, provider: str, repo: str, test_command: str | None) -> None:
     """Write GitHub Actions workflows: per-PR branch + tests + schema diff comment, promote on merge, cleanup."""
+    from ..git import write_github_workflows
+    from ..governance.config import parse_config
+
     if test_command is None:
         cfg = parse_config(client(ctx).show_config()["text"], "the platform's config")
         test_command = str(cfg.project.get("test_command", "pytest -q"))

@@ -10,28 +10,31 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from ..errors import NotRunning
-from ..workflow import checks, doctor, flow, runner, scaffold, tdd
-from ..workflow.errors import GateFailed
-from ..workflow.validate import SCHEMAS, schema
-from ..workflow.workspace import Workspace
-from .base import as_json, client, command
+from ..workflow.constants import ARTIFACTS, CI_WAIT, ROLES
+from .base import as_json, client, command, repo_option
 from .render import emit_json, err, out
 
-repo_option = click.option("--repo", type=click.Path(file_okay=False, exists=True), default=".",
-                           show_default=True, help="The app repo (any directory inside it).")
+if TYPE_CHECKING:
+    from ..workflow.workspace import Workspace
+
+# The kit (git, JSON Schema, the gates) is imported by the commands that run it, not by every `tierbase` call.
 
 
 def workspace(ctx: click.Context, repo: str) -> Workspace:
+    from ..workflow.workspace import Workspace
+
     return Workspace(Path(repo).absolute(), client(ctx))
 
 
 def run(call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Call into the kit; on a refused gate, list every failure for people before the one-line error."""
+    from ..workflow.errors import GateFailed
+
     try:
         return call()
     except GateFailed as e:
@@ -62,7 +65,13 @@ def render(data: dict[str, Any]) -> None:
 @command
 @click.pass_context
 def init(ctx: click.Context, repo: str, no_commit: bool) -> None:
-    """Scaffold an app repo: tierbase.toml, the migrations dir, the state file; check the tiers exist."""
+    """Scaffold an app repo: tierbase.toml, the migrations dir, the state file; load the tiers if missing.
+
+    A platform engineer's `init` on a platform without a config of its own loads tierbase.toml (creating
+    its tiers) in the same step; anyone else's writes the files and names the command to ask for."""
+    from ..workflow import scaffold
+    from ..workflow.workspace import Workspace
+
     root, said = scaffold.scaffold_files(Path(repo).absolute())
     try:
         plat = client(ctx)
@@ -70,11 +79,19 @@ def init(ctx: click.Context, repo: str, no_commit: bool) -> None:
         for line in said:
             err.print(f"- {line}", markup=False)
         raise NotRunning(f"{e.message}; the files are written but the tiers cannot be checked",
-                         "Start the platform with this config (`tierbase up --config tierbase.toml`), then run "
-                         "`tierbase init` again") from e
-    data = run(lambda: scaffold.scaffold(Workspace(root, plat), commit=not no_commit))
+                         "Start the platform (`tierbase up`), then run `tierbase init` again: it loads tierbase.toml "
+                         "(or start it with `tierbase up --config tierbase.toml`)") from e
+    data = run(lambda: scaffold.init(Workspace(root, plat), commit=not no_commit))
     data["said"] = said + data["said"]
-    render(data)
+    pending = data.get("pending")
+    if pending is None or as_json():
+        render(data)
+        return
+    for line in data["said"]:
+        out.print(f"- {line}", markup=False)
+    out.print(f"next: ask a platform engineer to run\n  {pending['command']}\n"
+              f"then run `{pending['then']}` again to finish (commit, tier git branches, the workspace record)",
+              markup=False)
 
 
 # -- flow -----------------------------------------------------------------------------------
@@ -91,6 +108,8 @@ def flow_group() -> None:
 @click.pass_context
 def flow_claim(ctx: click.Context, feature: str, parent: str | None, repo: str) -> None:
     """Claim FEATURE: git branch feature/FEATURE and database branch FEATURE, from the tier."""
+    from ..workflow import flow
+
     ws = workspace(ctx, repo)
     render(run(lambda: flow.claim(ws, feature, parent)))
 
@@ -101,18 +120,22 @@ def flow_claim(ctx: click.Context, feature: str, parent: str | None, repo: str) 
 @click.pass_context
 def flow_ready(ctx: click.Context, repo: str) -> None:
     """Gate to pr-ready: commits ahead, clean tree, tests kept, migrations verified; writes the change request."""
+    from ..workflow import checks
+
     ws = workspace(ctx, repo)
     render(run(lambda: checks.ready(ws)))
 
 
 @flow_group.command("ci")
-@click.option("--wait", type=float, default=checks.CI_WAIT, show_default=True,
+@click.option("--wait", type=float, default=CI_WAIT, show_default=True,
               help="Seconds to wait for a runner to take and finish the run.")
 @repo_option
 @command
 @click.pass_context
 def flow_ci(ctx: click.Context, wait: float, repo: str) -> None:
     """Gate to ci-green: ask for a CI run of the prepared commit; a runner (`tierbase ci runner`) reports it."""
+    from ..workflow import checks
+
     ws = workspace(ctx, repo)
     render(run(lambda: checks.ci(ws, wait=wait)))
 
@@ -125,6 +148,8 @@ def flow_ci(ctx: click.Context, wait: float, repo: str) -> None:
 @click.pass_context
 def flow_approve_tests(ctx: click.Context, feature: str, sha: str | None, repo: str) -> None:
     """A human reviewer accepts FEATURE's weakened or harness-changing tests, for one commit only."""
+    from ..workflow import checks
+
     data = run(lambda: checks.approve_tests(workspace(ctx, repo), feature, sha))
     if as_json():
         emit_json(data)
@@ -141,6 +166,8 @@ def flow_approve_tests(ctx: click.Context, feature: str, sha: str | None, repo: 
 @click.pass_context
 def ci_runner(ctx: click.Context, once: bool, os_user: str | None, poll: float) -> None:
     """The CI runner: as a `ci` principal (TIERBASE_TOKEN), take queued runs, test the exact commit, report."""
+    from ..workflow import runner
+
     n = runner.serve(client(ctx), os_user=os_user, poll=poll, once=once)
     emit_json({"ran": n}) if as_json() else out.print(f"ran {n} CI run(s)", markup=False)
 
@@ -151,6 +178,8 @@ def ci_runner(ctx: click.Context, once: bool, os_user: str | None, poll: float) 
 @click.pass_context
 def flow_merge(ctx: click.Context, repo: str) -> None:
     """Gate to merged: green evidence for HEAD; git merge into the tier's branch; promote the migrations."""
+    from ..workflow import flow
+
     ws = workspace(ctx, repo)
     render(run(lambda: flow.merge(ws)))
 
@@ -162,6 +191,8 @@ def flow_merge(ctx: click.Context, repo: str) -> None:
 @click.pass_context
 def flow_abandon(ctx: click.Context, delete_git_branch: bool, repo: str) -> None:
     """Undo the claim: delete the database branch, switch back to the tier's git branch."""
+    from ..workflow import flow
+
     ws = workspace(ctx, repo)
     render(run(lambda: flow.abandon(ws, delete_git_branch)))
 
@@ -172,6 +203,8 @@ def flow_abandon(ctx: click.Context, delete_git_branch: bool, repo: str) -> None
 @click.pass_context
 def flow_status(ctx: click.Context, repo: str) -> None:
     """The state, every gate of the next transitions, and the evidence so far."""
+    from ..workflow import doctor
+
     data = doctor.status(workspace(ctx, repo))
     if as_json():
         emit_json(data)
@@ -197,6 +230,8 @@ def flow_status(ctx: click.Context, repo: str) -> None:
 @click.pass_context
 def flow_doctor(ctx: click.Context, fix: bool, repo: str) -> None:
     """Find drift between the state file, git, the database branches and the history. Exit 1 if any is left."""
+    from ..workflow import doctor
+
     data = doctor.doctor(workspace(ctx, repo), fix=fix)
     if as_json():
         emit_json(data)
@@ -215,6 +250,8 @@ def flow_doctor(ctx: click.Context, fix: bool, repo: str) -> None:
 @click.option("--list", "list_all", is_flag=True, help="List the shipped schemas.")
 def flow_schema(name: str, list_all: bool) -> None:
     """Print a shipped JSON Schema (default: the state file's)."""
+    from ..workflow.validate import SCHEMAS, schema
+
     if list_all:
         for key, what in SCHEMAS.items():
             click.echo(f"{key:<16} {what}")
@@ -237,41 +274,49 @@ def tdd_group() -> None:
 @click.pass_context
 def tdd_enable(ctx: click.Context, repo: str) -> None:
     """Turn the TDD layer on for the feature in flight (it cannot be turned off)."""
+    from ..workflow import tdd
+
     ws = workspace(ctx, repo)
     render(run(lambda: tdd.enable(ws)))
 
 
 @tdd_group.command("assign")
-@click.argument("role", type=click.Choice(tdd.ROLES))
+@click.argument("role", type=click.Choice(ROLES))
 @click.argument("principal")
 @repo_option
 @command
 @click.pass_context
 def tdd_assign(ctx: click.Context, role: str, principal: str, repo: str) -> None:
     """Give ROLE on the feature in flight to PRINCIPAL."""
+    from ..workflow import tdd
+
     ws = workspace(ctx, repo)
     render(run(lambda: tdd.assign(ws, role, principal)))
 
 
 @tdd_group.command("submit")
-@click.argument("artifact", type=click.Choice(list(tdd.ARTIFACTS)))
+@click.argument("artifact", type=click.Choice(list(ARTIFACTS)))
 @click.argument("file", type=click.Path(dir_okay=False))
 @repo_option
 @command
 @click.pass_context
 def tdd_submit(ctx: click.Context, artifact: str, file: str, repo: str) -> None:
     """Submit ARTIFACT (validated against its schema) from FILE, as the role that owns it."""
+    from ..workflow import tdd
+
     ws = workspace(ctx, repo)
     render(run(lambda: tdd.submit(ws, artifact, Path(file).absolute())))
 
 
 @tdd_group.command("approve")
-@click.argument("artifact", type=click.Choice(list(tdd.ARTIFACTS)))
+@click.argument("artifact", type=click.Choice(list(ARTIFACTS)))
 @repo_option
 @command
 @click.pass_context
 def tdd_approve(ctx: click.Context, artifact: str, repo: str) -> None:
     """Approve ARTIFACT (records the approver and its content hash)."""
+    from ..workflow import tdd
+
     ws = workspace(ctx, repo)
     render(run(lambda: tdd.approve(ws, artifact)))
 
@@ -283,6 +328,8 @@ def tdd_approve(ctx: click.Context, artifact: str, repo: str) -> None:
 @click.pass_context
 def tdd_red(ctx: click.Context, test: str, repo: str) -> None:
     """Navigator: run TEST (an item id or node id) on an ephemeral branch; records RED only if it fails."""
+    from ..workflow import tdd
+
     ws = workspace(ctx, repo)
     render(run(lambda: tdd.red(ws, test)))
 
@@ -293,6 +340,8 @@ def tdd_red(ctx: click.Context, test: str, repo: str) -> None:
 @click.pass_context
 def tdd_green(ctx: click.Context, repo: str) -> None:
     """Driver: run the whole suite on an ephemeral branch; records GREEN only if it all passes."""
+    from ..workflow import tdd
+
     ws = workspace(ctx, repo)
     render(run(lambda: tdd.green(ws)))
 
@@ -303,6 +352,8 @@ def tdd_green(ctx: click.Context, repo: str) -> None:
 @click.pass_context
 def tdd_status(ctx: click.Context, repo: str) -> None:
     """Roles, artifacts (with approval drift), items and the next step."""
+    from ..workflow import tdd
+
     data = tdd.status(workspace(ctx, repo))
     if as_json():
         emit_json(data)

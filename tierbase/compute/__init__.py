@@ -1,7 +1,8 @@
 """Postgres binaries, clusters and their processes.
 
-``Postgres``/``Endpoint``/``SUPERUSER`` live in ``postgres.py``, which imports psycopg; they are
-resolved on first use so that importing this package (the CLI does, through ``home``) stays cheap.
+``Postgres`` lives in ``postgres.py``, which imports psycopg; it is resolved on first use so that
+importing this package stays cheap. The value types (``Endpoint``, ``ComputeUser``) are the provider
+boundary's (provider/types.py).
 """
 
 from __future__ import annotations
@@ -9,17 +10,18 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..procs import pid_alive
-from .binaries import ComputeUser, PgBinaries, compute_user, find_binaries
+from ..provider.types import SUPERUSER, ComputeUser, Endpoint
+from .binaries import PgBinaries, compute_user, find_binaries
 
 if TYPE_CHECKING:
-    from .postgres import SUPERUSER, Endpoint, Postgres
+    from .postgres import Postgres
 
 __all__ = ["SUPERUSER", "ComputeUser", "Endpoint", "PgBinaries", "Postgres", "compute_user", "find_binaries",
            "pid_alive"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("SUPERUSER", "Endpoint", "Postgres"):
+    if name == "Postgres":
         from . import postgres
 
         return getattr(postgres, name)

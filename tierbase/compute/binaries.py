@@ -11,6 +11,8 @@ from functools import cache
 from pathlib import Path
 
 from ..errors import BinariesNotFound, ComputeError
+from ..provider.types import ComputeUser
+from ..settings import from_env, value
 
 NEEDED = ("initdb", "postgres", "pg_ctl", "pg_basebackup", "pg_controldata", "pg_restore", "pg_dump", "psql")
 
@@ -26,7 +28,7 @@ class PgBinaries:
 
 def _candidates() -> list[Path]:
     out: list[Path] = []
-    env = os.environ.get("TIERBASE_PG_BINDIR")
+    env = from_env("pg_bindir")
     if env:
         return [Path(env)]  # an explicit choice is never second-guessed
     pg_config = shutil.which("pg_config")
@@ -63,35 +65,12 @@ def find_binaries() -> PgBinaries:
     )
 
 
-@dataclass(frozen=True)
-class ComputeUser:
-    """The OS user postgres runs as. Postgres refuses root, so root delegates."""
-
-    name: str
-    uid: int
-    gid: int
-
-    @property
-    def is_self(self) -> bool:
-        return self.uid == os.geteuid()
-
-    def run_kwargs(self) -> dict[str, object]:
-        """subprocess keyword arguments that drop to this user when needed."""
-        if self.is_self:
-            return {}
-        return {"user": self.uid, "group": self.gid, "extra_groups": []}
-
-    def chown(self, path: Path) -> None:
-        if not self.is_self:
-            os.chown(path, self.uid, self.gid)
-
-
 @cache
 def compute_user() -> ComputeUser:
     if os.geteuid() != 0:
         entry = pwd.getpwuid(os.geteuid())
         return ComputeUser(entry.pw_name, entry.pw_uid, entry.pw_gid)
-    name = os.environ.get("TIERBASE_COMPUTE_USER", "postgres")
+    name = str(value("compute_user"))
     try:
         entry = pwd.getpwnam(name)
     except KeyError as err:

@@ -14,13 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidInput
+from ..settings import default
 
 RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 LINUX_DEFAULT_RANGE = (32768, 60999)
 #: how many ports the computes of one data dir may use, from the base up
-COMPUTE_PORTS = 2000
-#: the preferred block: API, proxy, then the computes, well below 32768
-API_PORT, PROXY_PORT, PORT_BASE = 25430, 25431, 25432
+COMPUTE_PORTS: int = default("compute_ports")
+#: the preferred block: API, proxy, then the computes, well below 32768 (settings.py)
+API_PORT: int = default("api_port")
+PROXY_PORT: int = default("proxy_port")
+PORT_BASE: int = default("port_base")
 LOWEST = 1024  # below it only root may bind, and the service is not root
 
 

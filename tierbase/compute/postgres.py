@@ -15,17 +15,16 @@ import shlex
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
-from psycopg.conninfo import make_conninfo
 
 from ..errors import ComputeError, DiskFull
 from ..procs import pid_alive
-from .binaries import ComputeUser, PgBinaries, compute_user, find_binaries
+from ..provider.types import SUPERUSER, ComputeUser, Endpoint
+from ..settings import value
+from .binaries import PgBinaries, compute_user, find_binaries
 
-SUPERUSER = "tierbase"
 # Settings every cluster gets at initdb; inherited by every branch through the snapshot.
 BASE_CONF = """
 # --- tierbase: settings below are managed by tierbase ---
@@ -69,29 +68,9 @@ ALTER DATABASE postgres OWNER TO tb_owner;
 
 """
 # Skip the fork-time CHECKPOINT when less WAL than this was written since the last one.
-CHECKPOINT_MIN_WAL = int(os.environ.get("TIERBASE_CHECKPOINT_MIN_WAL", 16 * 1024 * 1024))
+CHECKPOINT_MIN_WAL: int = value("checkpoint_min_wal")
 # Files of a running cluster that must not travel into a copy of it.
 RUNTIME_FILES = ("postmaster.pid", "postmaster.opts")
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """How to reach one compute: a unix socket directory (peer auth, no password) or a TCP host."""
-
-    host: str
-    port: int
-    user: str
-    password: str = ""
-    dbname: str = "postgres"
-
-    def dsn(self, dbname: str | None = None) -> str:
-        return make_conninfo("", host=self.host, port=self.port, user=self.user, dbname=dbname or self.dbname,
-                             **({"password": self.password} if self.password else {}))
-
-    @property
-    def socket(self) -> str | None:
-        """The unix socket file, when ``host`` is a socket directory."""
-        return f"{self.host}/.s.PGSQL.{self.port}" if self.host.startswith("/") else None
 
 
 def _space_error(err: BaseException | str, where: Path) -> DiskFull:

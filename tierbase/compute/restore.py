@@ -36,8 +36,9 @@ import psycopg
 from psycopg import sql
 
 from ..errors import BadDump, InvalidInput, RestoreFailed
+from ..provider.types import Endpoint
 from .binaries import find_binaries
-from .postgres import Endpoint, Postgres
+from .postgres import Postgres
 from .psqlscan import scan
 
 # pg_backup.h ArchiveFormat, at byte 10 of an archive header: "PGDMP", major, minor, rev, intSize, offSize.

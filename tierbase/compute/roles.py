@@ -20,10 +20,7 @@ costs no role upkeep and ``pg_ident.conf`` can name them statically.
 
 from __future__ import annotations
 
-from .postgres import SUPERUSER
+# the names live with the boundary's value types, shared with the layers above
+from ..provider.types import DIRECT_GROUP, OWNER_ROLE, PLATFORM_ROLES, READER_ROLE, SUPERUSER
 
-OWNER_ROLE = "tb_owner"
-READER_ROLE = "tb_reader"
-#: group of the login roles that may connect over TCP (platform engineers' ``--direct`` URLs)
-DIRECT_GROUP = "tb_direct"
-PLATFORM_ROLES = (SUPERUSER, OWNER_ROLE, READER_ROLE)
+__all__ = ["DIRECT_GROUP", "OWNER_ROLE", "PLATFORM_ROLES", "READER_ROLE", "SUPERUSER"]

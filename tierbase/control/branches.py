@@ -13,7 +13,7 @@ are in lifecycle.py):
   again) in one transaction; a dead owner before that means undo (the old
   volume stays), and whichever volume is not referenced is removed.
 
-Start, stop, suspend, reset and delete take the branch's lock (locks.py) from
+Start, stop, suspend, reset and delete take the branch's lock (the provider's ``lock``) from
 their check to their act and re-read the row under it: a wake-up arriving in
 the middle of a reset waits for it and starts the new volume, never the old.
 Reconcile audits every roll-forward and undo in the name of the principal the
@@ -32,11 +32,10 @@ from ..errors import ComputeError, Refused
 from ..failpoints import failpoint
 from ..names import check_name
 from .lifecycle import Op, State, check_op
-from .locks import branch_lock
 from .store import Branch, Kind, Store, port_free, token_alive
 
 if TYPE_CHECKING:
-    from ..provider import LocalProvider
+    from ..provider import Provider
 
 
 #: prepare(volume, port) -> the masking rules applied (None: unmasked)
@@ -55,7 +54,7 @@ def new_volume(name: str) -> str:
 
 
 class Branches:
-    def __init__(self, store: Store, provider: LocalProvider) -> None:
+    def __init__(self, store: Store, provider: Provider) -> None:
         self.store = store
         self.provider = provider
         self.audit: Audit | None = None
@@ -64,7 +63,7 @@ class Branches:
 
     def lock(self, name: str, *, shared: bool = False) -> contextlib.AbstractContextManager[None]:
         """The branch's lifecycle lock (re-entrant in a thread; excludes other threads and processes)."""
-        return branch_lock(self.provider.locks, name, shared=shared)
+        return self.provider.lock(name, shared=shared)
 
     def _audit(self, **record: Any) -> None:
         if self.audit is not None:
@@ -105,7 +104,8 @@ class Branches:
                 with self.lock(parent, shared=True):  # the parent's row and volume hold still while it is copied
                     p = self.store.get(parent)
                     check_op(parent, p.state, Op.BRANCH)
-                    lsn = self.provider.fork(parent, p.volume, p.port, b.volume, readonly=kind is Kind.SNAPSHOT)
+                    lsn = self.provider.fork(parent, p.volume, p.port, b.volume, readonly=kind is Kind.SNAPSHOT,
+                                             limited=kind is not Kind.TIER)
             masking = p.masked_by or None
             if prepare is not None:
                 masking = prepare(b.volume, b.port)
@@ -178,7 +178,8 @@ class Branches:
                 with self.lock(b.parent, shared=True):
                     p = self.store.get(b.parent)
                     check_op(p.name, p.state, Op.BRANCH)
-                    lsn = self.provider.fork(p.name, p.volume, p.port, volume, readonly=b.kind is Kind.SNAPSHOT)
+                    lsn = self.provider.fork(p.name, p.volume, p.port, volume, readonly=b.kind is Kind.SNAPSHOT,
+                                             limited=b.kind is not Kind.TIER)
                 masking = p.masked_by or None
                 if prepare is not None:
                     masking = prepare(volume, b.port)
@@ -191,7 +192,7 @@ class Branches:
                 raise
             old = self.store.swap_volume(name, volume, lsn, masking)
             failpoint("reset:swapped")
-            self.provider.driver.delete(old)
+            self.provider.discard(old)
             if was_running:
                 self.start(name)
         return self.store.get(name)
@@ -278,9 +279,9 @@ class Branches:
             else:
                 self.store.drop_intent(row["volume"])
         referenced = {b.volume for b in self.store.all()} | live_intents
-        for vol in self.provider.driver.volumes():
+        for vol in self.provider.volumes():
             if vol not in referenced:
-                self.provider.driver.delete(vol)
+                self.provider.discard(vol)
                 done.append(f"removed orphan volume {vol!r}")
         return done
 

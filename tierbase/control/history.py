@@ -27,9 +27,9 @@ import psycopg
 
 from ..compute import archive
 from ..errors import OutsideHistory, TierbaseError
+from ..provider.locks import branch_lock
 from ..storage import Source
 from .lifecycle import Op, check_op
-from .locks import branch_lock
 from .store import Branch, Store
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from ..errors import BranchBusy
+from ..errors import TierbaseError
 
 
 class State(StrEnum):
@@ -54,8 +54,11 @@ REQUIRES: dict[Op, State] = {op: State.READY for op in Op}
 _DOING = {State.CREATING: "still being created", State.RESETTING: "being reset", State.DELETING: "being deleted"}
 
 
-class TransitionError(BranchBusy):
+class TransitionError(TierbaseError):
+    """The branch is in the middle of another operation (or gone): wait and retry."""
+
     code = "branch_busy"
+    http_status = 409
 
 
 def check_transition(name: str, current: State | None, to: State | None) -> None:

@@ -33,30 +33,10 @@ from typing import Any
 from ..control.store import Store
 from ..errors import TierbaseError
 from ..failpoints import failpoint
+from ..settings import default
 from .anchor import Head, HeadFile, HeadRead
 from .floods import FailureAggregator
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit (
-    id        INTEGER PRIMARY KEY,
-    ts        REAL NOT NULL,
-    actor     TEXT NOT NULL,
-    action    TEXT NOT NULL,
-    target    TEXT NOT NULL,
-    decision  TEXT NOT NULL,      -- allowed | denied
-    reason    TEXT NOT NULL,
-    outcome   TEXT NOT NULL,      -- ok | error: ... | refused
-    before    TEXT,               -- JSON
-    after     TEXT,               -- JSON
-    prev_hash TEXT NOT NULL,
-    hash      TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit_head (   -- the newest record, moved in the same transaction as the append
-    one  INTEGER PRIMARY KEY CHECK (one = 1),
-    id   INTEGER NOT NULL,
-    hash TEXT NOT NULL
-);
-"""
 GENESIS = "0" * 64
 FIELDS = ("id", "ts", "actor", "action", "target", "decision", "reason", "outcome", "before", "after")
 
@@ -76,12 +56,12 @@ class Verdict:
 
 
 class AuditLog:
-    def __init__(self, store: Store, key: bytes, head: Path | None = None, *, window: float = 60.0) -> None:
+    def __init__(self, store: Store, key: bytes, head: Path | None = None, *,
+                 window: float = default("audit_window")) -> None:
         self.store = store
         self.key = key
         self.head = HeadFile(head or store.path.with_name("audit.head"), key)
         self.failures = FailureAggregator(self.append, window=window)
-        store.db.executescript(SCHEMA)
         self._catch_up()
 
     def _catch_up(self) -> None:

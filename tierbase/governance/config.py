@@ -64,6 +64,17 @@ class Config:
     grants: dict[str, tuple[str, ...]]
     masking: dict[str, str]
     project: dict[str, Any] = field(default_factory=dict)
+    #: roles whose principals may only read (``roles.X.read_only``): enforced by the policy and the compute role
+    read_only_roles: frozenset[str] = frozenset()
+    #: per-principal limits by role (``quotas.ROLE`` or ``quotas.default``): branches, computes, bytes
+    quotas: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def read_only(self, role: str) -> bool:
+        return role in self.read_only_roles
+
+    def quota(self, role: str) -> dict[str, int]:
+        """The limits a principal of ``role`` lives under ({} when none is declared)."""
+        return dict(self.quotas.get(role, self.quotas.get("default", {})))
 
     @property
     def digest(self) -> str:
@@ -135,13 +146,47 @@ def parse_config(text: str, source: str = "tierbase.toml") -> Config:
     if problems:
         raise ConfigError(problems, source)
     try:
+        from .classify import image_tiers, sensitive_tables
         from .masking import parse_rules
 
         parse_rules(raw.get("masking", {}))
+        sensitive_tables(raw.get("masking", {}))
+        unknown = [t for t in image_tiers(raw.get("masking", {})) if not tiers.get(t) or not tiers[t].sensitive]
+        if unknown:
+            raise InvalidInput(f"masking.image: {', '.join(map(repr, unknown))} is not a tier declared sensitive",
+                               "List sensitive tiers only")
     except InvalidInput as err:
         raise ConfigError([err.message], source) from err
+    read_only = frozenset(n for n, spec in raw.get("roles", {}).items() if spec.get("read_only"))
+    quotas, problems = _quotas(raw.get("quotas", {}), roles)
+    if problems:
+        raise ConfigError(problems, source)
     return Config(raw=raw, text=text, tiers=tiers, roles=roles, grants=grants, masking=dict(raw.get("masking", {})),
-                  project=dict(raw.get("project", {})))
+                  project=dict(raw.get("project", {})), read_only_roles=read_only, quotas=quotas)
+
+
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def _quotas(raw: dict[str, Any], roles: dict[str, str]) -> tuple[dict[str, dict[str, int]], list[str]]:
+    """``[quotas.ROLE]`` tables as numbers; a role that is not declared, or a size that is not one, is a problem."""
+    out: dict[str, dict[str, int]] = {}
+    problems = []
+    for role, spec in raw.items():
+        if role != "default" and role not in roles:
+            problems.append(f"quotas.{role}: unknown role {role!r} (known: default, {', '.join(roles)})")
+            continue
+        limits = {k: int(v) for k, v in spec.items() if k != "bytes"}
+        if "bytes" in spec:
+            text = str(spec["bytes"]).strip().upper().removesuffix("B").removesuffix("I")
+            unit = text[-1:] if text[-1:] in _UNITS else ""
+            number = text[:-1] if unit else text
+            if not number.isdigit():
+                problems.append(f"quotas.{role}.bytes: {spec['bytes']!r} is not a size (e.g. 2G, 512M, 1048576)")
+                continue
+            limits["bytes"] = int(number) * _UNITS[unit]
+        out[role] = limits
+    return out, problems
 
 
 def _schema_problem(err: jsonschema.ValidationError) -> str:

@@ -23,6 +23,7 @@ from ..control.store import Branch, Kind, Store
 from ..errors import PolicyDenied, TierbaseError, translate
 from ..failpoints import failpoint
 from ..home import Home
+from ..settings import default
 from .audit import AuditLog
 from .config import Config, ConfigError, default_config, parse_config
 from .policy import Action, Decision, PolicyEngine, Subject
@@ -46,7 +47,7 @@ def os_principal_name() -> str:
 
 #: Connections are many: the trail records the first of each (who, what, where, outcome) per window
 #: and carries the number of the others into the next record of that kind.
-AUDIT_WINDOW = 60.0
+AUDIT_WINDOW: float = default("audit_window")
 
 
 class Gate:
@@ -145,7 +146,19 @@ class Gate:
         tier = self.tier_of(b, routes)
         spec = self.config.tiers.get(tier) if tier else None
         return Subject(name=name, kind=b.kind.value, protected=b.protected, owner=b.creator, tier=tier,
-                       protected_tier=tier if spec is not None and spec.protected else None)
+                       protected_tier=tier if spec is not None and spec.protected else None,
+                       unmasked_of=self._unmasked_of(b, routes))
+
+    def _unmasked_of(self, b: Branch, routes: dict[str, str]) -> str | None:
+        """The sensitive tier whose data ``b`` holds unmasked (None once masking is on the way down, or
+        when no masking is declared: then sensitivity has nothing to protect with)."""
+        if b.masked_by or not self.config.masking:
+            return None
+        for x in self.lineage(b):
+            t = self._declared_tier(x, routes)
+            if t is not None and self.config.tiers[t].sensitive:
+                return t
+        return None
 
     def tier_of(self, b: Branch, routes: dict[str, str] | None = None) -> str | None:
         """The declared tier whose data ``b`` holds: the nearest ancestor (or itself) that is one.

@@ -6,7 +6,9 @@ itself (``sha256()``, no pgcrypto), under a key derived from the project's secre
 input gives the same output on every branch and in every table (joins and unique keys
 hold), and nobody without the key can precompute a dictionary of masks. NULL stays NULL.
 
-* ``email``   ``'u' || <first 16 hex of the HMAC> || '@example.invalid'`` (33 characters).
+* ``email``   a valid address (EMAIL_VALID) becomes ``'u' || <hex of the HMAC> || '@example.invalid'``
+  with as many hex digits as keep its length (13 to 64: 30 to 81 characters); a malformed one is
+  masked like ``partial``, so it stays malformed in the same way.
 * ``hash``    the HMAC's 64 hex digits, cut to n for varchar(n)/char(n).
 * ``partial`` same length and shape: the last 2 characters stay (if the value has 6 or more),
   ASCII punctuation and spaces stay; each digit becomes a keyed digit, each ASCII letter a keyed
@@ -16,6 +18,10 @@ hold), and nobody without the key can precompute a dictionary of masks. NULL sta
   key, rounded to the column's scale and clamped to its range. Sign kept, non-zero stays
   non-zero, so checks like ``amount >= 0`` or ``> 0`` keep holding.
 * ``null``    NULL (nullable columns).  ``redact``: ``'REDACTED'`` (cut to n for varchar(n)).
+* ``shift``   dates and timestamps: moved back by a keyed number of whole days in [0, 30], the same for
+  every shifted column of a row (keyed by its primary key), so the order of a row's dates holds.
+* ``safe``    declared safe: kept as it is (classification, see classify.py).
+* ``hash`` also masks ``boolean`` (a keyed bit from the value and the primary key) and ``uuid`` (a keyed uuid).
 
 One transaction, one UPDATE per table, with ``session_replication_role = replica`` so user
 (and foreign-key) triggers stay quiet; then the foreign keys and deferrable unique keys on
@@ -38,14 +44,23 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from ..errors import InvalidInput, TierbaseError
+from .masking_owner import hand_over
 
-METHODS = ("email", "hash", "partial", "noise", "null", "redact")
+METHODS = ("email", "hash", "partial", "noise", "null", "redact", "shift", "safe")
 #: methods that map distinct values to distinct values (with negligible collision odds)
 INJECTIVE = ("email", "hash")
 TEXT_TYPES = ("text", "varchar", "bpchar", "citext")
 INT_RANGES = {"int2": (-(2**15), 2**15 - 1), "int4": (-(2**31), 2**31 - 1), "int8": (-(2**63), 2**63 - 1)}
 NUMERIC_TYPES = (*INT_RANGES, "numeric", "float4", "float8")
-EMAIL_LENGTH = 33  # 'u' + 16 hex + '@example.invalid'
+TIME_TYPES = ("date", "timestamp", "timestamptz")
+HASHABLE = (*TEXT_TYPES, "bool", "uuid")  # hash on bool: a keyed bit per row; on uuid: a keyed uuid
+SHIFT_DAYS = 30  # shift: dates and timestamps move back by a keyed whole number of days in [0, 30]
+#: what ``email`` counts as a valid address (the HTML living standard's): those become
+#: ``u<16 hex>@example.invalid``; any other value keeps its shape (``partial``), so it stays malformed
+#: (``\x25`` is ``%``, which psycopg would take for a placeholder)
+EMAIL_VALID = (r"^[A-Za-z0-9.!#$\x25&'*+/=?^_`{|}~-]+@[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+               r"(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)+$")
+EMAIL_LENGTH = 30  # the shortest mask of a valid address: 'u' + 13 hex + '@example.invalid' (else as long)
 HASH_LENGTH = 64
 UNROLL = 64  # partial: values up to this many characters get the fast, unrolled expression
 KEY_CONTEXT = b"tierbase masking v1"
@@ -77,7 +92,7 @@ def parse_rules(mapping: Mapping[str, Any]) -> list[MaskRule]:
     problems: list[str] = []
     rules: list[MaskRule] = []
     seen: dict[tuple[str, str, str], str] = {}
-    for key, method in _flatten(mapping):
+    for key, method in _flatten({k: v for k, v in mapping.items() if k not in ("sensitive", "image")}):  # classify.py
         parts = key.split(".")
         if len(parts) not in (2, 3) or not all(p and p == p.strip() and '"' not in p for p in parts):
             problems.append(f"masking.{key}: a rule's key is table.column or schema.table.column")
@@ -319,17 +334,19 @@ def _column_problems(rule: MaskRule, t: Table, col: Column) -> list[str]:
         out.append(f"{key}: null on a NOT NULL column; use redact or hash")
     if m == "noise" and col.base not in NUMERIC_TYPES:
         out.append(f"{key}: noise needs a numeric column, {col.name} is {col.type_sql}")
-    if m in ("email", "hash", "partial", "redact") and col.base not in TEXT_TYPES:
+    if col.base not in (HASHABLE if m == "hash" else TEXT_TYPES) and m in ("email", "hash", "partial", "redact"):
         out.append(f"{key}: {m} needs a text column, {col.name} is {col.type_sql}")
+    if m == "shift" and col.base not in TIME_TYPES:
+        out.append(f"{key}: shift needs a date or timestamp column, {col.name} is {col.type_sql}")
     n = col.length
     if col.base in TEXT_TYPES and n is not None:
         if m == "email" and n < EMAIL_LENGTH:
-            out.append(f"{key}: email writes {EMAIL_LENGTH} characters, {col.name} is {col.type_sql}")
+            out.append(f"{key}: email writes at least {EMAIL_LENGTH} characters, {col.name} is {col.type_sql}")
         if m == "hash" and n < 8:
             out.append(f"{key}: hash needs at least 8 characters to stay unguessable, {col.name} is {col.type_sql}")
         if m == "hash" and n < 16 and rule.column in t.unique:
             out.append(f"{key}: hash of a unique column needs at least 16 characters, {col.name} is {col.type_sql}")
-    if rule.column in t.unique and m not in INJECTIVE:
+    if rule.column in t.unique and (m not in (*INJECTIVE, "safe") or (m == "hash" and col.base == "bool")):
         what = "the primary key" if rule.column in t.primary_key else "a unique key"
         out.append(f"{key}: {col.name} is part of {what} and {m} would make duplicates; use email or hash")
     if rule.column in t.partition_key:
@@ -344,7 +361,7 @@ def _foreign_key_problems(conn: psycopg.Connection[Any], rules: list[MaskRule],
                           tables: Mapping[tuple[str, str], Table | None]) -> list[str]:
     """A masked column linked by a foreign key needs the same injective method on the other side."""
     owner = {oid: t for t in tables.values() if t is not None for oid in t.tree}
-    by_col = {(*r.qualified, r.column): r for r in rules}
+    by_col = {(*r.qualified, r.column): r for r in rules if r.method != "safe"}
     found: dict[tuple[str, str], list[str]] = {}  # (key, other column) -> foreign keys (one per partition)
     for fk in foreign_keys(conn, owner):
         child, parent = fk.child.root, fk.parent.root
@@ -387,11 +404,28 @@ def _expression(rule: MaskRule, t: Table, col: Column, width: int | None = None)
     c = sql.SQL("t.{}").format(sql.Identifier(col.name))
     text = sql.SQL("{}::text").format(c)
     n = col.length
-    if rule.method == "email":
-        return sql.SQL("'u' || substr(encode({}, 'hex'), 1, 16) || '@example.invalid'").format(_mac("email", text))
-    if rule.method == "hash":
-        return sql.SQL("left(encode({}, 'hex'), {})").format(_mac("hash", text),
-                                                            sql.Literal(min(n or HASH_LENGTH, HASH_LENGTH)))
+    if rule.method == "email":  # a valid address stays valid, a malformed one keeps its defect (see EMAIL_VALID)
+        # (an address with capitals gets capitals: checks like ``email = lower(email)`` keep their outcome)
+        return sql.SQL("CASE WHEN {v} ~ {re} THEN CASE WHEN {v} = lower({v}) THEN {e} ELSE upper({e}) END "
+                       "ELSE {p} END").format(
+            v=text, re=sql.Literal(EMAIL_VALID), p=_partial(text, None),
+            e=sql.SQL("'u' || substr(encode({m}, 'hex'), 1, least(64, greatest(13, char_length({v}) - 17))) "
+                      "|| '@example.invalid'").format(m=_mac("email", text), v=text))
+    if rule.method == "hash" and col.base == "uuid":
+        return sql.SQL("substr(encode({}, 'hex'), 1, 32)::uuid").format(_mac("hash", text))
+    if rule.method == "hash" and col.base == "bool":
+        return sql.SQL("CASE WHEN {} IS NULL THEN NULL ELSE mod({}, 2) = 1 END").format(c, _row_u32(t, col, c, "hash"))
+    if rule.method == "shift":  # back only (nothing moves into the future), and by the row's key alone, so the
+        # columns of one row move together: checks like ``return_date >= rental_date`` keep their outcome
+        days = sql.SQL("(-mod({}, {}))::int").format(_row_u32(t, col, c, "shift", by_key=True),
+                                                     sql.Literal(SHIFT_DAYS + 1))
+        step = days if col.base == "date" else sql.SQL("{} * interval '1 day'").format(days)
+        return sql.SQL("CASE WHEN {c} IS NULL THEN NULL ELSE {c} + {s} END").format(c=c, s=step)
+    if rule.method == "safe":
+        return c
+    if rule.method == "hash":  # '' stays '' (an empty value is a shape tests look for)
+        return sql.SQL("CASE WHEN {v} = '' THEN '' ELSE left(encode({m}, 'hex'), {n}) END").format(
+            v=text, m=_mac("hash", text), n=sql.Literal(min(n or HASH_LENGTH, HASH_LENGTH)))
     if rule.method == "partial":
         return _partial(text, width)
     if rule.method == "noise":
@@ -429,11 +463,17 @@ def _partial_char(ch: sql.Composable, i: sql.Composable, offset: sql.Composable)
         " ELSE {ch} END").format(i=i, ch=ch, b=b)
 
 
-def _noise(t: Table, col: Column, c: sql.Composable) -> sql.Composed:
-    parts = [sql.SQL("{}::text").format(c)]
-    parts += [sql.SQL("t.{}::text").format(sql.Identifier(k)) for k in t.primary_key if k != col.name]
+def _row_u32(t: Table, col: Column, c: sql.Composable, method: str, by_key: bool = False) -> sql.Composed:
+    """32 keyed bits from the value and the row's primary key (so equal values of two rows differ);
+    ``by_key``: from the key alone when there is one (every column of the row gets the same bits)."""
+    keys = [sql.SQL("t.{}::text").format(sql.Identifier(k)) for k in t.primary_key if k != col.name]
+    parts = keys if by_key and keys else [sql.SQL("{}::text").format(c), *keys]
     message = sql.SQL("concat_ws(chr(31), {})").format(sql.SQL(", ").join(parts))
-    u32 = sql.SQL("('x' || substr(encode({}, 'hex'), 1, 8))::bit(32)::bigint").format(_mac("noise", message))
+    return sql.SQL("('x' || substr(encode({}, 'hex'), 1, 8))::bit(32)::bigint").format(_mac(method, message))
+
+
+def _noise(t: Table, col: Column, c: sql.Composable) -> sql.Composed:
+    u32 = _row_u32(t, col, c, "noise")
     factor = sql.SQL("(0.9 + 0.2 * {}::numeric / 4294967295)").format(u32)
     if col.base in ("float4", "float8"):
         return sql.SQL("{} * {}::float8").format(c, factor)
@@ -452,19 +492,28 @@ def _clamp(value: sql.Composable, lo: Decimal, hi: Decimal) -> sql.Composed:
     return sql.SQL("least(greatest({}, {}::numeric), {}::numeric)").format(value, *map(sql.Literal, (str(lo), str(hi))))
 
 
-def update_statement(t: Table, rules: list[MaskRule], widths: Mapping[str, int] | None = None) -> sql.Composed:
+def update_statement(t: Table, rules: list[MaskRule], widths: Mapping[str, int] | None = None,
+                     where: sql.Composable | None = None) -> sql.Composed:
     """One UPDATE for the rules of one table (``widths``: longest value of each partial column, see _partial)."""
+    rules = [r for r in rules if r.method != "safe"]
     sets = [sql.SQL("{} = {}").format(sql.Identifier(r.column),
                                       _expression(r, t, t.columns[r.column], (widths or {}).get(r.column)))
             for r in rules]
     touched = [sql.SQL("t.{} IS NOT NULL").format(sql.Identifier(r.column)) for r in rules]
-    return sql.SQL("UPDATE {} AS t SET {} WHERE {}").format(t.ident, sql.SQL(", ").join(sets),
-                                                            sql.SQL(" OR ").join(touched))
+    cond = sql.SQL("({})").format(sql.SQL(" OR ").join(touched))
+    if where is not None:
+        cond = sql.SQL("{} AND ({})").format(cond, where)
+    return sql.SQL("UPDATE {} AS t SET {} WHERE {}").format(t.ident, sql.SQL(", ").join(sets), cond)
 
 
 # -- applying -------------------------------------------------------------------------------------------------
-def apply_masking(conn: psycopg.Connection[Any], rules: list[MaskRule], key: bytes) -> dict[str, Any]:
+def apply_masking(conn: psycopg.Connection[Any], rules: list[MaskRule], key: bytes,
+                  owner: str | None = None) -> dict[str, Any]:
     """Mask ``rules`` in one transaction on ``conn`` (a superuser session on the branch) and commit.
+
+    With ``owner`` (the branch owner role), the database and its objects are first handed to that
+    role and the masking itself runs as it (masking_owner.py), so the owner can work on the branch
+    and no user-defined code runs with the superuser's rights.
 
     Refuses (InvalidInput, nothing changed) when check_rules finds a problem; any failure
     rolls everything back and raises TierbaseError.
@@ -478,6 +527,10 @@ def apply_masking(conn: psycopg.Connection[Any], rules: list[MaskRule], key: byt
     try:
         with conn.transaction():
             _prepare_session(conn)
+            if owner is not None:
+                report["handed_over"] = hand_over(conn, owner)
+                # row_security off: a FORCE ROW LEVEL SECURITY policy must fail loudly, not hide rows
+                conn.execute(sql.SQL("SET LOCAL ROLE {}; SET LOCAL row_security = off").format(sql.Identifier(owner)))
             problems, tables = _check(conn, rules)
             if problems:
                 raise InvalidInput("; ".join(problems), "Fix the [masking] rules of tierbase.toml; "
@@ -490,7 +543,9 @@ def apply_masking(conn: psycopg.Connection[Any], rules: list[MaskRule], key: byt
             for view in report["refreshed"]:
                 conn.execute(sql.SQL("ANALYZE {}").format(sql.SQL(view)))
     except psycopg.Error as err:
-        raise TierbaseError(f"masking failed and was rolled back: {str(err).strip()}",
+        from .masking_rows import primary_message
+
+        raise TierbaseError(f"masking failed and was rolled back: {primary_message(err)}",
                             "Fix the rule or the data it trips over; the branch holds unmasked data, "
                             "so delete it") from err
     report["seconds"] = round(time.perf_counter() - t0, 3)
@@ -516,10 +571,27 @@ def _mask_tables(conn: psycopg.Connection[Any], rules: list[MaskRule],
     masked: list[Table] = []
     for qualified, t in tables.items():
         assert t is not None  # check_rules passed
-        mine = [r for r in rules if r.qualified == qualified]
+        mine = [r for r in rules if r.qualified == qualified and r.method != "safe"]
+        if not mine:
+            continue
         t1 = time.perf_counter()
         widths = {r.column: _longest(conn, t, r.column) for r in mine if r.method == "partial"}
-        cur = conn.execute(update_statement(t, mine, widths), pads)
+        try:
+            with conn.transaction():  # a savepoint: on failure, the transaction stays usable to find the row
+                cur = conn.execute(update_statement(t, mine, widths), pads)
+        except psycopg.Error as err:
+            from .masking_rows import failing_row, primary_message  # (it imports this module)
+
+            def update(where: sql.Composable, t: Table = t, mine: list[MaskRule] = mine,
+                       widths: dict[str, int] = widths) -> sql.Composed:
+                return update_statement(t, mine, widths, where)
+
+            row = failing_row(conn, t, update, pads)
+            at = f", row {row}" if row else ""
+            raise TierbaseError(f"masking failed and was rolled back: {primary_message(err)} (table "
+                                f"{t.schema}.{t.name}{at})", "Fix the rule or the data it trips over; nothing "
+                                "was masked and the branch was not made", table=f"{t.schema}.{t.name}",
+                                row=row) from None
         name = mine[0].table
         report["tables"][name] = cur.rowcount
         report["timings"][name] = round(time.perf_counter() - t1, 3)
@@ -535,7 +607,7 @@ def _longest(conn: psycopg.Connection[Any], t: Table, column: str) -> int:
 def _validate(conn: psycopg.Connection[Any], rules: list[MaskRule], masked: list[Table]) -> list[str]:
     """Re-check what replica mode does not: foreign keys and deferrable unique keys on masked columns."""
     checked: list[str] = []
-    cols = {(*r.qualified, r.column) for r in rules}
+    cols = {(*r.qualified, r.column) for r in rules if r.method != "safe"}
     for fk in foreign_keys(conn, {oid: t for t in masked for oid in t.tree}):
         if not fk.validated or not (any((*fk.child.root, c) in cols for c in fk.child_cols)
                                     or any((*fk.parent.root, c) in cols for c in fk.parent_cols)):

@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 
-from ..compute.roles import READER_ROLE
+from ..provider import READER_ROLE
 
 DDL = """
 CREATE TABLE IF NOT EXISTS audit_log (

@@ -1,6 +1,7 @@
 """The policy engine: every control-plane action is decided here, with a reason.
 
 Order of evaluation, first match wins:
+0. read-only roles (``roles.X.read_only``) may only read,
 1. built-in agent rules (hold whatever the config says; no override exists),
 2. protection of protected tiers,
 3. the platform-engineer role,
@@ -33,6 +34,7 @@ class Action(StrEnum):
     BRANCH_START = "branch.start"
     BRANCH_STOP = "branch.stop"
     BRANCH_CONNECT = "branch.connect"    # receive Postgres credentials for the branch
+    BRANCH_SQL = "branch.sql"            # run SQL through the API: decided as branch.connect
     BRANCH_IMPORT = "branch.import"
     ROUTE_SET = "route.set"
     PROMOTE = "promote"                  # target: the tier promoted into; source: where from
@@ -41,6 +43,10 @@ class Action(StrEnum):
     POLICY_RELOAD = "policy.reload"
     PRINCIPAL_MANAGE = "principal.manage"
     AUDIT_READ = "audit.read"
+
+
+#: what a read-only role may still do: read (connect as tb_reader, SQL as tb_reader, the trail), wake a compute
+READS = frozenset({Action.BRANCH_CONNECT, Action.BRANCH_SQL, Action.BRANCH_START, Action.AUDIT_READ})
 
 
 def parse_action(text: str) -> Action:
@@ -63,6 +69,8 @@ class Subject:
     tier: str | None = None
     #: that tier when it is protected: whatever holds a protected tier's data is that tier for agents
     protected_tier: str | None = None
+    #: the sensitive tier whose data it holds unmasked (no masking on the way down from it)
+    unmasked_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,12 @@ class PolicyEngine:
 
     def decide(self, who: Principal, action: Action, target: Subject, source: Subject | None = None) -> Decision:
         role = self.config.base_role(who.role)
-        for step in (self._agent_rules, self._protection, self._platform_engineer, self._declared, self._ownership):
+        if self.config.read_only(who.role) and action not in READS:
+            return deny("role.read-only", f"{who.role!r} is a read-only role: it cannot do {action.value}")
+        if action is Action.BRANCH_SQL:  # SQL through the platform is a connection through it: the same rules
+            action = Action.BRANCH_CONNECT
+        for step in (self._agent_rules, self._protection, self._platform_engineer, self._unmasked, self._declared,
+                     self._ownership):
             got = step(who, role, action, target, source)
             if got is not None:
                 return got
@@ -158,6 +171,20 @@ class PolicyEngine:
         if role == "platform-engineer":
             return allow("role.platform-engineer", "platform engineers may do this")
         return None
+
+    # 3b ------------------------------------------------------------------------
+    def _unmasked(self, who: Principal, role: str, action: Action, target: Subject,
+                  source: Subject | None) -> Decision | None:
+        """Credentials on unmasked sensitive data need the unmasked-read grant, whoever owns the branch:
+        masking its children protects nothing if anyone may read the tier itself."""
+        if action is not Action.BRANCH_CONNECT or target.unmasked_of is None:
+            return None
+        allowed = self.config.grants.get("unmasked_read", ())
+        if who.role in allowed:
+            return None
+        return deny("grants.unmasked_read", f"{target.name!r} holds the data of the sensitive tier "
+                    f"{target.unmasked_of!r} unmasked, and only {', '.join(allowed) or 'nobody'} hold the "
+                    "unmasked_read grant; work on a masked branch of it")
 
     # 4 -------------------------------------------------------------------------
     def _declared(self, who: Principal, role: str, action: Action, target: Subject,

@@ -22,17 +22,6 @@ from ..names import check_name
 
 TOKEN_PREFIX = "tbt_"
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS principals (
-    name        TEXT PRIMARY KEY,
-    role        TEXT NOT NULL,
-    token_hash  TEXT NOT NULL UNIQUE,
-    created_at  REAL NOT NULL,
-    created_by  TEXT NOT NULL,
-    revoked_at  REAL,
-    scram       TEXT            -- SCRAM-SHA-256 verifier of the principal's Postgres password (never the password)
-);
-"""
 SCRAM_ITERATIONS = 4096  # what Postgres itself stores; the client pays the PBKDF2, the proxy only HMACs
 
 
@@ -84,11 +73,6 @@ class PrincipalExists(TierbaseError):
 class Principals:
     def __init__(self, store: Store) -> None:
         self.store = store
-        store.db.executescript(SCHEMA)
-        cols = {r[1] for r in store.db.execute("PRAGMA table_info(principals)")}
-        if "scram" not in cols:  # a data dir made before the proxy authenticated principals
-            with store.write() as db:
-                db.execute("ALTER TABLE principals ADD COLUMN scram TEXT")
 
     def create(self, name: str, role: str, created_by: str, token: str | None = None) -> tuple[Principal, str]:
         check_name(name, "principal")

@@ -13,7 +13,6 @@ from .files import (
     MigrationError,
     MigrationFailed,
     MissingUndo,
-    VerifyFailed,
     discover,
     new_migration,
 )
@@ -37,7 +36,6 @@ __all__ = [
     "MigrationFailed",
     "MissingUndo",
     "Status",
-    "VerifyFailed",
     "VerifyReport",
     "apply",
     "discover",

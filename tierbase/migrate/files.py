@@ -62,10 +62,6 @@ class LintBlocked(Refused):
     code = "lint_blocked"
 
 
-class VerifyFailed(Refused):
-    code = "verify_failed"
-
-
 # -- files --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Migration:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..compute import find_binaries
 from ..errors import TierbaseError
+from ..provider import find_binaries
 from .files import LintBlocked, LintUnavailable, Migration, MigrationError
 from .ledger import transaction_conflicts
 

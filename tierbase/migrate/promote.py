@@ -29,26 +29,6 @@ import psycopg
 from ..control.store import Store, process_token, token_alive
 from ..errors import Refused
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS promotions (
-    id          INTEGER PRIMARY KEY,
-    tier        TEXT NOT NULL,
-    source      TEXT NOT NULL,
-    actor       TEXT NOT NULL,
-    status      TEXT NOT NULL,          -- running | succeeded | rolled-back | failed
-    started_at  REAL NOT NULL,
-    finished_at REAL,
-    duration_ms INTEGER,
-    served_by   TEXT,                   -- the branch that served the tier when the promotion began
-    snapshot    TEXT,                   -- the read-only pre-promotion snapshot
-    serving_now TEXT,                   -- the branch serving the tier when the promotion ended
-    migrations  TEXT NOT NULL DEFAULT '[]',
-    reason      TEXT,
-    owner       TEXT
-);
-CREATE UNIQUE INDEX IF NOT EXISTS one_running_promotion ON promotions(tier) WHERE status = 'running';
-"""
-
 
 def pre_snapshot_name(tier: str, promotion: int) -> str:
     """The read-only snapshot promotion #``promotion`` takes of ``tier`` first.
@@ -80,9 +60,6 @@ class NotValidatedOnSource(Refused):
 @dataclass
 class PromotionLog:
     store: Store
-
-    def __post_init__(self) -> None:
-        self.store.db.executescript(SCHEMA)
 
     def begin(self, tier: str, source: str, actor: str, served_by: str) -> int:
         try:

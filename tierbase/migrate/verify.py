@@ -19,8 +19,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from ..compute import find_binaries
 from ..errors import TierbaseError
+from ..provider import find_binaries
 from .files import Migration, MigrationDrift, MigrationError, MigrationFailed
 from .ledger import LEDGER_SCHEMA, StatementError, apply, run_file, status, undo
 from .lint import LintReport, lint

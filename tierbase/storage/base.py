@@ -13,8 +13,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..compute import ComputeUser, Endpoint
 from ..errors import DiskFull, StorageError
+from ..provider.types import ComputeUser, Endpoint
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,11 @@ class VolumeDriver(ABC):
         """An empty directory owned by the compute user, mode 0700."""
 
     @abstractmethod
-    def clone(self, source: Source, volume: str, *, readonly: bool = False) -> Path:
-        """A copy of ``source`` as it is now (crash-consistent if it is running)."""
+    def clone(self, source: Source, volume: str, *, readonly: bool = False, limited: bool = False) -> Path:
+        """A copy of ``source`` as it is now (crash-consistent if it is running).
+
+        ``limited``: the copy is a feature's, whose own writes count against the features' space limit
+        (drivers without quotas ignore it)."""
 
     @abstractmethod
     def delete(self, volume: str) -> None:

@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from ..compute import Postgres
+from ..provider.types import ComputeUser, Endpoint
 from .base import Source, VolumeDriver, copy_tree, remove_tree
+
+#: backup(endpoint, path): an online copy of the running cluster at ``endpoint`` into ``path``
+#: (pg_basebackup, given by the provider: storage knows volumes, not postgres)
+Backup = Callable[[Endpoint, Path], None]
 
 
 class CopyDriver(VolumeDriver):
     name = "copy"
     copy_on_write = False
 
-    def __init__(self, root: Path, pg: Postgres) -> None:
-        super().__init__(root, pg.user)
-        self.pg = pg
+    def __init__(self, root: Path, user: ComputeUser, backup: Backup) -> None:
+        super().__init__(root, user)
+        self.backup = backup
 
     def prepare(self) -> list[str]:
         super().prepare()
@@ -34,7 +39,7 @@ class CopyDriver(VolumeDriver):
         self._own_dir(path)
         return path
 
-    def clone(self, source: Source, volume: str, *, readonly: bool = False) -> Path:
+    def clone(self, source: Source, volume: str, *, readonly: bool = False, limited: bool = False) -> Path:
         path = self.path(volume)
         ep = source.endpoint
         if ep is None:
@@ -42,11 +47,7 @@ class CopyDriver(VolumeDriver):
             return path
         self.create(volume)
         try:
-            self.pg.run(
-                [self.pg.bins["pg_basebackup"], "-D", str(path), "-h", ep.host, "-p", str(ep.port), "-U", ep.user,
-                 "-X", "stream", "-c", "fast", "-w"],
-                what="pg_basebackup", where=path, env=dict(os.environ, PGPASSWORD=ep.password),
-            )
+            self.backup(ep, path)
         except BaseException:
             self.delete(volume)
             raise

@@ -1,4 +1,4 @@
-"""A fake driver for unit tests of the layers above storage: plain directories.
+"""A fake driver: plain directories, the volumes of the FakeProvider (provider/fake.py).
 
 It copies nothing Postgres-specific and makes no promise of consistency for a
 running source; never use it for a real cluster.
@@ -20,7 +20,7 @@ class FakeDriver(VolumeDriver):
         path.mkdir(parents=True)
         return path
 
-    def clone(self, source: Source, volume: str, *, readonly: bool = False) -> Path:
+    def clone(self, source: Source, volume: str, *, readonly: bool = False, limited: bool = False) -> Path:
         copy_tree(self.path(source.volume), self.path(volume))
         return self.path(volume)
 

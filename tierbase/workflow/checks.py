@@ -15,12 +15,12 @@ import subprocess
 import time
 from typing import Any
 
+from ..git import feature_git_branch
+from .constants import CI_WAIT
 from .errors import Failure, GateFailed
 from .flow import result, wrong_state
 from .state import Transition, iso
 from .workspace import Current, Workspace
-
-CI_WAIT = 1800.0  # how long `flow ci` waits for a runner to take and finish its run
 
 
 # -- ready ---------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ def ready(ws: Workspace) -> dict[str, Any]:
 
 def approve_tests(ws: Workspace, feature: str, sha: str | None) -> dict[str, Any]:
     """A human reviewer accepts the changed tests of one commit (the platform records it, for that SHA only)."""
-    sha = sha or ws.git.sha(f"refs/heads/feature/{feature}")
+    sha = sha or ws.git.sha(f"refs/heads/{feature_git_branch(feature)}")
     if sha is None:
         raise GateFailed("approve-tests", [Failure("unknown-commit", "no commit to approve was named",
                                                    "Pass --sha SHA")])

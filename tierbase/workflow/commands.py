@@ -29,10 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from ..control.locks import branch_lock
 from ..errors import BranchNotFound, InvalidInput, PolicyDenied, TierbaseError
+from ..git import feature_git_branch
 from ..governance.policy import Action, Subject
 from ..names import check_name
+from ..provider import branch_lock
 from . import inventory, testrun
 from .errors import Failure, GateFailed
 from .gitstore import GitStore
@@ -43,33 +44,6 @@ from .state import IN_FLIGHT, FlowState, Transition, effective, iso, next_state,
 if TYPE_CHECKING:
     from ..app import Tierbase
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS flow_tiers (
-    tier        TEXT PRIMARY KEY,
-    git_branch  TEXT NOT NULL,
-    sha         TEXT NOT NULL,      -- the tier's accepted commit: set at registration, moved by merges
-    at          REAL NOT NULL,
-    by          TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS flow_workspaces (
-    workspace   TEXT PRIMARY KEY,
-    owner       TEXT NOT NULL,
-    at          REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS ci_jobs (
-    id           INTEGER PRIMARY KEY,
-    feature      TEXT NOT NULL,
-    sha          TEXT NOT NULL,
-    state        TEXT NOT NULL,      -- queued | running | done
-    requested_by TEXT NOT NULL,
-    runner       TEXT,
-    requested_at REAL NOT NULL,
-    started_at   REAL,
-    finished_at  REAL,
-    result       TEXT,               -- JSON: green, failures, counts
-    log          TEXT
-);
-"""
 CI_TTL = "2h"
 CONFIG_FILE = "tierbase.toml"
 DEFAULT_TEST_COMMAND = "pytest -q"
@@ -94,9 +68,6 @@ class Flow:
     def __init__(self, tb: Tierbase) -> None:
         self.tb = tb
         self.history = FlowHistory(tb.store)
-        if not getattr(tb.store, "_flow_tables", False):  # once per connection, not per request
-            tb.store.db.executescript(SCHEMA)
-            setattr(tb.store, "_flow_tables", True)  # noqa: B010
         self.repo = GitStore(tb.home.root / "flow" / "repo.git")
 
     # -- who -------------------------------------------------------------------------------
@@ -316,13 +287,26 @@ class Flow:
             self.refuse(workspace, "claim", failures)
         made = self.tb.create_branch(feature, tier)
         t = tiers[tier]
-        evidence = {"feature": feature, "git_branch": f"feature/{feature}", "db_branch": feature, "parent": tier,
+        evidence = {"feature": feature, "git_branch": feature_git_branch(feature), "db_branch": feature, "parent": tier,
                     "tier_git_branch": t["git_branch"], "base_sha": t["sha"], "workspace": workspace,
                     "owner": self.me, "owner_role": self.base_role(), "claimed_at": iso(time.time())}
         self.record(feature, Transition.CLAIM, FlowState.FEATURE_CLAIMED, evidence)
         self.record(workspace, Transition.CLAIM, FlowState.FEATURE_CLAIMED, {"feature": feature})
         return {"resumed": False, "feature": feature, "evidence": evidence, "said": [
             f"created database branch {feature!r} from tier {tier!r} in {made.get('elapsed_ms', '?')} ms"]}
+
+    def rolled_back_failures(self, tier: str, files: list[str]) -> list[Failure]:
+        """A commit that still holds migrations a rollback of the tier took away would promote them again."""
+        gone = self.tb.rolled_back_migrations(tier)
+        back = [f for f in files if f.removesuffix(".sql") in gone]
+        if not back:
+            return []
+        ids = sorted({gone[f.removesuffix(".sql")] for f in back})
+        return [Failure("migration-rolled-back", f"{', '.join(back)} {'was' if len(back) == 1 else 'were'} rolled "
+                        f"back on {tier!r} (rollback #{', #'.join(map(str, ids))}) and this commit still has "
+                        f"{'it' if len(back) == 1 else 'them'}",
+                        "Commit the revert `tierbase rollback` proposed (remove the files; write a new migration "
+                        "for the fixed change), then run `tierbase flow ready` again", {"files": back})]
 
     # == ready ========================================================================================
     def ready(self, feature: str, bundle: str | None, local: dict[str, Any]) -> dict[str, Any]:
@@ -348,6 +332,7 @@ class Flow:
         verify: dict[str, Any] = {}
         with self.migrations_at(head, tier["sha"]) as (mdir, files):
             verify = {"files": files}
+            failures += self.rolled_back_failures(c["parent"], files)
             if files:
                 try:
                     verify = {"files": files, **self.tb.migrate_verify(c["parent"], str(mdir))}
@@ -359,6 +344,8 @@ class Flow:
                                             f"throwaway branch of {c['parent']!r}: " + "; ".join(probs[:5]),
                                             "Fix the migration files, commit, and run `tierbase flow ready` again",
                                             {"problems": probs, "lint": verify.get("lint")}))
+            if files:
+                failures += self.masking_failures(head, tier["sha"], mdir, verify)
             failures += self.tdd_ready_failures(feature, doc, head)
             if failures:
                 self.refuse(feature, "ready", failures)
@@ -386,6 +373,29 @@ class Flow:
                          f"tests: {tests['head']['total']} on {head[:10]}, {tests['tier']['total']} on the tier"]
                 + ([f"verified {len(files)} migration file(s) on a throwaway branch; applied {len(applied)} to "
                     f"{c['db_branch']!r}"] if files else [])}
+
+    def masking_failures(self, head: str, tier_sha: str, mdir: Path, verify: dict[str, Any]) -> list[Failure]:
+        """A column the change adds to a sensitive table must be classified in the same change (its own
+        tierbase.toml [masking]); what it derives from masked columns is recorded as evidence."""
+        from ..migrate.files import discover
+
+        with self.migrations_at(tier_sha, tier_sha) as (_, old):
+            new = [m for m in discover(mdir) if m.path.name not in set(old)] if mdir.is_dir() else []
+        try:
+            masking = tomllib.loads(self.repo.show(head, CONFIG_FILE) or "").get("masking")
+        except tomllib.TOMLDecodeError:
+            masking = None
+        change = self.tb.masking_change(new, masking if isinstance(masking, dict) else None)
+        verify["masking"] = change
+        out = []
+        for u in change["unclassified"]:
+            schema, table, column = u["column"].split(".", 2)
+            key = f"{table}.{column}" if schema == "public" else u["column"]
+            out.append(Failure("unclassified-column", f"{u['where']}: {u['column']} is added to the sensitive table "
+                               f"{schema}.{table} and nothing classifies it",
+                               f"Classify it in the same change: `{key} = \"<method>\"` or `{key} = \"safe\"` in "
+                               "the [masking] table of tierbase.toml", {"column": u["column"], "where": u["where"]}))
+        return out
 
     def receive_feature(self, feature: str, c: dict[str, Any], bundle: str | None) -> str | None:
         if not bundle:

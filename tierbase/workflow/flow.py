@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import BranchNotFound
+from ..git import KIT_DIR, GitError
 from .errors import Failure
-from .gitrepo import KIT_DIR, GitError
 from .state import FlowState, Transition, allowed_from, next_state
 from .workspace import Current, Workspace
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import InvalidInput
-from .gitrepo import GitError
+from ..git import GitError
 
 MAX_BUNDLE = 64 * 1024 * 1024
 SHA = re.compile(r"[0-9a-f]{40}")

@@ -16,24 +16,10 @@ from ..control.store import Store
 from ..errors import InvalidInput, Refused
 from ..names import check_name
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS flow_events (
-    id          INTEGER PRIMARY KEY,
-    feature     TEXT NOT NULL,
-    transition  TEXT NOT NULL,
-    state       TEXT NOT NULL,      -- the state after the transition
-    actor       TEXT NOT NULL,
-    at          REAL NOT NULL,
-    evidence    TEXT NOT NULL       -- JSON
-);
-CREATE INDEX IF NOT EXISTS flow_events_feature ON flow_events(feature, id);
-"""
-
 
 class FlowHistory:
     def __init__(self, store: Store) -> None:
         self.store = store
-        store.db.executescript(SCHEMA)
 
     def record(self, feature: str, transition: str, state: str, actor: str, evidence: dict[str, Any]) -> dict[str, Any]:
         check_name(feature, "feature")

@@ -7,9 +7,7 @@ so policy decides and the audit trail sees it whichever way the kit runs.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
-
-from .errors import Failure
+from typing import Any, Protocol
 
 
 class Platform(Protocol):
@@ -58,10 +56,9 @@ class Platform(Protocol):
 
     def show_config(self) -> dict[str, Any]: ...
 
+    def apply_config(self, text: str | None, source: str = "", *, dry_run: bool = False) -> dict[str, Any]: ...
 
-class Migrations(Protocol):
-    """Migration, diff and promotion calls (issue 5); reached through :func:`migrations`."""
-
+    # migrations, diff and promotion (the facade and the SDK client both have them)
     def migrate_verify(self, parent: str, migrations_dir: str) -> dict[str, Any]: ...
 
     def migrate_apply(self, branch: str, migrations_dir: str) -> dict[str, Any]: ...
@@ -72,27 +69,3 @@ class Migrations(Protocol):
 
     def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]: ...
 
-
-MIGRATION_CALLS = ("migrate_verify", "migrate_apply", "migrate_status", "diff", "promote")
-
-
-def migrations(platform: Platform) -> Migrations | None:
-    """The platform's migration calls, or None when this platform has none of them yet."""
-    if all(hasattr(platform, name) for name in MIGRATION_CALLS):
-        return cast(Migrations, platform)
-    return None
-
-
-def unsupported(what: str) -> Failure:
-    return Failure("migrations-unsupported",
-                   f"this repo has migrations to {what} but the platform offers no migration calls "
-                   f"({', '.join(MIGRATION_CALLS)})",
-                   "Upgrade the tierbase platform (`tierbase up` from a version with `tierbase migrate`)")
-
-
-def explain(platform: Platform, principal: str, action: str, target: str, source: str | None) -> dict[str, Any] | None:
-    """The policy's decision without acting, when the platform can tell it (else None)."""
-    fn = getattr(platform, "explain", None)
-    if fn is None:
-        return None
-    return dict(fn(principal, action, target, source))

@@ -5,15 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import PolicyDenied
+from ..git import KIT_DIR, Git
 from ..governance.config import load_config
 from .errors import Failure
-from .gitrepo import KIT_DIR, Git
 from .workspace import CONFIG_FILE, DEFAULT_MIGRATIONS, DEFAULT_TEST_COMMAND, Current, Workspace, project_name_from
 
 TEMPLATE = """\
 # tierbase.toml: the database side of this app (written by `tierbase init`).
-# Load it into the platform with `tierbase up --config tierbase.toml`
-# (or, on a running platform, `tierbase policy reload --file tierbase.toml`).
+# `tierbase init` run by a platform engineer loads it into a platform that has no config yet;
+# after an edit, load it with `tierbase policy reload --file tierbase.toml`.
 
 [project]
 name = "{name}"
@@ -63,6 +64,45 @@ def scaffold_files(repo: Path) -> tuple[Path, list[str]]:
     if not (kit / ".gitignore").exists():
         (kit / ".gitignore").write_text(KIT_GITIGNORE)
     return root, said
+
+
+def init(ws: Workspace, *, commit: bool = True) -> dict[str, Any]:
+    """`tierbase init` after the files: load the config if the platform lacks its tiers, then scaffold.
+
+    Without the right to load a config, nothing is refused: the result names the one command a
+    platform engineer must run (``pending``), and a second `tierbase init` finishes the scaffold.
+    """
+    said, pending = load_tiers(ws)
+    if pending is not None:
+        return {"transition": "scaffold", "feature": None, "state": None, "previous": None, "said": said,
+                "pending": pending}
+    data = scaffold(ws, commit=commit)
+    data["said"] = said + data["said"]
+    return data
+
+
+def load_tiers(ws: Workspace) -> tuple[list[str], dict[str, Any] | None]:
+    """Load the repo's tierbase.toml when the platform lacks a tier it declares and runs no config of its own.
+
+    A platform that runs a config loaded from a file keeps it: replacing someone's tiers and rules is
+    `tierbase policy reload`, with its diff, never a side effect of scaffolding (scaffold() then refuses
+    with the missing tiers). Returns what was done, and the command a platform engineer must run when the
+    policy refuses this principal the load (the gate decides; this side only asks).
+    """
+    cfg = ws.config
+    names = {b["name"] for b in ws.platform.list_branches()}
+    missing = [t for t in cfg.tier_order() if t not in names]
+    if not missing or ws.platform.show_config().get("source"):
+        return [], None
+    path = ws.repo / CONFIG_FILE
+    try:
+        got = ws.platform.apply_config(cfg.text, str(path))
+    except PolicyDenied as err:
+        command = f"tierbase policy reload --file {path}"
+        return [f"the platform lacks the tier(s) {', '.join(missing)} of {CONFIG_FILE}; loading a config is for a "
+                f"platform engineer ({err.data.get('reason') or err.message})"], \
+            {"who": "platform-engineer", "command": command, "then": "tierbase init"}
+    return list(got.get("said", [])), None
 
 
 def scaffold(ws: Workspace, *, commit: bool = True) -> dict[str, Any]:

@@ -19,16 +19,13 @@ from typing import Any
 
 from ..errors import InvalidInput, PolicyDenied, TierbaseError
 from . import testrun
+from .constants import ARTIFACTS, ROLES
 from .errors import Failure
 from .flow import result
-from .platform import migrations
 from .state import IN_FLIGHT
 from .validate import problems
 from .workspace import Current, Workspace
 
-ROLES = ("spec-author", "architect-reviewer", "test-strategist", "scrum-master", "navigator", "driver")
-ARTIFACTS = {"spec": "spec-author", "architecture": "architect-reviewer", "test-list": "test-strategist",
-             "plan": "scrum-master"}
 ORDER = list(ARTIFACTS)
 #: pairs of roles one principal may not hold together on a feature
 CONFLICTS = (("navigator", "driver"), ("test-strategist", "driver"))
@@ -325,9 +322,8 @@ def _ephemeral_run(ws: Workspace, cur: Current, gate: str, select: list[str] | N
     except PolicyDenied as err:
         ws.refuse(gate, [ws.policy_failure(err)], cur)
     try:
-        plat, files = migrations(ws.platform), ws.migration_files()
-        if plat is not None and files:
-            plat.migrate_apply(branch, str(ws.migrations_dir))
+        if ws.migration_files():
+            ws.platform.migrate_apply(branch, str(ws.migrations_dir))
         return testrun.run(ws.test_command, ws.repo, ws.platform.branch_url(branch, ws.database), select)
     finally:
         ws.platform.delete_branch(branch, recursive=True)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from ..errors import InvalidInput, PolicyDenied, TierbaseError
+from ..git import KIT_DIR, Git
 from ..governance.config import Config, load_config
 from .errors import DOCTOR_HINT, Failure, GateFailed
-from .gitrepo import KIT_DIR, Git
 from .names import check_feature
 from .platform import Platform
 from .state import FlowState, effective, project, read_raw, workspace_pointer, write_state

@@ -1,37 +1,146 @@
-"""Git and CI integration: tiers map to git branches.
+"""Everything tierbase does with an app repo's git, in one place.
 
-* git hooks: checking out a feature git branch gets its paired database branch
-  (created from the entry tier if missing) and writes DATABASE_URL to .env; a
-  merge into a tier's git branch promotes that tier (or prints the exact
-  command when the policy forbids the actor).
-* GitHub Actions workflows: per-PR CI branch with migrations, tests and a
-  schema-diff comment; promotion on merge; weekly orphan cleanup.
+* ``Git``: the one runner of the git CLI in a working copy (the workflow kit's reads and changes);
+* pairing: a git branch and its database branch, one convention for the hooks and the flow
+  (``feature/NAME`` <-> ``NAME``; the hooks also take feat/, fix/, ... and normalise the rest);
+* hooks: post-checkout gets a feature git branch its database branch and DATABASE_URL in .env,
+  post-merge into a tier's git branch promotes that tier (or prints the command when the policy
+  refuses the actor);
+* CI files: GitHub Actions workflows (per-PR CI branch with migrations, tests and a schema-diff
+  comment; promotion on merge; weekly orphan cleanup).
+
+The platform's own mirror of a project's repository is ``workflow/gitstore.py`` (server side).
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import InvalidInput
+from .errors import InvalidInput, TierbaseError
+
+#: never count as uncommitted code: the kit's own files (state, reviews, change records, TDD artifacts)
+KIT_DIR = ".tierbase"
+
+
+class GitError(TierbaseError):
+    code = "git_error"
+
+
+class Git:
+    def __init__(self, repo: Path) -> None:
+        self.repo = repo
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        got = subprocess.run(["git", *args], cwd=self.repo, capture_output=True, text=True, timeout=120)
+        if check and got.returncode != 0:
+            raise GitError(f"`git {' '.join(args)}` failed: {(got.stderr or got.stdout).strip()[:500]}",
+                           f"Check the git repo at {self.repo}")
+        return got
+
+    def out(self, *args: str) -> str:
+        return self.run(*args).stdout.strip()
+
+    @staticmethod
+    def toplevel(path: Path) -> Path:
+        got = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=path, capture_output=True, text=True)
+        if got.returncode != 0:
+            raise InvalidInput(f"{path} is not inside a git repository",
+                               "Run it in your app's git repo (or pass --repo), after `git init` and a first commit")
+        return Path(got.stdout.strip())
+
+    # -- reading ---------------------------------------------------------------------
+    def current_branch(self) -> str | None:
+        got = self.run("symbolic-ref", "--quiet", "--short", "HEAD", check=False)
+        return got.stdout.strip() or None
+
+    def head(self) -> str | None:
+        got = self.run("rev-parse", "--verify", "--quiet", "HEAD", check=False)
+        return got.stdout.strip() or None
+
+    def sha(self, ref: str) -> str | None:
+        got = self.run("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", check=False)
+        return got.stdout.strip() or None
+
+    def branch_exists(self, name: str) -> bool:
+        return self.sha(f"refs/heads/{name}") is not None
+
+    def dirty(self) -> list[str]:
+        """Uncommitted or untracked paths, leaving out the kit's own directory."""
+        lines = self.run("status", "--porcelain", "--untracked-files=all").stdout.splitlines()
+        paths = [line[3:] for line in lines if line.strip()]
+        return [p for p in paths if not (p == KIT_DIR or p.startswith(KIT_DIR + "/") or p.startswith(f'"{KIT_DIR}/'))]
+
+    def commits_ahead(self, base: str, head: str = "HEAD") -> list[str]:
+        """Subjects of the commits on ``head`` that ``base`` lacks, oldest first."""
+        return self.run("log", "--reverse", "--format=%h %s", f"{base}..{head}").stdout.splitlines()
+
+    def remotes(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in self.run("remote", "-v").stdout.splitlines():
+            parts = line.split()
+            if len(parts) >= 2:
+                out[parts[0]] = parts[1]
+        return out
+
+    def config_get(self, key: str) -> str | None:
+        got = self.run("config", "--local", "--get", key, check=False)
+        return got.stdout.strip() or None
+
+    def config_set(self, key: str, value: str) -> None:
+        self.run("config", "--local", key, value)
+
+    def show(self, ref: str, path: str) -> str | None:
+        got = self.run("show", f"{ref}:{path}", check=False)
+        return got.stdout if got.returncode == 0 else None
+
+    # -- changing ----------------------------------------------------------------------
+    def checkout(self, branch: str, *, create_from: str | None = None) -> None:
+        if create_from is not None:
+            self.run("checkout", "--quiet", "-b", branch, create_from)
+        else:
+            self.run("checkout", "--quiet", branch)
+
+    @contextmanager
+    def worktree(self, ref: str) -> Iterator[Path]:
+        """A temporary, detached checkout of ``ref`` (removed afterwards, also on failure)."""
+        tmp = Path(tempfile.mkdtemp(prefix="tierbase-wt-"))
+        where = tmp / "tree"
+        self.run("worktree", "add", "--quiet", "--detach", str(where), ref)
+        try:
+            yield where
+        finally:
+            self.run("worktree", "remove", "--force", str(where), check=False)
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.run("worktree", "prune", check=False)
+
 
 FEATURE_PREFIXES = ("feature/", "feat/", "fix/", "bugfix/", "hotfix/", "experiment/")
 HOOK_MARK = "# installed by tierbase"
 
 
 def git(repo: Path, *args: str) -> str:
-    got = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
-    if got.returncode != 0:
-        raise InvalidInput(f"git {' '.join(args)} failed in {repo}: {got.stderr.strip()}",
-                           "Run this inside a git repository")
-    return got.stdout.strip()
+    """``git ARGS`` in ``repo``, its output stripped (the hooks' and CI commands' shorthand for Git.out)."""
+    return Git(repo).out(*args)
+
+
+# -- pairing ------------------------------------------------------------------------------------
+def feature_git_branch(feature: str) -> str:
+    """The git branch of a feature's database branch (``flow claim`` makes it; the hooks pair it back)."""
+    return FEATURE_PREFIXES[0] + feature
 
 
 def db_branch_for(git_branch: str) -> str:
-    """The database branch paired with a feature git branch: `feature/Inventory_split` -> `inventory-split`."""
+    """The database branch paired with a feature git branch: `feature/Inventory_split` -> `inventory-split`.
+
+    ``db_branch_for(feature_git_branch(f)) == f`` for every valid feature name: one convention."""
     name = git_branch
     for prefix in FEATURE_PREFIXES:
         if name.startswith(prefix):
@@ -49,6 +158,7 @@ def tier_for_git_branch(git_branches: dict[str, str], git_branch: str) -> str | 
     return next((tier for tier, gb in git_branches.items() if gb == git_branch), None)
 
 
+# -- hooks ----------------------------------------------------------------------------------------
 def install_hooks(repo: Path) -> list[str]:
     """Write post-checkout and post-merge hooks that call this tierbase (never blocking git)."""
     hooks = Path(git(repo, "rev-parse", "--git-path", "hooks"))
@@ -88,6 +198,7 @@ def write_env(repo: Path, url: str) -> Path:
     return env
 
 
+# -- CI files -------------------------------------------------------------------------------------
 PR_WORKFLOW = """\
 # Written by `tierbase ci init github`. A CI database branch per pull request:
 # fork the base tier, apply the migrations, run the tests, comment the schema diff.

@@ -1,0 +1,70 @@
+"""Facade methods of data: the row-level diff between two branches.
+
+The platform reads both computes itself, as ``tb_reader`` over each compute's
+unix socket (read-only transactions, no superuser): a caller names branches,
+never a path or an address. Reading is authorized as ``branch.connect`` on
+both, the right to receive credentials for them, so the diff shows nothing a
+principal could not read through the proxy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+
+from .app_migrate import MigrationOps
+from .control.store import Branch, Kind
+from .errors import InvalidInput
+from .governance.policy import Action
+from .migrate.datadiff import DataDiff, data_diff
+from .provider import READER_ROLE
+
+DATA_FORMATS = ("text", "json", "sql")
+
+
+class DataOps(MigrationOps):
+    @contextmanager
+    def _read(self, branch: str, dbname: str | None = None) -> Iterator[psycopg.Connection[Any]]:
+        """A read-only connection to a branch as ``tb_reader`` (starting its compute)."""
+        self.branches.start(branch)
+        dsn = self.branches.provider.endpoint(self.store.get(branch).port, dbname or self._database,
+                                              role=READER_ROLE).dsn()
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            yield conn
+
+    def _pair(self, a: str, b: str) -> tuple[Branch, Branch]:
+        """The branches serving ``a`` and ``b``; naming one branch twice (a tier and the branch serving it)
+        is refused rather than reported as 'no difference'."""
+        left, right = self._serving(a), self._serving(b)
+        if left.name == right.name:
+            via = [f"{n!r} is served by {left.name!r}" for n in (a, b) if n != left.name]
+            raise InvalidInput(f"{a!r} and {b!r} are the same branch" + (f" ({'; '.join(via)})" if via else ""),
+                               "Name two different branches (`tierbase branch list` shows which branch serves "
+                               "each tier, and the replaced ones)")
+        for br in (left, right):
+            if br.kind is Kind.SNAPSHOT:
+                raise InvalidInput(f"{br.name!r} is a read-only snapshot without a compute",
+                                   f"Create a branch from it and diff that: `tierbase branch create X --parent "
+                                   f"{br.name}`")
+        return left, right
+
+    def data_diff(self, a: str, b: str, *, table: list[str] | None = None, fmt: str = "text") -> dict[str, Any]:
+        """Rows inserted, updated and deleted from A to B, by primary key (chunked key-range hashing)."""
+        if fmt not in DATA_FORMATS:
+            raise InvalidInput(f"format {fmt!r} is unknown for a data diff", f"Use {', '.join(DATA_FORMATS)}")
+        left, right = self._pair(a, b)
+        for br in (left, right):
+            with self.gate.act(self.actor, Action.BRANCH_CONNECT, self.gate.subject(br), quiet=True):
+                pass
+        d = self._data_diff(left.name, right.name, table)
+        out = {**d.to_dict(), "from": left.name, "to": right.name}
+        out["text"] = d.to_text() if fmt == "text" else d.to_sql() if fmt == "sql" else None
+        return out
+
+    def _data_diff(self, a: str, b: str, tables: list[str] | None = None, *,
+                   exclude_schemas: tuple[str, ...] = ()) -> DataDiff:
+        with self._read(a) as ca, self._read(b) as cb:
+            return data_diff(ca, cb, a_label=a, b_label=b, tables=tables, exclude_schemas=exclude_schemas)
