@@ -226,8 +226,8 @@ class MigrationOps(FacadeBase):
             fork_xmin = current_xmin(conn)
         self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.gate.owner)
         log.update(pid, snapshot=snapshot, migrations=[m.label() for m in pending])
-        RollbackLog(self.store).note_touches(pid, [m.sql for m in pending], fork_xmin)  # what it must not replay
         self._base_at_promotion(tier, serving)
+        RollbackLog(self.store).note_touches(pid, [m.sql for m in pending], fork_xmin)  # what it must not replay
         failpoint("promote:snapshot")
         spec = self.config.tiers[tier]
         try:
@@ -242,6 +242,12 @@ class MigrationOps(FacadeBase):
             return log.finish(pid, "succeeded", "ok", t0, serving_now=serving.name)
         back = self._repoint_to_snapshot(tier, snapshot, rollback_name(tier, str(pid)))
         return log.finish(pid, "rolled-back", why, t0, serving_now=back)
+
+    def _base_at_promotion(self, tier: str, serving: Branch) -> None:
+        """A base snapshot of the tier's history before the migrations run (app_pitr), when it keeps one."""
+        hist = getattr(self, "history_log", None)
+        if hist is not None and hist.key(serving) is not None:
+            hist.take_base(serving.name, "promotion")
 
     def _rehearse(self, tier: str, serving: Branch, src: Branch, migrations: list[Migration]) -> dict[str, Any]:
         """The migrations to promote, applied to an O(1) branch of the tier under a write load on the tables
@@ -266,11 +272,6 @@ class MigrationOps(FacadeBase):
                           "Split the migration (backfill in batches, CREATE INDEX CONCURRENTLY, NOT VALID "
                           "constraints), then promote again", rehearsal=out)
         return out
-    def _base_at_promotion(self, tier: str, serving: Branch) -> None:
-        """A base snapshot of the tier's history before the migrations run (app_pitr), when it keeps one."""
-        hist = getattr(self, "history_log", None)
-        if hist is not None and hist.key(serving) is not None:
-            hist.take_base(serving.name, "promotion")
 
     def _project_dir(self) -> str | None:
         source = self.store.get_setting("config_source")

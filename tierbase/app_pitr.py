@@ -15,11 +15,12 @@ from typing import Any
 
 from .app_base import FacadeBase
 from .compute import archive
+from .control import space as spacectl
 from .control.branches import new_volume
 from .control.history import History
 from .control.lifecycle import Op, State, check_op, check_transition
 from .control.store import Branch, Kind
-from .errors import InvalidInput, NotSupported, OutsideHistory, TierbaseError
+from .errors import InvalidInput, OutsideHistory, TierbaseError
 from .failpoints import failpoint
 from .governance.policy import Action, Subject
 from .names import check_name, check_unreserved, parse_ttl
@@ -33,25 +34,25 @@ DEFAULT_BASE_INTERVAL = "1h"
 
 class PitrOps(FacadeBase):
     # -- wiring ---------------------------------------------------------------------
-    def _local_provider(self) -> LocalProvider:
-        """Time travel is built on this host's substrate (btrfs snapshots + the WAL archive on the pool):
-        another provider would bring its own (Neon's branches at an LSN), so it is refused there."""
-        provider = self.branches.provider
-        if not isinstance(provider, LocalProvider):
-            raise NotSupported(f"time travel is not available on the {provider.name!r} provider",
-                               "Branch as of now, or use a provider with history")
-        return provider
+    @property
+    def _pitr_host(self) -> LocalProvider:
+        """Time travel is built on this host's substrate (btrfs snapshots, an archive on the pool)."""
+        p = self.branches.provider
+        if not isinstance(p, LocalProvider):
+            raise InvalidInput("this platform's provider keeps no WAL history here",
+                               "Time travel needs the local provider (btrfs snapshots and a WAL archive)")
+        return p
 
     @property
     def history_log(self) -> History:
         h: History | None = getattr(self, "_history", None)
         if h is None or h.store is not self.store:
-            h = History(self.store, self._local_provider(), self.home.root / "bin")
+            h = History(self.store, self._pitr_host, self.home.root / "bin")
             self._history = h
         return h
 
     def _pit(self) -> PointInTime:
-        return PointInTime(self.history_log, self._local_provider())
+        return PointInTime(self.history_log, self._pitr_host)
 
     def _tier_setting(self, tier: str, key: str, default: str | None) -> str | None:
         spec = self.config.raw.get("tiers", {}).get(tier, {})
@@ -74,7 +75,7 @@ class PitrOps(FacadeBase):
     def _compute_settings(self, b: Branch) -> dict[str, str] | None:
         """Branches.start's hook: a compute serving a tier with a history archives its WAL."""
         tier = self._served_tier(b)
-        if tier is None or not self.history_window(tier):
+        if tier is None or not self.history_window(tier) or not isinstance(self.branches.provider, LocalProvider):
             return None
         try:
             return self.history_log.archive_settings(b)
@@ -105,7 +106,9 @@ class PitrOps(FacadeBase):
                            intent={"op": "create", "branch": name, "parent": parent, "at": at, "lsn": lsn}) as rec:
             check_unreserved(name)
             target, ts = parse_target(at, lsn, inclusive=inclusive)
+            self.check_quota(self.gate.principal(self.actor), branch=True, compute=True)  # type: ignore[attr-defined]
             t0 = time.perf_counter()
+            spacectl.check_room(self.provider, self.store)  # refused (DiskFull) below the pool's reserve
             pb = self.store.get(parent)
             key = self._history_key(pb, "branch")
             self.history_log.choose(key, at=ts, lsn=target.lsn)  # before the window: refused before any work
@@ -162,7 +165,7 @@ class PitrOps(FacadeBase):
             failpoint("restore:reserved")
             try:
                 end = pit.recover(x, key, target, ts)
-                _mark_history_ready(self._local_provider().datadir(x.volume))
+                _mark_history_ready(self._pitr_host.datadir(x.volume))
                 self.branches.provider.stop(x.name, x.volume)
             except BaseException:
                 self.branches.provider.delete(x.name, x.volume)

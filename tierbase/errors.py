@@ -206,6 +206,21 @@ def translate(err: BaseException) -> TierbaseError:
                          "This is a tierbase bug or a problem of the machine; see the service log (service.log)")
 
 
+class OutsideHistory(InvalidInput):
+    """A point in time or LSN the tier's history cannot reach (before its window, in the future, past
+    the end of its WAL): nothing was made."""
+
+    code = "outside_history"
+
+
+class ArchiveCorrupt(TierbaseError):
+    """A WAL segment in an archive is missing or does not match the checksum recorded when it was
+    archived: recovery through it is refused (nothing was made)."""
+
+    code = "archive_corrupt"
+    http_status = 500
+
+
 class SqlFailed(TierbaseError):
     """Postgres refused a statement sent through `POST /v1/branches/{name}/sql`; nothing of the call was kept."""
 
@@ -234,18 +249,3 @@ class SessionNotFound(TierbaseError):
         super().__init__(f"session {sid!r} " + (f"is over ({ended})" if ended else "does not exist"),
                          "Run `tierbase session list` to see your live sessions; start one with "
                          "`tierbase session start`", session=sid)
-
-
-class OutsideHistory(InvalidInput):
-    """A point in time or LSN the tier's history cannot reach (before its window, in the future, past
-    the end of its WAL): nothing was made."""
-
-    code = "outside_history"
-
-
-class ArchiveCorrupt(TierbaseError):
-    """A WAL segment in an archive is missing or does not match the checksum recorded when it was
-    archived: recovery through it is refused (nothing was made)."""
-
-    code = "archive_corrupt"
-    http_status = 500

@@ -109,8 +109,8 @@ class Provider(Protocol):
 
     # -- computes ---------------------------------------------------------------------------
     def start(self, name: str, volume: str, port: int, settings: dict[str, str] | None = None) -> int:
-        """Start the compute (a no-op if it runs); its pid. ``ComputeError`` if it cannot.
-        ``settings``: postgres settings for this start only (a tier's WAL archiving)."""
+        """Start the compute (a no-op if it runs); its pid. ``ComputeError`` if it cannot. ``settings``:
+        for this start only (a tier's WAL archiving)."""
         ...
 
     def start_private(self, name: str, volume: str, port: int, settings: dict[str, str] | None = None) -> Endpoint:
