@@ -245,6 +245,8 @@ class MigrationOps(FacadeBase):
 
     def _base_at_promotion(self, tier: str, serving: Branch) -> None:
         """A base snapshot of the tier's history before the migrations run (app_pitr), when it keeps one."""
+        if not getattr(self, "_keeps_history", False):
+            return
         hist = getattr(self, "history_log", None)
         if hist is not None and hist.key(serving) is not None:
             hist.take_base(serving.name, "promotion")

@@ -35,6 +35,11 @@ DEFAULT_BASE_INTERVAL = "1h"
 class PitrOps(FacadeBase):
     # -- wiring ---------------------------------------------------------------------
     @property
+    def _keeps_history(self) -> bool:
+        """Only the local substrate keeps a history here (status and the sweeper skip it elsewhere)."""
+        return isinstance(self.branches.provider, LocalProvider)
+
+    @property
     def _pitr_host(self) -> LocalProvider:
         """Time travel is built on this host's substrate (btrfs snapshots, an archive on the pool)."""
         p = self.branches.provider
@@ -270,7 +275,9 @@ class PitrOps(FacadeBase):
 
     def history_warnings(self) -> list[str]:
         """For `status`: tiers whose archiver is failing (their history has a gap until it catches up)."""
-        out = []
+        out: list[str] = []
+        if not self._keeps_history:
+            return out
         for tier in self.config.tiers:
             serving = self.store.resolve_route(tier)
             b = self.store.find(serving) if serving else None
@@ -305,6 +312,8 @@ class PitrOps(FacadeBase):
         """Base snapshots when due, retention, and the removal of histories no branch continues."""
         now = time.time() if now is None else now
         said: list[str] = []
+        if not self._keeps_history:
+            return said
         for tier in self.config.tiers:
             window = self.history_window(tier)
             serving = self.store.resolve_route(tier)
