@@ -13,6 +13,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from tierbase.api import wire
 from tierbase.api.wire import WireError, request
 
 
@@ -79,3 +80,11 @@ def test_nothing_listening_and_header_injection() -> None:
         request(f"http://127.0.0.1:{port}", "GET", "/", headers={"Authorization": "Bearer t\r\nX-Evil: 1"})
     with pytest.raises(ValueError, match="http:// URLs only"):
         request("https://example.com", "GET", "/", headers={})
+
+
+def test_query_strings_are_written_as_httpx_writes_them() -> None:
+    """A list is the key repeated (FastAPI reads it back as a list), booleans are true/false, None is left out:
+    `diff --data --table a --table b` once sent `table=['a', 'b']` and matched no table."""
+    got = wire._query({"table": ["a", "b c"], "bytes": False, "none": None, "n": 3})
+    assert got == "?table=a&table=b+c&bytes=false&n=3"
+    assert wire._query({}) == "" and wire._query({"x": None}) == ""

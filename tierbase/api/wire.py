@@ -45,11 +45,16 @@ def _path(path: str) -> str:
 
 
 def _query(params: dict[str, Any] | None) -> str:
-    """The query string as httpx writes it: booleans as true/false, None left out."""
+    """The query string as httpx writes it: booleans as true/false, None left out, a list as the key
+    repeated (``table=a&table=b``)."""
     if not params:
         return ""
-    pairs = [(k, ("true" if v else "false") if isinstance(v, bool) else str(v))
-             for k, v in params.items() if v is not None]
+
+    def text(v: Any) -> str:
+        return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+    pairs = [(k, text(item)) for k, v in params.items() if v is not None
+             for item in (v if isinstance(v, list | tuple) else [v])]
     return "?" + urlencode(pairs) if pairs else ""
 
 
