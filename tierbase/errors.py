@@ -28,7 +28,8 @@ class TierbaseError(Exception):
         return f"{self.message}. {self.hint}" if self.hint else self.message
 
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "message": self.message, "hint": self.hint, "data": self.data}
+        return {"code": self.code, "message": self.message, "hint": self.hint, "data": self.data,
+                "exit_code": self.exit_code}
 
 
 class InvalidName(TierbaseError):
@@ -154,8 +155,15 @@ class UploadTooLarge(InvalidInput):
 
 def error_from_dict(payload: dict[str, Any]) -> TierbaseError:
     """Rebuild an error received over the API as the same class."""
+    code = str(payload.get("code"))
     classes = {cls.code: cls for cls in _all_subclasses(TierbaseError)}
-    cls = classes.get(str(payload.get("code")), TierbaseError)
+    cls = classes.get(code)
+    if cls is None:
+        # a class this process has not imported (the CLI imports lazily: workflow's GateFailed is not
+        # loaded by `ci runner`): keep the envelope's code and exit code, so a refusal still exits 2
+        exit_code = payload.get("exit_code")
+        cls = type("RemoteError", (TierbaseError,), {
+            "code": code, "exit_code": exit_code if isinstance(exit_code, int) and exit_code in (1, 2) else 1})
     err = TierbaseError.__new__(cls)
     TierbaseError.__init__(err, str(payload.get("message", "")), str(payload.get("hint", "")),
                            **dict(payload.get("data") or {}))

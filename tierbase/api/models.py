@@ -91,6 +91,7 @@ class ErrorBody(BaseModel):
     message: str = Field(description="What happened")
     hint: str = Field(description="What to do")
     data: dict[str, Any] = Field(default_factory=dict)
+    exit_code: int = Field(1, description="The CLI's exit code for it: 1 error, 2 refused by a rule")
 
 
 class ErrorEnvelope(BaseModel):
