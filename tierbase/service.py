@@ -163,7 +163,7 @@ class Service:
         self.idle_timeout = float(self.tb.store.get_setting("idle_timeout", default("idle_timeout")))
         self.sweep_interval = float(value("sweep_interval"))
         # masked images (app_images.py) older than this are re-made by the sweeper
-        self.image_max_age = float(os.environ.get("TIERBASE_IMAGE_MAX_AGE", str(24 * 3600)))
+        self.image_max_age = float(value("image_max_age"))
         self._busy_at: dict[str, float] = {}
 
     # -- hooks for the API ------------------------------------------------------

@@ -85,6 +85,8 @@ _TABLE = (
             parse=float, kind="a number of seconds"),
     Setting("checkpoint_min_wal", 16 * MiB, "a fork skips the parent's CHECKPOINT when less WAL than this (bytes) "
             "was written since the last one", env="TIERBASE_CHECKPOINT_MIN_WAL", parse=int, kind="a number of bytes"),
+    Setting("image_max_age", 24 * 3600.0, "seconds after which the service re-masks a sensitive tier's masked image",
+            env="TIERBASE_IMAGE_MAX_AGE", parse=float, kind="a number of seconds"),
     Setting("failpoints", "", "comma-separated failpoints at which the process kills itself (tests only)",
             env="TIERBASE_FAILPOINTS"),
     # -- fixed by design, named here so that they are found in one place ------------------------

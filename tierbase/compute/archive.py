@@ -79,14 +79,15 @@ exit 0
 
 
 def install_script(bindir: Path) -> Path:
-    """Write the fixed script (0755) where computes can run it; rewritten only when it differs."""
+    """Write the fixed script (0700: computes run as the service user, who owns it; nothing in the data dir is
+    for other users) where computes can run it; rewritten only when it differs."""
     path = bindir / SCRIPT_NAME
     bindir.mkdir(parents=True, exist_ok=True)
-    bindir.chmod(0o755)
+    bindir.chmod(0o700)
     if not path.exists() or path.read_text() != SCRIPT:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(SCRIPT)
-        tmp.chmod(0o755)
+        tmp.chmod(0o700)
         os.replace(tmp, path)
     return path
 

@@ -34,25 +34,6 @@ from .store import Branch, Store
 if TYPE_CHECKING:
     from ..provider import LocalProvider
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS pitr_archives (
-    key         TEXT PRIMARY KEY,
-    branch      TEXT NOT NULL,
-    volume      TEXT NOT NULL,      -- the branch's volume this lineage continues (a restore moves it)
-    created_at  REAL NOT NULL,
-    retired_at  REAL                -- set when no branch continues it; its files are removed
-);
-CREATE TABLE IF NOT EXISTS pitr_bases (
-    id          INTEGER PRIMARY KEY,
-    key         TEXT NOT NULL,
-    volume      TEXT NOT NULL UNIQUE,
-    taken_at    REAL NOT NULL,
-    lsn         TEXT NOT NULL,      -- WAL position read after the snapshot: valid from here on
-    redo_lsn    TEXT NOT NULL,      -- where recovery from it starts (its checkpoint's REDO)
-    timeline    INTEGER NOT NULL,
-    reason      TEXT NOT NULL       -- schedule | promotion | first
-);
-"""
 PITR_DIR = ".pitr"
 
 
@@ -77,7 +58,6 @@ class History:
         self.store = store
         self.provider = provider
         self.bindir = bindir
-        store.db.executescript(SCHEMA)
 
     # -- where -------------------------------------------------------------------
     @property

@@ -211,6 +211,55 @@ CREATE TABLE IF NOT EXISTS masking_lineage (
 """
 
 
+PITR = """
+CREATE TABLE IF NOT EXISTS pitr_archives (
+    key         TEXT PRIMARY KEY,
+    branch      TEXT NOT NULL,
+    volume      TEXT NOT NULL,      -- the branch's volume this lineage continues (a restore moves it)
+    created_at  REAL NOT NULL,
+    retired_at  REAL                -- set when no branch continues it; its files are removed
+);
+CREATE TABLE IF NOT EXISTS pitr_bases (
+    id          INTEGER PRIMARY KEY,
+    key         TEXT NOT NULL,
+    volume      TEXT NOT NULL UNIQUE,
+    taken_at    REAL NOT NULL,
+    lsn         TEXT NOT NULL,      -- WAL position read after the snapshot: valid from here on
+    redo_lsn    TEXT NOT NULL,      -- where recovery from it starts (its checkpoint's REDO)
+    timeline    INTEGER NOT NULL,
+    reason      TEXT NOT NULL       -- schedule | promotion | first
+);
+"""
+
+ROLLBACKS = """
+CREATE TABLE IF NOT EXISTS promotion_touches (
+    promotion INTEGER PRIMARY KEY,
+    tables    TEXT NOT NULL,                -- JSON list of 'schema.table' the promoted migrations name
+    fork_xmin TEXT                          -- the oldest transaction running when the snapshot was taken
+);
+CREATE TABLE IF NOT EXISTS rollbacks (
+    id          INTEGER PRIMARY KEY,
+    tier        TEXT NOT NULL,
+    kind        TEXT NOT NULL,              -- manual | automatic | reconcile
+    snapshot    TEXT NOT NULL,
+    branch      TEXT NOT NULL,              -- the snapshot's writable copy that takes over the route
+    replaced    TEXT NOT NULL,              -- the branch that served the tier before
+    replaced_route TEXT,                    -- <tier>-replaced-<n>: the route that reaches it afterwards
+    actor       TEXT NOT NULL,
+    status      TEXT NOT NULL,              -- running | done | failed | abandoned
+    started_at  REAL NOT NULL,
+    finished_at REAL,
+    discard     INTEGER NOT NULL DEFAULT 0,
+    replayed    INTEGER NOT NULL DEFAULT 0,
+    left_rows   INTEGER NOT NULL DEFAULT 0,
+    added_ms    INTEGER NOT NULL DEFAULT 0,
+    hold_ms     INTEGER NOT NULL DEFAULT 0,
+    report      TEXT,                       -- JSON: per table replayed / left and why
+    left_sql    TEXT,
+    owner       TEXT
+);
+"""
+
 MIGRATIONS = (
     Migration(1, "the tables (IF NOT EXISTS: a data dir from before versions keeps its own)", _create(TABLES)),
     Migration(2, "columns added before versions were kept: " + ", ".join(f"{t}.{c}" for t, c, _ in ADDED_COLUMNS),
@@ -218,6 +267,10 @@ MIGRATIONS = (
     Migration(3, "sessions: leased branches with a TTL (app_sessions.py)", _create(SESSIONS)),
     Migration(4, "masking_lineage: where masked columns went through migrations (governance/lineage.py)",
               _create(MASKING_LINEAGE)),
+    Migration(5, "pitr_archives, pitr_bases: tiers' WAL histories and base snapshots (control/history.py)",
+              _create(PITR)),
+    Migration(6, "promotion_touches, rollbacks: what a rollback must not replay; every rollback (migrate/replay.py)",
+              _create(ROLLBACKS)),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -36,34 +36,6 @@ from .datadiff import DataDiff, Shape, delete_sql, render, upsert_sql
 #: never replayed: the migrations ledger belongs to the schema being rolled back
 EXCLUDED_SCHEMAS = ("tierbase_meta",)
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS promotion_touches (
-    promotion INTEGER PRIMARY KEY,
-    tables    TEXT NOT NULL,                -- JSON list of 'schema.table' the promoted migrations name
-    fork_xmin TEXT                          -- the oldest transaction running when the snapshot was taken
-);
-CREATE TABLE IF NOT EXISTS rollbacks (
-    id          INTEGER PRIMARY KEY,
-    tier        TEXT NOT NULL,
-    kind        TEXT NOT NULL,              -- manual | automatic | reconcile
-    snapshot    TEXT NOT NULL,
-    branch      TEXT NOT NULL,              -- the snapshot's writable copy that takes over the route
-    replaced    TEXT NOT NULL,              -- the branch that served the tier before
-    replaced_route TEXT,                    -- <tier>-replaced-<n>: the route that reaches it afterwards
-    actor       TEXT NOT NULL,
-    status      TEXT NOT NULL,              -- running | done | failed | abandoned
-    started_at  REAL NOT NULL,
-    finished_at REAL,
-    discard     INTEGER NOT NULL DEFAULT 0,
-    replayed    INTEGER NOT NULL DEFAULT 0,
-    left_rows   INTEGER NOT NULL DEFAULT 0,
-    added_ms    INTEGER NOT NULL DEFAULT 0,
-    hold_ms     INTEGER NOT NULL DEFAULT 0,
-    report      TEXT,                       -- JSON: per table replayed / left and why
-    left_sql    TEXT,
-    owner       TEXT
-);
-"""
 
 
 def touched_tables(sources: Iterable[str]) -> set[str]:
@@ -312,7 +284,6 @@ class RollbackLog:
 
     def __init__(self, store: Any) -> None:
         self.store = store
-        store.db.executescript(SCHEMA)
 
     def note_touches(self, promotion: int, sources: Iterable[str], fork_xmin: str | None = None) -> None:
         with self.store.write() as db:
