@@ -205,23 +205,28 @@ class DataDiff:
         return "\n".join(out) + "\n"
 
 
-def upsert_sql(shape: Shape, columns: list[str] | None = None) -> sql.Composed:
-    """INSERT ... ON CONFLICT (pk) DO UPDATE of one row given as JSON (placeholder %s)."""
+def _rows_of(batch: bool) -> sql.SQL:
+    """One row given as a JSON object, or a batch of them as a JSON array (placeholder %s)."""
+    return sql.SQL("jsonb_populate_recordset" if batch else "jsonb_populate_record")
+
+
+def upsert_sql(shape: Shape, columns: list[str] | None = None, *, batch: bool = False) -> sql.Composed:
+    """INSERT ... ON CONFLICT (pk) DO UPDATE of one row given as JSON, or of a JSON array of rows."""
     cols = columns or shape.writable()
     names = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
     rest = [c for c in cols if c not in shape.pk]
     action = sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(
         sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in rest)) if rest else sql.SQL("DO NOTHING")
-    return sql.SQL("INSERT INTO {t} ({cols}) {ov}SELECT {cols} FROM jsonb_populate_record(NULL::{t}, %s::jsonb) "
+    return sql.SQL("INSERT INTO {t} ({cols}) {ov}SELECT {cols} FROM {rows}(NULL::{t}, %s::jsonb) "
                    "ON CONFLICT ({pk}) {action}").format(
         t=shape.ident, cols=names, ov=sql.SQL("OVERRIDING SYSTEM VALUE " if shape.identity_always else ""),
-        pk=sql.SQL(", ").join(sql.Identifier(k) for k in shape.pk), action=action)
+        rows=_rows_of(batch), pk=sql.SQL(", ").join(sql.Identifier(k) for k in shape.pk), action=action)
 
 
-def delete_sql(shape: Shape) -> sql.Composed:
+def delete_sql(shape: Shape, *, batch: bool = False) -> sql.Composed:
     keys = sql.SQL(", ").join(sql.Identifier(k) for k in shape.pk)
-    return sql.SQL("DELETE FROM {t} WHERE ({k}) IN (SELECT {k} FROM jsonb_populate_record(NULL::{t}, %s::jsonb))"
-                   ).format(t=shape.ident, k=keys)
+    return sql.SQL("DELETE FROM {t} WHERE ({k}) IN (SELECT {k} FROM {rows}(NULL::{t}, %s::jsonb))"
+                   ).format(t=shape.ident, k=keys, rows=_rows_of(batch))
 
 
 def render(stmt: sql.Composed, row: dict[str, Any]) -> str:

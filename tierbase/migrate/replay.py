@@ -209,8 +209,8 @@ def apply(diff: DataDiff, new: psycopg.Connection[Any], *, changed: set[str], re
 def _apply_table(conn: psycopg.Connection[Any], shape: Shape, upserts: list[dict[str, Any]],
                  deletes: list[dict[str, Any]]) -> tuple[int, list[tuple[dict[str, Any], str]]]:
     """Rows applied, and the rows that failed with why (each in a savepoint of its own after a batch fails)."""
-    up = _batch_upsert(shape)
-    de = _batch_delete(shape)
+    up = upsert_sql(shape, batch=True)
+    de = delete_sql(shape, batch=True)
     failed: list[tuple[dict[str, Any], str]] = []
     done = 0
     for stmt, rows in ((de, deletes), (up, upserts)):
@@ -229,24 +229,6 @@ def _apply_table(conn: psycopg.Connection[Any], shape: Shape, upserts: list[dict
                     except psycopg.Error as err:
                         failed.append((row, str(err).strip().splitlines()[0]))
     return done, failed
-
-
-def _batch_upsert(shape: Shape) -> sql.Composed:
-    cols = shape.writable()
-    names = sql.SQL(", ").join(sql.Identifier(c) for c in cols)
-    rest = [c for c in cols if c not in shape.pk]
-    action = sql.SQL("DO UPDATE SET {}").format(sql.SQL(", ").join(
-        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in rest)) if rest else sql.SQL("DO NOTHING")
-    return sql.SQL("INSERT INTO {t} ({cols}) {ov}SELECT {cols} FROM jsonb_populate_recordset(NULL::{t}, %s::jsonb) "
-                   "ON CONFLICT ({pk}) {action}").format(
-        t=shape.ident, cols=names, ov=sql.SQL("OVERRIDING SYSTEM VALUE " if shape.identity_always else ""),
-        pk=sql.SQL(", ").join(sql.Identifier(k) for k in shape.pk), action=action)
-
-
-def _batch_delete(shape: Shape) -> sql.Composed:
-    keys = sql.SQL(", ").join(sql.Identifier(k) for k in shape.pk)
-    return sql.SQL("DELETE FROM {t} WHERE ({k}) IN (SELECT {k} FROM jsonb_populate_recordset(NULL::{t}, "
-                   "%s::jsonb))").format(t=shape.ident, k=keys)
 
 
 def _statements(target: Shape, source: Shape | None, upserts: list[dict[str, Any]],
