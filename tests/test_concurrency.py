@@ -1,5 +1,5 @@
-"""Many concurrent API callers on the same branches (issue 11): a real `tierbase up`, 20 threads creating,
-resetting, deleting, starting and connecting to three shared branches through the SDK and the proxy.
+"""Many concurrent API callers on the same branches (issue 11): a real `tierbase up`, 50 threads creating,
+resetting, deleting, starting and connecting to six shared branches through the SDK and the proxy.
 
 Every answer is a success or a documented refusal (never a 500), and afterwards the platform is
 consistent: every branch ready, no orphan or missing volume, one postmaster per running branch on
@@ -28,8 +28,8 @@ from .test_cli import as_json, leftovers, new_env, tierbase
 
 pytestmark = needs_root_btrfs
 
-SHARED = ["s0", "s1", "s2"]
-THREADS, OPS = 20, 8
+SHARED = [f"s{i}" for i in range(6)]  # 50 callers on 6 branches: most calls race another
+THREADS, OPS = 50, 4  # the issue's 50 concurrent callers, 200 calls in all
 #: what the API documents for a request that races another one on the same branch
 REFUSALS = {"branch_busy", "branch_exists", "branch_not_found", "refused", "compute_busy"}
 #: what a session may hear when another caller resets, deletes or starts its branch meanwhile
