@@ -16,6 +16,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -172,6 +173,22 @@ def serving(tb: Tierbase) -> Iterator[ProxyThread]:
         yield t
     finally:
         t.stop()
+
+
+def drop_database(url: str, dbname: str) -> None:
+    """DROP DATABASE ... WITH (FORCE) as a platform engineer's login role, which is not a superuser.
+
+    Postgres 15 lets only a superuser terminate an autovacuum worker (its backend has no role), so
+    the drop fails with 42501 while one is working in the database; it ends within seconds, retry."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            query(url, f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+            return
+        except psycopg.errors.InsufficientPrivilege:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
 
 
 def query(url: str, sql: str, *params: object) -> list[tuple[object, ...]]:

@@ -21,7 +21,7 @@ from tierbase import Tierbase
 from tierbase.errors import ComputeError
 from tierbase.migrate.diff import Change, SchemaDiff, diff, diff_urls, snapshot, snapshot_url
 
-from .conftest import free_port, query
+from .conftest import drop_database, free_port
 
 PAGILA = Path(__file__).resolve().parent / "fixtures" / "pagila" / "pagila-schema.sql"
 
@@ -201,7 +201,7 @@ def pagila(platform: Tierbase) -> Iterator[str]:
     db = f"pagila_diff_{secrets.token_hex(3)}"
     platform.import_dump(str(PAGILA), "production", db)
     yield db
-    query(platform.branch_url("production", direct=True), f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+    drop_database(platform.branch_url("production", direct=True), db)
 
 
 @pytest.fixture(scope="module")
@@ -298,7 +298,7 @@ def test_equal_schemas_diff_empty(platform: Tierbase, pagila: str, prod: dict[st
         assert other.empty, other.to_text()
     finally:
         platform.delete_branch(name, recursive=True)
-        query(platform.branch_url("production", direct=True), f'DROP DATABASE IF EXISTS "{twin}" WITH (FORCE)')
+        drop_database(platform.branch_url("production", direct=True), twin)
     assert untouched.to_markdown() == f"### Schema diff: production -> {name}\n\nNo schema changes.\n"
     assert "No schema changes." in untouched.to_text()
     assert untouched.to_dict() == {"a": "production", "b": name, "empty": True,

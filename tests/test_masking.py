@@ -33,6 +33,7 @@ from tierbase.governance.masking import (
     update_statement,
 )
 
+from .conftest import drop_database
 from .conftest import query as raw_query
 
 PAGILA = Path(__file__).resolve().parent / "fixtures" / "pagila" / "pagila-schema.sql"
@@ -130,7 +131,7 @@ def pagila(platform: Tierbase) -> Iterator[Pagila]:
             conn.execute(SEED)
         yield Pagila(db, prod)
     finally:
-        query(platform.branch_url("production", direct=True), f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
+        drop_database(platform.branch_url("production", direct=True), db)
 
 
 @pytest.fixture
