@@ -516,7 +516,8 @@ def test_quotas_refuse_past_the_limit_naming_the_quota(svc: Svc) -> None:
             psycopg.connect(tiny.branch_url(made[1]), connect_timeout=10).close()
         assert tiny.get_branch(made[1])["compute"] == "stopped"
         woken = svc.pe.audit_log(action="branch.start.proxy", limit=1)[-1]
-        assert woken["actor"] == "tiny" and woken["target"] == made[1] and not woken["allowed"]
+        got_record = (woken["actor"], woken["target"], woken["decision"], woken["outcome"])
+        assert got_record == ("tiny", made[1], "denied", "refused")
         tiny.stop_branch(made[0])  # under the limit again: the proxy wakes it
         with psycopg.connect(tiny.branch_url(made[1]), connect_timeout=30) as conn:
             assert conn.execute("SELECT 1").fetchone() == (1,)
