@@ -126,12 +126,34 @@ def basebackup_pitr(tb: Tierbase, backup: Path, work: Path, key: str, target: st
     return {"seconds": round(seconds, 2), "redo_s": redo}
 
 
+def tps_doc(args: argparse.Namespace, on: list[float], off: list[float], cost: float, size: int,
+            load_avg: tuple[float, float, float]) -> dict[str, Any]:
+    """Archiving's cost alone: the tier (archive_mode on) against a feature branch of it (off), alternated."""
+    spread = statistics.pstdev(on + off) / statistics.mean(on + off) if on else 0.0
+    return {
+        "title": "Time travel: what archiving costs a tier's TPS",
+        "targets": [{"target": "archiving's cost on TPS (pgbench -c 4)", "goal": "< 5 %",
+                     "measured": f"{cost:.1%} over {len(on)} alternated rounds of {args.tps_seconds} s",
+                     "met": cost < 0.05}],
+        "tables": [{"title": f"pgbench -c 4 on a {size / MiB:.0f} MiB tier, archiving on and off, alternated",
+                    "columns": ["archiving", "TPS runs", "mean TPS"],
+                    "rows": [["on (tier)", on, round(statistics.mean(on), 1)],
+                             ["off (feature branch of it)", off, round(statistics.mean(off), 1)]],
+                    "notes": [f"cost {cost:.1%}; the rounds spread by {spread:.1%} (standard deviation over mean), "
+                              "so a difference below that is noise",
+                              f"load average at start {load_avg[0]:.1f}"]}],
+        "meta": {"command": " ".join(["python", "bench/pitr.py", *sys.argv[1:]]), "date": iso(time.time())},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", type=int, default=20, help="pgbench scale (~15 MB each)")
     ap.add_argument("--wal-mb", type=int, default=100, help="WAL written between the base snapshot and T")
     ap.add_argument("--after", type=int, default=300, help="seconds between T and the measurements")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--recovery-buffers", default="",
+                    help="shared_buffers of the recovering compute, alternated run by run (e.g. 256MB,1GB)")
     ap.add_argument("--later", type=int, default=0,
                     help="after everything else, wait until T + this many seconds (e.g. 3600) and branch at T again")
     ap.add_argument("--clients", type=int, default=2)
@@ -141,6 +163,8 @@ def main() -> None:
     ap.add_argument("--alt-runs", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pitr.json"))
     ap.add_argument("--skip-tps", action="store_true", help="leave out archiving's TPS cost")
+    ap.add_argument("--tps-only", action="store_true",
+                    help="only archiving's TPS cost (more --tps-rounds for a steadier number), to its own file")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark loop-mounts a btrfs image")
@@ -173,6 +197,9 @@ def main() -> None:
             tb.delete_branch("noarch")
         cost = 1 - statistics.mean(on) / statistics.mean(off) if on else 0.0
         log(f"TPS archiving on {on}, off {off}: cost {cost:.1%}")
+        if args.tps_only:
+            write_results(tps_doc(args, on, off, cost, size, load_avg), Path(args.out))
+            return
 
         # 2. base snapshot (+ pg_basebackup at the same moment), WAL, T, pre-made dump
         b = tb.store.get("production")
@@ -213,8 +240,11 @@ def main() -> None:
         # 3. branch at T
         def branch_at_t(prefix: str) -> list[dict[str, Any]]:
             out: list[dict[str, Any]] = []
+            variants = [v for v in args.recovery_buffers.split(",") if v]
             for i in range(args.runs):
                 name = f"{prefix}-{i}"
+                if variants:
+                    os.environ["TIERBASE_RECOVERY_SHARED_BUFFERS"] = variants[i % len(variants)]
                 t0 = time.perf_counter()
                 info = tb.create_branch(name, "production", at=target)
                 first_query(tb.branch_url(name))
@@ -224,7 +254,8 @@ def main() -> None:
                 redo = redo_seconds(tb.home.root / "logs" / f"{name}.log")
                 out.append({"seconds": round(seconds, 3), "replayed_bytes": replayed, "redo_s": redo,
                             "archive_ms": info["phases"]["archive_ms"], "recover_ms": info["phases"]["recover_ms"],
-                            "load_1m": round(os.getloadavg()[0], 1)})
+                            "load_1m": round(os.getloadavg()[0], 1),
+                            "recovery_shared_buffers": os.environ.get("TIERBASE_RECOVERY_SHARED_BUFFERS", "256MB")})
                 log(f"run {name}: {out[-1]}")
                 tb.delete_branch(name)
             return out

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ArchiveCorrupt
+from ..settings import value
 
 SCRIPT_NAME = "tierbase-wal"
 #: a WAL segment (timeline, log, seg), its .partial tail, or a timeline history file (PostgreSQL also
@@ -142,7 +143,7 @@ def recovery_settings(script: Path, wal_dir: Path, target: Target, upto: str | N
         # replay touches more pages than the clusters' 64MB: evicting them means writes into
         # copy-on-write files in the middle of the replay; with room they wait for the checkpoint
         # after the promotion (this start only: the next start is back to the cluster's own setting)
-        "shared_buffers": "256MB",
+        "shared_buffers": str(value("recovery_shared_buffers")),
         "archive_mode": "off",
     }
     if target.lsn is not None:
