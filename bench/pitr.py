@@ -141,6 +141,9 @@ def tps_doc(args: argparse.Namespace, on: list[float], off: list[float], cost: f
                              ["off (feature branch of it)", off, round(statistics.mean(off), 1)]],
                     "notes": [f"cost {cost:.1%}; the rounds spread by {spread:.1%} (standard deviation over mean), "
                               "so a difference below that is noise",
+                              "the off side is a feature branch of the tier, which also sits in the features' "
+                              "quota group (btrfs simple quotas, disk-full isolation): a negative cost means that "
+                              "difference, and the noise, outweigh archiving's own cost",
                               f"load average at start {load_avg[0]:.1f}"]}],
         "meta": {"command": " ".join(["python", "bench/pitr.py", *sys.argv[1:]]), "date": iso(time.time())},
     }
