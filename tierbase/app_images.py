@@ -64,14 +64,15 @@ class ImageOps(FacadeBase):
             return None
         return image, rec
 
-    def refresh_masked_images(self, tier: str | None = None) -> list[dict[str, Any]]:
-        """Re-make the masked image of ``tier`` (default: every tier that keeps one); platform engineers."""
+    def refresh_masked_images(self, tier: str | None = None, *, full: bool = False) -> list[dict[str, Any]]:
+        """Re-make the masked image of ``tier`` (default: every tier that keeps one); platform engineers.
+        Incremental when it can be; ``full``: mask the tier's data whole all the same."""
         self._require(Action.POLICY_RELOAD, NOBODY, quiet=True)
         tiers = image_tiers(self.config.masking)
         if tier is not None and tier not in tiers:
             raise InvalidInput(f"tier {tier!r} keeps no masked image",
                                f'Declare it: `image = ["{tier}"]` in the [masking] table of tierbase.toml')
-        return [self._refresh_image(t) for t in ([tier] if tier else tiers)]
+        return [self._refresh_image(t, full=full) for t in ([tier] if tier else tiers)]
 
     def refresh_stale_images(self, max_age: float) -> list[str]:
         """The service's schedule: re-make each image that is not current (a rollback moved the tier, the
@@ -114,13 +115,14 @@ class ImageOps(FacadeBase):
                         "staleness_s": round(time.time() - float(rec["as_of"]), 1) if rec else None})
         return out
 
-    def _refresh_image(self, tier: str, migrations: list[Migration] | None = None) -> dict[str, Any]:
+    def _refresh_image(self, tier: str, migrations: list[Migration] | None = None, *,
+                       full: bool = False) -> dict[str, Any]:
         # one refresh of a tier at a time (a promotion's refresh waits for a scheduled one), never during
         # a promotion of it (image_refresh.py)
         with self.branches.lock(f"{tier}-masked-image"):
-            return self._refresh_image_locked(tier, migrations or [])
+            return self._refresh_image_locked(tier, migrations or [], full)
 
-    def _refresh_image_locked(self, tier: str, migrations: list[Migration]) -> dict[str, Any]:
+    def _refresh_image_locked(self, tier: str, migrations: list[Migration], full: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         secret = self.home.read_secret(self.home.root / "masking.secret", create=True).encode()
         refresh = ImageRefresh(self.branches, self.gate.owner, masking_key(secret),
@@ -138,7 +140,7 @@ class ImageOps(FacadeBase):
         digest = self._masking_digest()
         source = refresh.snapshot(name, serving)
         try:
-            why, done = self._why_full(old, digest), None
+            why, done = "a full re-mask was asked for" if full else self._why_full(old, digest), None
             if why is None:
                 try:
                     done = refresh.incremental(name, serving, self.store.get(str(old["branch"])),
