@@ -146,8 +146,8 @@ class ImageOps(FacadeBase):
                     done = refresh.incremental(name, serving, self.store.get(str(old["branch"])),
                                                self.store.get(str(old["source_snapshot"])), source, migrations,
                                                {qualified(t) for t in sensitive_tables(self.config.masking)})
-                except FullRemask as full:
-                    why = full.why
+                except FullRemask as fallback:
+                    why = fallback.why
             if done is None:
                 self.branches.create(name, serving.name, kind=Kind.FEATURE, creator=self.gate.owner, actor="tierbase",
                                      fork=refresh.clone_of(source),

@@ -188,7 +188,8 @@ def apply(image: psycopg.Connection[Any], p: Plan, rules: list[MaskRule], key: b
     """Bring the image's rows to the tier's state now, masked: one transaction, all or nothing."""
     t0 = time.perf_counter()
     pads = _pads(key)
-    stable_session(image)  # rows travel as the diff's JSON (numbers as Decimal)
+    # the session keeps the compute's own settings (timezone, datestyle): masks that key on a row's text
+    # (noise, shift, hash of a bool) must see what a full re-mask sees; rows travel as to_jsonb's JSON
     report: dict[str, Any] = {"tables": {}, "rows_upserted": 0, "rows_deleted": 0, "rows_remasked": 0}
     touched: list[int] = []
     with image.transaction():
