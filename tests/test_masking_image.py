@@ -124,6 +124,7 @@ def test_an_incremental_refresh_gives_what_a_full_remask_gives(shop: Shop) -> No
     got = tb.refresh_masked_images("production")[0]
     assert got["mode"] == "incremental" and got["why"] == "only rows changed", got
     detail = got["detail"]
+    assert detail["tables_compared"] == 3  # only the tables written since the last image (by row version)
     assert detail["rows_deleted"] == deleted
     # every upserted row of a table with rules is re-masked
     assert detail["tables"]["public.customer"] == {"upserted": customers + 10, "deleted": 0,

@@ -138,14 +138,16 @@ class ImageOps(FacadeBase):
         self.store.set_setting(f"{KEY.format(tier)}.n", n)
         name = f"{tier}-masked-{n}"
         digest = self._masking_digest()
-        source = refresh.snapshot(name, serving)
+        source, xmin = refresh.snapshot(name, serving)
         try:
             why, done = "a full re-mask was asked for" if full else self._why_full(old, digest), None
             if why is None:
                 try:
                     done = refresh.incremental(name, serving, self.store.get(str(old["branch"])),
                                                self.store.get(str(old["source_snapshot"])), source, migrations,
-                                               {qualified(t) for t in sensitive_tables(self.config.masking)})
+                                               {qualified(t) for t in sensitive_tables(self.config.masking)},
+                                               # row versions tell what changed only on the same branch
+                                               old.get("source_xmin") if old["source"] == serving.name else None)
                 except FullRemask as fallback:
                     why = fallback.why
             if done is None:
@@ -157,7 +159,8 @@ class ImageOps(FacadeBase):
                 refresh.drop(source.name)
             raise
         now = time.time()
-        rec = {"branch": name, "source": serving.name, "source_snapshot": source.name, "masking": digest,
+        rec = {"branch": name, "source": serving.name, "source_snapshot": source.name, "source_xmin": xmin,
+               "masking": digest,
                "as_of": source.created_at or now, "seconds": round(time.perf_counter() - t0, 3),
                "mode": "incremental" if done is not None else "full", "why": why or "only rows changed",
                "rows_remasked": done["rows_remasked"] if done is not None else None,

@@ -31,6 +31,7 @@ from ..failpoints import failpoint
 from ..provider import OWNER_ROLE
 from . import remask
 from .files import Migration
+from .replay import current_xmin
 
 SCRATCH_TTL = 3600
 
@@ -66,10 +67,15 @@ class ImageRefresh:
         return doomed
 
     # -- the unmasked source ------------------------------------------------------------------------
-    def snapshot(self, image: str, serving: Branch) -> Branch:
-        """The read-only snapshot the next image is made from (and later diffed against)."""
+    def snapshot(self, image: str, serving: Branch) -> tuple[Branch, str]:
+        """The read-only snapshot the next image is made from (and later diffed against), and the oldest
+        transaction running just before it: rows written after it have a newer xmin (remask.plan)."""
+        self.branches.start(serving.name)
+        ep = self.provider.endpoint(self.store.get(serving.name).port, self.database)
+        with psycopg.connect(ep.dsn(), autocommit=True, connect_timeout=10) as conn:
+            xmin = current_xmin(conn)
         return self.branches.create(source_name(image), serving.name, kind=Kind.SNAPSHOT, creator=self.owner,
-                                    protected=True, actor="tierbase")
+                                    protected=True, actor="tierbase"), xmin
 
     def clone_of(self, b: Branch) -> Fork:
         """A fork callback: the new image's volume is a copy of ``b``'s (a source, or the last image)."""
@@ -113,13 +119,13 @@ class ImageRefresh:
 
     # -- the refresh -------------------------------------------------------------------------------
     def incremental(self, name: str, serving: Branch, image: Branch, old_source: Branch, new_source: Branch,
-                    files: list[Migration], sensitive: set[tuple[str, str]]) -> dict[str, Any]:
+                    files: list[Migration], sensitive: set[tuple[str, str]], since: str | None) -> dict[str, Any]:
         """Make image ``name`` as a clone of ``image`` brought from ``old_source`` to ``new_source``;
         raises remask.FullRemask (nothing made) when that would not equal a full re-mask."""
         rules = remask.rules_of(image.masked_by)
         with self._scratch(old_source) as oc, self._scratch(new_source) as nc:
-            p = remask.plan(oc, nc, rules, files, sensitive)
-        report: dict[str, Any] = {"diff_seconds": p.diff.stats.get("seconds")}
+            p = remask.plan(oc, nc, rules, files, sensitive, since)
+        report: dict[str, Any] = {"diff_seconds": p.diff.stats.get("seconds"), "tables_compared": len(p.diff.tables)}
 
         def prepare(volume: str, port: int) -> list[str]:
             ep = self.provider.start_private(name, volume, port)

@@ -43,6 +43,7 @@ from ..governance.masking import (
 from . import ledger
 from .datadiff import DataDiff, Shape, data_diff, delete_sql, shapes, stable_session, upsert_sql
 from .files import Migration
+from .replay import written_since
 
 #: the migrations ledger differs by construction (applied_at, applied_by) and is no data of the tier's
 EXCLUDED_SCHEMAS = (ledger.LEDGER_SCHEMA,)
@@ -131,15 +132,18 @@ def writing_statement(m: Migration) -> str | None:
 
 
 def plan(old: psycopg.Connection[Any], new: psycopg.Connection[Any], rules: list[MaskRule],
-         files: list[Migration], sensitive: Collection[tuple[str, str]] = ()) -> Plan:
+         files: list[Migration], sensitive: Collection[tuple[str, str]] = (), since: str | None = None) -> Plan:
     """Compare the image's source ``old`` with the tier's state now ``new`` (both unmasked, read only);
     raises FullRemask with the reason when the incremental refresh would not be exact. ``sensitive``:
-    the tables declared sensitive (a new one needs its defaults worked out: a full re-mask)."""
+    the tables declared sensitive (a new one needs its defaults worked out: a full re-mask). ``since``:
+    the oldest transaction running on the same branch when ``old`` was taken; then only tables with a
+    row version that recent or another row count are diffed (the rest cannot have changed)."""
     migrations = new_migrations(ledger.ledger_rows(old), ledger.ledger_rows(new), files)
     for m in migrations:
         if (bad := writing_statement(m)) is not None:
             raise FullRemask(f"migration {m.label()} may write rows ({bad}); a full re-mask writes them masked")
-    diff = data_diff(old, new, a_label="image source", b_label="tier now", exclude_schemas=EXCLUDED_SCHEMAS)
+    diff = data_diff(old, new, a_label="image source", b_label="tier now", exclude_schemas=EXCLUDED_SCHEMAS,
+                     tables=None if since is None else _written(old, new, since))
     masked_keys = {(*r.qualified, r.column) for r in rules if r.method != "safe"}
     out = Plan(diff, migrations, shapes=shapes(new, EXCLUDED_SCHEMAS))
     for t in diff.tables:
@@ -170,6 +174,15 @@ def plan(old: psycopg.Connection[Any], new: psycopg.Connection[Any], rules: list
         "SELECT format('%I.%I', schemaname, sequencename), coalesce(last_value, start_value), "
         "last_value IS NOT NULL FROM pg_sequences")}
     return out
+
+
+def _written(old: psycopg.Connection[Any], new: psycopg.Connection[Any], since: str) -> list[str]:
+    """Tables that may differ: written since ``since`` on ``new`` (replay.written_since), or on one side
+    only, or of another shape."""
+    sa, sb = shapes(old, EXCLUDED_SCHEMAS), shapes(new, EXCLUDED_SCHEMAS)
+    moved = {t for t in set(sa) | set(sb) if t not in sa or t not in sb or sa[t].columns != sb[t].columns
+             or sa[t].pk != sb[t].pk}
+    return sorted({t for t in written_since(new, old, since) if t in sb} | moved)
 
 
 def apply_migrations(image: psycopg.Connection[Any], migrations: list[Migration], owner: str) -> list[str]:
