@@ -62,9 +62,12 @@ class ImageRefresh:
         doomed = sorted((b.name for b in self.store.all() if pattern.fullmatch(b.name) and b.name != keep
                          and b.state.value == "ready"),
                         key=lambda n: not n.endswith("-run"))  # clones before their snapshots
+        gone = []
         for name in doomed:
-            self.drop(name)
-        return doomed
+            with suppress(TierbaseError):  # a source someone branched from stays until that branch goes
+                self.drop(name)
+                gone.append(name)
+        return gone
 
     # -- the unmasked source ------------------------------------------------------------------------
     def snapshot(self, image: str, serving: Branch) -> tuple[Branch, str]:
