@@ -211,7 +211,7 @@ class MigrationOps(FacadeBase):
                           f"kept on branch {serving.name!r}, reached as {kept!r} (`tierbase branch url {kept}`, "
                           f"`tierbase diff {tier} {kept}`)", promotion=result, rollback=rb and rb["id"])
         # the tier's masked image is re-masked once here, not on every masked branch (app_images.py)
-        result["masked_images"] = self._refresh_images_quietly([tier])  # type: ignore[attr-defined]
+        result["masked_images"] = self._refresh_images_quietly([tier], migrations)  # type: ignore[attr-defined]
         return result
 
     def _promote(self, pid: int, log: PromotionLog, tier: str, serving: Branch, src: Branch,
