@@ -586,8 +586,49 @@ class DataDiff(Payload):
     text: str | None = Field(description="Rendered as text or SQL (None for json)")
 
 
+# -- served by no endpoint yet: the facade's in-process answers (the payload map names them) ------------
+class BaseSnapshot(Payload):
+    """A base snapshot of a tier's history (time travel)."""
+
+    id: int
+    taken_at: float
+    lsn: str
+    redo_lsn: str | None = None
+    timeline: int | None = None
+    reason: str
+
+
+class MaskingChange(Payload):
+    """What migrations do to masked data (migrate/sensitivity.py), read-only."""
+
+    derived: list[dict[str, Any]] = Field(description="Columns filled from masked ones: column, from, method, ...")
+    unclassified: list[dict[str, Any]]
+    renamed: list[dict[str, Any]]
+    dropped: list[dict[str, Any]]
+
+
+class LineageEntry(Payload):
+    """A masking rule that migrated with the schema (derived, renamed, dropped)."""
+
+    column: str
+    kind: str
+    method: str | None = None
+    source: str | None = None
+    origin: str
+    why: str
+
+
+class ImageRefreshed(Payload):
+    """A tier's masked image made again."""
+
+    tier: str
+    image: str
+
+
 # -- errors -----------------------------------------------------------------------------------------
 class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # the envelope is exact: clients switch on it
+
     code: str = Field(description="The condition, e.g. branch_not_found, policy_denied (the SDK's error class)")
     message: str = Field(description="What happened")
     hint: str = Field(description="What to do")
@@ -597,6 +638,8 @@ class ErrorBody(BaseModel):
 
 class ErrorEnvelope(BaseModel):
     """Every error of the API, whatever its status."""
+
+    model_config = ConfigDict(extra="forbid")
 
     error: ErrorBody
 

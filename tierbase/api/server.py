@@ -297,7 +297,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
         body = {"code": "invalid_input", "message": f"{where}: {first.get('msg', 'invalid request')}",
-                "hint": "See the OpenAPI document at /openapi.json", "data": {}}
+                "hint": "See the OpenAPI document at /openapi.json", "data": {}, "exit_code": 1}
         return JSONResponse({"error": body}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -306,7 +306,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
         body = {"code": code, "message": f"no API endpoint {request.method} {request.url.path} ({err.detail})",
                 "hint": "Check the names in the command (one path segment each) and the URL of the service; "
-                        "the endpoints are listed at /openapi.json", "data": {}}
+                        "the endpoints are listed at /openapi.json", "data": {}, "exit_code": 1}
         return JSONResponse({"error": body}, status_code=err.status_code, headers=getattr(err, "headers", None))
 
     @app.get("/v1/health", **typed(Health))
