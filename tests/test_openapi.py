@@ -11,19 +11,23 @@ import json
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, cast
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 from pydantic import BaseModel, TypeAdapter
 
 from tierbase import payloads as P
 from tierbase.api.client import JSON, Client, PayloadDrift, check_payload, payload_type
 from tierbase.api.server import create_app
 from tierbase.app import Tierbase
+from tierbase.provider import FakeProvider
 
-from .conftest import free_port, make_home, needs_root_btrfs
+from .conftest import free_port, free_port_base, make_home, needs_root_btrfs
 from .test_cli import as_json, leftovers, new_env, tierbase
 
 #: SDK methods that hand back one field of the answer (a list or a string), or pass another method's on
@@ -149,6 +153,59 @@ MIGRATION = {"V1__notes.sql": "CREATE TABLE notes (id int PRIMARY KEY, body text
              "U1__notes.sql": "DROP TABLE notes;\n"}
 
 
+def test_the_control_plane_answers_match_their_models_on_the_fake_provider(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routes that need no postgres, through the real app over FakeProvider: no root, seconds, in CI."""
+    monkeypatch.setenv("TIERBASE_PORT_BASE", str(free_port_base()))
+    home = Path(tempfile.mkdtemp(prefix="tierbase-fake-")) / "home"
+    tb = Tierbase(home, provider=FakeProvider(home))
+    tb.init()
+    try:
+        api = TestClient(create_app(tb))
+        api.headers["Authorization"] = f"Bearer {(home / 'api.token').read_text().strip()}"
+
+        def answer(model: Any, method: str, path: str, **kw: Any) -> Any:
+            got = api.request(method, path, **kw)
+            assert got.status_code < 300, (method, path, got.text)
+            return strict(model, got.json())
+
+        answer(P.Health, "GET", "/v1/health")
+        answer(P.Status, "GET", "/v1/status")
+        me = answer(P.WhoAmI, "GET", "/v1/whoami")["name"]
+        answer(P.PolicyApplied, "POST", "/v1/policy/reload", json={"text": CONFIG, "source": "t", "dry_run": True})
+        answer(P.PolicyApplied, "POST", "/v1/policy/reload", json={"text": CONFIG, "source": "t"})
+        answer(P.PolicyShown, "GET", "/v1/policy")
+        answer(P.Branch, "POST", "/v1/branches", json={"name": "f1", "parent": "staging", "ttl": "1h"})
+        answer(P.Branch, "POST", "/v1/branches", json={"name": "s1", "parent": "f1", "snapshot": True})
+        answer(list[P.Branch], "GET", "/v1/branches")
+        for verb in ("start", "stop", "reset"):
+            answer(P.Branch, "POST", f"/v1/branches/f1/{verb}")
+        answer(P.RouteMoved, "PUT", "/v1/routes/r1", json={"branch": "f1"})
+        answer(list[P.Route], "GET", "/v1/routes")
+        answer(P.Explanation, "GET", "/v1/policy/explain",
+               params={"principal": me, "action": "branch.create", "target": "production"})
+        answer(P.PrincipalCreated, "POST", "/v1/principals", json={"name": "bot", "role": "agent"})
+        answer(list[P.Principal], "GET", "/v1/principals")
+        answer(P.Principal, "DELETE", "/v1/principals/bot")
+        answer(list[P.AuditRecord], "GET", "/v1/audit")
+        answer(P.AuditVerify, "GET", "/v1/audit/verify")
+        sid = answer(P.SessionStarted, "POST", "/v1/sessions", json={"parent": "staging"})["id"]
+        answer(list[P.Session], "GET", "/v1/sessions")
+        answer(P.Session, "POST", f"/v1/sessions/{sid}/renew", json={"ttl": "1h"})
+        answer(P.SessionEnded, "DELETE", f"/v1/sessions/{sid}")
+        answer(P.FlowHistory, "GET", "/v1/flow/f1")
+        answer(P.TierRefs, "GET", "/v1/flow-tiers")
+        answer(list[P.Promotion], "GET", "/v1/promotions")
+        answer(list[P.RollbackSummary], "GET", "/v1/rollbacks")
+        answer(P.ImportCheck, "POST", "/v1/import/check")
+        answer(P.LintReport, "POST", "/v1/migrations/lint", json={"files": {
+            "V1__a.sql": "CREATE TABLE a (id int PRIMARY KEY);\nALTER TABLE a ADD COLUMN b int NOT NULL;\n"}})
+        answer(P.Deleted, "POST", "/v1/sweep")
+    finally:
+        tb.close()
+        shutil.rmtree(home.parent, ignore_errors=True)
+
+
 class Service:
     def __init__(self, sdk: Client, url: str, token: str) -> None:
         self.sdk, self.url, self.token = sdk, url, token
@@ -181,7 +238,8 @@ def test_the_platform_answers_match_their_models(service: Service) -> None:
     strict(P.PolicyApplied, sdk.apply_config(CONFIG, "test_openapi", dry_run=True))
     strict(P.PolicyApplied, sdk.apply_config(CONFIG, "test_openapi"))
     strict(list[P.Route], sdk.list_routes())
-    strict(P.Explanation, sdk.explain("nobody-yet", "branch.create", "production"))
+    me = str(sdk.whoami()["name"])
+    strict(P.Explanation, sdk.explain(me, "branch.create", "production"))
     made = strict(P.PrincipalCreated, sdk.create_principal("payload-bot", "agent"))
     strict(list[P.Principal], sdk.list_principals())
     strict(P.Principal, sdk.revoke_principal(str(made["name"])))
