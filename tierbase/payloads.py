@@ -77,7 +77,7 @@ class TimeTarget(Payload):
 class MaskedImage(Payload):
     image: str = Field(description="The tier's masked image the branch was cloned from")
     tier_branch: str
-    as_of: Any = None
+    as_of: float = Field(description="Unix time the image was made")
 
 
 class Branch(Payload):
@@ -101,7 +101,7 @@ class Branch(Payload):
     driver: str = Field(description="btrfs (copy-on-write) or copy (O(size))")
     copy_on_write: bool
     masked: bool = False
-    masking: Any = Field(default=None, description="The masking rules applied to this branch, if any")
+    masking: list[str] | None = Field(default=None, description="The masking rules applied to this branch ([] if none)")
     own_bytes: int | None = Field(default=None, description="Bytes only this branch holds (when measured)")
     elapsed_ms: float | None = Field(default=None, description="Server time of the operation (create)")
     sessions: int | None = Field(default=None, description="Proxied sessions on it now (under the service)")
@@ -294,7 +294,7 @@ class FlowEvent(Payload):
     transition: str
     state: str
     actor: str
-    at: Any
+    at: float = Field(description="Unix time")
     evidence: dict[str, Any]
 
 
@@ -521,7 +521,7 @@ class Restored(Payload):
     tier: str
     serving: str = Field(description="The branch serving the tier now (the restored state)")
     kept_as: str = Field(description="The state replaced, kept (protected)")
-    restored_to: Any = Field(description="Where recovery ended")
+    restored_to: str = Field(description="The WAL position recovery ended at")
     target: TimeTarget
     seconds_to_first_query: float
     switch_ms: float | None = None
@@ -533,8 +533,8 @@ class TierHistory(Payload):
 
     tier: str
     serving: str
-    window: Any = Field(description="How far back the tier can be restored ([tiers.X] history)")
-    base_interval: Any
+    window: str | None = Field(description="How far back the tier can be restored ([tiers.X] history), e.g. 7d")
+    base_interval: str | None = Field(description="How often a base snapshot is taken, e.g. 1h")
     kept_states: list[str] = Field(description="Earlier states kept by restores")
     key: str | None = None
     oldest: dict[str, Any] | None = Field(description="The oldest point it can go back to")
