@@ -625,6 +625,14 @@ class ImageRefreshed(Payload):
     image: str
 
 
+class ImageState(Payload):
+    """A tier's masked image: how it was last made (the stored record's fields) and how stale it is."""
+
+    tier: str
+    current: bool = Field(description="False when the tier moved or the rules changed since it was made")
+    staleness_s: float | None = Field(default=None, description="Age of its data in seconds (None: never made)")
+
+
 # -- errors -----------------------------------------------------------------------------------------
 class ErrorBody(BaseModel):
     model_config = ConfigDict(extra="forbid")  # the envelope is exact: clients switch on it
