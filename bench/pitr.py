@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
 from bench.common import free_port, log, pct, write_results  # noqa: E402
 from tierbase import Tierbase  # noqa: E402
 from tierbase.compute import archive, find_binaries  # noqa: E402
+from tierbase.errors import TierbaseError  # noqa: E402
 from tierbase.proxy import ProxyThread  # noqa: E402
 from tierbase.service import make_proxy  # noqa: E402
 
@@ -155,6 +156,8 @@ def main() -> None:
     ap.add_argument("--wal-mb", type=int, default=100, help="WAL written between the base snapshot and T")
     ap.add_argument("--after", type=int, default=300, help="seconds between T and the measurements")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--pool-size", default="12G",
+                    help="the btrfs pool (an hour of this load archives several GB of WAL: 40G for --later 3600)")
     ap.add_argument("--recovery-buffers", default="",
                     help="shared_buffers of the recovering compute, alternated run by run (e.g. 256MB,1GB)")
     ap.add_argument("--later", type=int, default=0,
@@ -180,7 +183,7 @@ def main() -> None:
     load: Load | None = None
     load_avg = os.getloadavg()
     try:
-        tb.init(storage="btrfs", btrfs_size="12G", proxy_port=free_port(), config=str(tmp / "tierbase.toml"))
+        tb.init(storage="btrfs", btrfs_size=args.pool_size, proxy_port=free_port(), config=str(tmp / "tierbase.toml"))
         proxy = ProxyThread(make_proxy(tb)).start()
         tb.start_branch("production")
         url = tb.branch_url("production")
@@ -281,11 +284,16 @@ def main() -> None:
             alt_dump.append(round(time.perf_counter() - t0, 2))
         log(f"pg_restore of the pre-made dump: {alt_dump}")
         later: list[dict[str, Any]] = []
+        later_error = ""
         if args.later > args.after:
             wait = t_target + args.later - time.time()
             log(f"waiting {wait:.0f} s more under load, until T + {args.later} s")
             time.sleep(max(0.0, wait))
-            later = branch_at_t("pit-later")
+            try:
+                later = branch_at_t("pit-later")
+            except TierbaseError as err:  # e.g. an hour of archived WAL filled the pool: said, not lost
+                later_error = f"{err.code}: {err.message}"
+                log(f"the later runs failed: {later_error}")
     finally:
         if load is not None:
             load.stop()
@@ -338,6 +346,7 @@ def main() -> None:
                  f"machine: 2 cores (load average at start {load_avg[0]:.1f}, during the runs "
                  f"{max(r['load_1m'] for r in rows):.1f}"
                  + (f", during the later runs {max(r['load_1m'] for r in later):.1f})" if later else ")"),
+                 *([f"the runs at T + {args.later // 60} min failed: {later_error}"] if later_error else []),
                  (f"the later row branches at the same T {args.later // 60} min after it, the load on all along: "
                   "what a replay costs depends on the WAL from the newest base snapshot before T to T "
                   "(bounded by the tier's base_interval), not on how long ago T was" if later else
