@@ -23,41 +23,54 @@ import json
 import time
 from typing import Any
 
-from .app_base import NOBODY, FacadeBase
+from .app_base import NOBODY, Core
+from .app_masking import Masking
 from .control.store import Branch, Kind
 from .errors import InvalidInput, TierbaseError
 from .governance.classify import image_tiers
+from .governance.config import Config
 from .governance.masking import describe, parse_rules
 from .governance.policy import Action
 
 KEY = "masked_image.{}"
 
 
-class ImageOps(FacadeBase):
+class Images:
+    """Takes the core and the masking service (an image is masked like any masked branch)."""
+
+    def __init__(self, core: Core, masking: Masking) -> None:
+        self.core = core
+        self.masking = masking
+
+    @property
+    def config(self) -> Config:
+        return self.core.config
+
     def _masking_digest(self) -> str:
         """What an image was masked under: the config's rules and the recorded lineage."""
         rules = describe(parse_rules(self.config.masking))
         extra = {k: self.config.masking.get(k) for k in ("sensitive",)}
-        lineage = [e.to_dict() for e in self._lineage.entries()]  # type: ignore[attr-defined]
+        lineage = [e.to_dict() for e in self.masking.lineage.entries()]
         return hashlib.sha256(json.dumps([rules, extra, lineage], sort_keys=True, default=str).encode()).hexdigest()
 
-    def _current_image(self, parent: Branch) -> tuple[Branch, dict[str, Any]] | None:
+    def current_image(self, parent: Branch) -> tuple[Branch, dict[str, Any]] | None:
         """The image to clone for a masked child of ``parent``, when ``parent`` serves a tier that keeps
         one and the image is current; else None."""
         tier = next((t for t in image_tiers(self.config.masking)
-                     if (self.store.resolve_route(t) or t) == parent.name), None)
-        rec = self.store.get_setting(KEY.format(tier)) if tier else None
+                     if (self.core.store.resolve_route(t) or t) == parent.name), None)
+        rec = self.core.store.get_setting(KEY.format(tier)) if tier else None
         if not rec or rec.get("source") != parent.name or rec.get("masking") != self._masking_digest():
             return None
-        image = self.store.find(str(rec["branch"]))
-        if (image is None or image.state.value != "ready" or not image.masked_by or image.creator != self.gate.owner
+        image = self.core.store.find(str(rec["branch"]))
+        owner = self.core.gate.owner
+        if (image is None or image.state.value != "ready" or not image.masked_by or image.creator != owner
                 or image.parent != parent.name):
             return None
         return image, rec
 
     def refresh_masked_images(self, tier: str | None = None) -> list[dict[str, Any]]:
         """Re-make the masked image of ``tier`` (default: every tier that keeps one); platform engineers."""
-        self._require(Action.POLICY_RELOAD, NOBODY, quiet=True)
+        self.core.require(Action.POLICY_RELOAD, NOBODY, quiet=True)
         tiers = image_tiers(self.config.masking)
         if tier is not None and tier not in tiers:
             raise InvalidInput(f"tier {tier!r} keeps no masked image",
@@ -69,14 +82,14 @@ class ImageOps(FacadeBase):
         rules changed) or older than ``max_age`` seconds."""
         stale = []
         for t in image_tiers(self.config.masking):
-            serving = self.store.find(self.store.resolve_route(t) or t)
-            rec = self.store.get_setting(KEY.format(t))
-            if serving is not None and (self._current_image(serving) is None or rec is None
+            serving = self.core.store.find(self.core.store.resolve_route(t) or t)
+            rec = self.core.store.get_setting(KEY.format(t))
+            if serving is not None and (self.current_image(serving) is None or rec is None
                                         or time.time() - float(rec.get("as_of", 0)) > max_age):
                 stale.append(t)
-        return self._refresh_images_quietly(stale)
+        return self.refresh_quietly(stale)
 
-    def _refresh_images_quietly(self, tiers: list[str]) -> list[str]:
+    def refresh_quietly(self, tiers: list[str]) -> list[str]:
         """After a promotion or a reload: a refresh that fails leaves the image stale (masked branches
         are then masked as before), never the promotion failed."""
         said = []
@@ -93,25 +106,25 @@ class ImageOps(FacadeBase):
 
     def _refresh_image(self, tier: str) -> dict[str, Any]:
         t0 = time.perf_counter()
-        serving = self.store.get(self.store.resolve_route(tier) or tier)
-        plan = self._masking_plan(serving, force=True)  # type: ignore[attr-defined]
+        serving = self.core.store.get(self.core.store.resolve_route(tier) or tier)
+        plan = self.masking.plan(serving, force=True)
         if plan is None:
             raise InvalidInput(f"tier {tier!r} has nothing to mask", "Declare masking rules or sensitive tables")
-        n = int(self.store.get_setting(f"{KEY.format(tier)}.n", 0)) + 1
-        self.store.set_setting(f"{KEY.format(tier)}.n", n)
+        n = int(self.core.store.get_setting(f"{KEY.format(tier)}.n", 0)) + 1
+        self.core.store.set_setting(f"{KEY.format(tier)}.n", n)
         name = f"{tier}-masked-{n}"
         digest = self._masking_digest()
-        self.branches.create(name, serving.name, kind=Kind.FEATURE, creator=self.gate.owner, actor="tierbase",
-                             prepare=self._mask_hook(name, serving, plan))  # type: ignore[attr-defined]
-        old = self.store.get_setting(KEY.format(tier))
+        self.core.branches.create(name, serving.name, kind=Kind.FEATURE, creator=self.core.gate.owner, actor="tierbase",
+                                  prepare=self.masking.hook(name, serving, plan))
+        old = self.core.store.get_setting(KEY.format(tier))
         rec = {"branch": name, "source": serving.name, "masking": digest, "as_of": time.time(),
                "seconds": round(time.perf_counter() - t0, 3)}
-        self.store.set_setting(KEY.format(tier), rec)
-        self.gate.audit.append(actor="tierbase", action="masking.image", target=tier, allowed=True,
-                               reason=f"the masked image of {tier!r} re-made from {serving.name!r}",
-                               before=old, after=rec)
-        if old and self.store.find(str(old["branch"])) is not None and \
-                len(self.branches.subtree(str(old["branch"]))) == 1:  # an image nobody branched from: gone
+        self.core.store.set_setting(KEY.format(tier), rec)
+        self.core.gate.audit.append(actor="tierbase", action="masking.image", target=tier, allowed=True,
+                                    reason=f"the masked image of {tier!r} re-made from {serving.name!r}",
+                                    before=old, after=rec)
+        if old and self.core.store.find(str(old["branch"])) is not None and \
+                len(self.core.branches.subtree(str(old["branch"]))) == 1:  # an image nobody branched from: gone
             with contextlib.suppress(TierbaseError):
-                self.branches.delete(str(old["branch"]))
+                self.core.branches.delete(str(old["branch"]))
         return {"tier": tier, "image": name, **rec}
