@@ -92,6 +92,10 @@ class Workflow:
     def __init__(self, core: Core, *, branch_ops: BranchOps, migrations: Migrations, masking: Masking,
                  rollbacks: Rollbacks) -> None:
         self.core = core
+        self.branch_ops = branch_ops
+        self.migrations = migrations
+        self.masking = masking
+        self.rollbacks = rollbacks
         self.platform = _FlowPlatform(core, branch_ops, migrations, masking, rollbacks)
 
     def _flow(self) -> Flow:

@@ -117,9 +117,9 @@ class Pitr:
     """Time travel: takes the core, the tier history, the masking service (a branch at a point in time
     is masked like any other) and the quotas."""
 
-    def __init__(self, core: Core, history: TierHistory, masking: Masking, quotas: Quotas) -> None:
+    def __init__(self, core: Core, tiers: TierHistory, masking: Masking, quotas: Quotas) -> None:
         self.core = core
-        self.tiers = history
+        self.tiers = tiers
         self.masking = masking
         self.quotas = quotas
 
