@@ -7,7 +7,7 @@ services it uses, and nothing else:
 
     Masking(core)                   Images(core, masking)           Governance(core, masking, images)
     Renewals(core)  Quotas(core)    Logins(core, renewals)          TierHistory(core)
-    Pitr(core, history, masking, quotas)
+    Pitr(core, tiers, masking, quotas)
     BranchOps(core, masking, images, quotas, renewals, logins, pitr)
     Sessions(core, branch_ops, renewals)                            SqlRunner(core, logins, quotas, renewals)
     Repoints(core)                  Rollbacks(core, repoints)       DataDiffs(core)        Imports(core)
