@@ -101,14 +101,15 @@ def test_a_view_shares_the_wires_and_every_service_acts_as_its_principal(fake: T
     view = fake.as_principal("ana")
     assert view.actor == "ana" and fake.actor is None
     assert view.store is fake.store and view.gate is fake.gate and view.branches is fake.branches
-    assert view.router is router  # the service's router reaches every view and service
+    assert view.router is router  # the service's router reaches every view made from it, and its services
     for name, service in services(view).items():
         core = service.core
-        assert core.actor == "ana" and core.wires is fake.core.wires, name
+        assert core.actor == "ana" and core.wires is fake.core.wires and core.router is router, name
     for service in services(fake).values():
         assert service.core.actor is None
-    fake.router = None
-    assert view.router is None
+    own = object()
+    view.router = own  # a view given a router of its own (a test's switch) keeps it to itself
+    assert fake.router is router and all(s.core.router is own for s in services(view).values())
 
 
 def test_a_view_is_refused_what_its_principal_may_not_do(fake: Tierbase) -> None:

@@ -147,13 +147,13 @@ class Tierbase:
 
     @property
     def router(self) -> Any:
-        """Set by the service: moves live proxy sessions when a route is repointed (Service.switch); one
-        for every view of this platform."""
-        return self.core.wires.router
+        """Set by the service: moves live proxy sessions when a route is repointed (Service.switch); every
+        service of this facade uses it, and views made from it afterwards inherit it."""
+        return self.core.router
 
     @router.setter
     def router(self, router: Any) -> None:
-        self.core.wires.router = router
+        self.core.router = router
 
     @property
     def proxy_port(self) -> int:

@@ -1,7 +1,7 @@
 """The facade's wiring: what every service of the facade shares, and nothing it does.
 
 ``Wires`` holds one platform's connections (the data dir, the store, the provider, the branch
-operations, the gate, the service's router), made on first use and shared by every view of it.
+operations, the gate), made on first use and shared by every view of it.
 ``Core`` is one view of those wires acting as one principal (``actor``, ``token``), with the
 helpers every service needs (authorize, audit, the serving branch, the one repoint path). The
 services in app_*.py each take a ``Core`` and the other services they use; ``Tierbase`` (app.py)
@@ -52,8 +52,6 @@ class Wires:
         self._provider: Provider | None = provider
         self._branches: Branches | None = None
         self._gate: Gate | None = None
-        #: set by the service: moves live proxy sessions when a route is repointed (Service.switch)
-        self.router: Any = None
         #: wired by Tierbase before first use of ``branches`` (app_pitr's TierHistory.compute_settings)
         self.start_settings: StartSettings | None = None
         #: the time-travel history of this store (app_pitr), cached with the store it was made for
@@ -120,16 +118,20 @@ def port_base() -> int:
 class Core:
     """The wires as seen by one principal, and the helpers every service uses."""
 
-    def __init__(self, wires: Wires, actor: str | None = None, token: str | None = None) -> None:
+    def __init__(self, wires: Wires, actor: str | None = None, token: str | None = None, *,
+                 router: Any = None) -> None:
         self.wires = wires
         #: the principal this view acts as; None is the data dir's owner (the first platform engineer)
         self.actor = actor
         #: the API token this view acts with, when known (its Postgres password is derived from it)
         self.token = token
+        #: set by the service: moves live proxy sessions when a route is repointed (Service.switch);
+        #: every service of this view sees it, and views made from this one inherit it
+        self.router = router
 
     def as_principal(self, name: str | None, token: str | None = None) -> Core:
-        """The same wires, acting as another principal."""
-        return Core(self.wires, name, token)
+        """The same wires (and router), acting as another principal."""
+        return Core(self.wires, name, token, router=self.router)
 
     # -- the wires -----------------------------------------------------------------------
     @property
@@ -156,10 +158,6 @@ class Core:
     @property
     def config(self) -> Config:
         return self.gate.config
-
-    @property
-    def router(self) -> Any:
-        return self.wires.router
 
     @property
     def proxy_port(self) -> int:
