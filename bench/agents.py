@@ -105,7 +105,7 @@ async def tool(client: Client, stats: Stats, name: str, args: dict[str, Any]) ->
     res = await client.call_tool(name, args)
     stats.calls[name].append(time.perf_counter() - t0)
     if res.is_error:
-        raise RuntimeError(f"{name}: {res.content[0].text if res.content else res}")
+        raise RuntimeError(f"{name}: {getattr(res.content[0], 'text', res) if res.content else res}")
     got = res.structured_content
     return got["result"] if isinstance(got, dict) and set(got) == {"result"} else got
 
@@ -233,23 +233,28 @@ def many_clients(url: str, clients: int, queries: int) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--levels", default="2,5,10", help="agent counts to run, comma-separated")
+    ap.add_argument("--levels", default="2,5,10",
+                    help="agent counts to run, comma-separated; N or NxSECONDS (e.g. 1,5,10,25,50x600)")
     ap.add_argument("--seconds", type=float, default=45, help="length of each level")
     ap.add_argument("--clients", type=int, default=500)
     ap.add_argument("--out", type=Path, default=Path("/tmp/tierbase-bench-agents.json"))
     args = ap.parse_args(argv)
-    levels = [int(x) for x in args.levels.split(",")]
-    rows, raw, loads = [], {}, []
+    plan = [(int(n), float(sec) if sec else args.seconds)
+            for n, _, sec in (x.strip().partition("x") for x in args.levels.split(","))]
+    levels = [n for n, _ in plan]
+    rows: list[list[Any]] = []
+    raw: dict[str, Any] = {}
+    loads: list[float] = []
     with platform("4G", "--pool-port", str(free_port()), "--idle-timeout", "60") as p:
         pe = Sdk(p.home, url=p.up_info["api_url"], token=p.token)
         pe.apply_config(CONFIG, "bench")
         tokens = [pe.create_principal(f"agent-{i}", "agent")["token"] for i in range(max(levels))]
-        for n in levels:
-            log(f"{n} agents for {args.seconds:.0f} s")
-            st = run_level(p, pe, tokens[:n], args.seconds)
+        for n, seconds in plan:
+            log(f"{n} agents for {seconds:.0f} s")
+            st = run_level(p, pe, tokens[:n], seconds)
             every = [x for v in st.calls.values() for x in v]
             light = [x for k in LIGHT for x in st.calls.get(k, [])]
-            rows.append([n, args.seconds, st.loops, len(every), ms(pct(every, 0.5)) if every else None,
+            rows.append([n, seconds, st.loops, len(every), ms(pct(every, 0.5)) if every else None,
                          ms(pct(every, 0.95)) if every else None, ms(pct(light, 0.95)) if light else None,
                          max((b for b, _ in st.samples), default=None), max((c for _, c in st.samples), default=None),
                          len(st.errors)])
@@ -289,15 +294,20 @@ def main(argv: list[str] | None = None) -> int:
         bot.delete_branch("mem-probe")
     best = max((r[0] for r in rows if r[5] is not None and r[5] < 1000 and r[9] == 0), default=None)
     best_light = max((r[0] for r in rows if r[6] is not None and r[6] < 1000 and r[9] == 0), default=None)
+    full = next((r for r in rows if r[0] >= 50 and r[1] >= 600), None)
     doc = {
-        "targets": [{"target": "agents whose p95 tool call stays under 1 s (0 errors)", "goal": "50",
-                     "measured": best, "met": bool(best and best >= 50)},
-                    {"target": "agents whose p95 of the light tools (run_sql, connection_string) stays under 1 s",
-                     "goal": "50", "measured": best_light, "met": bool(best_light and best_light >= 50)},
+        # the issue's targets: 50 agents for 10 minutes with 0 errors, and 500 clients on one branch; the most
+        # agents whose p95 stays under 1 s is a number it asks to report, not a goal it sets
+        "targets": [{"target": "50 agents x 10 min (session loops), errors", "goal": "0",
+                     "measured": (f"{full[9]} errors in {full[3]} tool calls, {full[2]} loops" if full else
+                                  "not run (no level of 50 agents for 600 s or more)"),
+                     "met": bool(full and full[9] == 0)},
                     {"target": f"{args.clients} clients on one branch through the pooled URL",
                      "goal": f"{args.clients} connected, 0 errors",
                      "measured": f"{ways[0][1]} connected, {ways[0][2]} errors",
                      "met": ways[0][1] == args.clients and ways[0][2] == 0}],
+        "reported": {"most agents whose p95 tool call stays under 1 s (0 errors)": best,
+                     "most agents whose p95 of the light tools stays under 1 s (0 errors)": best_light},
         "tables": [
             {"title": "Simulated agents (MCP over stdio, one `tierbase mcp` per agent, leased branches)",
              "columns": ["agents", "seconds", "loops", "tool calls", "p50 ms", "p95 ms", "p95 ms light tools",
@@ -306,11 +316,13 @@ def main(argv: list[str] | None = None) -> int:
              "rows": rows,
              "notes": [f"a loop: session_start, migration_apply, {QUERIES} queries over {CONNECTIONS} pooled "
                        "connections, run_sql, schema_diff, session_end; every agent a principal of its own",
-                       f"run at {', '.join(map(str, levels))} agents for {args.seconds:.0f} s each on this 2-core "
-                       "machine shared with other work, not the issue's 50 agents x 10 min: the table gives the "
-                       "trend; the per-tool p50/p95 are in the JSON (raw)",
+                       f"run at {', '.join(f'{n} agents x {sec:.0f} s' for n, sec in plan)} on this 2-core "
+                       "machine; the per-tool p50/p95 are in the JSON (raw)",
                        f"the machine's 1-minute load average reached {max(loads, default=0):.1f} during the levels "
-                       f"({os.cpu_count()} CPUs): latencies include waiting for a CPU",
+                       f"({os.cpu_count()} CPUs; the agents' own MCP processes and clients run on them too): "
+                       "latencies include waiting for a CPU",
+                       "the most agents whose p95 tool call stayed under 1 s with 0 errors: "
+                       f"{best or 'none of the levels'}; counting only the light tools: {best_light or 'none'}",
                        "light tools: run_sql and connection_string (no fork, no compute start or stop, no DDL); "
                        "the others wait on the platform's own work (a branch fork and compute start, migrations, "
                        "pg_dump for the diff, a compute stop and volume delete)"]},
@@ -329,8 +341,9 @@ def main(argv: list[str] | None = None) -> int:
                        "refuses the rest: that is what the pooled URL is for"]},
         ],
         "raw": raw,
-        "meta": {"cmd": "python bench/agents.py --out bench/results/agents.json", "date": dt.date.today().isoformat(),
-                 "levels": levels, "seconds": args.seconds, "cpus": os.cpu_count()},
+        "meta": {"cmd": f"python bench/agents.py --levels {args.levels} --out bench/results/agents.json",
+                 "date": dt.date.today().isoformat(), "levels": levels, "seconds": [sec for _, sec in plan],
+                 "cpus": os.cpu_count()},
     }
     write_results(doc, args.out, report=args.out.resolve().parent == (REPO / "bench" / "results"))
     print(json.dumps(doc["targets"], indent=1))

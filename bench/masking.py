@@ -13,7 +13,9 @@ measures, per size and run:
 * what the masked branch adds on disk (masking rewrites every masked row);
 * imaged: with ``[masking] image = ["production"]``, a developer's masked branch of production made
   by the platform (a clone of production's masked image), and what re-making the image costs (once
-  per promotion or rule change, instead of once per branch).
+  per promotion or rule change, instead of once per branch): whole (a full re-mask), and
+  incrementally after 1,000 customer updates + 100 inserts + 100 payment deletes on production
+  (only those rows re-masked, in a clone of the current image).
 
 Writes JSON in the shared results shape, then renders docs/benchmarks.md.
 """
@@ -211,7 +213,21 @@ image = ["production"]
 """
 
 
-def imaged(tb: Tierbase, db: str, runs: int) -> dict[str, Any]:
+def changes(n: int, i: int) -> str:
+    """Run ``i``'s writes on production: 1,000 scattered updates, 100 inserts, 100 deletes."""
+    step, gap = max(1, n // 1000), max(1, n // 100)
+    return f"""
+UPDATE customer SET email = 'r{i}.' || customer_id || '@changed.example.com', first_name = 'Run{i}'
+  WHERE customer_id % {step} = {i % step} AND customer_id <= {step * 1000};
+INSERT INTO customer (customer_id, store_id, first_name, last_name, email, address_id, active)
+  SELECT {n} + 1000 * {i + 1} + g, 1, 'New', 'Person', 'new.{i}.' || g || '@mail.example.com', 1 + g, 1
+  FROM generate_series(1, 100) g;
+DELETE FROM payment WHERE payment_id IN (SELECT payment_id FROM payment WHERE payment_id % {gap} = {(i + 7) % gap}
+                                         ORDER BY payment_id LIMIT 100);
+"""
+
+
+def imaged(tb: Tierbase, db: str, runs: int, n: int) -> dict[str, Any]:
     """The platform's own path: a developer's masked branch of production, cloned from its masked image."""
     rules = "\n".join(f'"{k}" = "{v}"' for k, v in RULES.items())
     tb.apply_config(IMAGE_CONFIG.format(db=db, rules=rules), "bench")  # makes staging (and an image)
@@ -223,6 +239,7 @@ def imaged(tb: Tierbase, db: str, runs: int) -> dict[str, Any]:
         tb._bench_token = token  # type: ignore[attr-defined]
     dev = tb.as_principal("benchdev", token=getattr(tb, "_bench_token", None))
     branch_s, refresh_s = [], []
+    incremental: list[dict[str, Any]] = []
     for _ in range(runs):
         name = f"mi-{secrets.token_hex(3)}"
         t1 = time.perf_counter()
@@ -237,11 +254,24 @@ def imaged(tb: Tierbase, db: str, runs: int) -> dict[str, Any]:
             raise RuntimeError(f"{name} was not cloned from the masked image: {made.get('parent')}")
         tb.delete_branch(name)
         t2 = time.perf_counter()
-        tb.refresh_masked_images("production")
+        tb.refresh_masked_images("production", full=True)
         refresh_s.append(time.perf_counter() - t2)
         settle(tb)
+        with psycopg.connect(admin(tb, "production", db), autocommit=True) as conn:
+            conn.execute("SET search_path = public")
+            conn.execute(changes(n, len(incremental)))
+            conn.execute("CHECKPOINT")
+        t3 = time.perf_counter()
+        got = tb.refresh_masked_images("production")[0]
+        took = time.perf_counter() - t3
+        if got["mode"] != "incremental":
+            raise RuntimeError(f"the refresh after row changes was not incremental: {got['why']}")
+        incremental.append({"s": round(took, 2), "rows_remasked": got["rows_remasked"],
+                            "rows_deleted": got["detail"]["rows_deleted"],
+                            "diff_s": got["detail"].get("diff_seconds"), "apply_s": got["detail"].get("seconds")})
+        settle(tb)
     return {"imaged_s": [round(x, 3) for x in branch_s], "refresh_s": [round(x, 2) for x in refresh_s],
-            "first_config_s": round(first, 2)}
+            "incremental": incremental, "first_config_s": round(first, 2)}
 
 
 def measure(tb: Tierbase, n: int, runs: int) -> dict[str, Any]:
@@ -256,9 +286,10 @@ def measure(tb: Tierbase, n: int, runs: int) -> dict[str, Any]:
             f"{last['masked']['total_s']:.2f} s (masking {last['masked']['mask_s']:.2f} s, "
             f"{human_bytes(last['masked']['wal_bytes'])} WAL, {human_bytes(last['masked']['added_bytes'])} own); "
             f"rewrite alone {last['rewrite']['mask_s']:.2f} s")
-    img = imaged(tb, db, runs)
+    img = imaged(tb, db, runs, n)
     log(f"  {n:,} imaged: masked branch from the image {', '.join(f'{x * 1000:.0f} ms' for x in img['imaged_s'])}; "
-        f"re-making the image {', '.join(f'{x:.2f} s' for x in img['refresh_s'])}")
+        f"re-making the image {', '.join(f'{x:.2f} s' for x in img['refresh_s'])}; incrementally after 1,200 "
+        f"changed rows {', '.join(str(x['s']) + ' s' for x in img['incremental'])}")
     for b in tb.store.children("production"):  # staging and the images: the next size makes its own
         with contextlib.suppress(TierbaseError):
             tb.delete_branch(b.name, recursive=True)
@@ -284,12 +315,16 @@ def measure(tb: Tierbase, n: int, runs: int) -> dict[str, Any]:
         "added_bytes": int(p50("masked", "added_bytes")), "plain_added_bytes": int(p50("plain", "added_bytes")),
         "imaged_ms_p50": round(pct(img["imaged_s"], 0.5) * 1000, 1), "imaged_s": img["imaged_s"],
         "refresh_s_p50": round(pct(img["refresh_s"], 0.5), 2), "refresh_s": img["refresh_s"],
+        "incremental_s_p50": round(pct([x["s"] for x in img["incremental"]], 0.5), 2),
+        "incremental": img["incremental"],
+        "imaged_vs_plain": round(pct(img["imaged_s"], 0.5) * 1000 / max(p50("plain", "total_s") * 1000, 1e-9), 2),
     }
 
 
 def build_table(raw: list[dict[str, Any]]) -> dict[str, Any]:
     rows = [[f"{r['customers']:,}", human_bytes(r["db_bytes"]), f"{r['masked_rows']:,}", r["plain_ms_p50"],
-             r["masked_s_p50"], r.get("imaged_ms_p50", "-"), r.get("refresh_s_p50", "-"), r["mask_s_p50"],
+             r["masked_s_p50"], r.get("imaged_ms_p50", "-"), r.get("imaged_vs_plain", "-"), r.get("refresh_s_p50", "-"),
+             r.get("incremental_s_p50", "-"), r["mask_s_p50"],
              f"{r['rows_per_s']:,}", r["rewrite_s_p50"], human_bytes(r["wal_bytes"]), human_bytes(r["added_bytes"])]
             for r in raw]
     per_row = "; ".join(
@@ -300,7 +335,8 @@ def build_table(raw: list[dict[str, Any]]) -> dict[str, Any]:
         "title": TITLE,
         "columns": ["customers", "database", "masked rows", "create + start, no masking p50 (ms)",
                     "create + start + mask p50 (s)", "masked branch from the image p50 (ms)",
-                    "re-making the image p50 (s)", "masking alone p50 (s)", "masked rows/s",
+                    "masked (image) / unmasked branch", "re-making the image whole p50 (s)",
+                    "incremental refresh after 1,200 changed rows p50 (s)", "masking alone p50 (s)", "masked rows/s",
                     "same rows rewritten unmasked p50 (s)", "WAL written by masking",
                     "branch's own bytes after masking"],
         "rows": rows,
@@ -310,6 +346,13 @@ def build_table(raw: list[dict[str, Any]]) -> dict[str, Any]:
             "image, so nothing is masked per branch. Re-making the image (a masked branch of production, once per "
             "promotion, rule change or refresh) costs about one masking; the image holds production's data as of "
             "its last re-making (staleness = time since the last promotion or refresh).",
+            "Incremental refresh: after 1,000 scattered customer updates (e-mail and first name), 100 customer "
+            "inserts and 100 payment deletes on production, the next image is a clone of the current one with only "
+            "those rows re-masked (data diff of the image's unmasked source snapshot against a new one, then "
+            "delete/upsert/mask by key in one transaction); it includes the two snapshots, their scratch computes, "
+            "the diff and the new image's private compute. Per run (s, rows re-masked): " + "; ".join(
+                f"{r['customers']:,} customers: " + ", ".join(
+                    f"{x['s']} ({x['rows_remasked']})" for x in r.get("incremental", [])) for r in raw) + ".",
             "Rules: " + ", ".join(f"{k}={v}" for k, v in RULES.items()) + "; each size has N customers, N + 4 "
             "addresses and N payments (partitioned by month), so masked rows = 3N + 4.",
             "Both create columns include the branch's compute start and a first query; masking is one transaction "

@@ -126,12 +126,39 @@ def basebackup_pitr(tb: Tierbase, backup: Path, work: Path, key: str, target: st
     return {"seconds": round(seconds, 2), "redo_s": redo}
 
 
+def tps_doc(args: argparse.Namespace, on: list[float], off: list[float], cost: float, size: int,
+            load_avg: tuple[float, float, float]) -> dict[str, Any]:
+    """Archiving's cost alone: the tier (archive_mode on) against a feature branch of it (off), alternated."""
+    spread = statistics.pstdev(on + off) / statistics.mean(on + off) if on else 0.0
+    return {
+        "title": "Time travel: what archiving costs a tier's TPS",
+        "targets": [{"target": "archiving's cost on TPS (pgbench -c 4)", "goal": "< 5 %",
+                     "measured": f"{cost:.1%} over {len(on)} alternated rounds of {args.tps_seconds} s",
+                     "met": cost < 0.05}],
+        "tables": [{"title": f"pgbench -c 4 on a {size / MiB:.0f} MiB tier, archiving on and off, alternated",
+                    "columns": ["archiving", "TPS runs", "mean TPS"],
+                    "rows": [["on (tier)", on, round(statistics.mean(on), 1)],
+                             ["off (feature branch of it)", off, round(statistics.mean(off), 1)]],
+                    "notes": [f"cost {cost:.1%}; the rounds spread by {spread:.1%} (standard deviation over mean), "
+                              "so a difference below that is noise",
+                              "the off side is a feature branch of the tier, which also sits in the features' "
+                              "quota group (btrfs simple quotas, disk-full isolation): a negative cost means that "
+                              "difference, and the noise, outweigh archiving's own cost",
+                              f"load average at start {load_avg[0]:.1f}"]}],
+        "meta": {"command": " ".join(["python", "bench/pitr.py", *sys.argv[1:]]), "date": iso(time.time())},
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scale", type=int, default=20, help="pgbench scale (~15 MB each)")
     ap.add_argument("--wal-mb", type=int, default=100, help="WAL written between the base snapshot and T")
     ap.add_argument("--after", type=int, default=300, help="seconds between T and the measurements")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--recovery-buffers", default="",
+                    help="shared_buffers of the recovering compute, alternated run by run (e.g. 256MB,1GB)")
+    ap.add_argument("--later", type=int, default=0,
+                    help="after everything else, wait until T + this many seconds (e.g. 3600) and branch at T again")
     ap.add_argument("--clients", type=int, default=2)
     ap.add_argument("--rate", type=int, default=0, help="pgbench -R for the background load after T (0: none)")
     ap.add_argument("--tps-seconds", type=int, default=20)
@@ -139,6 +166,8 @@ def main() -> None:
     ap.add_argument("--alt-runs", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pitr.json"))
     ap.add_argument("--skip-tps", action="store_true", help="leave out archiving's TPS cost")
+    ap.add_argument("--tps-only", action="store_true",
+                    help="only archiving's TPS cost (more --tps-rounds for a steadier number), to its own file")
     args = ap.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run as root: the benchmark loop-mounts a btrfs image")
@@ -171,6 +200,9 @@ def main() -> None:
             tb.delete_branch("noarch")
         cost = 1 - statistics.mean(on) / statistics.mean(off) if on else 0.0
         log(f"TPS archiving on {on}, off {off}: cost {cost:.1%}")
+        if args.tps_only:
+            write_results(tps_doc(args, on, off, cost, size, load_avg), Path(args.out))
+            return
 
         # 2. base snapshot (+ pg_basebackup at the same moment), WAL, T, pre-made dump
         b = tb.store.get("production")
@@ -209,20 +241,29 @@ def main() -> None:
         time.sleep(args.after)
 
         # 3. branch at T
-        rows: list[dict[str, Any]] = []
-        for i in range(args.runs):
-            name = f"pit-{i}"
-            t0 = time.perf_counter()
-            info = tb.create_branch(name, "production", at=target)
-            first_query(tb.branch_url(name))
-            seconds = time.perf_counter() - t0
-            used = tb.history_log.base(int(info["phases"]["base_id"]))
-            replayed = archive.parse_lsn(info["fork_lsn"]) - archive.parse_lsn(used.redo_lsn)
-            redo = redo_seconds(tb.home.root / "logs" / f"{name}.log")
-            rows.append({"seconds": round(seconds, 3), "replayed_bytes": replayed, "redo_s": redo,
-                         "archive_ms": info["phases"]["archive_ms"], "recover_ms": info["phases"]["recover_ms"]})
-            log(f"run {i}: {rows[-1]}")
-            tb.delete_branch(name)
+        def branch_at_t(prefix: str) -> list[dict[str, Any]]:
+            out: list[dict[str, Any]] = []
+            variants = [v for v in args.recovery_buffers.split(",") if v]
+            for i in range(args.runs):
+                name = f"{prefix}-{i}"
+                if variants:
+                    os.environ["TIERBASE_RECOVERY_SHARED_BUFFERS"] = variants[i % len(variants)]
+                t0 = time.perf_counter()
+                info = tb.create_branch(name, "production", at=target)
+                first_query(tb.branch_url(name))
+                seconds = time.perf_counter() - t0
+                used = tb.history_log.base(int(info["phases"]["base_id"]))
+                replayed = archive.parse_lsn(info["fork_lsn"]) - archive.parse_lsn(used.redo_lsn)
+                redo = redo_seconds(tb.home.root / "logs" / f"{name}.log")
+                out.append({"seconds": round(seconds, 3), "replayed_bytes": replayed, "redo_s": redo,
+                            "archive_ms": info["phases"]["archive_ms"], "recover_ms": info["phases"]["recover_ms"],
+                            "load_1m": round(os.getloadavg()[0], 1),
+                            "recovery_shared_buffers": os.environ.get("TIERBASE_RECOVERY_SHARED_BUFFERS", "256MB")})
+                log(f"run {name}: {out[-1]}")
+                tb.delete_branch(name)
+            return out
+
+        rows = branch_at_t("pit")
 
         # 4. the alternatives, same point, same archive, same load
         alt_bb = [basebackup_pitr(tb, backup, tmp / "bb-parent", key, target, b.port + 1000)
@@ -239,6 +280,12 @@ def main() -> None:
             first_query(tb.branch_url("dumpdst", f"restore_{i}"))
             alt_dump.append(round(time.perf_counter() - t0, 2))
         log(f"pg_restore of the pre-made dump: {alt_dump}")
+        later: list[dict[str, Any]] = []
+        if args.later > args.after:
+            wait = t_target + args.later - time.time()
+            log(f"waiting {wait:.0f} s more under load, until T + {args.later} s")
+            time.sleep(max(0.0, wait))
+            later = branch_at_t("pit-later")
     finally:
         if load is not None:
             load.stop()
@@ -275,6 +322,10 @@ def main() -> None:
                   round(replayed_mb, 1), statistics.median(a["redo_s"] or 0 for a in alt_bb), None],
                  ["pg_restore of a pg_dump made at T", len(alt_dump), round(statistics.median(alt_dump), 2),
                   max(alt_dump), None, None, None],
+                 *([[f"tierbase branch --at, T-{args.later // 60} min (the same T, later)", len(later),
+                     round(pct([r["seconds"] for r in later], 0.5), 2), max(r["seconds"] for r in later),
+                     round(statistics.median(r["replayed_bytes"] for r in later) / MiB, 1),
+                     statistics.median(r["redo_s"] or 0 for r in later), None]] if later else []),
              ],
              "notes": [
                  "WAL since the base: pgbench (-c 2) plus a batch job of INSERTs, then pgbench alone "
@@ -282,9 +333,15 @@ def main() -> None:
                  f"base snapshot took {base_ms:.0f} ms; the pg_basebackup made at the same moment took "
                  f"{basebackup_s:.1f} s and the pre-made dump {dump_s:.1f} s (not counted above)",
                  "tierbase's time is the library call (as the API runs it) to the first query through the "
-                 "proxy; it includes switching the tier's WAL segment and waiting for its archiver",
-                 f"machine: 2 cores shared with other work (load average at start {load_avg[0]:.1f})",
-                 "T-1 h was not run: it needs an hour of load in one run",
+                 "proxy; it includes switching the tier's WAL segment (its archiver copies it while the "
+                 "replay runs from the base snapshot)",
+                 f"machine: 2 cores (load average at start {load_avg[0]:.1f}, during the runs "
+                 f"{max(r['load_1m'] for r in rows):.1f}"
+                 + (f", during the later runs {max(r['load_1m'] for r in later):.1f})" if later else ")"),
+                 (f"the later row branches at the same T {args.later // 60} min after it, the load on all along: "
+                  "what a replay costs depends on the WAL from the newest base snapshot before T to T "
+                  "(bounded by the tier's base_interval), not on how long ago T was" if later else
+                  "T-1 h was not run (--later 3600 runs it: an hour of load in one run)"),
              ]},
             *([] if not on else [{"title": "Archiving's cost on the tier's TPS (pgbench -c 4, alternated)",
              "columns": ["archiving", "TPS runs", "mean TPS"],
@@ -292,7 +349,7 @@ def main() -> None:
                       ["off (feature branch of it)", off, round(statistics.mean(off), 1)]],
              "notes": [f"cost {cost:.1%}"]}]),
         ],
-        "raw": {"runs": rows, "basebackup_pitr": alt_bb, "dump_restore": alt_dump},
+        "raw": {"runs": rows, "later_runs": later, "basebackup_pitr": alt_bb, "dump_restore": alt_dump},
         "meta": {"command": " ".join(["python", "bench/pitr.py", *sys.argv[1:]]), "date": iso(time.time())},
     }
     write_results(doc, Path(args.out))

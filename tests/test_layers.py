@@ -6,7 +6,7 @@ and checked against the table below. Layers, top to bottom:
     above     everything else: cli, api, service, the facade, workflow, migrate, governance, control
     provider  tierbase.provider: the Protocol, the value types, LocalProvider, FakeProvider, locks
     below     tierbase.storage and tierbase.compute (neither imports the other)
-    leaf      errors, procs, failpoints, settings: importable from anywhere, import nothing of ours
+    leaf      errors, procs, failpoints, settings, payloads: importable from anywhere, import nothing of ours
 
 Above reaches the substrate only through the provider package's public face (``tierbase.provider``,
 its ``types`` and ``protocol``); below may use the boundary's value types (``provider.types``) and
@@ -22,7 +22,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tierbase"
 
-LEAF = {"tierbase.errors", "tierbase.procs", "tierbase.failpoints", "tierbase.settings"}
+LEAF = {"tierbase.errors", "tierbase.procs", "tierbase.failpoints", "tierbase.settings", "tierbase.payloads"}
 #: what the layers above may import of the provider package
 PROVIDER_FACE = {"tierbase.provider", "tierbase.provider.types", "tierbase.provider.protocol"}
 #: the boundary's vocabulary, shared with the layers below it

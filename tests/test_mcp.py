@@ -511,6 +511,16 @@ def test_quotas_refuse_past_the_limit_naming_the_quota(svc: Svc) -> None:
         assert tiny.get_branch(made[1])["compute"] == "stopped"
         refusal = svc.last_audit("tiny")
         assert refusal["outcome"].startswith("error: quota quotas.small-bot.computes")
+        # a connection through the proxy would wake it: the same quota, said to the client, audited
+        with pytest.raises(psycopg.OperationalError, match=r"quota quotas\.small-bot\.computes exceeded"):
+            psycopg.connect(tiny.branch_url(made[1]), connect_timeout=10).close()
+        assert tiny.get_branch(made[1])["compute"] == "stopped"
+        woken = svc.pe.audit_log(action="branch.start.proxy", limit=1)[-1]
+        got_record = (woken["actor"], woken["target"], woken["decision"], woken["outcome"])
+        assert got_record == ("tiny", made[1], "denied", "refused")
+        tiny.stop_branch(made[0])  # under the limit again: the proxy wakes it
+        with psycopg.connect(tiny.branch_url(made[1]), connect_timeout=30) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
         mine = json.loads(tierbase(env, "branch", "list", "--mine", "--no-bytes", "--json").stdout)
         assert sorted(b["name"] for b in mine) == sorted(made)
     finally:

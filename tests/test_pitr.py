@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -429,6 +430,44 @@ def test_failing_archiving_warns_the_tier_keeps_serving_and_catches_up(tb: Tierb
     assert tb.history_warnings() == []
     arch = tb.history("production", with_bytes=False)["archiver"]
     assert arch is not None and not arch["failing"]
+
+
+def test_the_replay_waits_for_a_segment_the_archiver_is_still_copying(tb: Tierbase) -> None:
+    """A branch at a time starts replaying before the tier's archiver has copied the segment holding
+    the target; the restore command waits for that segment (and only that one) instead of ending the
+    replay short of the target."""
+    b = tb.store.get("production")
+    key = tb.history_log.key(b)
+    assert key is not None
+    wal = tb.history_log.wal_dir(key)
+    dsn = tb.branches.provider.endpoint(b.port).dsn()
+    query(dsn, "INSERT INTO log VALUES (-300, 'before T, in the segment still to archive')")
+    t = time.time()
+    time.sleep(0.05)
+    query(dsn, "INSERT INTO log VALUES (-301, 'after T')")
+
+    fired: list[float] = []
+
+    def archiver_back() -> None:  # a new segment wakes the archiver, which then retries at once
+        fired.append(time.monotonic())
+        wal.chmod(0o700)
+        query(dsn, "INSERT INTO log VALUES (-302, 'wakes the archiver')")
+        query(dsn, "SELECT pg_switch_wal()")
+
+    wal.chmod(0o500)  # the archiver cannot copy anything for a while
+    later = threading.Timer(4.0, archiver_back)
+    later.start()
+    called = time.monotonic()
+    try:
+        made = tb.create_branch("pit-slow", "production", at=iso(t))
+    finally:
+        later.join()
+        wal.chmod(0o700)
+    got = ids(tb, "pit-slow")
+    assert -300 in got and -301 not in got and -302 not in got
+    # the replay began before the archiver could copy anything: it did not wait for it first
+    assert called + made["phases"]["archive_ms"] / 1000 < fired[0]
+    tb.delete_branch("pit-slow")
 
 
 def test_cli_through_the_service_history_branch_at_restore() -> None:

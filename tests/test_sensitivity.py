@@ -67,3 +67,33 @@ def test_renames_and_drops_move_the_rules() -> None:
     assert [d["column"] for d in got["derived"]] == ["public.customer.m2"]  # follows the new name
     assert got["dropped"] == [{"column": "public.customer.mail", "method": "email", "where": "V0001__x.sql:3"}]
     assert report("SELECT 1; this is not sql")["derived"] == []  # syntax errors are verify's to report
+
+
+def test_copies_through_subqueries_ctes_and_star_inherit_too() -> None:
+    """A backfill written with a CTE or a subquery in FROM copies as much as a plain one."""
+    local = "public.customer.email_local"
+    assert derived("WITH p AS (SELECT customer_id AS id, split_part(email, '@', 1) AS l FROM customer) "
+                   "UPDATE customer c SET email_local = p.l FROM p WHERE p.id = c.customer_id") == {
+        local: ("public.customer.email", "UPDATE ... SET")}
+    assert derived("UPDATE customer c SET email_local = s.l FROM (SELECT customer_id, split_part(email, '@', 1) "
+                   "FROM customer) AS s (id, l) WHERE s.id = c.customer_id") == {
+        local: ("public.customer.email", "UPDATE ... SET")}
+    # into another table, through a chain of CTEs, a UNION, a subquery's *
+    assert derived("WITH a AS (SELECT email AS e FROM customer), b (x) AS (SELECT lower(e) FROM a) "
+                   "INSERT INTO rejects (raw) SELECT x FROM b") == {
+        "public.rejects.raw": ("public.customer.email", "INSERT ... SELECT")}
+    assert derived("INSERT INTO rejects (raw) SELECT v FROM (SELECT 'none' AS v UNION ALL SELECT email "
+                   "FROM customer) u") == {"public.rejects.raw": ("public.customer.email", "INSERT ... SELECT")}
+    assert derived("INSERT INTO rejects (raw) SELECT s.email FROM (SELECT * FROM customer) s") == {
+        "public.rejects.raw": ("public.customer.email", "INSERT ... SELECT")}
+    assert derived("CREATE TABLE backup AS SELECT c.* FROM customer c") == {
+        "public.backup.email": ("public.customer.email", "CREATE TABLE AS")}
+    # reading other columns through them copies nothing
+    assert derived("WITH s AS (SELECT customer_id FROM customer WHERE email LIKE '%x') "
+                   "INSERT INTO r (id) SELECT customer_id FROM s") == {}
+    assert derived("UPDATE other o SET n = s.id FROM (SELECT customer_id AS id, email FROM customer) s "
+                   "WHERE s.id = o.id") == {}
+    # a column added and filled through a CTE is classified by what it copies
+    assert report("ALTER TABLE customer ADD COLUMN l text; WITH p AS (SELECT customer_id AS id, email AS e "
+                  "FROM customer) UPDATE customer SET l = p.e FROM p WHERE p.id = customer.customer_id"
+                  )["unclassified"] == []

@@ -306,8 +306,11 @@ class Tierbase:
         return self.masking.masking_lineage()
 
     # -- masked images (app_images.py) -----------------------------------------------------------
-    def refresh_masked_images(self, tier: str | None = None) -> list[dict[str, Any]]:
-        return self.images.refresh_masked_images(tier)
+    def refresh_masked_images(self, tier: str | None = None, *, full: bool = False) -> list[dict[str, Any]]:
+        return self.images.refresh_masked_images(tier, full=full)
+
+    def masked_images(self) -> list[dict[str, Any]]:
+        return self.images.masked_images()
 
     def refresh_stale_images(self, max_age: float) -> list[str]:
         return self.images.refresh_stale_images(max_age)

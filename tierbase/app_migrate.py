@@ -225,7 +225,7 @@ class Migrations:
                           f"kept on branch {serving.name!r}, reached as {kept!r} (`tierbase branch url {kept}`, "
                           f"`tierbase diff {tier} {kept}`)", promotion=result, rollback=rb and rb["id"])
         # the tier's masked image is re-masked once here, not on every masked branch (app_images.py)
-        result["masked_images"] = self.images.refresh_quietly([tier])
+        result["masked_images"] = self.images.refresh_quietly([tier], migrations)
         return result
 
     def _promote(self, pid: int, log: PromotionLog, tier: str, serving: Branch, src: Branch,

@@ -23,6 +23,7 @@ RESERVED: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"^ci-.+$"), "the workflow's CI branches (ci-<feature>)"),
     (re.compile(r"^verify-.+$"), "migration verify branches (verify-*)"),
     (re.compile(r"^.+-masked-\d+$"), "masked images of sensitive tiers (<tier>-masked-<n>)"),
+    (re.compile(r"^.+-masked-\d+-src(-run)?$"), "the unmasked sources of masked images (<tier>-masked-<n>-src)"),
 )
 
 

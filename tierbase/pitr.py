@@ -33,8 +33,6 @@ if TYPE_CHECKING:
     from .provider import LocalProvider
 
 _LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
-#: how long the parent's archiver may take to archive the segment holding the target
-ARCHIVE_WAIT = 30.0
 
 
 def parse_target(at: str | None, lsn: str | None, *, inclusive: bool = True,
@@ -70,10 +68,13 @@ class PointInTime:
     def __init__(self, history: History, provider: LocalProvider) -> None:
         self.history = history
         self.provider = provider
+        #: the segment the parent's archiver was asked for by reach(): recover() lets the restore
+        #: command wait for segments up to it (one PointInTime per operation, so per target)
+        self.upto: str | None = None
 
     def reach(self, parent: Branch, key: str, target: Target, ts: float | None) -> None:
-        """Make sure the archive holds the WAL up to the target: the parent (running: it is a tier the
-        caller woke) switches to a new segment and its archiver copies the one holding the target.
+        """Have the archive get the WAL up to the target: the parent (running: it is a tier the caller
+        woke) switches to a new segment, which its archiver copies while recover() replays up to it.
         An LSN past the parent's end of WAL is refused."""
         ep = self.provider.endpoint(parent.port)
         with psycopg.connect(ep.dsn(), autocommit=True, connect_timeout=10) as conn:
@@ -87,20 +88,9 @@ class PointInTime:
                 # before one: a commit of the platform's own (now, after the target) marks the end
                 conn.execute("SELECT txid_current()")
             row = conn.execute("SELECT pg_walfile_name(pg_switch_wal())").fetchone()
-            wanted = str(row[0]) if row else ""
-            deadline = time.monotonic() + ARCHIVE_WAIT
-            while True:
-                got = conn.execute("SELECT last_archived_wal, last_failed_wal, last_failed_time > "
-                                   "coalesce(last_archived_time, 'epoch') FROM pg_stat_archiver").fetchone()
-                if got and got[0] and str(got[0])[:24] >= wanted:
-                    return
-                if (self.history.wal_dir(key) / wanted).exists():
-                    return
-                if time.monotonic() > deadline:
-                    failing = f" (it fails on {got[1]})" if got and got[2] else ""
-                    raise TierbaseError(f"the archiver of {parent.name!r} has not archived {wanted} yet{failing}",
-                                        "Check the pool's free space (`tierbase status`) and try again")
-                time.sleep(0.02)
+            # not waited for here: the archiver copies it while the replay runs from the base snapshot,
+            # and the restore command waits for it only if the replay gets there first (upto)
+            self.upto = str(row[0]) if row else None
 
     def recover(self, b: Branch, key: str, target: Target, ts: float | None, *,
                 private: bool = False, settings: dict[str, str] | None = None) -> str:
@@ -115,7 +105,7 @@ class PointInTime:
         pg.clear_runtime_files(datadir)
         archive.write_signal(datadir)
         pg.user.chown(datadir / "recovery.signal")
-        conf = {**self.history.recovery_settings(key, target), **(settings or {})}
+        conf = {**self.history.recovery_settings(key, target, self.upto), **(settings or {})}
         sockdir = self.provider.home / "run" / b.name if private else self.provider.sockets
         if private:
             sockdir.mkdir(parents=True, exist_ok=True)
@@ -158,6 +148,10 @@ def _recovery_error(err: ComputeError | psycopg.Error, logfile: Path) -> Tierbas
         text = logfile.read_text(errors="replace")[-20000:]
     except OSError:
         text = str(err)
+    late = re.search(r"tierbase-wal: the archiver has not archived (\S+) within", text)
+    if late:
+        return TierbaseError(f"the tier's archiver has not archived {late.group(1)}: the recovery cannot reach "
+                             "the target", "Check the pool's free space (`tierbase status`) and try again")
     seg = archive.corrupt_segment(text)
     if seg is not None:
         from .errors import ArchiveCorrupt

@@ -25,8 +25,8 @@ import uvicorn
 from .api.server import create_app
 from .app import Tierbase
 from .control.lifecycle import State
-from .control.store import Kind
-from .errors import PolicyDenied, TierbaseError, space_exhausted
+from .control.store import Branch, Kind
+from .errors import PolicyDenied, QuotaExceeded, TierbaseError, space_exhausted
 from .proxy import Proxy, RouteError, Target
 from .proxy.auth import Verifier
 from .proxy.tls import TlsFiles, ensure_certificates
@@ -70,6 +70,10 @@ class Resolver:
                 and provider.ready(b.volume)):  # running and not still starting up
             return Target(branch, provider.endpoint(b.port).host, b.port)  # the common case: no lock, no thread
         try:
+            await asyncio.to_thread(self._may_wake, b)
+        except QuotaExceeded as err:  # 53400 configuration_limit_exceeded: the client sees the quota and the hint
+            raise RouteError(err.message, err.hint, sqlstate="53400") from err
+        try:
             await asyncio.to_thread(self.tb.branches.start, branch)
         except TierbaseError as err:
             if space_exhausted(err.message):  # its writes hit the features' limit or a full pool: 53100
@@ -79,6 +83,24 @@ class Resolver:
             raise RouteError(err.message, err.hint, sqlstate="57P03") from err
         b = await asyncio.to_thread(self.tb.store.get, branch)  # the start may have moved its port
         return Target(branch, provider.endpoint(b.port).host, b.port)
+
+
+    def _may_wake(self, b: Branch) -> None:
+        """A wake-up starts a compute that counts against its creator's quota (``quotas.ROLE.computes``)
+        as ``branch start`` does: refused, and audited, when the creator runs as many as allowed already.
+        Without this, a connection would be a way around the quota that the API enforces."""
+        if b.kind is not Kind.FEATURE or self.tb.provider.running_pid(b.volume):
+            return
+        try:
+            who = self.tb.gate.principal(b.creator)
+        except TierbaseError:
+            return  # a creator that is no longer a principal has no quota to count against
+        try:
+            self.tb.check_quota(who, compute=True)
+        except QuotaExceeded as err:
+            self.tb.gate.audit.append(actor=who.name, action="branch.start.proxy", target=b.name, allowed=False,
+                                      reason=f"{err.data.get('rule')}: {err.message}", outcome="refused")
+            raise
 
 
 class PlatformAuthority:

@@ -15,6 +15,7 @@ refused with what to do, never half-read. Stdlib only: the CLI imports this.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,14 @@ def _bool(text: str) -> bool:
     if low in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(text)
+
+
+def _pg_size(text: str) -> str:
+    """A size as postgres reads it (it goes onto a compute's command line): digits and kB, MB or GB."""
+    m = re.fullmatch(r"([1-9][0-9]{0,6})(kb|mb|gb)", text.strip().lower())
+    if m is None:
+        raise ValueError(text)
+    return m.group(1) + {"kb": "kB", "mb": "MB", "gb": "GB"}[m.group(2)]
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,9 @@ _TABLE = (
             "was written since the last one", env="TIERBASE_CHECKPOINT_MIN_WAL", parse=int, kind="a number of bytes"),
     Setting("image_max_age", 24 * 3600.0, "seconds after which the service re-masks a sensitive tier's masked image",
             env="TIERBASE_IMAGE_MAX_AGE", parse=float, kind="a number of seconds"),
+    Setting("recovery_shared_buffers", "256MB", "shared_buffers of a compute while it replays WAL to a point in "
+            "time (branch --at, restore): room for the pages the replay touches (that start only)",
+            env="TIERBASE_RECOVERY_SHARED_BUFFERS", parse=_pg_size, kind="a Postgres size such as 256MB"),
     Setting("failpoints", "", "comma-separated failpoints at which the process kills itself (tests only)",
             env="TIERBASE_FAILPOINTS"),
     # -- fixed by design, named here so that they are found in one place ------------------------

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 from ..errors import InvalidInput, NotRunning, TierbaseError, Unauthorized, error_from_dict
 from ..home import Home, default_home
@@ -17,8 +19,61 @@ from ..settings import from_env
 if TYPE_CHECKING:
     import httpx
 
+    from .. import payloads as P
+
 # httpx is imported only by a client that needs it (an https URL, an upload): JSON calls to an http://
 # service go through api/wire.py, so a CLI process does not pay for httpx's import.
+
+#: what the SDK hands back: the JSON object as received. Each method's return type names the payload
+#: model it follows (``Annotated[JSON, P.Branch]``: tierbase/payloads.py, the API's response_model), so
+#: callers keep indexing dicts while the shape is written down once; pydantic is imported only to check
+#: (``Client(check=True)``), never by a CLI call.
+JSON = dict[str, Any]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class PayloadDrift(TierbaseError):
+    """The service answered with a payload that does not match the SDK's model of it."""
+
+    code = "payload_drift"
+
+
+@functools.cache
+def payload_type(method: Callable[..., Any]) -> Any:
+    """The payload model named by ``method``'s return annotation (None when it names none)."""
+    from .. import payloads
+
+    hints = typing.get_type_hints(method, {**globals(), "P": payloads}, include_extras=True)
+    ret = hints.get("return")
+    return getattr(ret, "__metadata__", (None,))[0] if typing.get_origin(ret) is Annotated else None
+
+
+def check_payload(model: Any, got: Any, what: str) -> None:
+    """Raise PayloadDrift when ``got`` does not validate as ``model`` (extra fields are fine)."""
+    from pydantic import TypeAdapter, ValidationError
+
+    if model is None:
+        return
+    try:
+        TypeAdapter(model).validate_python(got)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "the answer"
+        raise PayloadDrift(f"the service's answer to {what} does not match the SDK's {model!r}: {where}: "
+                           f"{first['msg']}", "Use an SDK of the service's version (`tierbase --version` on both "
+                           "sides)", errors=len(err.errors())) from err
+
+
+def checked(method: _F) -> _F:
+    """Check what ``method`` returns against its payload model when the client was made with check=True."""
+    @functools.wraps(method)
+    def call(self: Client, *args: Any, **kwargs: Any) -> Any:
+        got = method(self, *args, **kwargs)
+        if self.check:
+            check_payload(payload_type(method), got, method.__name__)
+        return got
+    return cast(_F, call)
 
 _CHUNK = 1 << 20
 
@@ -119,10 +174,13 @@ class Client:
 
     The token is ``token``, else TIERBASE_TOKEN, else ~/.config/tierbase/token; an empty one counts
     as none. Without any, only the data dir's OS owner (or root) acts, as the owner, and is told so.
+    ``check``: validate every answer against its payload model (PayloadDrift when it drifted); off by
+    default because it imports pydantic.
     """
 
     def __init__(self, home: str | os.PathLike[str] | None = None, *, url: str | None = None,
-                 token: str | None = None, timeout: float = 600) -> None:
+                 token: str | None = None, timeout: float = 600, check: bool = False) -> None:
+        self.check = check
         self.home = Home(default_home() if home is None else Path(home))
         url = url or from_env("api") or None
         info = service_info(self.home) if url is None else {"api_url": url.rstrip("/")}
@@ -189,39 +247,49 @@ class Client:
         return body
 
     # -- the facade's methods -----------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    @checked
+    def status(self) -> Annotated[JSON, P.Status]:
         return dict(self._call("GET", "/v1/status"))
 
-    def space(self) -> dict[str, Any]:
+    @checked
+    def space(self) -> Annotated[JSON, P.Space]:
         return dict(self._call("GET", "/v1/space"))
 
-    def list_branches(self, *, with_bytes: bool = True) -> list[dict[str, Any]]:
+    @checked
+    def list_branches(self, *, with_bytes: bool = True) -> Annotated[list[JSON], list[P.Branch]]:
         return list(self._call("GET", "/v1/branches", params={"bytes": with_bytes}))
 
+    @checked
     def create_branch(self, name: str, parent: str | None = None, *, ttl: str | None = None,
                       snapshot: bool = False, start: bool = False, at: str | None = None,
-                      lsn: str | None = None, inclusive: bool = True) -> dict[str, Any]:
+                      lsn: str | None = None, inclusive: bool = True) -> Annotated[JSON, P.Branch]:
         body: dict[str, Any] = {"name": name, "parent": parent, "ttl": ttl, "snapshot": snapshot, "start": start}
         if at is not None or lsn is not None:  # a point in time (app_pitr)
             body.update(at=at, lsn=lsn, inclusive=inclusive)
         return dict(self._call("POST", "/v1/branches", json=body))
 
-    def create_ci_branch(self, feature: str, parent: str | None = None, *, ttl: str | None = None) -> dict[str, Any]:
+    @checked
+    def create_ci_branch(self, feature: str, parent: str | None = None, *,
+                         ttl: str | None = None) -> Annotated[JSON, P.Branch]:
         return dict(self._call("POST", f"/v1/flow/{feature}/ci-branch", json={"parent": parent, "ttl": ttl}))
 
-    def get_branch(self, name: str) -> dict[str, Any]:
+    @checked
+    def get_branch(self, name: str) -> Annotated[JSON, P.Branch]:
         return dict(self._call("GET", f"/v1/branches/{name}"))
 
     def delete_branch(self, name: str, recursive: bool = False) -> list[str]:
         return list(self._call("DELETE", f"/v1/branches/{name}", params={"recursive": recursive})["deleted"])
 
-    def reset_branch(self, name: str) -> dict[str, Any]:
+    @checked
+    def reset_branch(self, name: str) -> Annotated[JSON, P.Branch]:
         return dict(self._call("POST", f"/v1/branches/{name}/reset"))
 
-    def start_branch(self, name: str) -> dict[str, Any]:
+    @checked
+    def start_branch(self, name: str) -> Annotated[JSON, P.Branch]:
         return dict(self._call("POST", f"/v1/branches/{name}/start"))
 
-    def stop_branch(self, name: str) -> dict[str, Any]:
+    @checked
+    def stop_branch(self, name: str) -> Annotated[JSON, P.Branch]:
         return dict(self._call("POST", f"/v1/branches/{name}/stop"))
 
     def branch_url(self, name: str, dbname: str = "postgres", direct: bool = False,
@@ -232,36 +300,44 @@ class Client:
         got = self._call("GET", f"/v1/branches/{name}/url", params=params)
         return str(got["url"])
 
+    @checked
     def run_sql(self, name: str, sql: str, params: list[Any] | None = None, *, database: str | None = None,
-                max_rows: int = 1000, timeout_s: float = 30.0, read_only: bool = False) -> dict[str, Any]:
+                max_rows: int = 1000, timeout_s: float = 30.0, read_only: bool = False) -> Annotated[JSON, P.SqlResult]:
         body = {"sql": sql, "params": params, "database": database, "max_rows": max_rows, "timeout_s": timeout_s,
                 "read_only": read_only}
         return dict(self._call("POST", f"/v1/branches/{name}/sql", json=body))
 
+    @checked
     def session_start(self, branch: str | None = None, parent: str | None = None,
-                      ttl: str | None = None) -> dict[str, Any]:
+                      ttl: str | None = None) -> Annotated[JSON, P.SessionStarted]:
         return dict(self._call("POST", "/v1/sessions", json={"branch": branch, "parent": parent, "ttl": ttl}))
 
-    def session_list(self, *, everyone: bool = False) -> list[dict[str, Any]]:
+    @checked
+    def session_list(self, *, everyone: bool = False) -> Annotated[list[JSON], list[P.Session]]:
         return list(self._call("GET", "/v1/sessions", params={"all": everyone}))
 
-    def session_renew(self, sid: str, ttl: str | None = None) -> dict[str, Any]:
+    @checked
+    def session_renew(self, sid: str, ttl: str | None = None) -> Annotated[JSON, P.Session]:
         return dict(self._call("POST", f"/v1/sessions/{sid}/renew", json={"ttl": ttl}))
 
-    def session_end(self, sid: str) -> dict[str, Any]:
+    @checked
+    def session_end(self, sid: str) -> Annotated[JSON, P.SessionEnded]:
         return dict(self._call("DELETE", f"/v1/sessions/{sid}"))
 
-    def list_routes(self) -> list[dict[str, Any]]:
+    @checked
+    def list_routes(self) -> Annotated[list[JSON], list[P.Route]]:
         return list(self._call("GET", "/v1/routes"))
 
-    def set_route(self, name: str, branch: str, drain: float = 0.0) -> dict[str, Any]:
+    @checked
+    def set_route(self, name: str, branch: str, drain: float = 0.0) -> Annotated[JSON, P.RouteMoved]:
         return dict(self._call("PUT", f"/v1/routes/{name}", json={"branch": branch, "drain": drain}))
 
     def sweep(self) -> list[str]:
         return list(self._call("POST", "/v1/sweep")["deleted"])
 
+    @checked
     def import_dump(self, path: str | os.PathLike[str], branch: str = "production",
-                    dbname: str = "postgres") -> dict[str, Any]:
+                    dbname: str = "postgres") -> Annotated[JSON, P.Imported]:
         """Send a pg_dump output of the caller's: its bytes are read here and streamed (the service opens
         no path); a -Fd directory goes as the plain script pg_restore makes of it on this side."""
         params = {"branch": branch, "database": dbname}
@@ -273,19 +349,23 @@ class Client:
                                             "Content-Length": str(size)}))
 
     # -- governance ---------------------------------------------------------------
-    def create_principal(self, name: str, role: str) -> dict[str, Any]:
+    @checked
+    def create_principal(self, name: str, role: str) -> Annotated[JSON, P.PrincipalCreated]:
         return dict(self._call("POST", "/v1/principals", json={"name": name, "role": role}))
 
-    def list_principals(self) -> list[dict[str, Any]]:
+    @checked
+    def list_principals(self) -> Annotated[list[JSON], list[P.Principal]]:
         return list(self._call("GET", "/v1/principals"))
 
-    def revoke_principal(self, name: str) -> dict[str, Any]:
+    @checked
+    def revoke_principal(self, name: str) -> Annotated[JSON, P.Principal]:
         return dict(self._call("DELETE", f"/v1/principals/{name}"))
 
-    def show_config(self) -> dict[str, Any]:
+    @checked
+    def show_config(self) -> Annotated[JSON, P.PolicyShown]:
         return dict(self._call("GET", "/v1/policy"))
 
-    def reload_config(self, path: str | os.PathLike[str], *, dry_run: bool = False) -> dict[str, Any]:
+    def reload_config(self, path: str | os.PathLike[str], *, dry_run: bool = False) -> Annotated[JSON, P.PolicyApplied]:
         """Read the tierbase.toml here, on the client, and upload its text (the server reads no path)."""
         try:
             text = Path(path).read_text()
@@ -294,76 +374,100 @@ class Client:
                 from err
         return self.apply_config(text, str(Path(path).absolute()), dry_run=dry_run)
 
-    def apply_config(self, text: str | None, source: str = "", *, dry_run: bool = False) -> dict[str, Any]:
+    @checked
+    def apply_config(self, text: str | None, source: str = "", *,
+                     dry_run: bool = False) -> Annotated[JSON, P.PolicyApplied]:
         body = {"text": text, "source": source, "dry_run": dry_run}
         return dict(self._call("POST", "/v1/policy/reload", json=body))
 
-    def explain(self, principal: str, action: str, target: str, source: str | None = None) -> dict[str, Any]:
+    @checked
+    def explain(self, principal: str, action: str, target: str,
+                source: str | None = None) -> Annotated[JSON, P.Explanation]:
         params = {"principal": principal, "action": action, "target": target}
         if source:
             params["source"] = source
         return dict(self._call("GET", "/v1/policy/explain", params=params))
 
-    def audit_log(self, **filters: Any) -> list[dict[str, Any]]:
+    @checked
+    def audit_log(self, **filters: Any) -> Annotated[list[JSON], list[P.AuditRecord]]:
         params = {k: v for k, v in filters.items() if v is not None}
         return list(self._call("GET", "/v1/audit", params=params))
 
-    def audit_verify(self) -> dict[str, Any]:
+    @checked
+    def audit_verify(self) -> Annotated[JSON, P.AuditVerify]:
         return dict(self._call("GET", "/v1/audit/verify"))
 
     # -- workflow -------------------------------------------------------------------
-    def tls_ca(self) -> dict[str, Any]:
+    @checked
+    def tls_ca(self) -> Annotated[JSON, P.TlsCa]:
         return dict(self._call("GET", "/v1/tls/ca"))
 
-    def whoami(self) -> dict[str, Any]:
+    @checked
+    def whoami(self) -> Annotated[JSON, P.WhoAmI]:
         return dict(self._call("GET", "/v1/whoami"))
 
-    def flow_history(self, feature: str) -> dict[str, Any]:
+    @checked
+    def flow_history(self, feature: str) -> Annotated[JSON, P.FlowHistory]:
         return dict(self._call("GET", f"/v1/flow/{feature}"))
 
     # transitions are commands (the platform checks every precondition); there is no event to post
-    def flow_register(self, workspace: str, bundle: str | None = None) -> dict[str, Any]:
+    @checked
+    def flow_register(self, workspace: str, bundle: str | None = None) -> Annotated[JSON, P.FlowRegistered]:
         return dict(self._call("POST", f"/v1/flow/workspaces/{workspace}", json={"workspace": workspace,
                                                                                 "bundle": bundle}))
 
-    def flow_tiers(self) -> dict[str, Any]:
+    @checked
+    def flow_tiers(self) -> Annotated[JSON, P.TierRefs]:
         return dict(self._call("GET", "/v1/flow-tiers"))
 
+    @checked
     def flow_claim(self, workspace: str, feature: str, parent: str | None = None,
-                   local: dict[str, Any] | None = None) -> dict[str, Any]:
+                   local: dict[str, Any] | None = None) -> Annotated[JSON, P.FlowClaimed]:
         return dict(self._call("POST", f"/v1/flow/{feature}/claim",
                                json={"workspace": workspace, "parent": parent, "local": local or {}}))
 
-    def flow_ready(self, feature: str, bundle: str | None, local: dict[str, Any] | None = None) -> dict[str, Any]:
+    @checked
+    def flow_ready(self, feature: str, bundle: str | None,
+                   local: dict[str, Any] | None = None) -> Annotated[JSON, P.FlowSaid]:
         return dict(self._call("POST", f"/v1/flow/{feature}/ready", json={"bundle": bundle, "local": local or {}}))
 
-    def flow_approve_tests(self, feature: str, sha: str) -> dict[str, Any]:
+    @checked
+    def flow_approve_tests(self, feature: str, sha: str) -> Annotated[JSON, P.ApprovedTests]:
         return dict(self._call("POST", f"/v1/flow/{feature}/approve-tests", json={"sha": sha}))
 
-    def flow_ci(self, feature: str, local: dict[str, Any] | None = None) -> dict[str, Any]:
+    @checked
+    def flow_ci(self, feature: str, local: dict[str, Any] | None = None) -> Annotated[JSON, P.CiRun]:
         return dict(self._call("POST", f"/v1/flow/{feature}/ci", json={"local": local or {}}))
 
-    def flow_ci_run(self, run: int) -> dict[str, Any]:
+    @checked
+    def flow_ci_run(self, run: int) -> Annotated[JSON, P.CiRun]:
         return dict(self._call("GET", f"/v1/ci/runs/{run}"))
 
-    def flow_ci_runs(self, feature: str) -> list[dict[str, Any]]:
+    @checked
+    def flow_ci_runs(self, feature: str) -> Annotated[list[JSON], list[P.CiRun]]:
         return list(self._call("GET", f"/v1/flow/{feature}/ci"))
 
-    def ci_take(self) -> dict[str, Any] | None:
+    @checked
+    def ci_take(self) -> Annotated[JSON | None, P.CiTask | None]:
         got = self._call("POST", "/v1/ci/take")["run"]
         return dict(got) if got else None
 
-    def ci_report(self, run: int, junit: str | None, output: str, exit_code: int, duration_s: float) -> dict[str, Any]:
+    @checked
+    def ci_report(self, run: int, junit: str | None, output: str, exit_code: int,
+                  duration_s: float) -> Annotated[JSON, P.CiRun]:
         return dict(self._call("POST", f"/v1/ci/runs/{run}/report", json={
             "junit": junit, "output": output, "exit_code": exit_code, "duration_s": duration_s}))
 
-    def flow_merge(self, feature: str, local: dict[str, Any] | None = None) -> dict[str, Any]:
+    @checked
+    def flow_merge(self, feature: str, local: dict[str, Any] | None = None) -> Annotated[JSON, P.FlowMerged]:
         return dict(self._call("POST", f"/v1/flow/{feature}/merge", json={"local": local or {}}))
 
-    def flow_abandon(self, feature: str, local: dict[str, Any] | None = None) -> dict[str, Any]:
+    @checked
+    def flow_abandon(self, feature: str, local: dict[str, Any] | None = None) -> Annotated[JSON, P.FlowAbandoned]:
         return dict(self._call("POST", f"/v1/flow/{feature}/abandon", json={"local": local or {}}))
 
-    def tdd_command(self, feature: str, verb: str, **args: Any) -> dict[str, Any]:
+    @checked
+    def tdd_command(self, feature: str, verb: str, **args: Any) -> Annotated[JSON, P.TddDone]:
         return dict(self._call("POST", f"/v1/flow/{feature}/tdd/{verb}", json=args or None))
 
     # -- migrations and promotion -------------------------------------------------------
@@ -391,55 +495,69 @@ class Client:
         raise InvalidInput("no migrations directory is known",
                            "Pass --dir, or declare `[project] migrations = \"db/migrations\"` in tierbase.toml")
 
+    @checked
     def migrate_status(self, branch: str | None = None, migrations_dir: str | None = None, *,
-                       files: dict[str, str] | None = None) -> dict[str, Any]:
+                       files: dict[str, str] | None = None) -> Annotated[JSON, P.MigrationStatus]:
         body = {"branch": branch, "files": files if files is not None else self._migration_files(migrations_dir)}
         return dict(self._call("POST", "/v1/migrations/status", json=body))
 
+    @checked
     def migrate_apply(self, branch: str, migrations_dir: str | None = None, *,
-                      files: dict[str, str] | None = None) -> dict[str, Any]:
+                      files: dict[str, str] | None = None) -> Annotated[JSON, P.MigrationsApplied]:
         body = {"branch": branch, "files": files if files is not None else self._migration_files(migrations_dir)}
         return dict(self._call("POST", "/v1/migrations/apply", json=body))
 
+    @checked
     def migrate_verify(self, parent: str | None = None, migrations_dir: str | None = None, *,
-                       files: dict[str, str] | None = None) -> dict[str, Any]:
+                       files: dict[str, str] | None = None) -> Annotated[JSON, P.VerifyReport]:
         body = {"branch": parent, "files": files if files is not None else self._migration_files(migrations_dir)}
         return dict(self._call("POST", "/v1/migrations/verify", json=body))
 
-    def migrate_lint(self, migrations_dir: str | None = None, *, files: dict[str, str] | None = None) -> dict[str, Any]:
+    @checked
+    def migrate_lint(self, migrations_dir: str | None = None, *,
+                     files: dict[str, str] | None = None) -> Annotated[JSON, P.LintReport]:
         sent = files if files is not None else self._migration_files(migrations_dir)
         return dict(self._call("POST", "/v1/migrations/lint", json={"files": sent}))
 
+    @checked
     def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None, *,
-                files: dict[str, str] | None = None, rehearse: bool = False) -> dict[str, Any]:
+                files: dict[str, str] | None = None, rehearse: bool = False) -> Annotated[JSON, P.Promotion]:
         body = {"source": source, "files": files if files is not None else self._migration_files(migrations_dir),
                 "rehearse": rehearse}
         return dict(self._call("POST", f"/v1/tiers/{tier}/promote", json=body))
 
+    @checked
     def rollback(self, tier: str, to: str | None = None, *, discard_writes: bool = False, yes: bool = False,
-                 dry_run: bool = False) -> dict[str, Any]:
+                 dry_run: bool = False) -> Annotated[JSON, P.RollbackResult]:
         body = {"to": to, "discard_writes": discard_writes, "yes": yes, "dry_run": dry_run}
         return dict(self._call("POST", f"/v1/tiers/{tier}/rollback", json=body))
 
-    def rollbacks(self, tier: str | None = None) -> list[dict[str, Any]]:
+    @checked
+    def rollbacks(self, tier: str | None = None) -> Annotated[list[JSON], list[P.RollbackSummary]]:
         return list(self._call("GET", "/v1/rollbacks", params={"tier": tier} if tier else {}))
 
+    @checked
     def restore(self, tier: str, *, at: str | None = None, lsn: str | None = None,
-                inclusive: bool = True) -> dict[str, Any]:
+                inclusive: bool = True) -> Annotated[JSON, P.Restored]:
         return dict(self._call("POST", f"/v1/tiers/{tier}/restore",
                                json={"at": at, "lsn": lsn, "inclusive": inclusive}))
 
-    def history(self, tier: str, *, with_bytes: bool = True) -> dict[str, Any]:
+    @checked
+    def history(self, tier: str, *, with_bytes: bool = True) -> Annotated[JSON, P.TierHistory]:
         return dict(self._call("GET", f"/v1/tiers/{tier}/history", params={"bytes": with_bytes}))
 
-    def promotions(self, tier: str | None = None) -> list[dict[str, Any]]:
+    @checked
+    def promotions(self, tier: str | None = None) -> Annotated[list[JSON], list[P.Promotion]]:
         return list(self._call("GET", "/v1/promotions", params={"tier": tier} if tier else {}))
 
-    def diff(self, a: str, b: str | None = None, fmt: str = "text") -> dict[str, Any]:
+    @checked
+    def diff(self, a: str, b: str | None = None, fmt: str = "text") -> Annotated[JSON, P.SchemaDiff]:
         params = {"a": a, "format": fmt, **({"b": b} if b else {})}
         return dict(self._call("GET", "/v1/diff", params=params))
 
-    def data_diff(self, a: str, b: str, tables: list[str] | None = None, fmt: str = "text") -> dict[str, Any]:
+    @checked
+    def data_diff(self, a: str, b: str, tables: list[str] | None = None,
+                  fmt: str = "text") -> Annotated[JSON, P.DataDiff]:
         params: dict[str, Any] = {"a": a, "b": b, "format": fmt, **({"table": tables} if tables else {})}
         return dict(self._call("GET", "/v1/diff/data", params=params))
 

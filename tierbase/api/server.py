@@ -19,10 +19,64 @@ from .. import __version__
 from ..app import Tierbase
 from ..app_import import too_large
 from ..errors import InvalidInput, TierbaseError, Unauthorized, translate
-from .models import ERRORS, AuditRecord, Branch, Deleted, Principal, PrincipalCreated, Route
+from ..payloads import (
+    ERRORS,
+    ApprovedTests,
+    AuditRecord,
+    AuditVerify,
+    Branch,
+    BranchUrl,
+    CiRun,
+    CiTaken,
+    DataDiff,
+    Deleted,
+    Explanation,
+    FlowAbandoned,
+    FlowClaimed,
+    FlowHistory,
+    FlowMerged,
+    FlowRegistered,
+    FlowSaid,
+    Health,
+    ImportCheck,
+    Imported,
+    LintReport,
+    MigrationsApplied,
+    MigrationStatus,
+    PolicyApplied,
+    PolicyShown,
+    Principal,
+    PrincipalCreated,
+    Promotion,
+    Restored,
+    RollbackResult,
+    RollbackSummary,
+    Route,
+    RouteMoved,
+    SchemaDiff,
+    Session,
+    SessionEnded,
+    SessionStarted,
+    Space,
+    SqlResult,
+    Status,
+    TddDone,
+    TierHistory,
+    TierRefs,
+    TlsCa,
+    Url,
+    VerifyReport,
+    WhoAmI,
+)
 from .upload import drain, require_octets, spool
 
 log = logging.getLogger("tierbase.api")
+
+
+def typed(model: Any) -> dict[str, Any]:
+    """A route's answer: checked against ``model`` (tierbase/payloads.py) and described in the OpenAPI
+    document; fields the facade did not set stay out, so typing an answer changes none of it."""
+    return {"response_model": model, "response_model_exclude_unset": True}
 
 
 class BranchCreate(BaseModel):
@@ -243,7 +297,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         first = err.errors()[0] if err.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
         body = {"code": "invalid_input", "message": f"{where}: {first.get('msg', 'invalid request')}",
-                "hint": "See the OpenAPI document at /openapi.json", "data": {}}
+                "hint": "See the OpenAPI document at /openapi.json", "data": {}, "exit_code": 1}
         return JSONResponse({"error": body}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -252,100 +306,100 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code, "http_error")
         body = {"code": code, "message": f"no API endpoint {request.method} {request.url.path} ({err.detail})",
                 "hint": "Check the names in the command (one path segment each) and the URL of the service; "
-                        "the endpoints are listed at /openapi.json", "data": {}}
+                        "the endpoints are listed at /openapi.json", "data": {}, "exit_code": 1}
         return JSONResponse({"error": body}, status_code=err.status_code, headers=getattr(err, "headers", None))
 
-    @app.get("/v1/health")
+    @app.get("/v1/health", **typed(Health))
     def health() -> dict[str, Any]:
         return {"ok": True, "version": __version__}
 
-    @app.get("/v1/status")
+    @app.get("/v1/status", **typed(Status))
     def status(me: As) -> dict[str, Any]:
         out = me.status()
         if hooks is not None:
             out.update(hooks.status())
         return out
 
-    @app.get("/v1/space")
+    @app.get("/v1/space", **typed(Space))
     def space(me: As) -> dict[str, Any]:
         return me.space()
 
-    @app.get("/v1/branches", response_model=list[Branch], response_model_exclude_unset=True)
+    @app.get("/v1/branches", **typed(list[Branch]))
     def list_branches(me: As, bytes: bool = True) -> list[dict[str, Any]]:
         return _with_sessions(me.list_branches(with_bytes=bytes), hooks)
 
-    @app.post("/v1/branches", status_code=201, response_model=Branch, response_model_exclude_unset=True)
+    @app.post("/v1/branches", status_code=201, **typed(Branch))
     def create_branch(me: As, body: BranchCreate) -> dict[str, Any]:
         return me.create_branch(body.name, body.parent, ttl=body.ttl, snapshot=body.snapshot, start=body.start,
                                 at=body.at, lsn=body.lsn, inclusive=body.inclusive)
 
-    @app.post("/v1/flow/{feature}/ci-branch", status_code=201, response_model=Branch, response_model_exclude_unset=True)
+    @app.post("/v1/flow/{feature}/ci-branch", status_code=201, **typed(Branch))
     def create_ci_branch(me: As, feature: str, body: CiBranch) -> dict[str, Any]:
         return me.create_ci_branch(feature, body.parent, ttl=body.ttl)
 
-    @app.get("/v1/branches/{name}", response_model=Branch, response_model_exclude_unset=True)
+    @app.get("/v1/branches/{name}", **typed(Branch))
     def show_branch(me: As, name: str) -> dict[str, Any]:
         return _with_sessions([me.get_branch(name)], hooks)[0]
 
-    @app.delete("/v1/branches/{name}", response_model=Deleted, response_model_exclude_unset=True)
+    @app.delete("/v1/branches/{name}", **typed(Deleted))
     def delete_branch(me: As, name: str, recursive: bool = False) -> dict[str, Any]:
         return {"deleted": me.delete_branch(name, recursive=recursive)}
 
-    @app.post("/v1/branches/{name}/reset", response_model=Branch, response_model_exclude_unset=True)
+    @app.post("/v1/branches/{name}/reset", **typed(Branch))
     def reset_branch(me: As, name: str) -> dict[str, Any]:
         return me.reset_branch(name)
 
-    @app.post("/v1/branches/{name}/start", response_model=Branch, response_model_exclude_unset=True)
+    @app.post("/v1/branches/{name}/start", **typed(Branch))
     def start_branch(me: As, name: str) -> dict[str, Any]:
         return me.start_branch(name)
 
-    @app.post("/v1/branches/{name}/stop", response_model=Branch, response_model_exclude_unset=True)
+    @app.post("/v1/branches/{name}/stop", **typed(Branch))
     def stop_branch(me: As, name: str) -> dict[str, Any]:
         return me.stop_branch(name)
 
-    @app.get("/v1/branches/{name}/url")
+    @app.get("/v1/branches/{name}/url", **typed(BranchUrl))
     def branch_url(me: As, name: str, database: str = "postgres", direct: bool = False,
                    sslmode: Literal["disable", "prefer", "require", "verify-ca", "verify-full"] | None = None,
                    pooled: bool = False) -> dict[str, Any]:
         return {"name": name, "url": me.branch_url(name, database, direct=direct, sslmode=sslmode, pooled=pooled)}
 
-    @app.post("/v1/branches/{name}/sql")
+    @app.post("/v1/branches/{name}/sql", **typed(SqlResult))
     def run_sql(me: As, name: str, body: SqlBody) -> dict[str, Any]:
         """Rows as JSON, run as the caller's compute role (tb_owner on its branches, else tb_reader)."""
         return me.run_sql(name, body.sql, body.params, database=body.database, max_rows=body.max_rows,
                           timeout_s=body.timeout_s, read_only=body.read_only)
 
-    @app.post("/v1/sessions", status_code=201)
+    @app.post("/v1/sessions", status_code=201, **typed(SessionStarted))
     def session_start(me: As, body: SessionStart) -> dict[str, Any]:
         return me.session_start(body.branch, body.parent, body.ttl)
 
-    @app.get("/v1/sessions")
+    @app.get("/v1/sessions", **typed(list[Session]))
     def session_list(me: As, all: bool = False) -> list[dict[str, Any]]:
         return me.session_list(everyone=all)
 
-    @app.post("/v1/sessions/{sid}/renew")
+    @app.post("/v1/sessions/{sid}/renew", **typed(Session))
     def session_renew(me: As, sid: str, body: SessionRenew) -> dict[str, Any]:
         return me.session_renew(sid, body.ttl)
 
-    @app.delete("/v1/sessions/{sid}")
+    @app.delete("/v1/sessions/{sid}", **typed(SessionEnded))
     def session_end(me: As, sid: str) -> dict[str, Any]:
         return me.session_end(sid)
 
-    @app.get("/v1/routes", response_model=list[Route], response_model_exclude_unset=True)
+    @app.get("/v1/routes", **typed(list[Route]))
     def routes(me: As) -> list[dict[str, Any]]:
         return me.list_routes()
 
-    @app.put("/v1/routes/{name}")
+    @app.put("/v1/routes/{name}", **typed(RouteMoved))
     def set_route(me: As, name: str, body: RouteSet) -> dict[str, Any]:
         if hooks is not None:
             return dict(hooks.repoint(me, name, body.branch, body.drain))
         return me.set_route(name, body.branch)
 
-    @app.post("/v1/sweep", response_model=Deleted, response_model_exclude_unset=True)
+    @app.post("/v1/sweep", **typed(Deleted))
     def sweep(me: As) -> dict[str, Any]:
         return {"deleted": me.sweep()}
 
-    @app.post("/v1/import/check")
+    @app.post("/v1/import/check", **typed(ImportCheck))
     def import_check(me: As, branch: str = "production", database: str = "postgres",
                      size: int = 0) -> dict[str, Any]:
         """Before uploading: may I import into this branch, and does a dump of ``size`` bytes fit?"""
@@ -355,7 +409,7 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
         return {"branch": branch, "database": database, "limit": limit}
 
     @app.post("/v1/import", openapi_extra={"requestBody": {"required": True, "content": {
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}, **typed(Imported))
     async def import_dump(request: Request, me: As, branch: str = "production",
                           database: str = "postgres") -> dict[str, Any]:
         """The body is the dump itself (plain SQL, pg_dump -Fc or -Ft), streamed; never a path."""
@@ -378,177 +432,177 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
             upload.unlink(missing_ok=True)
 
     # -- governance ---------------------------------------------------------------------
-    @app.get("/v1/principals", response_model=list[Principal], response_model_exclude_unset=True)
+    @app.get("/v1/principals", **typed(list[Principal]))
     def principals(me: As) -> list[dict[str, Any]]:
         return me.list_principals()
 
-    @app.post("/v1/principals", status_code=201, response_model=PrincipalCreated, response_model_exclude_unset=True)
+    @app.post("/v1/principals", status_code=201, **typed(PrincipalCreated))
     def create_principal(me: As, body: PrincipalCreate) -> dict[str, Any]:
         return me.create_principal(body.name, body.role)
 
-    @app.delete("/v1/principals/{name}", response_model=Principal, response_model_exclude_unset=True)
+    @app.delete("/v1/principals/{name}", **typed(Principal))
     def revoke_principal(me: As, name: str) -> dict[str, Any]:
         return me.revoke_principal(name)
 
-    @app.get("/v1/policy")
+    @app.get("/v1/policy", **typed(PolicyShown))
     def show_policy(me: As) -> dict[str, Any]:
         return me.show_config()
 
-    @app.post("/v1/policy/reload")
+    @app.post("/v1/policy/reload", **typed(PolicyApplied))
     def reload_policy(me: As, body: ConfigReload) -> dict[str, Any]:
         return me.apply_config(body.text, body.source, dry_run=body.dry_run)
 
-    @app.get("/v1/policy/explain")
+    @app.get("/v1/policy/explain", **typed(Explanation))
     def explain(me: As, principal: str, action: str, target: str, source: str | None = None) -> dict[str, Any]:
         return me.explain(principal, action, target, source)
 
-    @app.get("/v1/audit", response_model=list[AuditRecord], response_model_exclude_unset=True)
+    @app.get("/v1/audit", **typed(list[AuditRecord]))
     def audit_log(me: As, actor: str | None = None, action: str | None = None, target: str | None = None,
                   denied: bool | None = None, since: float | None = None, limit: int = 1000) -> list[dict[str, Any]]:
         return me.audit_log(actor=actor, action=action, target=target, denied=denied, since=since, limit=limit)
 
-    @app.get("/v1/audit/verify")
+    @app.get("/v1/audit/verify", **typed(AuditVerify))
     def audit_verify(me: As) -> dict[str, Any]:
         return me.audit_verify()
 
-    @app.get("/v1/audit/url")
+    @app.get("/v1/audit/url", **typed(Url))
     def audit_url(me: As) -> dict[str, Any]:
         return {"url": me.audit_url()}
 
-    @app.get("/v1/tls/ca")
+    @app.get("/v1/tls/ca", **typed(TlsCa))
     def tls_ca(me: As) -> dict[str, Any]:
         return me.tls_ca()
 
-    @app.get("/v1/whoami")
+    @app.get("/v1/whoami", **typed(WhoAmI))
     def whoami(me: As) -> dict[str, Any]:
         return me.whoami()
 
     # -- workflow history -------------------------------------------------------------------
-    @app.get("/v1/flow/{feature}")
+    @app.get("/v1/flow/{feature}", **typed(FlowHistory))
     def flow_history(me: As, feature: str) -> dict[str, Any]:
         return me.flow_history(feature)
 
     # transitions are commands: the platform checks every precondition; no route takes an event
-    @app.post("/v1/flow/workspaces/{workspace}")
+    @app.post("/v1/flow/workspaces/{workspace}", **typed(FlowRegistered))
     def flow_register(me: As, workspace: str, body: FlowRegister) -> dict[str, Any]:
         return me.flow_register(workspace, body.bundle)
 
-    @app.get("/v1/flow-tiers")
+    @app.get("/v1/flow-tiers", **typed(TierRefs))
     def flow_tiers(me: As) -> dict[str, Any]:
         return me.flow_tiers()
 
-    @app.post("/v1/flow/{feature}/claim")
+    @app.post("/v1/flow/{feature}/claim", **typed(FlowClaimed))
     def flow_claim(me: As, feature: str, body: FlowClaim) -> dict[str, Any]:
         return me.flow_claim(body.workspace, feature, body.parent, body.local.model_dump(exclude_unset=True))
 
-    @app.post("/v1/flow/{feature}/ready")
+    @app.post("/v1/flow/{feature}/ready", **typed(FlowSaid))
     def flow_ready(me: As, feature: str, body: FlowReady) -> dict[str, Any]:
         return me.flow_ready(feature, body.bundle, body.local.model_dump(exclude_unset=True))
 
-    @app.post("/v1/flow/{feature}/approve-tests")
+    @app.post("/v1/flow/{feature}/approve-tests", **typed(ApprovedTests))
     def flow_approve_tests(me: As, feature: str, body: ApproveTests) -> dict[str, Any]:
         return me.flow_approve_tests(feature, body.sha)
 
-    @app.post("/v1/flow/{feature}/ci")
+    @app.post("/v1/flow/{feature}/ci", **typed(CiRun))
     def flow_ci(me: As, feature: str, body: FlowLocal) -> dict[str, Any]:
         return me.flow_ci(feature, body.local.model_dump(exclude_unset=True))
 
-    @app.get("/v1/flow/{feature}/ci")
+    @app.get("/v1/flow/{feature}/ci", **typed(list[CiRun]))
     def flow_ci_runs(me: As, feature: str) -> list[dict[str, Any]]:
         return me.flow_ci_runs(feature)
 
-    @app.get("/v1/ci/runs/{run}")
+    @app.get("/v1/ci/runs/{run}", **typed(CiRun))
     def flow_ci_run(me: As, run: int) -> dict[str, Any]:
         return me.flow_ci_run(run)
 
-    @app.post("/v1/ci/take")
+    @app.post("/v1/ci/take", **typed(CiTaken))
     def ci_take(me: As) -> dict[str, Any]:
         return {"run": me.ci_take()}
 
-    @app.post("/v1/ci/runs/{run}/report")
+    @app.post("/v1/ci/runs/{run}/report", **typed(CiRun))
     def ci_report(me: As, run: int, body: CiReport) -> dict[str, Any]:
         return me.ci_report(run, body.junit, body.output, body.exit_code, body.duration_s)
 
-    @app.post("/v1/flow/{feature}/merge")
+    @app.post("/v1/flow/{feature}/merge", **typed(FlowMerged))
     def flow_merge(me: As, feature: str, body: FlowLocal) -> dict[str, Any]:
         return me.flow_merge(feature, body.local.model_dump(exclude_unset=True))
 
-    @app.post("/v1/flow/{feature}/abandon")
+    @app.post("/v1/flow/{feature}/abandon", **typed(FlowAbandoned))
     def flow_abandon(me: As, feature: str, body: FlowLocal) -> dict[str, Any]:
         return me.flow_abandon(feature, body.local.model_dump(exclude_unset=True))
 
-    @app.post("/v1/flow/{feature}/tdd/enable")
+    @app.post("/v1/flow/{feature}/tdd/enable", **typed(TddDone))
     def tdd_enable(me: As, feature: str) -> dict[str, Any]:
         return me.tdd_command(feature, "enable")
 
-    @app.post("/v1/flow/{feature}/tdd/assign")
+    @app.post("/v1/flow/{feature}/tdd/assign", **typed(TddDone))
     def tdd_assign(me: As, feature: str, body: TddAssign) -> dict[str, Any]:
         return me.tdd_command(feature, "assign", **body.model_dump())
 
-    @app.post("/v1/flow/{feature}/tdd/submit")
+    @app.post("/v1/flow/{feature}/tdd/submit", **typed(TddDone))
     def tdd_submit(me: As, feature: str, body: TddSubmit) -> dict[str, Any]:
         return me.tdd_command(feature, "submit", **body.model_dump())
 
-    @app.post("/v1/flow/{feature}/tdd/approve")
+    @app.post("/v1/flow/{feature}/tdd/approve", **typed(TddDone))
     def tdd_approve(me: As, feature: str, body: TddApprove) -> dict[str, Any]:
         return me.tdd_command(feature, "approve", **body.model_dump())
 
-    @app.post("/v1/flow/{feature}/tdd/red")
+    @app.post("/v1/flow/{feature}/tdd/red", **typed(TddDone))
     def tdd_red(me: As, feature: str, body: TddRed) -> dict[str, Any]:
         return me.tdd_command(feature, "red", **body.model_dump())
 
-    @app.post("/v1/flow/{feature}/tdd/green")
+    @app.post("/v1/flow/{feature}/tdd/green", **typed(TddDone))
     def tdd_green(me: As, feature: str, body: TddGreen) -> dict[str, Any]:
         return me.tdd_command(feature, "green", **body.model_dump())
 
     # -- migrations, promotion, diff ----------------------------------------------------------
-    @app.post("/v1/migrations/status")
+    @app.post("/v1/migrations/status", **typed(MigrationStatus))
     def migrate_status(me: As, body: MigrateBody) -> dict[str, Any]:
         return me.migrate_status(body.branch, files=body.migrations())
 
-    @app.post("/v1/migrations/apply")
+    @app.post("/v1/migrations/apply", **typed(MigrationsApplied))
     def migrate_apply(me: As, body: MigrateBody) -> dict[str, Any]:
         if not body.branch:
             raise InvalidInput("no branch to migrate was given", "Pass the branch: --branch NAME")
         return me.migrate_apply(body.branch, files=body.migrations())
 
-    @app.post("/v1/migrations/verify")
+    @app.post("/v1/migrations/verify", **typed(VerifyReport))
     def migrate_verify(me: As, body: MigrateBody) -> dict[str, Any]:
         return me.migrate_verify(body.branch, files=body.migrations())
 
-    @app.post("/v1/migrations/lint")
+    @app.post("/v1/migrations/lint", **typed(LintReport))
     def migrate_lint(me: As, body: MigrationFiles) -> dict[str, Any]:
         return me.migrate_lint(files=body.migrations())
 
-    @app.post("/v1/tiers/{tier}/promote")
+    @app.post("/v1/tiers/{tier}/promote", **typed(Promotion))
     def promote(me: As, tier: str, body: PromoteBody) -> dict[str, Any]:
         return me.promote(tier, body.source, files=body.migrations(), rehearse=body.rehearse)
 
-    @app.post("/v1/tiers/{tier}/rollback")
+    @app.post("/v1/tiers/{tier}/rollback", **typed(RollbackResult))
     def rollback(me: As, tier: str, body: RollbackBody) -> dict[str, Any]:
         return me.rollback(tier, body.to, discard_writes=body.discard_writes, yes=body.yes, dry_run=body.dry_run)
 
-    @app.get("/v1/rollbacks")
+    @app.get("/v1/rollbacks", **typed(list[RollbackSummary]))
     def rollbacks(me: As, tier: str | None = None) -> list[dict[str, Any]]:
         return me.rollbacks(tier)
 
-    @app.post("/v1/tiers/{tier}/restore")
+    @app.post("/v1/tiers/{tier}/restore", **typed(Restored))
     def restore(me: As, tier: str, body: RestoreBody) -> dict[str, Any]:
         return me.restore(tier, at=body.at, lsn=body.lsn, inclusive=body.inclusive)
 
-    @app.get("/v1/tiers/{tier}/history")
+    @app.get("/v1/tiers/{tier}/history", **typed(TierHistory))
     def history(me: As, tier: str, bytes: bool = True) -> dict[str, Any]:
         return me.history(tier, with_bytes=bytes)
 
-    @app.get("/v1/promotions")
+    @app.get("/v1/promotions", **typed(list[Promotion]))
     def promotions(me: As, tier: str | None = None) -> list[dict[str, Any]]:
         return me.promotions(tier)
 
-    @app.get("/v1/diff")
+    @app.get("/v1/diff", **typed(SchemaDiff))
     def diff(me: As, a: str, b: str | None = None, format: str = "text") -> dict[str, Any]:
         return me.diff(a, b, format)
 
-    @app.get("/v1/diff/data")
+    @app.get("/v1/diff/data", **typed(DataDiff))
     def data_diff(me: As, a: str, b: str, format: str = "text",
                   table: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
         return me.data_diff(a, b, table=table, fmt=format)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ArchiveCorrupt
+from ..settings import value
 
 SCRIPT_NAME = "tierbase-wal"
 #: a WAL segment (timeline, log, seg), its .partial tail, or a timeline history file (PostgreSQL also
@@ -31,7 +32,9 @@ SEGMENT_BYTES = 16 * 1024 * 1024  # initdb's default --wal-segsize; tierbase nev
 # POSIX sh: a Python interpreter per segment would cost ~40 ms of every restore step.
 SCRIPT = r"""#!/bin/sh
 # tierbase-wal: the platform's archive_command / restore_command (written by tierbase; see
-# tierbase/compute/archive.py). archive DIR SRC NAME | restore DIR NAME DEST
+# tierbase/compute/archive.py). archive DIR SRC NAME | restore DIR NAME DEST [UPTO]
+# UPTO: the segment the platform asked the tier's archiver for just before this recovery started; a
+# segment up to it that is not in the archive yet is on its way, so restore waits for it (30 s).
 set -u
 fail() { echo "ERROR: tierbase-wal: $1" >&2; exit "${2:-1}"; }
 # openssl's SHA-256 uses the CPU's SHA instructions (~4x coreutils' sha256sum on this kind of machine)
@@ -39,7 +42,7 @@ if command -v openssl >/dev/null 2>&1; then sha() { openssl dgst -sha256 -r "$1"
 mode=${1:-}; dir=${2:-}
 case "$mode" in
   archive) src=${3:-}; name=${4:-} ;;
-  restore) name=${3:-}; dest=${4:-} ;;
+  restore) name=${3:-}; dest=${4:-}; upto=${5:-} ;;
   *) fail "unknown mode '$mode'" 127 ;;
 esac
 case "$name" in
@@ -66,7 +69,19 @@ if [ "$mode" = archive ]; then
   sync "$dir" || fail "cannot fsync the archive directory"
   exit 0
 fi
-[ -f "$dir/$name" ] || exit 1
+if [ ! -f "$dir/$name" ]; then
+  # on its way only if on UPTO's timeline and not after it (same-length upper-case hex: sort order)
+  case "$upto" in ????????????????????????) ;; *) exit 1 ;; esac
+  case "$name" in ????????????????????????) ;; *) exit 1 ;; esac
+  [ "${name%????????????????}" = "${upto%????????????????}" ] || exit 1
+  printf '%s\n%s\n' "$name" "$upto" | LC_ALL=C sort -c 2>/dev/null || exit 1
+  i=0
+  while [ ! -f "$dir/$name" ]; do
+    i=$((i + 1))
+    [ "$i" -le 3000 ] || fail "the archiver has not archived $name within 30 s"
+    sleep 0.01
+  done
+fi
 want=$(cat "$dir/$name.sha256" 2>/dev/null) || fail "checksum mismatch on WAL segment $name: no checksum recorded" 127
 cp --reflink=auto "$dir/$name" "$dest" || exit 1
 got=$(sha "$dest") || exit 1
@@ -105,7 +120,7 @@ class Target:
     inclusive: bool = True
 
 
-def recovery_settings(script: Path, wal_dir: Path, target: Target) -> dict[str, str]:
+def recovery_settings(script: Path, wal_dir: Path, target: Target, upto: str | None = None) -> dict[str, str]:
     """Settings for one archive recovery, given on the command line of that start only (never written
     into the cluster's files, so later starts and branches of it carry none of it).
 
@@ -114,9 +129,12 @@ def recovery_settings(script: Path, wal_dir: Path, target: Target) -> dict[str, 
     ``recovery_target_action=promote`` waits for a full immediate checkpoint (~0.4 s and more under
     load). Nobody but the platform reaches the copy meanwhile: its branch is not ready, so the proxy
     does not route to it, and the compute does not listen on TCP during this start (its unix socket,
-    which only the platform reaches, is enough for the proxy; direct TCP comes back at its next start)."""
+    which only the platform reaches, is enough for the proxy; direct TCP comes back at its next start).
+
+    ``upto``: the segment the parent's archiver is copying now (PointInTime.reach): the replay starts
+    at once and the restore command waits for that segment only if the replay gets there first."""
     out = {
-        "restore_command": f"{script} restore {wal_dir} %f %p",
+        "restore_command": f"{script} restore {wal_dir} %f %p" + (f" {upto}" if upto else ""),
         "recovery_target_timeline": "latest",
         "recovery_target_action": "pause",
         "recovery_target_inclusive": "on" if target.inclusive else "off",
@@ -125,7 +143,7 @@ def recovery_settings(script: Path, wal_dir: Path, target: Target) -> dict[str, 
         # replay touches more pages than the clusters' 64MB: evicting them means writes into
         # copy-on-write files in the middle of the replay; with room they wait for the checkpoint
         # after the promotion (this start only: the next start is back to the cluster's own setting)
-        "shared_buffers": "256MB",
+        "shared_buffers": str(value("recovery_shared_buffers")),
         "archive_mode": "off",
     }
     if target.lsn is not None:

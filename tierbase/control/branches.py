@@ -119,7 +119,11 @@ class Branches:
             self.start(name)
         return self.store.get(name)
 
-    def delete(self, name: str, *, recursive: bool = False, actor: str | None = None) -> list[str]:
+    def delete(self, name: str, *, recursive: bool = False, actor: str | None = None,
+               kept: frozenset[str] = frozenset()) -> list[str]:
+        """Delete ``name`` (and with ``recursive`` its subtree). ``kept``: branches the caller found to be
+        states a rollback or a restore kept (protected against accidents, deleted on purpose): their
+        protection does not refuse, and the routes of their own go with them."""
         b = self.store.get(name)
         if b.parent is None:
             raise Refused(f"branch {name!r} is the root of every branch and cannot be deleted",
@@ -133,16 +137,17 @@ class Branches:
                 raise Refused(f"branch {name!r} has child branches ({kids})",
                               "Delete them first, or pass --recursive to delete the whole subtree", name=name)
             for d in doomed:
-                if d.protected:
+                if d.protected and d.name not in kept:
                     raise Refused(f"branch {d.name!r} is protected and cannot be deleted",
                                   "Protection is declared in tierbase.toml; change it there if this is intended",
                                   name=d.name)
             names = [d.name for d in doomed]
             for route, target in self.store.routes().items():
-                if target in names and route not in names:
+                if target in names and route not in names and target not in kept:
                     raise Refused(f"route {route!r} points at branch {target!r}",
                                   f"Point it elsewhere first: `tierbase route set {route} BRANCH`", name=target)
-            self.store.mark_deleting(names, actor)  # checks every state (ready) and late children
+            # checks every state (ready) and late children; a kept state's own routes go in the same step
+            self.store.mark_deleting(names, actor, drop_routes=bool(kept & set(names)))
             failpoint("delete:marked")
             for d in doomed:  # children first: _subtree is post-order
                 self.provider.delete(d.name, d.volume)

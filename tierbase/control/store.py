@@ -220,8 +220,9 @@ class Store:
             db.execute("UPDATE branches SET state=?, fork_lsn=?, masking=?, owner=NULL WHERE name=?",
                        (State.READY.value, fork_lsn, json.dumps(masking) if masking is not None else None, name))
 
-    def mark_deleting(self, names: list[str], actor: str | None = None) -> None:
-        """Mark a whole subtree ``deleting`` in one transaction, or none of it."""
+    def mark_deleting(self, names: list[str], actor: str | None = None, *, drop_routes: bool = False) -> None:
+        """Mark a whole subtree ``deleting`` in one transaction, or none of it; ``drop_routes``: the routes
+        that point into it go in the same transaction (a kept state's own ``<tier>-replaced-N``)."""
         with self.write() as db:
             marks = ",".join("?" * len(names))
             late = db.execute(f"SELECT name FROM branches WHERE parent IN ({marks}) AND name NOT IN ({marks})",
@@ -234,6 +235,8 @@ class Store:
                 check_transition(name, State.READY, State.DELETING)
                 db.execute("UPDATE branches SET state=?, owner=?, actor=? WHERE name=?",
                            (State.DELETING.value, process_token(), actor, name))
+            if drop_routes:
+                db.execute(f"DELETE FROM routes WHERE branch IN ({marks})", names)
 
     def begin_reset(self, name: str, volume: str, actor: str | None = None) -> None:
         """The reset's intent, in one transaction: the branch is ``resetting`` and the new volume is known

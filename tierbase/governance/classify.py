@@ -170,6 +170,14 @@ def fit_rules(conn: psycopg.Connection[Any], rules: list[MaskRule], retired: Map
         if r.qualified not in tables:
             tables[r.qualified] = load_table(conn, *r.qualified)
         t = tables[r.qualified]
+        if t is not None and col in inherited and r.column.startswith("#"):
+            # `INSERT INTO t SELECT ...` without a column list fills t by position: the N-th column
+            names = list(t.columns)
+            n = int(r.column[1:]) if r.column[1:].isdigit() else 0
+            if 0 < n <= len(names):
+                if any(x.qualified == r.qualified and x.column == names[n - 1] for x in rules):
+                    continue  # a rule of its own for that column wins
+                r = MaskRule(r.table, names[n - 1], r.method)
         c = t.columns.get(r.column) if t is not None else None
         if c is None or t is None:
             if col in retired:

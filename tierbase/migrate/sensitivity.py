@@ -2,7 +2,8 @@
 
 * **derived**: a column filled from a masked column (``UPDATE t SET x = f(email)``,
   ``INSERT INTO r (x) SELECT email ...``, ``CREATE TABLE a AS SELECT lower(email) AS x ...``, a
-  trigger function assigning ``NEW.x := f(NEW.email)``) inherits the source's rule: masking
+  trigger function assigning ``NEW.x := f(NEW.email)``; also when read through a CTE, a subquery
+  in FROM, a UNION or a ``*``) inherits the source's rule: masking
   replaces the source's values, so a copy made in production would otherwise stay raw on every
   masked branch. Chains follow (a copy of a copy), in file order.
 * **unclassified**: a column added to a table declared sensitive (``ALTER TABLE ... ADD COLUMN``,
@@ -124,22 +125,32 @@ class _State:
             scope = _scope(s)
             for t in s.targetList or ():
                 if isinstance(t, ast.ResTarget) and t.name:
-                    self.derive((*_rel(s.relation), str(t.name)), _sources(t.val, scope), where, "UPDATE ... SET")
+                    self.derive((*_rel(s.relation), str(t.name)), scope.sources(t.val), where, "UPDATE ... SET")
         elif isinstance(s, ast.InsertStmt) and s.relation is not None and isinstance(s.selectStmt, ast.SelectStmt):
-            scope = _scope(s.selectStmt)
+            # the WITH clause of an INSERT sits on the statement, not on its SELECT
+            scope = _scope(s.selectStmt, _scope(s.withClause).rows if s.withClause is not None else None)
             names = [str(c.name) for c in s.cols or () if isinstance(c, ast.ResTarget)]
             for i, t in enumerate(s.selectStmt.targetList or ()):
                 if isinstance(t, ast.ResTarget):
                     name = names[i] if i < len(names) else f"#{i + 1}"  # no column list: by position
-                    self.derive((*_rel(s.relation), name), _sources(t.val, scope), where, "INSERT ... SELECT")
+                    self.derive((*_rel(s.relation), name), scope.sources(t.val), where, "INSERT ... SELECT")
         elif (isinstance(s, ast.CreateTableAsStmt) and s.objtype == ObjectType.OBJECT_TABLE
               and isinstance(s.query, ast.SelectStmt) and s.into is not None and s.into.rel is not None):
             scope = _scope(s.query)
             given = [str(c.sval) for c in s.into.colNames or () if isinstance(c, ast.String)]
+            into = _rel(s.into.rel)
             for i, t in enumerate(s.query.targetList or ()):
-                if isinstance(t, ast.ResTarget):
+                if isinstance(t, ast.ResTarget) and _is_star(t):
+                    # SELECT *: the copy keeps the source's column names
+                    star = scope.star()
+                    for col in [c for c in self.masked if c[:2] in star]:
+                        self.derive((*into, col[2]), {col}, where, "CREATE TABLE AS")
+                    for rows in scope.rows.values():
+                        for name, cols in rows.columns.items():
+                            self.derive((*into, name), cols, where, "CREATE TABLE AS")
+                elif isinstance(t, ast.ResTarget):
                     name = given[i] if i < len(given) else _output_name(t, i)
-                    self.derive((*_rel(s.into.rel), name), _sources(t.val, scope), where, "CREATE TABLE AS")
+                    self.derive((*into, name), scope.sources(t.val), where, "CREATE TABLE AS")
         elif isinstance(s, ast.CreateTrigStmt) and s.relation is not None:
             self.triggers.setdefault(_last(s.funcname), []).append(_rel(s.relation))
         elif isinstance(s, ast.CreateFunctionStmt):
@@ -200,29 +211,94 @@ def _walk(node: Any) -> Iterator[Any]:
             yield from _walk(getattr(node, attr, None))
 
 
-def _scope(stmt: ast.Node) -> dict[str, tuple[str, str]]:
-    """Every relation the statement names, by alias and by name (subqueries included)."""
-    out: dict[str, tuple[str, str]] = {}
+@dataclass
+class _Rows:
+    """A subquery in FROM or a CTE: what each output column reads (``*`` passes its relations' columns)."""
+
+    columns: dict[str, set[Col]]
+    star: set[tuple[str, str]]
+
+    def lookup(self, name: str) -> set[Col]:
+        return self.columns.get(name, {(*rel, name) for rel in self.star})
+
+
+@dataclass
+class _Scope:
+    """Every relation a statement names, by alias and by name (subqueries included), and the subqueries
+    and CTEs it reads from by name: a column read through one is read from what it selects."""
+
+    rels: dict[str, tuple[str, str]]
+    rows: dict[str, _Rows]
+
+    def sources(self, expr: Any) -> set[Col]:
+        """Columns an expression may read: qualified ones by their relation, bare ones from every relation."""
+        out: set[Col] = set()
+        for n in _walk(expr):
+            if not isinstance(n, ast.ColumnRef):
+                continue
+            fields = [str(f.sval) for f in n.fields or () if isinstance(f, ast.String)]
+            if not fields:
+                continue
+            if len(fields) >= 2 and fields[-2] in self.rows:
+                out |= self.rows[fields[-2]].lookup(fields[-1])
+            elif len(fields) >= 2 and fields[-2] in self.rels:
+                out.add((*self.rels[fields[-2]], fields[-1]))
+            else:
+                out.update((*rel, fields[-1]) for rel in set(self.rels.values()))
+                for rows in self.rows.values():
+                    out |= rows.lookup(fields[-1])
+        return out
+
+    def star(self) -> set[tuple[str, str]]:
+        """The relations whose columns a ``*`` of this scope passes on under their own names."""
+        out = set(self.rels.values())
+        for rows in self.rows.values():
+            out |= rows.star
+        return out
+
+
+def _scope(stmt: ast.Node, outer: dict[str, _Rows] | None = None) -> _Scope:
+    scope = _Scope({}, dict(outer or {}))
     for n in _walk(stmt):
         if isinstance(n, ast.RangeVar) and n.relname:
             rel = _rel(n)
-            out.setdefault(str(n.relname), rel)
+            scope.rels.setdefault(str(n.relname), rel)
             if n.alias is not None and n.alias.aliasname:
-                out[str(n.alias.aliasname)] = rel
+                scope.rels[str(n.alias.aliasname)] = rel
+        elif isinstance(n, ast.CommonTableExpr) and n.ctename and isinstance(n.ctequery, ast.SelectStmt):
+            # WITH parts AS (SELECT split_part(email, '@', 1) AS local FROM customer) ... parts.local
+            scope.rows[str(n.ctename)] = _rows(n.ctequery, scope.rows, _names(n.aliascolnames))
+        elif (isinstance(n, ast.RangeSubselect) and n.alias is not None and n.alias.aliasname
+              and isinstance(n.subquery, ast.SelectStmt)):
+            scope.rows[str(n.alias.aliasname)] = _rows(n.subquery, scope.rows, _names(n.alias.colnames))
+    return scope
+
+
+def _rows(query: ast.SelectStmt, outer: dict[str, _Rows], names: list[str]) -> _Rows:
+    """The output columns of ``query`` (a UNION's by position from both sides) and what each reads."""
+    if query.larg is not None and query.rarg is not None:
+        left, right = _rows(query.larg, outer, names), _rows(query.rarg, outer, [])
+        for (name, cols), other in zip(left.columns.items(), right.columns.values(), strict=False):
+            left.columns[name] = cols | other
+        return _Rows(left.columns, left.star | right.star)
+    scope = _scope(query, outer)
+    out = _Rows({}, set())
+    for i, t in enumerate(query.targetList or ()):
+        if not isinstance(t, ast.ResTarget):
+            continue
+        if _is_star(t):
+            out.star |= scope.star()
+            for rows in scope.rows.values():
+                for name, cols in rows.columns.items():
+                    out.columns.setdefault(name, set()).update(cols)
+            continue
+        out.columns[names[i] if i < len(names) else _output_name(t, i)] = scope.sources(t.val)
     return out
 
 
-def _sources(expr: Any, scope: Mapping[str, tuple[str, str]]) -> set[Col]:
-    """Columns an expression may read: qualified ones by their relation, bare ones from every relation."""
-    out: set[Col] = set()
-    for n in _walk(expr):
-        if not isinstance(n, ast.ColumnRef):
-            continue
-        fields = [str(f.sval) for f in n.fields or () if isinstance(f, ast.String)]
-        if not fields:
-            continue
-        if len(fields) >= 2 and fields[-2] in scope:
-            out.add((*scope[fields[-2]], fields[-1]))
-        else:
-            out.update((*rel, fields[-1]) for rel in set(scope.values()))
-    return out
+def _names(nodes: Any) -> list[str]:
+    return [str(c.sval) for c in nodes or () if isinstance(c, ast.String)]
+
+
+def _is_star(t: ast.ResTarget) -> bool:
+    return isinstance(t.val, ast.ColumnRef) and any(isinstance(f, ast.A_Star) for f in t.val.fields or ())
