@@ -44,11 +44,12 @@ from .app_repoint import Repoints
 from .app_rollback import Rollbacks
 from .app_sessions import Sessions
 from .app_sql import SqlRunner
-from .control.branches import Branches
+from .control.branches import Branches, Prepare
 from .control.history import History
 from .control.store import Branch, Store
 from .governance.config import Config
 from .governance.gate import Gate
+from .governance.masking import MaskRule
 from .governance.policy import Subject
 from .governance.principals import Principal
 from .home import Home
@@ -187,6 +188,14 @@ class Tierbase:
 
     def _compute_settings(self, b: Branch) -> dict[str, str] | None:
         return self.tier_history.compute_settings(b)
+
+    def _masking_plan(self, parent: Branch, *, force: bool = False,
+                      cfg: Config | None = None) -> list[MaskRule] | None:
+        return self.masking.plan(parent, force=force, cfg=cfg)
+
+    def _mask_hook(self, name: str, parent: Branch, rules: list[MaskRule] | None, database: str | None = None,
+                   cfg: Config | None = None) -> Prepare | None:
+        return self.masking.hook(name, parent, rules, database, cfg)
 
     # -- the platform's lifecycle (app_platform.py) ----------------------------------------------
     def init(self, storage: str = "auto", btrfs_size: str = DEFAULT_IMAGE_SIZE, *, api_port: int | None = None,
