@@ -34,7 +34,6 @@ VALUE_TYPES = {"tierbase.provider.types"}
 #: provider operations behind Provider.fork(at=).
 PITR = "time travel on the local substrate"
 KNOWN: dict[tuple[str, str], str] = {
-    ("tierbase.app_pitr", "tierbase.compute.archive"): PITR,
     ("tierbase.control.history", "tierbase.compute.archive"): PITR,
     ("tierbase.control.history", "tierbase.storage"): PITR,
     ("tierbase.pitr", "tierbase.compute.archive"): PITR,

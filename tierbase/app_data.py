@@ -9,13 +9,12 @@ principal could not read through the proxy.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from typing import Any
 
 import psycopg
 
-from .app_migrate import MigrationOps
+from .app_base import Core
 from .control.store import Branch, Kind
 from .errors import InvalidInput
 from .governance.policy import Action
@@ -25,20 +24,20 @@ from .provider import READER_ROLE
 DATA_FORMATS = ("text", "json", "sql")
 
 
-class DataOps(MigrationOps):
-    @contextmanager
-    def _read(self, branch: str, dbname: str | None = None) -> Iterator[psycopg.Connection[Any]]:
+class DataDiffs:
+    """Takes the core only."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
+    def _read(self, branch: str, dbname: str | None = None) -> AbstractContextManager[psycopg.Connection[Any]]:
         """A read-only connection to a branch as ``tb_reader`` (starting its compute)."""
-        self.branches.start(branch)
-        dsn = self.branches.provider.endpoint(self.store.get(branch).port, dbname or self._database,
-                                              role=READER_ROLE).dsn()
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
-            yield conn
+        return self.core.connect(branch, READER_ROLE, dbname)
 
     def _pair(self, a: str, b: str) -> tuple[Branch, Branch]:
         """The branches serving ``a`` and ``b``; naming one branch twice (a tier and the branch serving it)
         is refused rather than reported as 'no difference'."""
-        left, right = self._serving(a), self._serving(b)
+        left, right = self.core.serving(a), self.core.serving(b)
         if left.name == right.name:
             via = [f"{n!r} is served by {left.name!r}" for n in (a, b) if n != left.name]
             raise InvalidInput(f"{a!r} and {b!r} are the same branch" + (f" ({'; '.join(via)})" if via else ""),
@@ -57,7 +56,7 @@ class DataOps(MigrationOps):
             raise InvalidInput(f"format {fmt!r} is unknown for a data diff", f"Use {', '.join(DATA_FORMATS)}")
         left, right = self._pair(a, b)
         for br in (left, right):
-            with self.gate.act(self.actor, Action.BRANCH_CONNECT, self.gate.subject(br), quiet=True):
+            with self.core.act(Action.BRANCH_CONNECT, self.core.gate.subject(br), quiet=True):
                 pass
         d = self._data_diff(left.name, right.name, table)
         out = {**d.to_dict(), "from": left.name, "to": right.name}

@@ -29,10 +29,13 @@ import json
 import time
 from typing import Any
 
-from .app_base import NOBODY, FacadeBase
-from .control.store import Branch, Kind
+from .app_base import NOBODY, Core
+from .app_masking import Masking
+from .control.branches import Branches
+from .control.store import Branch, Kind, Store
 from .errors import InvalidInput, TierbaseError
 from .governance.classify import image_tiers, qualified, sensitive_tables
+from .governance.config import Config
 from .governance.masking import describe, masking_key, parse_rules
 from .governance.policy import Action
 from .migrate.files import Migration
@@ -42,15 +45,33 @@ from .migrate.remask import FullRemask
 KEY = "masked_image.{}"
 
 
-class ImageOps(FacadeBase):
+class Images:
+    """Takes the core and the masking service (an image is masked like any masked branch)."""
+
+    def __init__(self, core: Core, masking: Masking) -> None:
+        self.core = core
+        self.masking = masking
+
+    @property
+    def config(self) -> Config:
+        return self.core.config
+
+    @property
+    def store(self) -> Store:
+        return self.core.store
+
+    @property
+    def branches(self) -> Branches:
+        return self.core.branches
+
     def _masking_digest(self) -> str:
         """What an image was masked under: the config's rules and the recorded lineage."""
         rules = describe(parse_rules(self.config.masking))
         extra = {k: self.config.masking.get(k) for k in ("sensitive",)}
-        lineage = [e.to_dict() for e in self._lineage.entries()]  # type: ignore[attr-defined]
+        lineage = [e.to_dict() for e in self.masking.lineage.entries()]
         return hashlib.sha256(json.dumps([rules, extra, lineage], sort_keys=True, default=str).encode()).hexdigest()
 
-    def _current_image(self, parent: Branch) -> tuple[Branch, dict[str, Any]] | None:
+    def current_image(self, parent: Branch) -> tuple[Branch, dict[str, Any]] | None:
         """The image to clone for a masked child of ``parent``, when ``parent`` serves a tier that keeps
         one and the image is current; else None."""
         tier = next((t for t in image_tiers(self.config.masking)
@@ -59,7 +80,8 @@ class ImageOps(FacadeBase):
         if not rec or rec.get("source") != parent.name or rec.get("masking") != self._masking_digest():
             return None
         image = self.store.find(str(rec["branch"]))
-        if (image is None or image.state.value != "ready" or not image.masked_by or image.creator != self.gate.owner
+        owner = self.core.gate.owner
+        if (image is None or image.state.value != "ready" or not image.masked_by or image.creator != owner
                 or image.parent != parent.name):
             return None
         return image, rec
@@ -67,7 +89,7 @@ class ImageOps(FacadeBase):
     def refresh_masked_images(self, tier: str | None = None, *, full: bool = False) -> list[dict[str, Any]]:
         """Re-make the masked image of ``tier`` (default: every tier that keeps one); platform engineers.
         Incremental when it can be; ``full``: mask the tier's data whole all the same."""
-        self._require(Action.POLICY_RELOAD, NOBODY, quiet=True)
+        self.core.require(Action.POLICY_RELOAD, NOBODY, quiet=True)
         tiers = image_tiers(self.config.masking)
         if tier is not None and tier not in tiers:
             raise InvalidInput(f"tier {tier!r} keeps no masked image",
@@ -81,12 +103,12 @@ class ImageOps(FacadeBase):
         for t in image_tiers(self.config.masking):
             serving = self.store.find(self.store.resolve_route(t) or t)
             rec = self.store.get_setting(KEY.format(t))
-            if serving is not None and (self._current_image(serving) is None or rec is None
+            if serving is not None and (self.current_image(serving) is None or rec is None
                                         or time.time() - float(rec.get("as_of", 0)) > max_age):
                 stale.append(t)
-        return self._refresh_images_quietly(stale)
+        return self.refresh_quietly(stale)
 
-    def _refresh_images_quietly(self, tiers: list[str], migrations: list[Migration] | None = None) -> list[str]:
+    def refresh_quietly(self, tiers: list[str], migrations: list[Migration] | None = None) -> list[str]:
         """After a promotion (``migrations``: its files, whose DDL an incremental refresh may apply) or a
         reload: a refresh that fails leaves the image stale (masked branches are then masked as before),
         never the promotion failed."""
@@ -110,7 +132,7 @@ class ImageOps(FacadeBase):
         for t in image_tiers(self.config.masking):
             rec = self.store.get_setting(KEY.format(t))
             serving = self.store.find(self.store.resolve_route(t) or t)
-            current = bool(rec and serving is not None and self._current_image(serving) is not None)
+            current = bool(rec and serving is not None and self.current_image(serving) is not None)
             out.append({"tier": t, "current": current, **(rec or {}),
                         "staleness_s": round(time.time() - float(rec["as_of"]), 1) if rec else None})
         return out
@@ -124,12 +146,12 @@ class ImageOps(FacadeBase):
 
     def _refresh_image_locked(self, tier: str, migrations: list[Migration], full: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
-        secret = self.home.read_secret(self.home.root / "masking.secret", create=True).encode()
-        refresh = ImageRefresh(self.branches, self.gate.owner, masking_key(secret),
+        secret = self.core.home.read_secret(self.core.home.root / "masking.secret", create=True).encode()
+        refresh = ImageRefresh(self.branches, self.core.gate.owner, masking_key(secret),
                                str(self.config.project.get("database", "postgres")))
         refresh.refuse_while_promoting(tier)
         serving = self.store.get(self.store.resolve_route(tier) or tier)
-        plan = self._masking_plan(serving, force=True)  # type: ignore[attr-defined]
+        plan = self.masking.plan(serving, force=True)
         if plan is None:
             raise InvalidInput(f"tier {tier!r} has nothing to mask", "Declare masking rules or sensitive tables")
         old = self.store.get_setting(KEY.format(tier))
@@ -151,9 +173,9 @@ class ImageOps(FacadeBase):
                 except FullRemask as fallback:
                     why = fallback.why
             if done is None:
-                self.branches.create(name, serving.name, kind=Kind.FEATURE, creator=self.gate.owner, actor="tierbase",
-                                     fork=refresh.clone_of(source),
-                                     prepare=self._mask_hook(name, serving, plan))  # type: ignore[attr-defined]
+                self.branches.create(name, serving.name, kind=Kind.FEATURE, creator=self.core.gate.owner,
+                                     actor="tierbase", fork=refresh.clone_of(source),
+                                     prepare=self.masking.hook(name, serving, plan))
         except BaseException:
             with contextlib.suppress(TierbaseError):
                 refresh.drop(source.name)
@@ -167,9 +189,9 @@ class ImageOps(FacadeBase):
                "migrations_applied": done.get("migrations", []) if done is not None else [],
                "previous_staleness_s": round(now - float(old["as_of"]), 1) if old else None}
         self.store.set_setting(KEY.format(tier), rec)
-        self.gate.audit.append(actor="tierbase", action="masking.image", target=tier, allowed=True,
-                               reason=f"the masked image of {tier!r} re-made from {serving.name!r} ({rec['mode']}: "
-                                      f"{rec['why']})", before=old, after=rec)
+        reason = f"the masked image of {tier!r} re-made from {serving.name!r} ({rec['mode']}: {rec['why']})"
+        self.core.gate.audit.append(actor="tierbase", action="masking.image", target=tier, allowed=True,
+                                    reason=reason, before=old, after=rec)
         if old and self.store.find(str(old["branch"])) is not None and \
                 len(self.branches.subtree(str(old["branch"]))) == 1:  # an image nobody branched from: gone
             with contextlib.suppress(TierbaseError):

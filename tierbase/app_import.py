@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .app_base import FacadeBase
+from .app_base import Core
 from .errors import InvalidInput, UploadTooLarge
 from .governance.policy import Action
 from .provider import DATABASE_NAME, directory_script, parse_size
@@ -43,36 +43,41 @@ def _size(n: int) -> str:
     return f"{n} bytes"
 
 
-class ImportOps(FacadeBase):
+class Imports:
+    """Takes the core only."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+
     @property
     def import_limit(self) -> int:
-        return int(self.store.get_setting("import_max_bytes", DEFAULT_IMPORT_LIMIT))
+        return int(self.core.store.get_setting("import_max_bytes", DEFAULT_IMPORT_LIMIT))
 
     def set_import_limit(self, size: str) -> int:
         limit = parse_size(size)
-        self.store.set_setting("import_max_bytes", limit)
+        self.core.store.set_setting("import_max_bytes", limit)
         return limit
 
     def import_check(self, branch: str, dbname: str = "postgres") -> int:
         """Before an upload is read: refuse a bad name or a principal who may not import here (the denial
         is audited); returns the size limit the upload must keep."""
         check_database(dbname)
-        self._require(Action.BRANCH_IMPORT, self._subject(branch), quiet=True)
+        self.core.require(Action.BRANCH_IMPORT, self.core.subject(branch), quiet=True)
         return self.import_limit
 
     def new_upload(self) -> Path:
         """A fresh private file (0600, in a 0700 directory of the service's) to spool an upload into."""
-        self.home.uploads.mkdir(mode=0o700, exist_ok=True)
-        self.home.uploads.chmod(0o700)
-        fd, name = tempfile.mkstemp(dir=self.home.uploads, prefix="import-", suffix=".dump")
+        self.core.home.uploads.mkdir(mode=0o700, exist_ok=True)
+        self.core.home.uploads.chmod(0o700)
+        fd, name = tempfile.mkstemp(dir=self.core.home.uploads, prefix="import-", suffix=".dump")
         os.close(fd)
         return Path(name)
 
     def clear_uploads(self) -> list[str]:
         """Remove uploads a stopped service left behind (at start, before any import can run)."""
         gone = []
-        if self.home.uploads.is_dir():
-            for p in self.home.uploads.iterdir():
+        if self.core.home.uploads.is_dir():
+            for p in self.core.home.uploads.iterdir():
                 p.unlink(missing_ok=True)
                 gone.append(p.name)
         return gone
@@ -96,14 +101,14 @@ class ImportOps(FacadeBase):
     def import_upload(self, upload: Path, branch: str, dbname: str = "postgres") -> dict[str, Any]:
         """Restore a dump the service holds (checked first: nothing runs if it is refused)."""
         check_database(dbname)
-        with self.gate.act(self.actor, Action.BRANCH_IMPORT, self._subject(branch)) as rec:
+        with self.core.act(Action.BRANCH_IMPORT, self.core.subject(branch)) as rec:
             size = upload.stat().st_size
             if size > self.import_limit:
                 raise too_large(self.import_limit)
-            self.branches.start(branch)
+            self.core.branches.start(branch)
             t0 = time.perf_counter()
             # as the branch owner's role, never the superuser (the provider's restore)
-            fmt = self.provider.restore(self.store.get(branch).port, upload, dbname)
+            fmt = self.core.provider.restore(self.core.store.get(branch).port, upload, dbname)
             rec.after = out = {"branch": branch, "database": dbname, "format": fmt, "bytes": size,
                                "seconds": round(time.perf_counter() - t0, 2)}
         return out

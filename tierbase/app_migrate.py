@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from .app_base import FacadeBase
-from .control.store import Branch, Kind
+from .app_base import Core
+from .app_branches import BranchOps
+from .app_images import Images
+from .app_masking import Masking
+from .app_pitr import TierHistory
+from .app_repoint import Repoints
+from .control.branches import Branches
+from .control.store import Branch, Kind, Store
 from .errors import InvalidInput, Refused, TierbaseError
 from .failpoints import failpoint
+from .governance.config import Config
 from .governance.policy import Action, Subject
 from .migrate import files as migration_files
 from .migrate import ledger
@@ -33,21 +40,48 @@ class _VerifyPlatform:
     """verify's view of the platform: its throwaway branch is made and deleted as the acting principal,
     and reached as that branch's owner role (never the superuser)."""
 
-    def __init__(self, tb: MigrationOps) -> None:
-        self.tb = tb
+    def __init__(self, core: Core, branch_ops: BranchOps) -> None:
+        self.core = core
+        self.branch_ops = branch_ops
 
     def create_branch(self, name: str, parent: str | None = None, *, platform_name: bool = False) -> Any:
-        return self.tb.create_branch(name, parent, platform_name=platform_name)  # type: ignore[attr-defined]
+        return self.branch_ops.create_branch(name, parent, platform_name=platform_name)
 
     def delete_branch(self, name: str, recursive: bool = False) -> Any:
-        return self.tb.delete_branch(name, recursive)  # type: ignore[attr-defined]
+        return self.branch_ops.delete_branch(name, recursive)
 
     def branch_url(self, name: str, dbname: str = "postgres", *, direct: bool = False) -> str:
-        self.tb.branches.start(name)
-        return self.tb._url(name, dbname)
+        self.core.branches.start(name)
+        return self.core.dsn(name, OWNER_ROLE, dbname)
 
 
-class MigrationOps(FacadeBase):
+class Migrations:
+    """Takes the core, the branch operations (verify's throwaway branch, as the acting principal), the
+    masking service (applied migrations record their lineage), the images (re-made after a promotion),
+    the tier history (a base snapshot before a promotion) and the repoints (a failed promotion's
+    automatic rollback)."""
+
+    def __init__(self, core: Core, *, branch_ops: BranchOps, masking: Masking, images: Images,
+                 history: TierHistory, repoints: Repoints) -> None:
+        self.core = core
+        self.branch_ops = branch_ops
+        self.masking = masking
+        self.images = images
+        self.history = history
+        self.repoints = repoints
+
+    @property
+    def config(self) -> Config:
+        return self.core.config
+
+    @property
+    def store(self) -> Store:
+        return self.core.store
+
+    @property
+    def branches(self) -> Branches:
+        return self.core.branches
+
     # -- where things are ------------------------------------------------------------
     def _migrations_dir(self, migrations_dir: str | None) -> Path:
         if migrations_dir:
@@ -66,52 +100,32 @@ class MigrationOps(FacadeBase):
             return migration_files.from_contents(contents)
         return migration_files.discover(self._migrations_dir(migrations_dir))
 
-    @property
-    def _database(self) -> str:
-        return str(self.config.project.get("database", "postgres"))
-
-    def _serving(self, name: str) -> Branch:
-        """The branch serving a route or tier name now (a tier's route moves on rollback)."""
-        target = self.store.resolve_route(name)
-        return self.store.get(target or name)
-
-    @contextmanager
-    def _connect(self, branch: str) -> Iterator[psycopg.Connection[Any]]:
+    def _connect(self, branch: str) -> AbstractContextManager[psycopg.Connection[Any]]:
         """A connection to a branch's project database as its owner role (starting its compute).
 
         Never the superuser: migrations, the ledger and smoke checks run with what the branch's
         owner may do in SQL, so a migration can do nothing its author could not do by hand. The
         caller has been authorized (migrate.apply / promote) before it gets here.
         """
-        self.branches.start(branch)
-        with psycopg.connect(self._url(branch), autocommit=True, connect_timeout=10) as conn:
-            yield conn
+        return self.core.connect(branch, OWNER_ROLE)
 
     def _url(self, branch: str, dbname: str | None = None) -> str:
         """A libpq conninfo for the branch's owner role over the compute's private socket."""
-        return self.branches.provider.endpoint(self.store.get(branch).port, dbname or self._database,
-                                               role=OWNER_ROLE).dsn()
-
-    def _tier_subject(self, tier: str) -> Subject:
-        spec = self.config.tiers.get(tier)
-        if spec is None:
-            raise InvalidInput(f"{tier!r} is not a declared tier",
-                               f"Declared tiers: {', '.join(self.config.tier_order())}")
-        return Subject(name=tier, kind="tier", protected=spec.protected, tier=tier)
+        return self.core.dsn(branch, OWNER_ROLE, dbname)
 
     # -- migrations on one branch ------------------------------------------------------
     def migrate_status(self, branch: str | None = None, migrations_dir: str | None = None, *,
                        files: Mapping[str, str] | None = None) -> dict[str, Any]:
-        b = self._serving(branch or self.config.entry)
+        b = self.core.serving(branch or self.config.entry)
         migrations = self._migrations(migrations_dir, files)
         with self._connect(b.name) as conn:
             return {"branch": b.name, **ledger.status(conn, migrations).to_dict()}
 
     def migrate_apply(self, branch: str, migrations_dir: str | None = None, *,
                       files: Mapping[str, str] | None = None) -> dict[str, Any]:
-        b = self._serving(branch)
+        b = self.core.serving(branch)
         migrations = self._migrations(migrations_dir, files)
-        with self.gate.act(self.actor, Action.MIGRATE, self.gate.subject(b)) as rec, self._connect(b.name) as conn:
+        with self.core.act(Action.MIGRATE, self.core.gate.subject(b)) as rec, self._connect(b.name) as conn:
             applied = self._apply(conn, migrations)
             rec.after = {"applied": [a["version"] for a in applied]}
         return {"branch": b.name, "applied": applied}
@@ -124,11 +138,11 @@ class MigrationOps(FacadeBase):
     def migrate_verify(self, parent: str | None = None, migrations_dir: str | None = None, *,
                        files: Mapping[str, str] | None = None) -> dict[str, Any]:
         """Apply pending migrations on a throwaway branch of ``parent``: cleanly, idempotently, reversibly."""
-        source = self._serving(parent or self.config.entry)
+        source = self.core.serving(parent or self.config.entry)
         rules = self.config.raw.get("migrations", {}).get("lint_block")
         migrations = self._migrations(migrations_dir, files)
-        report = verify(_VerifyPlatform(self), source.name, migrations,
-                        actor=self.gate.principal(self.actor).name, dbname=self._database, lint_block=rules)
+        report = verify(_VerifyPlatform(self.core, self.branch_ops), source.name, migrations,
+                        actor=self.core.principal().name, dbname=self.core.database, lint_block=rules)
         out = report.to_dict()
         if self._settings.get("require_undo"):
             with self._connect(source.name) as conn:
@@ -146,12 +160,12 @@ class MigrationOps(FacadeBase):
 
     def _apply(self, conn: psycopg.Connection[Any], migrations: list[Migration]) -> list[dict[str, Any]]:
         """ledger.apply with the declared [migrations] timeouts, as the acting principal."""
-        applied = ledger.apply(conn, migrations, actor=self.gate.principal(self.actor).name,
+        applied = ledger.apply(conn, migrations, actor=self.core.principal().name,
                                statement_timeout=str(self._settings.get("statement_timeout", "5min")),
                                lock_timeout=str(self._settings.get("lock_timeout", "10s")))
         versions = {a["version"] for a in applied}
         # masking rules migrate with the schema: what these derived, renamed, dropped (app_governance.py)
-        self._record_lineage([m for m in migrations if m.version in versions])  # type: ignore[attr-defined]
+        self.masking.record_lineage([m for m in migrations if m.version in versions])
         return applied
 
     # -- promotion ---------------------------------------------------------------------------
@@ -175,23 +189,23 @@ class MigrationOps(FacadeBase):
         pre = Subject(name=tier, kind="tier" if spec else "none", protected=bool(spec and spec.protected),
                       tier=tier if spec else None)
         found = self.store.find(source) if source else None
-        pre_src = self.gate.subject(self._serving(source)) if source and found is not None else None
-        if not self.gate.decide(self.actor, Action.PROMOTE, pre, pre_src).allowed:
-            with self.gate.act(self.actor, Action.PROMOTE, pre, pre_src):  # audits the denial and raises it
+        pre_src = self.core.gate.subject(self.core.serving(source)) if source and found is not None else None
+        if not self.core.gate.decide(self.core.actor, Action.PROMOTE, pre, pre_src).allowed:
+            with self.core.act(Action.PROMOTE, pre, pre_src):  # audits the denial and raises it
                 pass
-        target = self._tier_subject(tier)
+        target = self.core.tier_subject(tier)
         src_name = source or self._default_source(tier)
-        src_branch = self._serving(src_name)
-        src_subject = self.gate.subject(src_branch)
+        src_branch = self.core.serving(src_name)
+        src_subject = self.core.gate.subject(src_branch)
         migrations = self._migrations(migrations_dir, files)
         log = PromotionLog(self.store)
-        with self.gate.act(self.actor, Action.PROMOTE, target, src_subject,
+        with self.core.act(Action.PROMOTE, target, src_subject,
                            intent={"op": "promote", "tier": tier, "source": src_name}) as rec:
-            serving = self._serving(tier)
+            serving = self.core.serving(tier)
             rehearsal = None
             if rehearse or self._settings.get("rehearse"):
                 rehearsal = self._rehearse(tier, serving, src_branch, migrations)  # refuses over max_stall
-            pid = log.begin(tier, src_name, self.gate.principal(self.actor).name, serving.name)
+            pid = log.begin(tier, src_name, self.core.principal().name, serving.name)
             t0 = time.perf_counter()
             try:
                 result = self._promote(pid, log, tier, serving, src_branch, migrations, t0)
@@ -211,7 +225,7 @@ class MigrationOps(FacadeBase):
                           f"kept on branch {serving.name!r}, reached as {kept!r} (`tierbase branch url {kept}`, "
                           f"`tierbase diff {tier} {kept}`)", promotion=result, rollback=rb and rb["id"])
         # the tier's masked image is re-masked once here, not on every masked branch (app_images.py)
-        result["masked_images"] = self._refresh_images_quietly([tier], migrations)  # type: ignore[attr-defined]
+        result["masked_images"] = self.images.refresh_quietly([tier], migrations)
         return result
 
     def _promote(self, pid: int, log: PromotionLog, tier: str, serving: Branch, src: Branch,
@@ -219,14 +233,14 @@ class MigrationOps(FacadeBase):
         with self._connect(serving.name) as tconn, self._connect(src.name) as sconn:
             pending = to_promote(ledger.status(tconn, migrations), ledger.status(sconn, migrations), tier, src.name)
         snapshot = pre_snapshot_name(tier, pid)
-        self.gate.audit.append(actor="tierbase", action="promote.snapshot", target=tier, allowed=True,
-                               reason=f"promotion #{pid}: the pre-promotion snapshot of {serving.name!r}",
-                               outcome="intent", after={"promotion": pid, "snapshot": snapshot})
+        self.core.gate.audit.append(actor="tierbase", action="promote.snapshot", target=tier, allowed=True,
+                                    reason=f"promotion #{pid}: the pre-promotion snapshot of {serving.name!r}",
+                                    outcome="intent", after={"promotion": pid, "snapshot": snapshot})
         with self._connect(serving.name) as conn:  # a rollback replays only rows written after the fork
             fork_xmin = current_xmin(conn)
-        self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.gate.owner)
+        self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.core.gate.owner)
         log.update(pid, snapshot=snapshot, migrations=[m.label() for m in pending])
-        self._base_at_promotion(tier, serving)
+        self.history.base_at_promotion(serving)
         RollbackLog(self.store).note_touches(pid, [m.sql for m in pending], fork_xmin)  # what it must not replay
         failpoint("promote:snapshot")
         spec = self.config.tiers[tier]
@@ -240,16 +254,8 @@ class MigrationOps(FacadeBase):
             why = f"migration failed: {err.message}"
         if why is None:
             return log.finish(pid, "succeeded", "ok", t0, serving_now=serving.name)
-        back = self._repoint_to_snapshot(tier, snapshot, rollback_name(tier, str(pid)))
+        back = self.repoints.to_snapshot(tier, snapshot, rollback_name(tier, str(pid)))
         return log.finish(pid, "rolled-back", why, t0, serving_now=back)
-
-    def _base_at_promotion(self, tier: str, serving: Branch) -> None:
-        """A base snapshot of the tier's history before the migrations run (app_pitr), when it keeps one."""
-        if not getattr(self, "_keeps_history", False):
-            return
-        hist = getattr(self, "history_log", None)
-        if hist is not None and hist.key(serving) is not None:
-            hist.take_base(serving.name, "promotion")
 
     def _rehearse(self, tier: str, serving: Branch, src: Branch, migrations: list[Migration]) -> dict[str, Any]:
         """The migrations to promote, applied to an O(1) branch of the tier under a write load on the tables
@@ -257,7 +263,7 @@ class MigrationOps(FacadeBase):
         with self._connect(serving.name) as tconn, self._connect(src.name) as sconn:
             pending = to_promote(ledger.status(tconn, migrations), ledger.status(sconn, migrations), tier, src.name)
         name = f"verify-rehearse-{secrets.token_hex(3)}"
-        self.branches.create(name, serving.name, kind=Kind.FEATURE, creator=self.gate.owner, actor="tierbase")
+        self.branches.create(name, serving.name, kind=Kind.FEATURE, creator=self.core.gate.owner, actor="tierbase")
         try:
             self.branches.start(name)
             got = rehearse(lambda: psycopg.connect(self._url(name), autocommit=True, connect_timeout=10),
@@ -279,24 +285,6 @@ class MigrationOps(FacadeBase):
         source = self.store.get_setting("config_source")
         return str(Path(source).parent) if source else None
 
-    def _repoint_to_snapshot(self, tier: str, snapshot: str, name: str,
-                             why: str = "rollback: the tier returns to its pre-promotion snapshot") -> str:
-        """A writable tier branch of ``snapshot`` takes over the tier's route (O(1)), through the one
-        repoint path (``_move_route``: the proxy's hold, only the route's sessions ended). Audited
-        before the switch (intent) and after it, so that a kill between leaves the change recorded."""
-        spec = self.config.tiers[tier]
-        old = self._serving(tier).name
-        self.gate.audit.append(actor="tierbase", action="route.repoint", target=tier, allowed=True, reason=why,
-                               outcome="intent", before={"branch": old}, after={"branch": name, "from": snapshot})
-        if self.store.find(name) is None:  # a reconcile may finish a rollback whose branch was made
-            self.branches.create(name, snapshot, kind=Kind.TIER, creator=self.gate.owner, protected=spec.protected,
-                                 actor="tierbase")
-        self.branches.start(name)
-        self._move_route(tier, name)
-        self.gate.audit.append(actor="tierbase", action="route.repoint", target=tier, allowed=True, reason=why,
-                               before={"branch": old}, after={"branch": name})
-        return name
-
     def reconcile_promotions(self) -> list[str]:
         """Promotions whose process died: completed when every migration reached the tier and its smoke
         check passes, else rolled back to their snapshot (when one was taken); each audited in the
@@ -307,23 +295,23 @@ class MigrationOps(FacadeBase):
             pid, tier, actor = int(rec["id"]), str(rec["tier"]), str(rec["actor"])
             result, reason, serving_now = "failed", "the promoting process died before it touched the tier", None
             if rec["snapshot"] and self.store.find(rec["snapshot"]) is not None and tier in self.config.tiers:
-                serving = self._serving(tier).name
+                serving = self.core.serving(tier).name
                 why = self._promotion_unfinished(tier, serving, rec)
                 if why is None:
                     result, serving_now = "succeeded", serving
                     reason = "completed by reconcile: every migration had reached the tier and the smoke check passed"
                 else:
-                    serving_now = self._repoint_to_snapshot(
+                    serving_now = self.repoints.to_snapshot(
                         tier, rec["snapshot"], rollback_name(tier, str(pid)),
                         why=f"reconcile: promotion #{pid} by {actor!r} died unfinished ({why}); the tier returns "
                             "to its pre-promotion snapshot")
                     result, reason = "rolled-back", f"rolled back by reconcile: the promoting process died ({why})"
             log.update(pid, status=result, reason=reason, owner=None, finished_at=time.time(),
                        **({"serving_now": serving_now} if serving_now else {}))
-            self.gate.audit.append(actor="tierbase", action="promote.reconcile", target=tier, allowed=True,
-                                   reason=f"reconcile: promotion #{pid} of {tier!r} by {actor!r} was interrupted; "
-                                          f"{result}", after={"promotion": pid, "original_actor": actor,
-                                                              "result": result, "serving_now": serving_now})
+            self.core.gate.audit.append(actor="tierbase", action="promote.reconcile", target=tier, allowed=True,
+                                        reason=f"reconcile: promotion #{pid} of {tier!r} by {actor!r} was interrupted; "
+                                               f"{result}", after={"promotion": pid, "original_actor": actor,
+                                                                   "result": result, "serving_now": serving_now})
             done.append(f"promotion #{pid} of {tier!r} (by {actor}): {result}")
         return done
 
@@ -353,13 +341,13 @@ class MigrationOps(FacadeBase):
     # -- schema diff ---------------------------------------------------------------------------
     def diff(self, a: str, b: str | None = None, fmt: str = "text") -> dict[str, Any]:
         """Schema diff between two branches: A -> B, or A's parent -> A by default."""
-        left = self._serving(a)
+        left = self.core.serving(a)
         if b is None:
             if left.parent is None:
                 raise InvalidInput(f"{a!r} has no parent to compare with", "Name a second branch")
             older, newer = self.store.get(left.parent), left
         else:
-            older, newer = left, self._serving(b)
+            older, newer = left, self.core.serving(b)
         for br in (older, newer):
             if br.kind is Kind.SNAPSHOT:
                 raise InvalidInput(f"{br.name!r} is a read-only snapshot without a compute",

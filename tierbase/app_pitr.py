@@ -13,15 +13,18 @@ import re
 import time
 from typing import Any
 
-from .app_base import FacadeBase
-from .compute import archive
+from .app_base import Core
+from .app_leases import Quotas
+from .app_masking import Masking
+from .control import connect
 from .control import space as spacectl
-from .control.branches import new_volume
-from .control.history import History
+from .control.branches import Branches, new_volume
+from .control.history import History, archiver_status, current_lsn, mark_timeline_ready
 from .control.lifecycle import Op, State, check_op, check_transition
-from .control.store import Branch, Kind
+from .control.store import Branch, Kind, Store
 from .errors import InvalidInput, OutsideHistory, TierbaseError
 from .failpoints import failpoint
+from .governance.config import Config
 from .governance.policy import Action, Subject
 from .names import check_name, check_unreserved, parse_ttl
 from .pitr import PointInTime, parse_target
@@ -32,17 +35,22 @@ DEFAULT_HISTORY = "7d"
 DEFAULT_BASE_INTERVAL = "1h"
 
 
-class PitrOps(FacadeBase):
-    # -- wiring ---------------------------------------------------------------------
-    @property
-    def _keeps_history(self) -> bool:
-        """Only the local substrate keeps a history here (status and the sweeper skip it elsewhere)."""
-        return isinstance(self.branches.provider, LocalProvider)
+class TierHistory:
+    """A tier's history as the other services see it (takes the core only): whether this platform
+    keeps one, each tier's window, the archive settings of a compute's start, a base at promotion."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
 
     @property
-    def _pitr_host(self) -> LocalProvider:
+    def keeps_history(self) -> bool:
+        """Only the local substrate keeps a history here (status and the sweeper skip it elsewhere)."""
+        return isinstance(self.core.branches.provider, LocalProvider)
+
+    @property
+    def host(self) -> LocalProvider:
         """Time travel is built on this host's substrate (btrfs snapshots, an archive on the pool)."""
-        p = self.branches.provider
+        p = self.core.branches.provider
         if not isinstance(p, LocalProvider):
             raise InvalidInput("this platform's provider keeps no WAL history here",
                                "Time travel needs the local provider (btrfs snapshots and a WAL archive)")
@@ -50,37 +58,38 @@ class PitrOps(FacadeBase):
 
     @property
     def history_log(self) -> History:
-        h: History | None = getattr(self, "_history", None)
-        if h is None or h.store is not self.store:
-            h = History(self.store, self._pitr_host, self.home.root / "bin")
-            self._history = h
+        wires = self.core.wires  # one per platform, made again for a store opened anew
+        h = wires.history
+        if h is None or h.store is not self.core.store:
+            h = History(self.core.store, self.host, self.core.home.root / "bin")
+            wires.history = h
         return h
 
-    def _pit(self) -> PointInTime:
-        return PointInTime(self.history_log, self._pitr_host)
+    def pit(self) -> PointInTime:
+        return PointInTime(self.history_log, self.host)
 
-    def _tier_setting(self, tier: str, key: str, default: str | None) -> str | None:
-        spec = self.config.raw.get("tiers", {}).get(tier, {})
+    def tier_setting(self, tier: str, key: str, default: str | None) -> str | None:
+        spec = self.core.config.raw.get("tiers", {}).get(tier, {})
         value = spec.get(key, default)
         return None if value in (None, "", "none", "0") else str(value)
 
     def history_window(self, tier: str) -> int | None:
         """Seconds of history the tier keeps (None: none)."""
-        if tier not in self.config.tiers:
+        if tier not in self.core.config.tiers:
             return None
-        text = self._tier_setting(tier, "history", DEFAULT_HISTORY)
+        text = self.tier_setting(tier, "history", DEFAULT_HISTORY)
         return parse_ttl(text) if text else None
 
-    def _served_tier(self, b: Branch) -> str | None:
+    def served_tier(self, b: Branch) -> str | None:
         """The declared tier whose route ``b`` serves now."""
         if b.kind is not Kind.TIER:
             return None
-        return next((t for t in self.config.tiers if self.store.resolve_route(t) == b.name), None)
+        return next((t for t in self.core.config.tiers if self.core.store.resolve_route(t) == b.name), None)
 
-    def _compute_settings(self, b: Branch) -> dict[str, str] | None:
+    def compute_settings(self, b: Branch) -> dict[str, str] | None:
         """Branches.start's hook: a compute serving a tier with a history archives its WAL."""
-        tier = self._served_tier(b)
-        if tier is None or not self.history_window(tier) or not isinstance(self.branches.provider, LocalProvider):
+        tier = self.served_tier(b)
+        if tier is None or not self.history_window(tier) or not self.keeps_history:
             return None
         try:
             return self.history_log.archive_settings(b)
@@ -88,15 +97,47 @@ class PitrOps(FacadeBase):
             log.warning("%s starts without WAL archiving: %s", b.name, err)
             return None
 
-    def _history_key(self, b: Branch, what: str) -> str:
+    def history_key(self, b: Branch, what: str) -> str:
         key = self.history_log.key(b)
         if key is None or not self.history_log.bases(key):
-            tier = self._served_tier(b)
+            tier = self.served_tier(b)
             raise OutsideHistory(f"{what} {b.name!r} has no history to go back in"
                                  + ("" if key else " (it keeps none, or its compute has not archived yet)"),
                                  f"Tiers keep one (`history = \"7d\"` under [tiers.{tier or 'NAME'}] in "
                                  "tierbase.toml); it starts with the first base snapshot")
         return key
+
+    def base_at_promotion(self, serving: Branch) -> None:
+        """A base snapshot of the tier's history before a promotion's migrations run, when it keeps one."""
+        if self.keeps_history and self.history_log.key(serving) is not None:
+            self.history_log.take_base(serving.name, "promotion")
+
+
+class Pitr:
+    """Time travel: takes the core, the tier history, the masking service (a branch at a point in time
+    is masked like any other) and the quotas."""
+
+    def __init__(self, core: Core, tiers: TierHistory, masking: Masking, quotas: Quotas) -> None:
+        self.core = core
+        self.tiers = tiers
+        self.masking = masking
+        self.quotas = quotas
+
+    @property
+    def config(self) -> Config:
+        return self.core.config
+
+    @property
+    def store(self) -> Store:
+        return self.core.store
+
+    @property
+    def branches(self) -> Branches:
+        return self.core.branches
+
+    @property
+    def history_log(self) -> History:
+        return self.tiers.history_log
 
     # -- branch at a point in time --------------------------------------------------------
     def create_branch_at(self, name: str, parent: str | None = None, *, at: str | None = None,
@@ -107,19 +148,19 @@ class PitrOps(FacadeBase):
         ttl_seconds = parse_ttl(ttl) if ttl else None
         parent = parent or self.config.entry
         parent = self.store.resolve_route(check_name(parent, "parent")) or parent
-        with self.gate.act(self.actor, Action.BRANCH_CREATE, self._subject(parent),
+        with self.core.act(Action.BRANCH_CREATE, self.core.subject(parent),
                            intent={"op": "create", "branch": name, "parent": parent, "at": at, "lsn": lsn}) as rec:
             check_unreserved(name)
             target, ts = parse_target(at, lsn, inclusive=inclusive)
-            self.check_quota(self.gate.principal(self.actor), branch=True, compute=True)  # type: ignore[attr-defined]
+            self.quotas.check_quota(self.core.principal(), branch=True, compute=True)
             t0 = time.perf_counter()
-            spacectl.check_room(self.provider, self.store)  # refused (DiskFull) below the pool's reserve
+            spacectl.check_room(self.core.provider, self.store)  # refused (DiskFull) below the pool's reserve
             pb = self.store.get(parent)
-            key = self._history_key(pb, "branch")
+            key = self.tiers.history_key(pb, "branch")
             self.history_log.choose(key, at=ts, lsn=target.lsn)  # before the window: refused before any work
-            hook = self._mask_hook(name, pb, self._masking_plan(pb))  # type: ignore[attr-defined]
+            hook = self.masking.hook(name, pb, self.masking.plan(pb))
             self.branches.start(parent)  # its archiver must copy the WAL up to the target
-            pit = self._pit()
+            pit = self.tiers.pit()
             pit.reach(self.store.get(parent), key, target, ts)
             phases = {"archive_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
@@ -132,10 +173,10 @@ class PitrOps(FacadeBase):
                     self.branches.provider.stop(b.name, b.volume)
                 return end
 
-            who = self.gate.principal(self.actor).name
+            who = self.core.principal().name
             b = self.branches.create(name, parent, kind=Kind.FEATURE, creator=who, ttl_seconds=ttl_seconds,
                                      start=start, prepare=hook, actor=who, fork=fork)
-            rec.after = info = self.describe(b)  # type: ignore[attr-defined]
+            rec.after = info = self.core.describe(b)
         info["target"] = {"time": target.time, "lsn": target.lsn, "inclusive": target.inclusive}
         info["phases"] = phases
         info["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 1)
@@ -150,7 +191,7 @@ class PitrOps(FacadeBase):
         subject = Subject(name=tier, kind="tier" if spec else "none", protected=bool(spec and spec.protected),
                           tier=tier if spec else None)
         serving = self.store.resolve_route(check_name(tier, "tier"))
-        with self.gate.act(self.actor, Action.PROMOTE, subject, before={"serving": serving},
+        with self.core.act(Action.PROMOTE, subject, before={"serving": serving},
                            intent={"op": "restore", "tier": tier, "at": at, "lsn": lsn}) as rec:
             if spec is None:
                 raise InvalidInput(f"{tier!r} is not a declared tier",
@@ -158,19 +199,19 @@ class PitrOps(FacadeBase):
             target, ts = parse_target(at, lsn, inclusive=inclusive)
             t0 = time.perf_counter()
             s = self.store.get(str(serving))
-            key = self._history_key(s, "tier")
+            key = self.tiers.history_key(s, "tier")
             self.history_log.choose(key, at=ts, lsn=target.lsn)
             self.branches.start(s.name)
-            pit = self._pit()
+            pit = self.tiers.pit()
             pit.reach(self.store.get(s.name), key, target, ts)
             keep = self._before_restore_name(tier)
-            who = self.gate.principal(self.actor).name
+            who = self.core.principal().name
             x = self.store.reserve(name=keep, parent=s.name, kind=Kind.TIER, volume=new_volume(keep),
-                                   creator=self.gate.owner, ttl_seconds=None, protected=True, actor=who)
+                                   creator=self.core.gate.owner, ttl_seconds=None, protected=True, actor=who)
             failpoint("restore:reserved")
             try:
                 end = pit.recover(x, key, target, ts)
-                _mark_history_ready(self._pitr_host.datadir(x.volume))
+                mark_timeline_ready(self.tiers.host.datadir(x.volume))
                 self.branches.provider.stop(x.name, x.volume)
             except BaseException:
                 self.branches.provider.delete(x.name, x.volume)
@@ -178,7 +219,7 @@ class PitrOps(FacadeBase):
                 raise
             failpoint("restore:recovered")
             out = self._swap_in(tier, s.name, x.name, key, end)
-            self._connect_check(s.name)
+            connect.answers(self.branches, s.name)
             rec.after = result = {
                 "tier": tier, "serving": s.name, "kept_as": keep, "restored_to": end,
                 "target": {"time": target.time, "lsn": target.lsn, "inclusive": target.inclusive},
@@ -204,26 +245,12 @@ class PitrOps(FacadeBase):
                 check_transition(kept, x.state, State.READY)
                 self.branches.provider.stop(serving, s.volume)
                 failpoint("restore:stopped")
-                with self.store.write() as db:  # volume is UNIQUE: through a placeholder
-                    db.execute("UPDATE branches SET volume=? WHERE name=?", (f"{s.volume}.swap", serving))
-                    db.execute("UPDATE branches SET volume=?, state=?, owner=NULL, fork_lsn=? WHERE name=?",
-                               (s.volume, State.READY.value, s.fork_lsn, kept))
-                    db.execute("UPDATE branches SET volume=?, fork_lsn=? WHERE name=?", (x.volume, end, serving))
-                    db.execute("UPDATE pitr_archives SET volume=? WHERE key=?", (x.volume, key))
+                self.history_log.swap(s, x, key, end)
                 failpoint("restore:swapped")
                 self.branches.start(serving)
             return {"route": tier, "branch": serving, "previous": serving}
 
-        if self.router is not None:
-            return dict(self.router.switch(tier, change, 0.0))
-        return change()
-
-    def _connect_check(self, name: str) -> None:
-        import psycopg
-
-        b = self.store.get(name)
-        with psycopg.connect(self.branches.provider.endpoint(b.port).dsn(), connect_timeout=10) as conn:
-            conn.execute("SELECT 1")
+        return self.core.switch(tier, change)
 
     # -- what can be reached --------------------------------------------------------------
     def history(self, tier: str, *, with_bytes: bool = True) -> dict[str, Any]:
@@ -231,12 +258,12 @@ class PitrOps(FacadeBase):
         serving = self.store.resolve_route(tier)
         if serving is None:
             raise InvalidInput(f"{tier!r} is neither a tier nor a branch", "Run `tierbase branch list`")
-        self._require(Action.BRANCH_CONNECT, self._subject(serving), quiet=True)
+        self.core.require(Action.BRANCH_CONNECT, self.core.subject(serving), quiet=True)
         b = self.store.get(serving)
         key = self.history_log.key(b)
-        out: dict[str, Any] = {"tier": tier, "serving": serving, "window": self._tier_setting(tier, "history",
+        out: dict[str, Any] = {"tier": tier, "serving": serving, "window": self.tiers.tier_setting(tier, "history",
                                DEFAULT_HISTORY) if tier in self.config.tiers else None,
-                               "base_interval": self._tier_setting(tier, "base_interval", DEFAULT_BASE_INTERVAL),
+                               "base_interval": self.tiers.tier_setting(tier, "base_interval", DEFAULT_BASE_INTERVAL),
                                "kept_states": [x.name for x in self.store.all()
                                                if x.name.startswith(f"{tier}-before-restore-")]}
         if key is None:
@@ -247,8 +274,7 @@ class PitrOps(FacadeBase):
             if self.branches.provider.running_pid(b.volume) is not None:
                 newest = {"time": "now", "lsn": self._current_lsn(b)}
             else:
-                segs = [s for s in archive.segments(self.history_log.wal_dir(key)) if archive.segment_range(s.name)]
-                newest = {"time": _iso(max([s.mtime for s in segs], default=time.time())), "lsn": None}
+                newest = {"time": _iso(self.history_log.newest_archived(key)), "lsn": None}
         out["newest"] = newest
         out["archiver"] = self._archiver(b)
         return out
@@ -256,32 +282,19 @@ class PitrOps(FacadeBase):
     def _archiver(self, b: Branch) -> dict[str, Any] | None:
         """pg_stat_archiver of a running tier: is archiving keeping up (a full pool makes it fail while
         the tier goes on serving; WAL then waits in pg_wal and is archived once there is room)."""
-        import psycopg
-
         if self.branches.provider.running_pid(b.volume) is None:
             return None
-        try:
-            with psycopg.connect(self.branches.provider.endpoint(b.port).dsn(), autocommit=True,
-                                 connect_timeout=5) as conn:
-                row = conn.execute("SELECT archived_count, last_archived_wal, failed_count, last_failed_wal, "
-                                   "coalesce(last_failed_time > coalesce(last_archived_time, 'epoch'), false) "
-                                   "FROM pg_stat_archiver").fetchone()
-        except psycopg.Error:
-            return None
-        if row is None:
-            return None
-        return {"archived": row[0], "last_archived": row[1], "failed": row[2], "last_failed": row[3],
-                "failing": bool(row[4])}
+        return archiver_status(self.branches.provider.endpoint(b.port).dsn())
 
     def history_warnings(self) -> list[str]:
         """For `status`: tiers whose archiver is failing (their history has a gap until it catches up)."""
         out: list[str] = []
-        if not self._keeps_history:
+        if not self.tiers.keeps_history:
             return out
         for tier in self.config.tiers:
             serving = self.store.resolve_route(tier)
             b = self.store.find(serving) if serving else None
-            if b is None or not self.history_window(tier) or self.history_log.key(b) is None:
+            if b is None or not self.tiers.history_window(tier) or self.history_log.key(b) is None:
                 continue
             arch = self._archiver(b)
             if arch and arch["failing"]:
@@ -290,15 +303,7 @@ class PitrOps(FacadeBase):
         return out
 
     def _current_lsn(self, b: Branch) -> str | None:
-        import psycopg
-
-        try:
-            with psycopg.connect(self.branches.provider.endpoint(b.port).dsn(), autocommit=True,
-                                 connect_timeout=5) as conn:
-                row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
-            return str(row[0]) if row else None
-        except psycopg.Error:
-            return None
+        return current_lsn(self.branches.provider.endpoint(b.port).dsn())
 
     # -- the sweeper's part ------------------------------------------------------------------
     def take_base_snapshot(self, tier: str, reason: str = "manual") -> dict[str, Any]:
@@ -312,10 +317,10 @@ class PitrOps(FacadeBase):
         """Base snapshots when due, retention, and the removal of histories no branch continues."""
         now = time.time() if now is None else now
         said: list[str] = []
-        if not self._keeps_history:
+        if not self.tiers.keeps_history:
             return said
         for tier in self.config.tiers:
-            window = self.history_window(tier)
+            window = self.tiers.history_window(tier)
             serving = self.store.resolve_route(tier)
             b = self.store.find(serving) if serving else None
             if not window or b is None or b.state is not State.READY:
@@ -323,7 +328,7 @@ class PitrOps(FacadeBase):
             key = self.history_log.key(b)
             if key is None:
                 continue  # its compute has not run with archiving yet
-            every = parse_ttl(self._tier_setting(tier, "base_interval", DEFAULT_BASE_INTERVAL) or "1h")
+            every = parse_ttl(self.tiers.tier_setting(tier, "base_interval", DEFAULT_BASE_INTERVAL) or "1h")
             bases = self.history_log.bases(key)
             try:
                 if not bases or now - bases[-1].taken_at >= every:
@@ -334,20 +339,6 @@ class PitrOps(FacadeBase):
                 said.append(f"history of {tier!r}: {err.message}")
         said += self.history_log.retire_unused()
         return said
-
-
-def _mark_history_ready(datadir: Any) -> None:
-    """The timeline a recovery started is archived once the tier serves it (its compute recovered with
-    archiving off, so that a restore given up never leaves an abandoned timeline in the archive)."""
-    wal = datadir / "pg_wal"
-    for p in wal.glob("*.history"):
-        ready, done = wal / "archive_status" / f"{p.name}.ready", wal / "archive_status" / f"{p.name}.done"
-        if not ready.exists() and not done.exists():
-            ready.write_text("")
-            st = p.stat()
-            import os
-
-            os.chown(ready, st.st_uid, st.st_gid)
 
 
 def _iso(ts: float) -> str:

@@ -23,4 +23,23 @@ from __future__ import annotations
 # the names live with the boundary's value types, shared with the layers above
 from ..provider.types import DIRECT_GROUP, OWNER_ROLE, PLATFORM_ROLES, READER_ROLE, SUPERUSER
 
-__all__ = ["DIRECT_GROUP", "OWNER_ROLE", "PLATFORM_ROLES", "READER_ROLE", "SUPERUSER"]
+__all__ = ["DIRECT_GROUP", "OWNER_ROLE", "PLATFORM_ROLES", "READER_ROLE", "SUPERUSER", "direct_login"]
+
+
+def direct_login(admin_dsn: str, principal: str, verifier: str) -> str:
+    """A platform engineer's own TCP login role (``pe_<principal>``, member of tb_owner and tb_direct) on
+    the compute at ``admin_dsn`` (the superuser's socket), its password set to ``verifier``."""
+    import psycopg  # here: pooler.py imports this module for the role names alone
+    from psycopg import sql
+
+    role = f"pe_{principal}"
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        ident = sql.Identifier(role)
+        exists = conn.execute("SELECT 1 FROM pg_roles WHERE rolname=%s", (role,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEROLE NOREPLICATION IN ROLE {}, {}")
+                         .format(ident, sql.Identifier(OWNER_ROLE), sql.Identifier(DIRECT_GROUP)))
+            # objects it makes belong to tb_owner, like everything the proxy's owners make
+            conn.execute(sql.SQL("ALTER ROLE {} SET role = {}").format(ident, sql.Literal(OWNER_ROLE)))
+        conn.execute(sql.SQL("ALTER ROLE {} PASSWORD {}").format(ident, sql.Literal(verifier)))
+    return role

@@ -17,6 +17,7 @@ snapshot, so every record in it is below that LSN, and a recovery target at or a
 
 from __future__ import annotations
 
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ import psycopg
 from ..compute import archive
 from ..errors import OutsideHistory, TierbaseError
 from ..storage import Source
-from .lifecycle import Op, check_op
+from .lifecycle import Op, State, check_op
 from .store import Branch, Store
 
 if TYPE_CHECKING:
@@ -262,6 +263,60 @@ class History:
                     db.execute("DELETE FROM pitr_archives WHERE key=?", (key,))
             said.append(f"removed the history {key} (no branch continues it)")
         return said
+
+
+    def newest_archived(self, key: str) -> float:
+        """When the newest complete WAL segment of ``key`` was archived (now, if none was)."""
+        segs = [s for s in archive.segments(self.wal_dir(key)) if archive.segment_range(s.name)]
+        return max([s.mtime for s in segs], default=time.time())
+
+    def swap(self, serving: Branch, kept: Branch, key: str, end: str) -> None:
+        """A restore's switch: the serving branch takes the recovered volume (and ``end`` as its fork LSN),
+        the kept branch the replaced one, in one transaction; the archive follows the recovered volume.
+        The caller holds both branches' locks with the serving compute stopped."""
+        with self.store.write() as db:  # volume is UNIQUE: through a placeholder
+            db.execute("UPDATE branches SET volume=? WHERE name=?", (f"{serving.volume}.swap", serving.name))
+            db.execute("UPDATE branches SET volume=?, state=?, owner=NULL, fork_lsn=? WHERE name=?",
+                       (serving.volume, State.READY.value, serving.fork_lsn, kept.name))
+            db.execute("UPDATE branches SET volume=?, fork_lsn=? WHERE name=?", (kept.volume, end, serving.name))
+            db.execute("UPDATE pitr_archives SET volume=? WHERE key=?", (kept.volume, key))
+
+
+def mark_timeline_ready(datadir: Path) -> None:
+    """The timeline a recovery started is archived once the tier serves it (its compute recovered with
+    archiving off, so that a restore given up never leaves an abandoned timeline in the archive)."""
+    wal = datadir / "pg_wal"
+    for p in wal.glob("*.history"):
+        ready, done = wal / "archive_status" / f"{p.name}.ready", wal / "archive_status" / f"{p.name}.done"
+        if not ready.exists() and not done.exists():
+            ready.write_text("")
+            st = p.stat()
+            os.chown(ready, st.st_uid, st.st_gid)
+
+
+def archiver_status(dsn: str) -> dict[str, Any] | None:
+    """pg_stat_archiver of a running compute at ``dsn``: is archiving keeping up (None: not readable)."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute("SELECT archived_count, last_archived_wal, failed_count, last_failed_wal, "
+                               "coalesce(last_failed_time > coalesce(last_archived_time, 'epoch'), false) "
+                               "FROM pg_stat_archiver").fetchone()
+    except psycopg.Error:
+        return None
+    if row is None:
+        return None
+    return {"archived": row[0], "last_archived": row[1], "failed": row[2], "last_failed": row[3],
+            "failing": bool(row[4])}
+
+
+def current_lsn(dsn: str) -> str | None:
+    """The compute's current WAL position (None: not readable)."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=5) as conn:
+            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+        return str(row[0]) if row else None
+    except psycopg.Error:
+        return None
 
 
 def _remove_tree(path: Path) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 import psycopg
 
+from ..control.store import Store
 from ..provider import READER_ROLE
 
 DDL = """
@@ -126,3 +127,27 @@ def _differ(mirror: tuple[Any, ...], rec: dict[str, Any]) -> list[str]:
         if not same:
             out.append(col)
     return out
+
+
+def sync_at(dsn: str, records_after: Callable[[int], list[dict[str, Any]]]) -> tuple[int, int]:
+    """``sync`` over a connection of the platform's own to the mirror's cluster at ``dsn``."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        return sync(conn, records_after)
+
+
+def check_at(dsn: str, chain_after: Callable[[int], list[dict[str, Any]]], synced_to: int) -> list[str]:
+    """``check`` over a connection to ``dsn``; a mirror that cannot be read is a problem, said so."""
+    try:
+        with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            return check(conn, chain_after, synced_to)
+    except psycopg.Error as err:
+        return [f"the SQL mirror could not be read: {str(err).strip()}"]
+
+
+def note_synced(store: Store, top: int) -> None:
+    """Remember the newest id the mirror held: rows up to it missing later were deleted, not yet to come."""
+    with store.write() as db:
+        row = db.execute("SELECT value FROM settings WHERE key = 'audit_mirror_to'").fetchone()
+        if row is None or int(row[0]) < top:  # concurrent syncs: never lower it
+            db.execute("INSERT INTO settings(key, value) VALUES('audit_mirror_to', ?)"
+                       " ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(top),))

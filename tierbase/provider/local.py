@@ -12,7 +12,7 @@ import os
 from contextlib import AbstractContextManager
 from pathlib import Path
 
-from ..compute import Postgres
+from ..compute import Postgres, roles
 from ..compute.pooler import poolers_for
 from ..compute.restore import restore_dump
 from ..errors import NotSupported, StorageError
@@ -224,6 +224,10 @@ class LocalProvider:
         # importer could in SQL (no COPY PROGRAM, no server files), into a database that role owns
         restorer = self.endpoint(port, dbname, role=OWNER_ROLE)
         return restore_dump(self.pg, admin, restorer, dump, dbname).value
+
+
+    def direct_login(self, port: int, principal: str, verifier: str) -> str:
+        return roles.direct_login(self.endpoint(port).dsn(), principal, verifier)
 
 
 def _conforms(p: LocalProvider) -> Provider:

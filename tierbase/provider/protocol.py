@@ -135,3 +135,8 @@ class Provider(Protocol):
         """Load a checked dump the service holds into database ``dbname`` as the owner role (made if
         missing, dropped again if the restore made it and failed); the dump's format."""
         ...
+
+    def direct_login(self, port: int, principal: str, verifier: str) -> str:
+        """A platform engineer's own TCP login role on one compute (``pe_<principal>``, member of the
+        owner role and the direct group), with its SCRAM ``verifier`` as password; the role's name."""
+        ...

@@ -27,7 +27,7 @@ import time
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from ..errors import BranchNotFound, InvalidInput, PolicyDenied, TierbaseError
 from ..git import feature_git_branch
@@ -42,7 +42,40 @@ from .names import check_feature
 from .state import IN_FLIGHT, FlowState, Transition, effective, iso, next_state, project
 
 if TYPE_CHECKING:
-    from ..app import Tierbase
+    from ..control.store import Store
+    from ..governance.config import Config
+    from ..governance.gate import Gate
+    from ..home import Home
+    from ..migrate.files import Migration
+
+
+class Platform(Protocol):
+    """What the commands use of the platform: the facade (``Tierbase``), or the workflow service's view
+    of the services it is given (app_flow.py). Every call acts as ``actor``."""
+
+    @property
+    def actor(self) -> str | None: ...
+    @property
+    def home(self) -> Home: ...
+    @property
+    def store(self) -> Store: ...
+    @property
+    def gate(self) -> Gate: ...
+    @property
+    def config(self) -> Config: ...
+
+    def create_branch(self, name: str, parent: str | None = None) -> dict[str, Any]: ...
+    def create_ci_branch(self, feature: str, parent: str | None = None, *, ttl: str | None = None) -> dict[str, Any]:
+        ...
+    def delete_branch(self, name: str, recursive: bool = False) -> list[str]: ...
+    def migrate_status(self, branch: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]: ...
+    def migrate_apply(self, branch: str, migrations_dir: str | None = None) -> dict[str, Any]: ...
+    def migrate_verify(self, parent: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]: ...
+    def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None) -> dict[str, Any]: ...
+    def diff(self, a: str, b: str | None = None, fmt: str = "text") -> dict[str, Any]: ...
+    def masking_change(self, migrations: list[Migration], masking: dict[str, Any] | None = None) -> dict[str, Any]:
+        ...
+    def rolled_back_migrations(self, tier: str) -> dict[str, int]: ...
 
 CI_TTL = "2h"
 CONFIG_FILE = "tierbase.toml"
@@ -65,7 +98,7 @@ def _b64(data: str | None) -> bytes:
 class Flow:
     """The commands, acting as ``tb``'s principal."""
 
-    def __init__(self, tb: Tierbase) -> None:
+    def __init__(self, tb: Platform) -> None:
         self.tb = tb
         self.history = FlowHistory(tb.store)
         self.repo = GitStore(tb.home.root / "flow" / "repo.git")
@@ -243,7 +276,8 @@ class Flow:
         cfg = self.tb.config
         tier = parent or cfg.entry
         if self.tb.store.find(tier) is not None:  # authorization before validation: may it branch off there?
-            decision = self.tb.gate.decide(self.tb.actor, Action.BRANCH_CREATE, self.tb._subject(tier))
+            subject = self.tb.gate.subject(self.tb.store.get(tier))
+            decision = self.tb.gate.decide(self.tb.actor, Action.BRANCH_CREATE, subject)
             if not decision.allowed:
                 self.refuse(workspace, "claim", [Failure("policy-denied", f"branch.create on {tier!r} is refused: "
                                                          f"{decision.reason}", "Claim from the entry tier",
