@@ -23,7 +23,7 @@ import pytest
 
 from tierbase import Tierbase
 from tierbase.compute import archive
-from tierbase.errors import ArchiveCorrupt, InvalidInput, OutsideHistory, PolicyDenied
+from tierbase.errors import ArchiveCorrupt, InvalidInput, OutsideHistory, PolicyDenied, Refused
 
 from .conftest import (
     HAVE_BTRFS,
@@ -273,6 +273,27 @@ def test_restore_serves_the_past_keeps_the_replaced_state_and_branching_past_it_
     got = ids(tb, "pit-before-restore")
     assert early <= got and not (late & got)
     tb.delete_branch("pit-before-restore")
+
+
+def test_a_kept_state_is_protected_until_a_platform_engineer_deletes_it(tb: Tierbase) -> None:
+    kept = [b.name for b in tb.store.all() if b.name.startswith("production-before-restore-")]
+    assert kept, "the restore test keeps the replaced state"
+    make_principal(tb, "pit-dev", "developer")
+    for who in ("pit-dev", "pit-agent"):
+        with pytest.raises((PolicyDenied, Refused)):
+            as_(tb, who).delete_branch(kept[0])
+    with pytest.raises(Refused, match="protected"):
+        tb.reset_branch(kept[0])
+    tb.sweep(now=time.time() + 400 * 86400)  # no TTL: the sweeper never takes it
+    assert tb.store.find(kept[0]) is not None
+    serving = tb.store.resolve_route("production")
+    with pytest.raises(Refused, match="protected"):  # the tier itself stays protected for everyone
+        tb.delete_branch(str(serving))
+    assert tb.delete_branch(kept[0]) == [kept[0]]  # the platform engineer, on purpose
+    assert tb.store.find(kept[0]) is None and tb.store.resolve_route("production") == serving
+    record = tb.audit_log(action="branch.delete", target=kept[0])[-1]
+    assert record["after"]["kept_states"] == [kept[0]]
+    assert ids(tb, "production")  # the tier serves as before
 
 
 def test_retention_prunes_only_what_the_window_does_not_need(tb: Tierbase) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from .app_base import Core, Wires, home_at
 from .app_branches import BranchOps
@@ -55,6 +55,13 @@ from .governance.principals import Principal
 from .home import Home
 from .migrate.files import Migration
 from .provider import DEFAULT_IMAGE_SIZE, Provider
+
+if TYPE_CHECKING:
+    from . import payloads as P
+
+#: what the facade answers: the JSON object the API serves; each method's type names its payload model
+#: (``Annotated[JSON, P.Branch]``: tierbase/payloads.py, the API's response_model and the SDK's return)
+JSON = dict[str, Any]
 
 __all__ = ["ROOT_BRANCH", "Tierbase"]
 
@@ -168,7 +175,7 @@ class Tierbase:
     def api_port(self) -> int:
         return self.core.api_port
 
-    def describe(self, b: Branch, *, with_bytes: bool = False) -> dict[str, Any]:
+    def describe(self, b: Branch, *, with_bytes: bool = False) -> Annotated[JSON, P.Branch]:
         return self.core.describe(b, with_bytes=with_bytes)
 
     def _subject(self, name: str) -> Subject:
@@ -209,51 +216,52 @@ class Tierbase:
     def reconcile(self) -> list[str]:
         return self.platform.reconcile()
 
-    def space(self) -> dict[str, Any]:
+    def space(self) -> Annotated[JSON, P.Space]:
         return self.platform.space()
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> Annotated[JSON, P.Status]:
         return self.platform.status()
 
-    def tls_ca(self) -> dict[str, Any]:
+    def tls_ca(self) -> Annotated[JSON, P.TlsCa]:
         return self.platform.tls_ca()
 
     # -- branches and routes (app_branches.py) ---------------------------------------------------
     def create_branch(self, name: str, parent: str | None = None, *, ttl: str | None = None, snapshot: bool = False,
                       start: bool = False, platform_name: bool = False, at: str | None = None, lsn: str | None = None,
-                      inclusive: bool = True) -> dict[str, Any]:
+                      inclusive: bool = True) -> Annotated[JSON, P.Branch]:
         return self.branch_ops.create_branch(name, parent, ttl=ttl, snapshot=snapshot, start=start,
                                              platform_name=platform_name, at=at, lsn=lsn, inclusive=inclusive)
 
-    def create_ci_branch(self, feature: str, parent: str | None = None, *, ttl: str | None = None) -> dict[str, Any]:
+    def create_ci_branch(self, feature: str, parent: str | None = None, *,
+                         ttl: str | None = None) -> Annotated[JSON, P.Branch]:
         return self.branch_ops.create_ci_branch(feature, parent, ttl=ttl)
 
     def delete_branch(self, name: str, recursive: bool = False) -> list[str]:
         return self.branch_ops.delete_branch(name, recursive)
 
-    def reset_branch(self, name: str) -> dict[str, Any]:
+    def reset_branch(self, name: str) -> Annotated[JSON, P.Branch]:
         return self.branch_ops.reset_branch(name)
 
-    def start_branch(self, name: str) -> dict[str, Any]:
+    def start_branch(self, name: str) -> Annotated[JSON, P.Branch]:
         return self.branch_ops.start_branch(name)
 
-    def stop_branch(self, name: str) -> dict[str, Any]:
+    def stop_branch(self, name: str) -> Annotated[JSON, P.Branch]:
         return self.branch_ops.stop_branch(name)
 
-    def get_branch(self, name: str, *, with_bytes: bool = True) -> dict[str, Any]:
+    def get_branch(self, name: str, *, with_bytes: bool = True) -> Annotated[JSON, P.Branch]:
         return self.branch_ops.get_branch(name, with_bytes=with_bytes)
 
-    def list_branches(self, *, with_bytes: bool = True) -> list[dict[str, Any]]:
+    def list_branches(self, *, with_bytes: bool = True) -> list[Annotated[JSON, P.Branch]]:
         return self.branch_ops.list_branches(with_bytes=with_bytes)
 
     def branch_url(self, name: str, dbname: str = "postgres", *, direct: bool = False, sslmode: str | None = None,
                    pooled: bool = False) -> str:
         return self.branch_ops.branch_url(name, dbname, direct=direct, sslmode=sslmode, pooled=pooled)
 
-    def list_routes(self) -> list[dict[str, Any]]:
+    def list_routes(self) -> list[Annotated[JSON, P.Route]]:
         return self.branch_ops.list_routes()
 
-    def set_route(self, route: str, branch: str, *, drain: float = 0.0) -> dict[str, Any]:
+    def set_route(self, route: str, branch: str, *, drain: float = 0.0) -> Annotated[JSON, P.RouteMoved]:
         return self.branch_ops.set_route(route, branch, drain=drain)
 
     def sweep(self, now: float | None = None) -> list[str]:
@@ -268,31 +276,33 @@ class Tierbase:
         return self.logins.connect_role(user, branch, audit=audit, later=later)
 
     # -- governance (app_governance.py) ----------------------------------------------------------
-    def reload_config(self, path: str | Path | None = None, *, dry_run: bool = False) -> dict[str, Any]:
+    def reload_config(self, path: str | Path | None = None, *, dry_run: bool = False) -> Annotated[JSON,
+                      P.PolicyApplied]:
         return self.governance.reload_config(path, dry_run=dry_run)
 
-    def apply_config(self, text: str | None, source: str, *, dry_run: bool = False) -> dict[str, Any]:
+    def apply_config(self, text: str | None, source: str, *, dry_run: bool = False) -> Annotated[JSON, P.PolicyApplied]:
         return self.governance.apply_config(text, source, dry_run=dry_run)
 
-    def show_config(self) -> dict[str, Any]:
+    def show_config(self) -> Annotated[JSON, P.PolicyShown]:
         return self.governance.show_config()
 
-    def explain(self, principal: str, action: str, target: str, source: str | None = None) -> dict[str, Any]:
+    def explain(self, principal: str, action: str, target: str, source: str | None = None) -> Annotated[JSON,
+                P.Explanation]:
         return self.governance.explain(principal, action, target, source)
 
-    def create_principal(self, name: str, role: str) -> dict[str, Any]:
+    def create_principal(self, name: str, role: str) -> Annotated[JSON, P.PrincipalCreated]:
         return self.governance.create_principal(name, role)
 
-    def list_principals(self) -> list[dict[str, Any]]:
+    def list_principals(self) -> list[Annotated[JSON, P.Principal]]:
         return self.governance.list_principals()
 
-    def revoke_principal(self, name: str) -> dict[str, Any]:
+    def revoke_principal(self, name: str) -> Annotated[JSON, P.Principal]:
         return self.governance.revoke_principal(name)
 
-    def audit_log(self, **filters: Any) -> list[dict[str, Any]]:
+    def audit_log(self, **filters: Any) -> list[Annotated[JSON, P.AuditRecord]]:
         return self.governance.audit_log(**filters)
 
-    def audit_verify(self) -> dict[str, Any]:
+    def audit_verify(self) -> Annotated[JSON, P.AuditVerify]:
         return self.governance.audit_verify()
 
     def audit_sync(self) -> int:
@@ -301,24 +311,26 @@ class Tierbase:
     def audit_url(self) -> str:
         return self.governance.audit_url()
 
-    def flow_history(self, feature: str) -> dict[str, Any]:
+    def flow_history(self, feature: str) -> Annotated[JSON, P.FlowHistory]:
         return self.governance.flow_history(feature)
 
-    def whoami(self) -> dict[str, Any]:
+    def whoami(self) -> Annotated[JSON, P.WhoAmI]:
         return self.governance.whoami()
 
     # -- masking lineage (app_masking.py) --------------------------------------------------------
-    def masking_change(self, migrations: list[Migration], masking: dict[str, Any] | None = None) -> dict[str, Any]:
+    def masking_change(self, migrations: list[Migration], masking: dict[str,
+                       Any] | None = None) -> Annotated[JSON, P.MaskingChange]:
         return self.masking.masking_change(migrations, masking)
 
-    def masking_lineage(self) -> list[dict[str, Any]]:
+    def masking_lineage(self) -> list[Annotated[JSON, P.LineageEntry]]:
         return self.masking.masking_lineage()
 
     # -- masked images (app_images.py) -----------------------------------------------------------
-    def refresh_masked_images(self, tier: str | None = None, *, full: bool = False) -> list[dict[str, Any]]:
+    def refresh_masked_images(self, tier: str | None = None, *, full: bool = False) -> list[Annotated[JSON,
+                              P.ImageRefreshed]]:
         return self.images.refresh_masked_images(tier, full=full)
 
-    def masked_images(self) -> list[dict[str, Any]]:
+    def masked_images(self) -> list[Annotated[JSON, P.ImageState]]:
         return self.images.masked_images()
 
     def refresh_stale_images(self, max_age: float) -> list[str]:
@@ -326,50 +338,51 @@ class Tierbase:
 
     # -- migrations and promotion (app_migrate.py) -----------------------------------------------
     def migrate_status(self, branch: str | None = None, migrations_dir: str | None = None, *,
-                       files: Mapping[str, str] | None = None) -> dict[str, Any]:
+                       files: Mapping[str, str] | None = None) -> Annotated[JSON, P.MigrationStatus]:
         return self.migrations.migrate_status(branch, migrations_dir, files=files)
 
     def migrate_apply(self, branch: str, migrations_dir: str | None = None, *,
-                      files: Mapping[str, str] | None = None) -> dict[str, Any]:
+                      files: Mapping[str, str] | None = None) -> Annotated[JSON, P.MigrationsApplied]:
         return self.migrations.migrate_apply(branch, migrations_dir, files=files)
 
     def migrate_lint(self, migrations_dir: str | None = None, block: list[str] | None = None, *,
-                     files: Mapping[str, str] | None = None) -> dict[str, Any]:
+                     files: Mapping[str, str] | None = None) -> Annotated[JSON, P.LintReport]:
         return self.migrations.migrate_lint(migrations_dir, block, files=files)
 
     def migrate_verify(self, parent: str | None = None, migrations_dir: str | None = None, *,
-                       files: Mapping[str, str] | None = None) -> dict[str, Any]:
+                       files: Mapping[str, str] | None = None) -> Annotated[JSON, P.VerifyReport]:
         return self.migrations.migrate_verify(parent, migrations_dir, files=files)
 
     def promote(self, tier: str, source: str | None = None, migrations_dir: str | None = None, *,
-                files: Mapping[str, str] | None = None, rehearse: bool = False) -> dict[str, Any]:
+                files: Mapping[str, str] | None = None, rehearse: bool = False) -> Annotated[JSON, P.Promotion]:
         return self.migrations.promote(tier, source, migrations_dir, files=files, rehearse=rehearse)
 
     def reconcile_promotions(self) -> list[str]:
         return self.migrations.reconcile_promotions()
 
-    def promotions(self, tier: str | None = None) -> list[dict[str, Any]]:
+    def promotions(self, tier: str | None = None) -> list[Annotated[JSON, P.Promotion]]:
         return self.migrations.promotions(tier)
 
-    def diff(self, a: str, b: str | None = None, fmt: str = "text") -> dict[str, Any]:
+    def diff(self, a: str, b: str | None = None, fmt: str = "text") -> Annotated[JSON, P.SchemaDiff]:
         return self.migrations.diff(a, b, fmt)
 
     # -- data diff (app_data.py) -----------------------------------------------------------------
-    def data_diff(self, a: str, b: str, *, table: list[str] | None = None, fmt: str = "text") -> dict[str, Any]:
+    def data_diff(self, a: str, b: str, *, table: list[str] | None = None,
+                  fmt: str = "text") -> Annotated[JSON, P.DataDiff]:
         return self.data.data_diff(a, b, table=table, fmt=fmt)
 
     # -- rollback (app_rollback.py) --------------------------------------------------------------
-    def rollback_plan(self, tier: str, to: str | None = None) -> dict[str, Any]:
+    def rollback_plan(self, tier: str, to: str | None = None) -> Annotated[JSON, P.RollbackPlan]:
         return self.rollback_ops.rollback_plan(tier, to)
 
     def rollback(self, tier: str, to: str | None = None, *, discard_writes: bool = False, yes: bool = False,
-                 dry_run: bool = False) -> dict[str, Any]:
+                 dry_run: bool = False) -> Annotated[JSON, P.RollbackResult]:
         return self.rollback_ops.rollback(tier, to, discard_writes=discard_writes, yes=yes, dry_run=dry_run)
 
     def rolled_back_migrations(self, tier: str) -> dict[str, int]:
         return self.rollback_ops.rolled_back_migrations(tier)
 
-    def rollbacks(self, tier: str | None = None) -> list[dict[str, Any]]:
+    def rollbacks(self, tier: str | None = None) -> list[Annotated[JSON, P.RollbackSummary]]:
         return self.rollback_ops.rollbacks(tier)
 
     def reconcile_rollbacks(self) -> list[str]:
@@ -389,71 +402,73 @@ class Tierbase:
         return self.imports.clear_uploads()
 
     def import_dump(self, path: str | os.PathLike[str], branch: str = "production",
-                    dbname: str = "postgres") -> dict[str, Any]:
+                    dbname: str = "postgres") -> Annotated[JSON, P.Imported]:
         return self.imports.import_dump(path, branch, dbname)
 
-    def import_upload(self, upload: Path, branch: str, dbname: str = "postgres") -> dict[str, Any]:
+    def import_upload(self, upload: Path, branch: str, dbname: str = "postgres") -> Annotated[JSON, P.Imported]:
         return self.imports.import_upload(upload, branch, dbname)
 
     # -- the workflow (app_flow.py) --------------------------------------------------------------
-    def flow_register(self, workspace: str, bundle: str | None = None) -> dict[str, Any]:
+    def flow_register(self, workspace: str, bundle: str | None = None) -> Annotated[JSON, P.FlowRegistered]:
         return self.workflow.flow_register(workspace, bundle)
 
-    def flow_tiers(self) -> dict[str, Any]:
+    def flow_tiers(self) -> Annotated[JSON, P.TierRefs]:
         return self.workflow.flow_tiers()
 
     def flow_claim(self, workspace: str, feature: str, parent: str | None = None,
-                   local: dict[str, Any] | None = None) -> dict[str, Any]:
+                   local: dict[str, Any] | None = None) -> Annotated[JSON, P.FlowClaimed]:
         return self.workflow.flow_claim(workspace, feature, parent, local)
 
-    def flow_ready(self, feature: str, bundle: str | None, local: dict[str, Any] | None = None) -> dict[str, Any]:
+    def flow_ready(self, feature: str, bundle: str | None, local: dict[str,
+                   Any] | None = None) -> Annotated[JSON, P.FlowSaid]:
         return self.workflow.flow_ready(feature, bundle, local)
 
-    def flow_approve_tests(self, feature: str, sha: str) -> dict[str, Any]:
+    def flow_approve_tests(self, feature: str, sha: str) -> Annotated[JSON, P.ApprovedTests]:
         return self.workflow.flow_approve_tests(feature, sha)
 
-    def flow_ci(self, feature: str, local: dict[str, Any] | None = None) -> dict[str, Any]:
+    def flow_ci(self, feature: str, local: dict[str, Any] | None = None) -> Annotated[JSON, P.CiRun]:
         return self.workflow.flow_ci(feature, local)
 
-    def flow_ci_run(self, run: int) -> dict[str, Any]:
+    def flow_ci_run(self, run: int) -> Annotated[JSON, P.CiRun]:
         return self.workflow.flow_ci_run(run)
 
-    def flow_ci_runs(self, feature: str) -> list[dict[str, Any]]:
+    def flow_ci_runs(self, feature: str) -> list[Annotated[JSON, P.CiRun]]:
         return self.workflow.flow_ci_runs(feature)
 
     def ci_take(self) -> dict[str, Any] | None:
         return self.workflow.ci_take()
 
-    def ci_report(self, run: int, junit: str | None, output: str, exit_code: int, duration_s: float) -> dict[str, Any]:
+    def ci_report(self, run: int, junit: str | None, output: str, exit_code: int,
+                  duration_s: float) -> Annotated[JSON, P.CiRun]:
         return self.workflow.ci_report(run, junit, output, exit_code, duration_s)
 
-    def flow_merge(self, feature: str, local: dict[str, Any] | None = None) -> dict[str, Any]:
+    def flow_merge(self, feature: str, local: dict[str, Any] | None = None) -> Annotated[JSON, P.FlowMerged]:
         return self.workflow.flow_merge(feature, local)
 
-    def flow_abandon(self, feature: str, local: dict[str, Any] | None = None) -> dict[str, Any]:
+    def flow_abandon(self, feature: str, local: dict[str, Any] | None = None) -> Annotated[JSON, P.FlowAbandoned]:
         return self.workflow.flow_abandon(feature, local)
 
-    def tdd_command(self, feature: str, verb: str, **args: Any) -> dict[str, Any]:
+    def tdd_command(self, feature: str, verb: str, **args: Any) -> Annotated[JSON, P.TddDone]:
         return self.workflow.tdd_command(feature, verb, **args)
 
     # -- SQL through the platform (app_sql.py) ---------------------------------------------------
     def run_sql(self, name: str, sql: str, params: list[Any] | None = None, *, database: str | None = None,
-                max_rows: int = 1000, timeout_s: float = 30.0, read_only: bool = False) -> dict[str, Any]:
+                max_rows: int = 1000, timeout_s: float = 30.0, read_only: bool = False) -> Annotated[JSON, P.SqlResult]:
         return self.sql.run_sql(name, sql, params, database=database, max_rows=max_rows, timeout_s=timeout_s,
                                 read_only=read_only)
 
     # -- sessions (app_sessions.py) --------------------------------------------------------------
     def session_start(self, branch: str | None = None, parent: str | None = None,
-                      ttl: str | None = None) -> dict[str, Any]:
+                      ttl: str | None = None) -> Annotated[JSON, P.SessionStarted]:
         return self.sessions.session_start(branch, parent, ttl)
 
-    def session_renew(self, sid: str, ttl: str | None = None) -> dict[str, Any]:
+    def session_renew(self, sid: str, ttl: str | None = None) -> Annotated[JSON, P.Session]:
         return self.sessions.session_renew(sid, ttl)
 
-    def session_end(self, sid: str) -> dict[str, Any]:
+    def session_end(self, sid: str) -> Annotated[JSON, P.SessionEnded]:
         return self.sessions.session_end(sid)
 
-    def session_list(self, *, everyone: bool = False) -> list[dict[str, Any]]:
+    def session_list(self, *, everyone: bool = False) -> list[Annotated[JSON, P.Session]]:
         return self.sessions.session_list(everyone=everyone)
 
     # -- leases and quotas (app_leases.py) -------------------------------------------------------
@@ -468,20 +483,21 @@ class Tierbase:
 
     # -- time travel (app_pitr.py) ---------------------------------------------------------------
     def create_branch_at(self, name: str, parent: str | None = None, *, at: str | None = None, lsn: str | None = None,
-                         inclusive: bool = True, ttl: str | None = None, start: bool = True) -> dict[str, Any]:
+                         inclusive: bool = True, ttl: str | None = None,
+                         start: bool = True) -> Annotated[JSON, P.Branch]:
         return self.pitr.create_branch_at(name, parent, at=at, lsn=lsn, inclusive=inclusive, ttl=ttl, start=start)
 
     def restore(self, tier: str, *, at: str | None = None, lsn: str | None = None,
-                inclusive: bool = True) -> dict[str, Any]:
+                inclusive: bool = True) -> Annotated[JSON, P.Restored]:
         return self.pitr.restore(tier, at=at, lsn=lsn, inclusive=inclusive)
 
-    def history(self, tier: str, *, with_bytes: bool = True) -> dict[str, Any]:
+    def history(self, tier: str, *, with_bytes: bool = True) -> Annotated[JSON, P.TierHistory]:
         return self.pitr.history(tier, with_bytes=with_bytes)
 
     def history_warnings(self) -> list[str]:
         return self.pitr.history_warnings()
 
-    def take_base_snapshot(self, tier: str, reason: str = "manual") -> dict[str, Any]:
+    def take_base_snapshot(self, tier: str, reason: str = "manual") -> Annotated[JSON, P.BaseSnapshot]:
         return self.pitr.take_base_snapshot(tier, reason)
 
     def history_tick(self, now: float | None = None) -> list[str]:

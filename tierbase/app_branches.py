@@ -100,9 +100,21 @@ class BranchOps:
                            intent={"op": "delete", "branch": name, "subtree": doomed}) as rec:
             for d in self.branches.subtree(name)[:-1]:  # every descendant needs the same right
                 self.core.require(Action.BRANCH_DELETE, self.core.gate.subject(d))
-            gone = self.branches.delete(name, recursive=recursive, actor=self.core.principal().name)
-            rec.after = {"deleted": gone}
+            kept = self._kept_states(doomed)
+            gone = self.branches.delete(name, recursive=recursive, actor=self.core.principal().name, kept=kept)
+            rec.after = {"deleted": gone, **({"kept_states": sorted(kept)} if kept else {})}
         return gone
+
+    def _kept_states(self, names: list[str]) -> frozenset[str]:
+        """Which of ``names`` are states a rollback or a restore kept (``TIER-before-restore-N``, a replaced
+        tier branch and its ``TIER-replaced-N`` route): tier-kind, protected, and serving no declared
+        tier. Protection keeps them from the sweeper, from agents and from ``reset``; a platform
+        engineer deletes one on purpose. For anyone else they stay protected (the policy decides first)."""
+        if self.core.config.base_role(self.core.principal().role) != "platform-engineer":
+            return frozenset()
+        serving = {self.store.resolve_route(t) for t in self.core.config.tiers}
+        return frozenset(n for n in names if (b := self.store.get(n)).kind is Kind.TIER and b.protected
+                         and b.parent is not None and n not in serving)
 
     def reset_branch(self, name: str) -> dict[str, Any]:
         with self.core.act(Action.BRANCH_RESET, self.core.subject(name),
