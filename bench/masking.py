@@ -195,6 +195,11 @@ def scalar(conn: psycopg.Connection[Any], query: str, *params: Any) -> Any:
     return row[0] if row else None
 
 
+PLAIN_CONFIG = """
+[tiers.production]
+protected = true
+"""
+
 IMAGE_CONFIG = """
 [project]
 database = "{db}"
@@ -293,6 +298,8 @@ def measure(tb: Tierbase, n: int, runs: int) -> dict[str, Any]:
     for b in tb.store.children("production"):  # staging and the images: the next size makes its own
         with contextlib.suppress(TierbaseError):
             tb.delete_branch(b.name, recursive=True)
+    # and the platform as the next size starts it: production alone, not sensitive (plain branches stay plain)
+    tb.apply_config(PLAIN_CONFIG, "bench")
     with psycopg.connect(tb.branch_url("production", direct=True), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(db)))
     masked = got["masked"]

@@ -278,8 +278,9 @@ def test_restore_serves_the_past_keeps_the_replaced_state_and_branching_past_it_
 def test_a_kept_state_is_protected_until_a_platform_engineer_deletes_it(tb: Tierbase) -> None:
     kept = [b.name for b in tb.store.all() if b.name.startswith("production-before-restore-")]
     assert kept, "the restore test keeps the replaced state"
-    make_principal(tb, "pit-dev", "developer")
-    for who in ("pit-dev", "pit-agent"):
+    make_principal(tb, "pit-kept-dev", "developer")
+    make_principal(tb, "pit-kept-bot", "agent")
+    for who in ("pit-kept-dev", "pit-kept-bot"):
         with pytest.raises((PolicyDenied, Refused)):
             as_(tb, who).delete_branch(kept[0])
     with pytest.raises(Refused, match="protected"):

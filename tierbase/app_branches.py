@@ -108,13 +108,11 @@ class BranchOps:
     def _kept_states(self, names: list[str]) -> frozenset[str]:
         """Which of ``names`` are states a rollback or a restore kept (``TIER-before-restore-N``, a replaced
         tier branch and its ``TIER-replaced-N`` route): tier-kind, protected, and serving no declared
-        tier. Protection keeps them from the sweeper, from agents and from ``reset``; a platform
-        engineer deletes one on purpose. For anyone else they stay protected (the policy decides first)."""
+        tier (``Subject.kept``). Protection keeps them from the sweeper, from agents and from ``reset``;
+        a platform engineer deletes one on purpose (policy step 2). For anyone else they stay protected."""
         if self.core.config.base_role(self.core.principal().role) != "platform-engineer":
             return frozenset()
-        serving = {self.store.resolve_route(t) for t in self.core.config.tiers}
-        return frozenset(n for n in names if (b := self.store.get(n)).kind is Kind.TIER and b.protected
-                         and b.parent is not None and n not in serving)
+        return frozenset(n for n in names if self.core.gate.subject(self.store.get(n)).kept)
 
     def reset_branch(self, name: str) -> dict[str, Any]:
         with self.core.act(Action.BRANCH_RESET, self.core.subject(name),

@@ -145,9 +145,11 @@ class Gate:
         name = self._declared_tier(b, routes) or b.name
         tier = self.tier_of(b, routes)
         spec = self.config.tiers.get(tier) if tier else None
+        serving = {routes.get(t, t) for t in self.config.tiers}
         return Subject(name=name, kind=b.kind.value, protected=b.protected, owner=b.creator, tier=tier,
                        protected_tier=tier if spec is not None and spec.protected else None,
-                       unmasked_of=self._unmasked_of(b, routes))
+                       unmasked_of=self._unmasked_of(b, routes),
+                       kept=b.kind is Kind.TIER and b.protected and b.parent is not None and b.name not in serving)
 
     def _unmasked_of(self, b: Branch, routes: dict[str, str]) -> str | None:
         """The sensitive tier whose data ``b`` holds unmasked (None once masking is on the way down, or

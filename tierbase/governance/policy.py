@@ -3,7 +3,8 @@
 Order of evaluation, first match wins:
 0. read-only roles (``roles.X.read_only``) may only read,
 1. built-in agent rules (hold whatever the config says; no override exists),
-2. protection of protected tiers,
+2. protection of protected tiers (a state a rollback or restore kept: until a platform engineer
+   deletes it),
 3. the platform-engineer role,
 4. the declared rules of tierbase.toml (tier `branch`/`promote` lists, grants),
 5. ownership (a principal may do what it likes with the branches it created),
@@ -71,6 +72,8 @@ class Subject:
     protected_tier: str | None = None
     #: the sensitive tier whose data it holds unmasked (no masking on the way down from it)
     unmasked_of: str | None = None
+    #: a state a rollback or a restore kept (protected, tier-kind, serving no declared tier)
+    kept: bool = False
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,8 @@ class PolicyEngine:
     # 2 -------------------------------------------------------------------------
     def _protection(self, who: Principal, role: str, action: Action, target: Subject,
                     source: Subject | None) -> Decision | None:
+        if target.kept and action is Action.BRANCH_DELETE and role == "platform-engineer":
+            return None  # protected until a platform engineer deletes it (step 3 allows): kept for them
         if target.protected and action in (Action.BRANCH_DELETE, Action.BRANCH_RESET):
             return deny("tier.protected", f"{target.name!r} is a protected tier: it cannot be deleted or reset")
         if target.protected and action is Action.MIGRATE:
