@@ -103,6 +103,7 @@ class PointInTime:
             driver.clone(Source(base.volume), b.volume)
         datadir = driver.path(b.volume)
         pg.clear_runtime_files(datadir)
+        pg.forget_slots(datadir)  # a base taken while a promotion's slot lived carries it
         archive.write_signal(datadir)
         pg.user.chown(datadir / "recovery.signal")
         conf = {**self.history.recovery_settings(key, target, self.upto), **(settings or {})}

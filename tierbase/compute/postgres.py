@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -136,6 +137,14 @@ class Postgres:
         """A copy taken from a running cluster carries its parent's lock file: drop it."""
         for name in RUNTIME_FILES:
             (datadir / name).unlink(missing_ok=True)
+
+    @staticmethod
+    def forget_slots(datadir: Path) -> None:
+        """A copy is nobody's replication source: drop the slots it inherited (a logical slot would keep
+        its WAL forever, and stop it from starting at all under wal_level=replica)."""
+        slots = datadir / "pg_replslot"
+        for entry in slots.iterdir() if slots.is_dir() else ():
+            shutil.rmtree(entry, ignore_errors=True)
 
     # -- liveness ------------------------------------------------------------
     @staticmethod
