@@ -135,7 +135,8 @@ def test_kill_during_logical_replay_reconciles_and_the_slot_survives(project: Pr
     (p.mig / "V0002__items_depth.sql").unlink()
 
 
-def test_an_invalidated_slot_falls_back_to_the_data_diff(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+def test_an_invalidated_slot_falls_back(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Past max_slot_wal_keep_size the slot is invalidated; the rollback uses the data diff and says so."""
     p = project
     monkeypatch.setenv("TIERBASE_ROLLBACK_SLOT_MAX_WAL", "1MB")
     serving = p.tb.store.resolve_route("production")
@@ -161,3 +162,25 @@ def test_an_invalidated_slot_falls_back_to_the_data_diff(project: Project, monke
     p.tb.stop_branch(new)
     p.tb.start_branch(new)
     (p.mig / "V0002__items_mark.sql").unlink()
+
+
+def test_the_diff_setting_drops_the_slot(project: Project, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Switched to rollback_replay=diff, a tier restarts at wal_level=replica: its slot must go first."""
+    p = project
+    promote(p, "V0002__items_hue.sql", "ALTER TABLE items ADD COLUMN hue int;\n")
+    serving = p.tb.store.resolve_route("production")
+    assert slots_on_disk(p)
+    monkeypatch.setenv("TIERBASE_ROLLBACK_REPLAY", "diff")
+    p.tb.stop_branch(serving)
+    p.tb.start_branch(serving)  # wal_level=replica refuses to start with a logical slot: it went first
+    assert query(direct(p, serving), "SHOW wal_level")[0][0] == "replica" and slots_on_disk(p) == set()
+    query(direct(p, serving), "INSERT INTO events (note) SELECT 'd' FROM generate_series(1, 50)")
+    written = ids_on(direct(p, serving))
+    out = p.me.rollback("production")
+    assert out["replay"]["method"] == "diff" and out["replay"]["fallback"] is None
+    assert written <= ids_on(p.url("production"))
+    monkeypatch.delenv("TIERBASE_ROLLBACK_REPLAY")
+    new = p.tb.store.resolve_route("production")
+    p.tb.stop_branch(new)
+    p.tb.start_branch(new)
+    (p.mig / "V0002__items_hue.sql").unlink()

@@ -33,11 +33,12 @@ from typing import Any
 
 import psycopg
 
+from ..provider import PLATFORM_SLOTS
 from ..settings import value
 from .datadiff import Key, Shape
 
 #: every slot the platform makes is named so; a promotion drops the others of its tier's branch
-PREFIX = "tierbase_rb_"
+PREFIX = PLATFORM_SLOTS
 PLUGIN = "wal2json"
 #: wal2json format 2: one JSON object per row change; the ledger's schema is not ours to replay
 OPTIONS = ("format-version", "2", "include-types", "0", "include-typmod", "0", "include-transaction", "0",
