@@ -9,7 +9,8 @@ from urllib.parse import quote
 
 import click
 
-from .base import as_json, client, command, ttl_option
+from .base import as_json, client, command, from_spec, ttl_option
+from .hot import BRANCH_CREATE, BRANCH_DELETE
 from .render import branch_details, branch_tree, emit_json, out, space_line
 
 if TYPE_CHECKING:
@@ -22,32 +23,9 @@ def branch() -> None:
     """Create, list, reset and delete branches."""
 
 
-@branch.command("create")
-@click.argument("name")
-@click.option("--parent", default=None, help="Branch to fork (default: production).")
-@ttl_option
-@click.option("--snapshot", is_flag=True, help="A read-only snapshot instead of a writable branch.")
-@click.option("--start", is_flag=True, help="Start its compute right away.")
-@click.option("--at", default=None, help="PARENT as it was then: ISO 8601 with a zone, or -5m, -1h30m.")
-@click.option("--lsn", default=None, help="PARENT as it was at this WAL position (e.g. 0/1A2B3C4).")
-@click.option("--exclusive", is_flag=True, help="With --at/--lsn: leave out a commit exactly at the target.")
-@command
-@click.pass_context
-def branch_create(ctx: click.Context, name: str, parent: str | None, ttl: str | None, snapshot: bool,
-                  start: bool, at: str | None, lsn: str | None, exclusive: bool) -> None:
-    """Create NAME as a copy-on-write branch of PARENT's current state (or of a past one: --at/--lsn)."""
-    b = client(ctx).create_branch(name, parent, ttl=ttl, snapshot=snapshot, start=start, at=at, lsn=lsn,
-                                  inclusive=not exclusive)
-    if as_json():
-        emit_json(b)
-        return
-    if b.get("target"):
-        when = b["target"]["time"] or f"LSN {b['target']['lsn']}"
-        out.print(f"created branch {b['name']!r} from {b['parent']!r} as of {when} in {b['elapsed_ms']} ms "
-                  f"(base snapshot + WAL replayed to {b['fork_lsn']})")
-        return
-    how = "copy-on-write snapshot" if b["copy_on_write"] else "FULL COPY (copy driver, O(size))"
-    out.print(f"created {b['kind']} branch {b['name']!r} from {b['parent']!r} in {b['elapsed_ms']} ms ({how})")
+# `branch create` and `branch delete` are declared in cli/hot.py (their fast path runs without click)
+branch.add_command(from_spec(BRANCH_CREATE))
+branch.add_command(from_spec(BRANCH_DELETE))
 
 
 @branch.command("create-ci")
@@ -94,17 +72,6 @@ def branch_show(ctx: click.Context, name: str) -> None:
     """Everything about one branch."""
     data = client(ctx).get_branch(name)
     emit_json(data) if as_json() else branch_details(data)
-
-
-@branch.command("delete")
-@click.argument("name")
-@click.option("--recursive", is_flag=True, help="Also delete every descendant.")
-@command
-@click.pass_context
-def branch_delete(ctx: click.Context, name: str, recursive: bool) -> None:
-    """Delete a branch (and with --recursive its descendants)."""
-    gone = client(ctx).delete_branch(name, recursive)
-    emit_json({"deleted": gone}) if as_json() else out.print(f"deleted {', '.join(gone)}")
 
 
 @branch.command("reset")
