@@ -81,6 +81,33 @@ def console_script(python: str, where: Path) -> str:
     return str(path)
 
 
+#: the service's side of a create, profiled by hand (not re-measured by this script)
+SERVER_PROFILE = (
+    "the service's side, profiled by hand on 2026-12-01 (cProfile of `Tierbase.create_branch` as the service "
+    "user on a platform like this one's, the parent running, 20 creates, load average 3.9): 27 ms p50 = the "
+    "parent's fork point 9.4 (a psycopg connection over the unix socket 6.3, the WAL query 2.2; CHECKPOINT "
+    "skipped below 16 MiB of WAL), the snapshot ioctl 5.5 (it was `btrfs subvolume snapshot`, 12-21 ms, before "
+    "this run's change), 4 SQLite write transactions 4.7 (intent audit, reserve, commit, outcome audit; each "
+    "fsyncs the WAL), the audit head 0.9 (fdatasync), the pool's space check 0.7, the rest Python; the HTTP "
+    "exchange (uvicorn, FastAPI, the token lookup) adds ~3 ms (`curl` of GET /v1/whoami)."
+)
+
+
+def import_costs(script: str, env: dict[str, str], runs: int = 5) -> list[tuple[str, float]]:
+    """The top-level imports of ``script branch create`` and their cumulative ms (least of ``runs``)."""
+    best: dict[str, float] = {}
+    for k in range(runs):
+        got = subprocess.run([str(CLEAN_PYTHON), "-X", "importtime", script, "branch", "create", f"cli-imp-{k}"],
+                             env=env, capture_output=True, text=True, check=True)
+        for line in got.stderr.splitlines():
+            parts = line.split("|")
+            if len(parts) == 3 and parts[1].strip().isdigit() and not parts[2].startswith("  "):
+                name = parts[2].strip()
+                best[name] = min(best.get(name, 1e9), int(parts[1]) / 1000)
+        subprocess.run([script, "branch", "delete", f"cli-imp-{k}"], env=env, capture_output=True, check=True)
+    return sorted(best.items(), key=lambda kv: -kv[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=30)
@@ -154,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in range(5):
             server_ms.append(float(plat.cli("branch", "create", f"cli-server-side-{k}")["elapsed_ms"]))
             plat.cli("branch", "delete", f"cli-server-side-{k}")
+        imports = import_costs(clean, env) if clean else []
     by = {r.label: r for r in rows}
 
     def p50(label: str) -> float:
@@ -199,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
             f"click, which the fast path does not import, would add {round(c_click - c_floor, 1)}.",
             f"wall p50: `tierbase branch create` {w_create} ms against {w_wire} ms for the bare request and "
             f"{w_floor} ms for the interpreter; the service's own time in it is {server['elapsed_ms']} ms (p50 of 5).",
+            "what `tierbase branch create` imports (clean python, `-X importtime`, the least of 5 runs, each "
+            "module with what it imports; importtime itself slows imports down): "
+            + ", ".join(f"{name} {ms:.1f} ms" for name, ms in imports) + ".",
+            SERVER_PROFILE,
         ]
     doc = {
         "title": "CLI latency",
