@@ -31,6 +31,13 @@ TAKEN = [
     ["branch", "create", "x", "--lsn", "0/1A2B3C4"],
     ["branch", "create", "x", "--parent="],
     ["branch", "create", "x", "--at=-5m"],
+    ["branch", "create", "x", "--at", "-5m"],
+    # an option's value is the next token, whatever it is (click's parser): not another option, not --help
+    ["branch", "create", "x", "--parent", "--start"],
+    ["branch", "create", "x", "--ttl", "--help"],
+    ["branch", "create", "x", "--parent", "--"],
+    ["--home", "--api", "branch", "create", "x"],
+    ["--home", "-", "branch", "create", "x"],
     ["branch", "create", "Not A Name"],
     ["branch", "create", ""],
     ["--home", "/tmp/somewhere", "branch", "create", "x"],
@@ -48,9 +55,9 @@ LEFT = [
     ["branch", "create", "--", "-x"], ["branch", "create", "-x"], ["branch", "create", "x", "--recursive"],
     ["branch", "delete", "x", "--parent", "p"], ["--json", "branch", "create", "x"],
     ["branch", "--json", "create", "x"], ["--home", "/etc/passwd", "branch", "create", "x"],
-    # click reads these (the last --ttl wins; "--start" is --parent's value); the fast parser is not sure
+    # click reads these (the last one wins); the fast parser is not sure
     ["branch", "create", "x", "--ttl", "1h", "--ttl", "2h"], ["branch", "create", "x", "--json", "--json"],
-    ["branch", "create", "x", "--parent", "--start"], ["--home", "/a", "--home", "/b", "branch", "create", "x"],
+    ["--home", "/a", "--home", "/b", "branch", "create", "x"],
     ["branch", "list"], ["branch", "url", "x"], ["status"],
 ]
 

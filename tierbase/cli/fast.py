@@ -3,11 +3,12 @@
 `tierbase branch create` must end within 100 ms, and importing click alone takes about half of that on
 this machine's kind. The parser here takes only what it is sure click reads the same way: the root's
 ``--home``/``--api`` before the group, then the command's arguments and options in any order, each
-option once, as ``--opt value`` or ``--opt=value``. Anything else (``--help``, an unknown or repeated
-option, a value that looks like an option, a wrong number of arguments, shell completion, a --home
-that is a file) is left to click, which then parses, explains and exits as it always did: an error
-message or exit code of the CLI never comes from here. What runs is the declaration's own body, with
-the SDK client made from the same values as ``base.client``, and the same error path (render.fail).
+option once, as ``--opt value`` (the next token, whatever it is, as click takes it) or ``--opt=value``.
+Anything else (``--help``, an unknown or repeated option, a missing value, a wrong number of
+arguments, shell completion, a --home that is a file) is left to click, which then parses, explains
+and exits as it always did: a usage error or its exit code never comes from here. What runs is the
+declaration's own body, with the SDK client made from the same values as ``base.client``, and the
+same error path (render.fail).
 tests/test_cli_fast.py holds both parsers to the same answers.
 """
 
@@ -80,9 +81,9 @@ def _options(params: tuple[Param, ...], tokens: list[str], into: dict[str, Any],
             i += 1
             continue
         if not eq:
-            if i + 1 == len(tokens) or tokens[i + 1].startswith("-"):
-                return None  # a missing value, or one that looks like an option: click decides
-            value = tokens[i + 1]
+            if i + 1 == len(tokens):
+                return None  # a missing value: click's usage error
+            value = tokens[i + 1]  # whatever it is, as click's parser takes it (`--at -5m`)
             i += 1
         into[p.name] = value
         i += 1
