@@ -49,6 +49,9 @@ class Home:
     def __repr__(self) -> str:
         return f"Home(root={self.root!r})"
 
+    def __reduce__(self) -> tuple[type[Home], tuple[Path]]:  # copy and pickle, as of a frozen dataclass
+        return Home, (self.root,)
+
     @property
     def db(self) -> Path:
         return self.root / "meta.db"
