@@ -147,12 +147,18 @@ def main(argv: list[str] | None = None) -> int:
                 # transport, one POST /v1/branches; no argv, no home, no rendering
                 Row("python -c 'wire.request(POST /v1/branches)' (clean python)",
                     lambda i: [str(CLEAN_PYTHON), "-c", wire_post % i]),
+                Row("python -c 'wire.request(DELETE /v1/branches/NAME)' (clean python)",
+                    lambda i: [str(CLEAN_PYTHON), "-c", wire_delete % i]),
             ]
         body = '{"name": "curl-%d"}'
         wire_post = ("import re, json; from tierbase.api.wire import request; "
                      f"r = request({api!r}, 'POST', '/v1/branches', "
                      f"headers={{'Authorization': 'Bearer {plat.token}'}}, json_body={{'name': 'wire-%d'}}); "
                      "assert r.status == 201, r.body; print(json.loads(r.body)['name'])")
+        wire_delete = ("import re, json; from tierbase.api.wire import request; "
+                       f"r = request({api!r}, 'DELETE', '/v1/branches/wire-%d', "
+                       f"headers={{'Authorization': 'Bearer {plat.token}'}}); "
+                       "assert r.status == 200, r.body; print(json.loads(r.body)['deleted'])")
         post = f"import httpx; httpx.post('{api}/v1/branches', json={{'name': 'hx-%d'}}, " \
                f"headers={{'Authorization': 'Bearer {plat.token}'}}).raise_for_status()"
         delete = f"import httpx; httpx.delete('{api}/v1/branches/hx-%d', " \
