@@ -248,9 +248,10 @@ def main(argv: list[str] | None = None) -> int:
             "notes": [
                 f"the service reports {server['elapsed_ms']} ms for a branch create itself (snapshot + metadata "
                 "+ audit); the rest of a CLI create is process start-up, imports and the HTTP round trip.",
-                "`tierbase --version` answers before click is imported, and so do `branch create` and `branch "
-                "delete` (declared once in cli/hot.py; cli/fast.py parses the argv from the declaration when it "
-                "is sure click would read it the same, else click runs); other commands import click and the "
+                "`tierbase --version` answers before click is imported, and so do `branch create`, `delete`, "
+                "`show`, `reset`, `start` and `stop` (declared once in cli/hot.py; cli/fast.py parses the argv "
+                "from the declaration when it is sure click would read it the same, else click runs); other "
+                "commands import click and the "
                 "command table; all of them use the light HTTP transport (api/wire.py: one socket), never "
                 "httpx, rich (only `branch list` draws a table with it), psycopg or the facade.",
                 *breakdown,

@@ -44,6 +44,8 @@ TAKEN = [
     ["--home=/tmp/h", "--api", "http://127.0.0.1:1", "branch", "delete", "x", "--recursive"],
     ["--api=http://127.0.0.1:1", "--home", "", "branch", "delete", "x"],
     ["branch", "delete", "x", "--json"],
+    ["branch", "show", "x"], ["branch", "reset", "x", "--json"], ["--api", "http://h:1", "branch", "start", "x"],
+    ["branch", "stop", "--json", "x"],
 ]
 
 #: argvs the fast parser leaves to click: click's errors, --help, and what it is not sure of
@@ -58,7 +60,8 @@ LEFT = [
     # click reads these (the last one wins); the fast parser is not sure
     ["branch", "create", "x", "--ttl", "1h", "--ttl", "2h"], ["branch", "create", "x", "--json", "--json"],
     ["--home", "/a", "--home", "/b", "branch", "create", "x"],
-    ["branch", "list"], ["branch", "url", "x"], ["status"],
+    ["branch", "list"], ["branch", "url", "x"], ["status"], ["branch", "show"], ["branch", "start", "x", "y"],
+    ["branch", "stop", "x", "--recursive"], ["branch", "reset", "--help"],
 ]
 
 
@@ -189,17 +192,41 @@ def env() -> Iterator[dict[str, str]]:
     ("branch", "delete", "production"),
     ("branch", "delete", "production", "--json"),
     ("branch", "delete", "ghost"),
+    ("branch", "show", "fast-s"),
+    ("branch", "show", "fast-s", "--json"),
+    ("branch", "show", "ghost", "--json"),
+    ("branch", "stop", "fast-s"),
+    ("branch", "stop", "fast-s", "--json"),
+    ("branch", "reset", "fast-s"),
+    ("branch", "reset", "production"),
+    ("branch", "start", "ghost"),
 ], ids=" ".join)
 def test_the_fast_path_and_click_answer_alike(env: dict[str, str], argv: tuple[str, ...]) -> None:
     """Same stdout, stderr and exit code (a made branch is deleted before the other path makes it again)."""
+    subprocess.run([sys.executable, "-m", "tierbase.cli.main", "branch", "create", "fast-s"], env=env,
+                   capture_output=True, timeout=120)  # the branch show/stop/reset look at (exit 1 if it exists)
     got = []
     for click_only in (False, True):
         got.append(cli_run(env, *argv, click_only=click_only))
         if argv[1] == "create" and got[-1][0] == 0:
             assert cli_run(env, "branch", "delete", argv[2])[0] == 0
     assert got[0] == got[1]
-    assert got[0][0] == (0 if argv[2].startswith("fast-a") else 2 if argv[2] == "production" and
-                         argv[1] == "delete" else 1)
+    ok = argv[2] in ("fast-a", "fast-s")
+    assert got[0][0] == (0 if ok else 2 if argv[2] == "production" and argv[1] in ("delete", "reset") else 1)
+
+
+@needs_root_btrfs
+def test_start_through_the_fast_path(env: dict[str, str]) -> None:
+    """`branch start` says where the compute runs (pid and port differ between runs: compared in shape)."""
+    subprocess.run([sys.executable, "-m", "tierbase.cli.main", "branch", "create", "fast-s"], env=env,
+                   capture_output=True, timeout=120)
+    got = []
+    for click_only in (False, True):
+        code, out, err = cli_run(env, "branch", "start", "fast-s", click_only=click_only)
+        got.append((code, re.sub(r"pid [0-9]+", "pid _", out), err))
+        assert cli_run(env, "branch", "stop", "fast-s")[0] == 0
+    assert got[0] == got[1] and got[0][0] == 0
+    assert re.fullmatch(r"fast-s: compute running \(pid _, port [0-9]+\)\n", got[0][1]), got
 
 
 @needs_root_btrfs

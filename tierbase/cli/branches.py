@@ -10,8 +10,8 @@ from urllib.parse import quote
 import click
 
 from .base import as_json, client, command, from_spec, ttl_option
-from .hot import BRANCH_CREATE, BRANCH_DELETE
-from .render import branch_details, branch_tree, emit_json, out, space_line
+from .hot import HOT
+from .render import branch_tree, emit_json, out, space_line
 
 if TYPE_CHECKING:
     from ..api.client import Client
@@ -23,9 +23,9 @@ def branch() -> None:
     """Create, list, reset and delete branches."""
 
 
-# `branch create` and `branch delete` are declared in cli/hot.py (their fast path runs without click)
-branch.add_command(from_spec(BRANCH_CREATE))
-branch.add_command(from_spec(BRANCH_DELETE))
+# the hot commands are declared in cli/hot.py (their fast path runs without click)
+for _spec in HOT.values():
+    branch.add_command(from_spec(_spec))
 
 
 @branch.command("create-ci")
@@ -64,26 +64,6 @@ def branch_list(ctx: click.Context, no_bytes: bool, prefix: str, names: bool, mi
         space_line(client(ctx).space())
 
 
-@branch.command("show")
-@click.argument("name")
-@command
-@click.pass_context
-def branch_show(ctx: click.Context, name: str) -> None:
-    """Everything about one branch."""
-    data = client(ctx).get_branch(name)
-    emit_json(data) if as_json() else branch_details(data)
-
-
-@branch.command("reset")
-@click.argument("name")
-@command
-@click.pass_context
-def branch_reset(ctx: click.Context, name: str) -> None:
-    """Throw away NAME's changes: back to its parent's current state, same URL."""
-    b = client(ctx).reset_branch(name)
-    emit_json(b) if as_json() else out.print(f"reset {name!r} to the current state of {b['parent']!r}")
-
-
 @branch.command("url")
 @click.argument("name")
 @click.option("--database", default="postgres", show_default=True)
@@ -111,26 +91,6 @@ def _save_ca(sdk: Client) -> Path:
     path = base / "ca.crt"
     path.write_text(sdk.tls_ca()["pem"])
     return path
-
-
-@branch.command("start")
-@click.argument("name")
-@command
-@click.pass_context
-def branch_start(ctx: click.Context, name: str) -> None:
-    """Start NAME's compute."""
-    b = client(ctx).start_branch(name)
-    emit_json(b) if as_json() else out.print(f"{name}: compute {b['compute']} (pid {b['pid']}, port {b['port']})")
-
-
-@branch.command("stop")
-@click.argument("name")
-@command
-@click.pass_context
-def branch_stop(ctx: click.Context, name: str) -> None:
-    """Stop NAME's compute (it wakes again on the next connection)."""
-    b = client(ctx).stop_branch(name)
-    emit_json(b) if as_json() else out.print(f"{name}: compute {b['compute']}")
 
 
 # -- routes --------------------------------------------------------------------------

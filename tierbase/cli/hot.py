@@ -1,4 +1,5 @@
-"""The commands agents and scripts call in loops, declared once (cli/spec.py), without click.
+"""The commands agents and scripts call in loops, declared once (cli/spec.py), without click:
+`branch create`, `delete`, `show`, `reset`, `start` and `stop`.
 
 cli/branches.py registers them in the `branch` group through ``base.from_spec`` (so ``--help`` and
 every argv the fast parser leaves alone are click's); cli/fast.py runs them without importing click.
@@ -7,7 +8,7 @@ Each ``run`` is the command's whole body: one SDK call, then text or ``--json``.
 
 from __future__ import annotations
 
-from .render import echo, emit_json
+from .render import branch_details, echo, emit_json
 from .spec import TTL, Command, argument, flag, option
 
 TYPE_CHECKING = False
@@ -36,6 +37,26 @@ def _delete(sdk: Client, as_json: bool, *, name: str, recursive: bool) -> None:
     emit_json({"deleted": gone}) if as_json else echo(f"deleted {', '.join(gone)}")
 
 
+def _show(sdk: Client, as_json: bool, *, name: str) -> None:
+    data = sdk.get_branch(name)
+    emit_json(data) if as_json else branch_details(data)
+
+
+def _reset(sdk: Client, as_json: bool, *, name: str) -> None:
+    b = sdk.reset_branch(name)
+    emit_json(b) if as_json else echo(f"reset {name!r} to the current state of {b['parent']!r}")
+
+
+def _start(sdk: Client, as_json: bool, *, name: str) -> None:
+    b = sdk.start_branch(name)
+    emit_json(b) if as_json else echo(f"{name}: compute {b['compute']} (pid {b['pid']}, port {b['port']})")
+
+
+def _stop(sdk: Client, as_json: bool, *, name: str) -> None:
+    b = sdk.stop_branch(name)
+    emit_json(b) if as_json else echo(f"{name}: compute {b['compute']}")
+
+
 BRANCH_CREATE = Command(
     "branch", "create", _create,
     argument("name"),
@@ -56,5 +77,13 @@ BRANCH_DELETE = Command(
     doc="Delete a branch (and with --recursive its descendants).",
 )
 
+BRANCH_SHOW = Command("branch", "show", _show, argument("name"), doc="Everything about one branch.")
+BRANCH_RESET = Command("branch", "reset", _reset, argument("name"),
+                       doc="Throw away NAME's changes: back to its parent's current state, same URL.")
+BRANCH_START = Command("branch", "start", _start, argument("name"), doc="Start NAME's compute.")
+BRANCH_STOP = Command("branch", "stop", _stop, argument("name"),
+                      doc="Stop NAME's compute (it wakes again on the next connection).")
+
 #: (group, command) -> declaration: what cli/fast.py may run without click
-HOT = {(c.group, c.name): c for c in (BRANCH_CREATE, BRANCH_DELETE)}
+HOT = {(c.group, c.name): c for c in (BRANCH_CREATE, BRANCH_DELETE, BRANCH_SHOW, BRANCH_RESET, BRANCH_START,
+                                      BRANCH_STOP)}

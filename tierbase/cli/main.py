@@ -1,7 +1,7 @@
 """`tierbase` CLI. Exit codes: 0 ok, 1 error, 2 refused by a rule (with the reasons).
 
 This module is the console script's entry point and stays tiny: `tierbase --version` answers
-without importing click, and so do the hot commands (cli/hot.py: `branch create`, `branch delete`)
+without importing click, and so do the hot commands (cli/hot.py: `branch create`, `delete`, ...)
 when cli/fast.py can parse the argv; every other call builds the root group (cli/base.py, which
 registers every command) and runs it. ``from tierbase.cli.main import cli`` gives that group.
 """
