@@ -29,20 +29,10 @@ from tierbase.migrate.files import Migration
 from tierbase.migrate.promote import PromotionLog
 from tierbase.names import ReservedName
 
-from .conftest import (
-    as_,
-    free_port,
-    free_port_base,
-    make_home,
-    make_principal,
-    needs_root_btrfs,
-    query,
-    serving,
-    teardown_platform,
-)
-from .test_masking import PAGILA, SEED
+from .conftest import as_, needs_root_btrfs, query
+from .shop import Shop, shop_platform
+from .test_masking import PAGILA
 from .test_masking_work import CONFIG as WORK_CONFIG
-from .test_masking_work import Shop
 
 pytestmark = [needs_root_btrfs,
               pytest.mark.skipif(not PAGILA.exists(), reason=f"the pagila fixture is not at {PAGILA}")]
@@ -63,23 +53,8 @@ UPDATE payment SET amount = amount + 1 WHERE payment_id % 89 = 0;
 
 @pytest.fixture(scope="module")
 def shop() -> Iterator[Shop]:
-    base = make_home()
-    os.environ["TIERBASE_PORT_BASE"] = str(free_port_base())
-    tb = Tierbase(base / "home")
-    try:
-        tb.init(storage="btrfs", btrfs_size="3G", proxy_port=free_port())
-        tb.import_dump(str(PAGILA), "production", "shop")
-        shop = Shop(tb, base)
-        with psycopg.connect(shop.admin("production"), autocommit=True) as conn:
-            conn.execute("SET search_path = public")
-            conn.execute(SEED)
-        (base / "tierbase.toml").write_text(CONFIG)
-        tb.reload_config(str(base / "tierbase.toml"))  # makes staging and the first image (full)
-        make_principal(tb, "dev", "developer")
-        with serving(tb):
-            yield shop
-    finally:
-        teardown_platform(tb, base)
+    with shop_platform(CONFIG, principals=[("dev", "developer")]) as got:  # makes staging and the first image
+        yield got
 
 
 def record(tb: Tierbase) -> dict[str, Any]:
