@@ -172,10 +172,11 @@ class Images:
                                                old.get("source_xmin") if old["source"] == serving.name else None)
                 except FullRemask as fallback:
                     why = fallback.why
+            settled: dict[str, Any] = {}
             if done is None:
                 self.branches.create(name, serving.name, kind=Kind.FEATURE, creator=self.core.gate.owner,
                                      actor="tierbase", fork=refresh.clone_of(source),
-                                     prepare=self.masking.hook(name, serving, plan))
+                                     prepare=self.masking.hook(name, serving, plan, settled=settled))
         except BaseException:
             with contextlib.suppress(TierbaseError):
                 refresh.drop(source.name)
@@ -186,6 +187,9 @@ class Images:
                "as_of": source.created_at or now, "seconds": round(time.perf_counter() - t0, 3),
                "mode": "incremental" if done is not None else "full", "why": why or "only rows changed",
                "rows_remasked": done["rows_remasked"] if done is not None else None,
+               # what masking and freezing the rewritten pages cost (masking_apply.freeze)
+               "mask_s": (done.get("seconds") if done is not None else settled.get("seconds")),
+               "freeze_s": (done.get("freeze_s") if done is not None else settled.get("freeze_s")),
                "migrations_applied": done.get("migrations", []) if done is not None else [],
                "previous_staleness_s": round(now - float(old["as_of"]), 1) if old else None}
         self.store.set_setting(KEY.format(tier), rec)
