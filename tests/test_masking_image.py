@@ -22,7 +22,7 @@ import pytest
 
 from tierbase import Tierbase
 from tierbase.control.store import Kind
-from tierbase.errors import Refused, TierbaseError
+from tierbase.errors import PolicyDenied, Refused, TierbaseError
 from tierbase.governance.masking import MaskRule
 from tierbase.migrate import remask
 from tierbase.migrate.files import Migration
@@ -252,14 +252,27 @@ def test_the_unmasked_source_is_out_of_a_developers_reach(shop: Shop) -> None:
         dev.delete_branch(src)
     with pytest.raises(TierbaseError):
         dev.start_branch(src)
-    # a branch of it is masked like any branch of production: the originals stay out of sight
-    made = dev.create_branch("peek", src)
+    # neither the source nor the image itself is anyone's to branch: a masked branch of production is
+    # cloned from the image by the platform; a branch of either by hand would pin what a refresh removes
+    image = record(tb)["branch"]
+    for who in (dev, as_(tb, "bot")):
+        for parent in (src, image):
+            with pytest.raises(PolicyDenied) as refused:
+                who.create_branch("peek", parent)
+            assert tb.store.find("peek") is None
+            if who is dev:
+                assert refused.value.data["rule"] == "builtin.platform-only", refused.value.data
+                assert "kept by the platform for itself; branch the tier 'production' instead" in \
+                    refused.value.message
+    denied = tb.audit_log(actor="dev", action="branch.create", denied=True)[-1]
+    assert denied["target"] == image and "builtin.platform-only" in denied["reason"]
+    with pytest.raises(PolicyDenied, match="kept by the platform for itself"):
+        dev.start_branch(image)
+    made = tb.create_branch("pe-peek", image)  # a platform engineer may (and gets the image's masking)
     try:
         assert made["masked"]
-        originals = {str(r[0]) for r in query(shop.admin("production"), "SELECT email FROM customer")}
-        assert not originals & {str(r[0]) for r in query(dev.branch_url("peek", "shop"), "SELECT email FROM customer")}
     finally:
-        tb.delete_branch("peek")
+        tb.delete_branch("pe-peek")
 
 
 def test_a_refresh_does_not_race_a_promotion(shop: Shop) -> None:
