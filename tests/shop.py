@@ -8,15 +8,20 @@ between files is passed in: the config, who loads the seed, what else production
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import uvicorn
 
 from tierbase import Tierbase
+from tierbase.api.server import create_app
 
 from .conftest import free_port, free_port_base, make_home, make_principal, serving, teardown_platform
 from .test_masking import PAGILA, SEED
@@ -67,3 +72,24 @@ def shop_platform(config: str, *, seed_as_superuser: bool = True,
     finally:
         teardown_platform(tb, base)
 
+
+@contextlib.contextmanager
+def api_service(tb: Tierbase) -> Iterator[str]:
+    """The API over ``tb`` on a real port, written where the CLI finds it (home/service.json, this
+    process's pid); yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(tb), host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "the API did not start"
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{port}"
+    tb.home.service.write_text(json.dumps({"api_url": url, "pid": os.getpid()}))
+    try:
+        yield url
+    finally:
+        tb.home.service.unlink(missing_ok=True)
+        server.should_exit = True
+        thread.join(10)

@@ -8,6 +8,7 @@ the old image current; the unmasked source snapshot is out of every non-platform
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -29,8 +30,8 @@ from tierbase.migrate.files import Migration
 from tierbase.migrate.promote import PromotionLog
 from tierbase.names import ReservedName
 
-from .conftest import as_, needs_root_btrfs, query
-from .shop import Shop, shop_platform
+from .conftest import TOKENS, as_, needs_root_btrfs, query
+from .shop import Shop, api_service, shop_platform
 from .test_masking import PAGILA
 from .test_masking_work import CONFIG as WORK_CONFIG
 
@@ -273,6 +274,64 @@ def test_the_unmasked_source_is_out_of_a_developers_reach(shop: Shop) -> None:
         assert made["masked"]
     finally:
         tb.delete_branch("pe-peek")
+
+
+def test_a_refresh_is_asked_for_through_the_api_and_the_cli_by_platform_engineers_only(shop: Shop) -> None:
+    from click.testing import CliRunner
+    from fastapi.testclient import TestClient
+
+    from tierbase.api.client import Client
+    from tierbase.api.server import create_app
+    from tierbase.cli.main import cli
+
+    tb = shop.tb
+    before = record(tb)
+    owner = tb.home.token.read_text().strip()
+    run = CliRunner()
+    with api_service(tb) as url:
+        home = str(tb.home.root)
+        for who in ("dev", "bot"):  # refused with the rule, exit 2, nothing re-made; audited
+            got = run.invoke(cli, ["--home", home, "masking", "refresh", "production", "--json"],
+                             env={"TIERBASE_TOKEN": TOKENS[(home, who)]})
+            assert got.exit_code == 2, got.output
+            envelope = json.loads(got.stdout)["error"]
+            assert envelope["code"] == "policy_denied" and envelope["data"]["rule"] == \
+                "builtin.platform-engineers-only", envelope
+            assert "only platform engineers re-make masked images" in envelope["message"]
+            assert tb.audit_log(actor=who, action="masking.refresh", denied=True)
+        with pytest.raises(PolicyDenied):
+            Client(url=url, token=TOKENS[(home, "dev")]).refresh_masked_images("production", full=True)
+        api = TestClient(create_app(tb))
+        refused = api.post("/v1/masking/images/refresh", json={"tier": "production"},
+                           headers={"Authorization": f"Bearer {TOKENS[(home, 'bot')]}"})
+        assert refused.status_code == 403 and refused.json()["error"]["data"]["rule"] == \
+            "builtin.platform-engineers-only"
+        assert record(tb) == before
+        # bad input: a tier that keeps no image, a field the API does not know; nothing changes
+        got = run.invoke(cli, ["--home", home, "masking", "refresh", "staging"], env={"TIERBASE_TOKEN": owner})
+        assert got.exit_code == 1 and "tier 'staging' keeps no masked image" in got.output, got.output
+        bad = api.post("/v1/masking/images/refresh", json={"tier": "production", "path": "/etc"},
+                       headers={"Authorization": f"Bearer {owner}"})
+        assert bad.status_code == 422
+        assert record(tb) == before
+        # a platform engineer: the CLI, then what `masking images` and `status` show
+        got = run.invoke(cli, ["--home", home, "masking", "refresh", "production", "--json"],
+                         env={"TIERBASE_TOKEN": owner})
+        assert got.exit_code == 0, got.output
+        made = json.loads(got.stdout)
+        assert [m["tier"] for m in made] == ["production"] and made[0]["mode"] == "incremental", made
+        assert record(tb)["branch"] == made[0]["image"] != before["branch"]
+        done = tb.audit_log(actor=tb.gate.owner, action="masking.refresh")[-1]
+        assert done["outcome"] == "ok" and done["after"][0]["image"] == made[0]["image"], done
+        got = run.invoke(cli, ["--home", home, "masking", "images", "--json"], env={"TIERBASE_TOKEN": owner})
+        images = json.loads(got.stdout)
+        assert images[0]["current"] and images[0]["branch"] == made[0]["image"] and images[0]["bytes"] > 0, images
+        got = run.invoke(cli, ["--home", home, "status", "--json"], env={"TIERBASE_TOKEN": TOKENS[(home, "dev")]})
+        shown = json.loads(got.stdout)["masked_images"]
+        assert [(i["tier"], i["mode"], i["rows_remasked"]) for i in shown] == [("production", "incremental", 0)]
+        assert shown[0]["staleness_s"] >= 0 and shown[0]["bytes"] > 0
+        got = run.invoke(cli, ["--home", home, "status"], env={"TIERBASE_TOKEN": owner})
+        assert f"masked image: production: {made[0]['image']} (current)" in got.output, got.output
 
 
 def test_a_refresh_does_not_race_a_promotion(shop: Shop) -> None:
