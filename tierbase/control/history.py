@@ -2,7 +2,7 @@
 
 Layout on the pool (the btrfs mount; dot-names are not branch volumes, so reconcile leaves them):
 
-    volumes/.pitr/<key>/wal/        archived segments + <segment>.sha256 (compute/archive.py)
+    volumes/.pitr/<key>/wal/        archived segments + <segment>.crc (compute/archive.py)
     volumes/.pitr/<key>/base/<id>   read-only snapshots of the tier: the base backups (O(1))
 
 An archive ``key`` belongs to one branch *and* one WAL lineage: a branch reset onto a new
@@ -235,7 +235,8 @@ class History:
             for s in archive.segments(self.wal_dir(key)):
                 rng = archive.segment_range(s.name)
                 if rng is not None and rng[2] <= floor:
-                    (self.wal_dir(key) / f"{s.name}.sha256").unlink(missing_ok=True)
+                    for suffix in archive.CHECKSUM_SUFFIXES:
+                        (self.wal_dir(key) / f"{s.name}{suffix}").unlink(missing_ok=True)
                     (self.wal_dir(key) / s.name).unlink(missing_ok=True)
                     gone += 1
             if gone:
