@@ -108,8 +108,9 @@ class History:
     def archive_settings(self, b: Branch) -> dict[str, str]:
         return archive.archive_settings(self.script(), self.wal_dir(self.ensure_key(b)))
 
-    def recovery_settings(self, key: str, target: archive.Target, upto: str | None = None) -> dict[str, str]:
-        return archive.recovery_settings(self.script(), self.wal_dir(key), target, upto)
+    def recovery_settings(self, key: str, target: archive.Target, upto: str | None = None,
+                          placed: str | None = None) -> dict[str, str]:
+        return archive.recovery_settings(self.script(), self.wal_dir(key), target, upto, placed)
 
     # -- base snapshots ----------------------------------------------------------------
     def take_base(self, name: str, reason: str) -> Base:
