@@ -118,6 +118,7 @@ class PointInTime:
                                                              at=ts), datadir / "pg_wal", _owner(pg.user))
             check = _Check(wal_dir, placed, datadir / "pg_wal")
         pg.clear_runtime_files(datadir)
+        pg.forget_slots(datadir)  # a base taken while a promotion's slot lived carries it
         archive.write_signal(datadir)
         pg.user.chown(datadir / "recovery.signal")
         conf = {**self.history.recovery_settings(key, target, self.upto, placed[-1] if placed else None),
