@@ -14,6 +14,7 @@ exactly T (to the microsecond) or at exactly the target LSN is on the copy.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,12 +26,13 @@ from .compute import archive
 from .compute.archive import Target
 from .control.history import History
 from .control.store import Branch
-from .errors import ComputeError, InvalidInput, OutsideHistory, TierbaseError
+from .errors import ArchiveCorrupt, ComputeError, InvalidInput, OutsideHistory, TierbaseError
 from .names import parse_ttl
 from .storage import Source
 
 if TYPE_CHECKING:
     from .provider import LocalProvider
+    from .provider.types import ComputeUser
 
 _LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 
@@ -71,6 +73,8 @@ class PointInTime:
         #: the segment the parent's archiver was asked for by reach(): recover() lets the restore
         #: command wait for segments up to it (one PointInTime per operation, so per target)
         self.upto: str | None = None
+        #: milliseconds of recover()'s steps (the benchmark's and the profile's breakdown)
+        self.phases: dict[str, float] = {}
 
     def reach(self, parent: Branch, key: str, target: Target, ts: float | None) -> None:
         """Have the archive get the WAL up to the target: the parent (running: it is a tier the caller
@@ -78,7 +82,10 @@ class PointInTime:
         An LSN past the parent's end of WAL is refused."""
         ep = self.provider.endpoint(parent.port)
         with psycopg.connect(ep.dsn(), autocommit=True, connect_timeout=10) as conn:
-            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            # the marker below need not wait for its own WAL flush: pg_switch_wal() flushes the WAL up to
+            # the switch, the marker's commit included (one fsync of the tier's WAL, not two)
+            row = conn.execute("SELECT pg_current_wal_lsn()::text, set_config('synchronous_commit', 'off', false)"
+                               ).fetchone()
             end = str(row[0]) if row else "0/0"
             if target.lsn is not None and archive.parse_lsn(target.lsn) > archive.parse_lsn(end):
                 raise OutsideHistory(f"LSN {target.lsn} is past the end of {parent.name!r}'s WAL ({end})",
@@ -98,14 +105,24 @@ class PointInTime:
         leave its compute running, promoted (``private``: on a 0700 socket only). Returns where its
         history ends (the last replayed LSN)."""
         driver, pg = self.provider.driver, self.provider.pg
+        t0 = time.perf_counter()
+        wal_dir = self.history.wal_dir(key)
         with self.history.reading(key):
             base = self.history.choose(key, at=ts, lsn=target.lsn)
             driver.clone(Source(base.volume), b.volume)
-        datadir = driver.path(b.volume)
+            datadir = driver.path(b.volume)
+            # the archived segments the replay reads first go into pg_wal now (reflinks): postgres reads
+            # them there, sparing each a restore command and the fsyncs of taking its file over; their
+            # sums are checked while it replays, and the promotion waits for that check
+            placed = archive.place(wal_dir, archive.to_place(wal_dir, base.redo_lsn, base.timeline, lsn=target.lsn,
+                                                             at=ts), datadir / "pg_wal", _owner(pg.user))
+            check = _Check(wal_dir, placed, datadir / "pg_wal")
         pg.clear_runtime_files(datadir)
+        pg.forget_slots(datadir)  # a base taken while a promotion's slot lived carries it
         archive.write_signal(datadir)
         pg.user.chown(datadir / "recovery.signal")
-        conf = {**self.history.recovery_settings(key, target, self.upto), **(settings or {})}
+        conf = {**self.history.recovery_settings(key, target, self.upto, placed[-1] if placed else None),
+                **(settings or {})}
         sockdir = self.provider.home / "run" / b.name if private else self.provider.sockets
         if private:
             sockdir.mkdir(parents=True, exist_ok=True)
@@ -113,15 +130,31 @@ class PointInTime:
             sockdir.chmod(0o700)
         logfile = self.provider.logs / f"{b.name}.log"
         dsn = psycopg.conninfo.make_conninfo("", host=str(sockdir), port=b.port, user="tierbase", dbname="postgres")
+        self.phases["placed_segments"] = len(placed)
+        self._phase("prepare_ms", t0)
+        check.start()
         try:
             with self.provider.lock(b.name):
+                t1 = time.perf_counter()
                 pg.start(datadir, b.port, logfile, name=b.name, sockets=self.provider.sockets,
                          private=sockdir if private else None, settings=conf, ready=("standby", "ready"))
-                return self._promote_at_target(dsn, datadir)
+                self._phase("start_ms", t1)
+                t2 = time.perf_counter()
+                end = self._promote_at_target(dsn, datadir, check)
+                self._phase("replay_promote_ms", t2)
+                return end
         except (ComputeError, psycopg.OperationalError) as err:
+            # a placed segment that failed its check explains a replay that failed (postgres read it)
+            if (bad := check.result()) is not None:
+                raise bad from err
             raise _recovery_error(err, logfile) from err
+        finally:
+            check.result()
 
-    def _promote_at_target(self, dsn: str, datadir: Path, timeout: float = 600) -> str:
+    def _phase(self, name: str, since: float) -> None:
+        self.phases[name] = round((time.perf_counter() - since) * 1000, 1)
+
+    def _promote_at_target(self, dsn: str, datadir: Path, check: _Check, timeout: float = 600) -> str:
         """Promote as soon as the replay stops at its target; returns the last replayed LSN.
 
         The promotion is asked for at once: in an archive recovery that is not a standby, the
@@ -129,6 +162,8 @@ class PointInTime:
         would pause), so the request neither cuts the replay short nor waits for the pause loop's
         one-second tick, and the promotion is the fast kind."""
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            if (bad := check.result()) is not None:  # before the promotion: the copy is thrown away
+                raise bad
             conn.execute("SELECT pg_promote(false)")
             deadline = time.monotonic() + timeout
             while True:
@@ -140,6 +175,49 @@ class PointInTime:
                     raise ComputeError(f"recovery did not reach its target within {timeout:.0f}s",
                                        "Pick a target closer to a base snapshot, or check the machine's load")
                 time.sleep(0.005)
+
+
+class _Check(threading.Thread):
+    """Checks the segments placed into pg_wal against the sums recorded when they were archived, while
+    postgres replays them. Their files are opened before postgres starts: a restartpoint may recycle a
+    replayed segment under another name, but nothing writes into one before the promotion, which
+    waits for this check."""
+
+    def __init__(self, wal_dir: Path, names: list[str], pg_wal: Path) -> None:
+        super().__init__(name="tierbase-wal-check", daemon=True)
+        self.wal_dir = wal_dir
+        self.files = [(name, open(pg_wal / name, "rb")) for name in names]  # noqa: SIM115 (closed by run)
+        self.bad: ArchiveCorrupt | None = None
+
+    def run(self) -> None:
+        try:
+            for name, fh in self.files:
+                try:
+                    archive.verify(self.wal_dir, name, fh)
+                except ArchiveCorrupt:
+                    self.bad = _corrupt(name)
+                    return
+        finally:
+            for _, fh in self.files:
+                fh.close()
+
+    def result(self) -> ArchiveCorrupt | None:
+        """The first segment that failed its check (None: all passed), once the check is done."""
+        if self.ident is not None:
+            self.join()
+        else:  # never started (postgres was not started either)
+            for _, fh in self.files:
+                fh.close()
+        return self.bad
+
+
+def _owner(user: ComputeUser) -> tuple[int, int] | None:
+    return None if user.is_self else (user.uid, user.gid)
+
+
+def _corrupt(seg: str) -> ArchiveCorrupt:
+    return ArchiveCorrupt(f"checksum mismatch on WAL segment {seg} in the archive: recovery refused",
+                          "Nothing was made; pick a point before that segment, or restore the archive", segment=seg)
 
 
 def _recovery_error(err: ComputeError | psycopg.Error, logfile: Path) -> TierbaseError:
@@ -154,11 +232,7 @@ def _recovery_error(err: ComputeError | psycopg.Error, logfile: Path) -> Tierbas
                              "the target", "Check the pool's free space (`tierbase status`) and try again")
     seg = archive.corrupt_segment(text)
     if seg is not None:
-        from .errors import ArchiveCorrupt
-
-        return ArchiveCorrupt(f"checksum mismatch on WAL segment {seg} in the archive: recovery refused",
-                              "Nothing was made; pick a point before that segment, or restore the archive",
-                              segment=seg)
+        return _corrupt(seg)
     if "recovery ended before configured recovery target was reached" in text:
         return OutsideHistory("the archived WAL ends before the target",
                               "Pick an earlier point (`tierbase history TIER`); a missing segment ends it early")

@@ -44,6 +44,14 @@ def _pg_size(text: str) -> str:
     return m.group(1) + {"kb": "kB", "mb": "MB", "gb": "GB"}[m.group(2)]
 
 
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.strip().lower() not in allowed:
+            raise ValueError(text)
+        return text.strip().lower()
+    return parse
+
+
 class Setting:
     """One row of the table (a plain class: dataclasses imports inspect, ~12 ms of every CLI call)."""
 
@@ -109,6 +117,13 @@ _TABLE = (
     Setting("recovery_shared_buffers", "256MB", "shared_buffers of a compute while it replays WAL to a point in "
             "time (branch --at, restore): room for the pages the replay touches (that start only)",
             env="TIERBASE_RECOVERY_SHARED_BUFFERS", parse=_pg_size, kind="a Postgres size such as 256MB"),
+    Setting("rollback_replay", "logical", "how a rollback finds the rows written since the promotion: logical "
+            "(decode the WAL of a slot made at the promotion; tiers run wal_level=logical; the data diff when "
+            "there is no usable slot) or diff (compare the tables on both branches)", env="TIERBASE_ROLLBACK_REPLAY",
+            parse=_choice("logical", "diff"), kind="logical or diff"),
+    Setting("rollback_slot_max_wal", "1GB", "max_slot_wal_keep_size of a tier's compute: the most WAL a "
+            "promotion's slot may hold back; past it the slot is invalidated and a rollback uses the data diff",
+            env="TIERBASE_ROLLBACK_SLOT_MAX_WAL", parse=_pg_size, kind="a Postgres size such as 1GB"),
     Setting("failpoints", "", "comma-separated failpoints at which the process kills itself (tests only)",
             env="TIERBASE_FAILPOINTS"),
     # -- fixed by design, named here so that they are found in one place ------------------------

@@ -407,6 +407,15 @@ class Client:
         return dict(self._call("GET", "/v1/policy/explain", params=params))
 
     @checked
+    def masked_images(self) -> Annotated[list[JSON], list[P.ImageState]]:
+        return list(self._call("GET", "/v1/masking/images"))
+
+    @checked
+    def refresh_masked_images(self, tier: str | None = None, *,
+                              full: bool = False) -> Annotated[list[JSON], list[P.ImageRefreshed]]:
+        return list(self._call("POST", "/v1/masking/images/refresh", json={"tier": tier, "full": full}))
+
+    @checked
     def audit_log(self, **filters: Any) -> Annotated[list[JSON], list[P.AuditRecord]]:
         params = {k: v for k, v in filters.items() if v is not None}
         return list(self._call("GET", "/v1/audit", params=params))

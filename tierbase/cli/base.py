@@ -39,6 +39,7 @@ COMMANDS = {
     "principal": "tierbase.cli.governance:principal",
     "policy": "tierbase.cli.governance:policy",
     "audit": "tierbase.cli.governance:audit",
+    "masking": "tierbase.cli.masking:masking",
     "migrate": "tierbase.cli.migrate:migrate",
     "promote": "tierbase.cli.migrate:promote",
     "rollback": "tierbase.cli.migrate:rollback",

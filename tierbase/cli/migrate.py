@@ -171,7 +171,10 @@ def rollback(ctx: click.Context, tier: str, to: str | None, discard_writes: bool
         click.echo(f"WARNING: writes made on {rec['replaced']} since the snapshot were DISCARDED from {tier}", err=True)
     else:
         out.print(f"writes replayed: {rec['rows_replayed']} rows, left on the replaced branch: {rec['rows_left']} "
-                  f"(+{rec['time_added_ms']} ms, route held {rec['hold_ms']} ms)", markup=False)
+                  f"(+{rec['time_added_ms']} ms, route held {rec['hold_ms']} ms, "
+                  f"by {rec.get('replay_method') or 'diff'})", markup=False)
+        if rec.get("replay_fallback"):
+            out.print(f"  data diff instead of logical decoding: {rec['replay_fallback']}", markup=False)
     if rec.get("left_sql_file"):
         out.print(f"SQL for the rows left: {rec['left_sql_file']}", markup=False)
     out.print(rec["hint"], markup=False)

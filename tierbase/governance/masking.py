@@ -542,6 +542,8 @@ def apply_masking(conn: psycopg.Connection[Any], rules: list[MaskRule], key: byt
                 conn.execute(sql.SQL("ANALYZE {}").format(t.ident))  # pg_stats must not keep original values
             for view in report["refreshed"]:
                 conn.execute(sql.SQL("ANALYZE {}").format(sql.SQL(view)))
+            # what masking rewrote, as quoted names: an image freezes them before it is snapshotted
+            report["relations"] = [t.ident.as_string(conn) for t in masked] + list(report["refreshed"])
     except psycopg.Error as err:
         from .masking_rows import primary_message
 

@@ -229,6 +229,11 @@ def apply(image: psycopg.Connection[Any], p: Plan, rules: list[MaskRule], key: b
     return report
 
 
+def relations(conn: psycopg.Connection[Any], p: Plan) -> list[str]:
+    """The tables ``apply`` wrote rows of, as quoted names (to freeze them afterwards)."""
+    return [p.shapes[name].ident.as_string(conn) for name in sorted(p.changed())]
+
+
 def _remask(conn: psycopg.Connection[Any], shape: Shape, rules: list[MaskRule], rows: list[dict[str, Any]],
             pads: dict[str, bytes]) -> int:
     """The masking UPDATE of one table's rules, on the rows just upserted only (by key)."""
