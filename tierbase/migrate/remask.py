@@ -32,14 +32,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..governance.masking import (
-    MaskRule,
-    _pads,
-    _prepare_session,
-    _refresh_views,
-    load_table,
-    update_statement,
-)
+from ..governance.masking import MaskRule, _prepare_session, _refresh_views, load_table, update_statement
+from ..governance.masking_sql import _pads
 from . import ledger
 from .datadiff import DataDiff, Shape, data_diff, delete_sql, shapes, stable_session, upsert_sql
 from .files import Migration
