@@ -1,10 +1,11 @@
 """Point-in-time copies: a base snapshot of the tier + its archived WAL, replayed up to a target.
 
-A branch at T: clone the newest base snapshot taken before T (O(1)), write
-``recovery.signal``, start postgres once with ``restore_command`` (the platform's
-checksum-verifying script) and ``recovery_target_time``/``_lsn`` with
-``recovery_target_action=promote`` on its command line, and wait until it is
-promoted (``hot_standby=off``: nobody connects to a half-replayed copy). The copy
+A branch at T: clone the newest base snapshot taken before T (O(1)), reflink the
+archived segments wholly before T into its pg_wal (checked against their sums while
+postgres replays them), write ``recovery.signal``, start postgres once with
+``restore_command`` (the platform's checksum-verifying script, for the rest) and
+``recovery_target_time``/``_lsn`` on its command line, and promote it once the replay
+pauses at the target (nobody but the platform reaches a half-replayed copy). The copy
 then starts a timeline of its own and is an ordinary cluster.
 
 ``recovery_target_inclusive`` is on by default: a transaction that committed at

@@ -289,8 +289,21 @@ def place(wal_dir: Path, names: list[str], pg_wal: Path, owner: tuple[int, int] 
             dst.unlink(missing_ok=True)
             break
         os.close(fd)
+        _archived(pg_wal, name, owner)
         done.append(name)
     return done
+
+
+def _archived(pg_wal: Path, name: str, owner: tuple[int, int] | None) -> None:
+    """Mark a placed segment archived, as PostgreSQL marks a segment it restored from the archive
+    (XLogArchiveForceDone): a restored tier's archiver must not send it to the archive again."""
+    status = pg_wal / "archive_status"
+    (status / f"{name}.ready").unlink(missing_ok=True)
+    done = status / f"{name}.done"
+    if not done.exists():
+        os.close(os.open(done, os.O_WRONLY | os.O_CREAT, 0o600))
+        if owner is not None:
+            os.chown(done, *owner)
 
 
 def verify(wal_dir: Path, name: str, copy: io.BufferedReader | None = None) -> None:
