@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from .provider import LocalProvider
     from .provider.types import ComputeUser
 
+#: seconds a recovery may take to reach its target (each of its start and its replay after that)
+REPLAY_TIMEOUT = 600.0
 _LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 
 
@@ -136,7 +138,9 @@ class PointInTime:
         try:
             with self.provider.lock(b.name):
                 t1 = time.perf_counter()
-                pg.start(datadir, b.port, logfile, name=b.name, sockets=self.provider.sockets,
+                # "standby" (consistent) comes only once the placed segments are replayed: the start
+                # waits as long as the replay may take (a target an hour back replays gigabytes)
+                pg.start(datadir, b.port, logfile, name=b.name, sockets=self.provider.sockets, timeout=REPLAY_TIMEOUT,
                          private=sockdir if private else None, settings=conf, ready=("standby", "ready"))
                 self._phase("start_ms", t1)
                 t2 = time.perf_counter()
@@ -154,7 +158,7 @@ class PointInTime:
     def _phase(self, name: str, since: float) -> None:
         self.phases[name] = round((time.perf_counter() - since) * 1000, 1)
 
-    def _promote_at_target(self, dsn: str, datadir: Path, check: _Check, timeout: float = 600) -> str:
+    def _promote_at_target(self, dsn: str, datadir: Path, check: _Check, timeout: float = REPLAY_TIMEOUT) -> str:
         """Promote as soon as the replay stops at its target; returns the last replayed LSN.
 
         The promotion is asked for at once: in an archive recovery that is not a standby, the
