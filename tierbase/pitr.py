@@ -117,6 +117,7 @@ class PointInTime:
             # the archived segments the replay reads first go into pg_wal now (reflinks): postgres reads
             # them there, sparing each a restore command and the fsyncs of taking its file over; their
             # sums are checked while it replays, and the promotion waits for that check
+            self.phases["dropped_segments"] = archive.drop_preallocated(datadir / "pg_wal", base.timeline, base.lsn)
             placed = archive.place(wal_dir, archive.to_place(wal_dir, base.redo_lsn, base.timeline, lsn=target.lsn,
                                                              at=ts), datadir / "pg_wal", _owner(pg.user))
             check = _Check(wal_dir, placed, datadir / "pg_wal")
