@@ -408,7 +408,11 @@ def main() -> None:
                        "add up to the median total",
                        "the placed segments are those archived wholly before T: reflinks into the copy's pg_wal "
                        "before postgres starts, checked against their recorded CRC-32 while it replays; the rest "
-                       "come through the restore command (`bench/pitr_profile.py` prints one run's full timeline)"]},
+                       "come through the restore command (`bench/pitr_profile.py` prints one run's full timeline); the "
+                       "base's preallocated segment files past its end of WAL are dropped from the copy first",
+                       "not taken: `recovery_init_sync_method=syncfs` (the start's data-dir sync) was no faster "
+                       "here: the copy's files are clean, so the per-file fsync walk only opens them, while "
+                       "syncfs waits for every dirty page of the whole pool, the busy tier's included"]},
             *([] if not on else [{"title": "Archiving's cost on the tier's TPS (pgbench -c 4, alternated)",
              "columns": ["archiving", "TPS runs", "mean TPS"],
              "rows": [["on (tier)", on, round(statistics.mean(on), 1)],
