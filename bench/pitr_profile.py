@@ -103,9 +103,16 @@ def main() -> None:
     plain = archive.recovery_settings
 
     def with_variant(*a: Any, **kw: Any) -> dict[str, str]:
-        return {**plain(*a, **kw), **chosen}
+        return {**plain(*a, **kw), **{k: v for k, v in chosen.items() if not k.startswith("_")}}
 
     archive.recovery_settings = with_variant  # type: ignore[assignment]
+    # "_place=off" in a variant: no segments placed into pg_wal beforehand (every one through the script)
+    place = archive.to_place
+
+    def to_place(*a: Any, **kw: Any) -> list[str]:
+        return [] if chosen.get("_place") == "off" else place(*a, **kw)
+
+    archive.to_place = to_place  # type: ignore[assignment]
     tmp = Path(tempfile.mkdtemp(prefix="tierbase-bench-pitrprof-", dir="/tmp"))
     tmp.chmod(0o711)
     (tmp / "tierbase.toml").write_text(CONFIG)

@@ -1,10 +1,11 @@
 """Point-in-time copies: a base snapshot of the tier + its archived WAL, replayed up to a target.
 
-A branch at T: clone the newest base snapshot taken before T (O(1)), write
-``recovery.signal``, start postgres once with ``restore_command`` (the platform's
-checksum-verifying script) and ``recovery_target_time``/``_lsn`` with
-``recovery_target_action=promote`` on its command line, and wait until it is
-promoted (``hot_standby=off``: nobody connects to a half-replayed copy). The copy
+A branch at T: clone the newest base snapshot taken before T (O(1)), reflink the
+archived segments wholly before T into its pg_wal (checked against their sums while
+postgres replays them), write ``recovery.signal``, start postgres once with
+``restore_command`` (the platform's checksum-verifying script, for the rest) and
+``recovery_target_time``/``_lsn`` on its command line, and promote it once the replay
+pauses at the target (nobody but the platform reaches a half-replayed copy). The copy
 then starts a timeline of its own and is an ordinary cluster.
 
 ``recovery_target_inclusive`` is on by default: a transaction that committed at
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from .provider import LocalProvider
     from .provider.types import ComputeUser
 
+#: seconds a recovery may take to reach its target (each of its start and its replay after that)
+REPLAY_TIMEOUT = 600.0
 _LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 
 
@@ -114,6 +117,7 @@ class PointInTime:
             # the archived segments the replay reads first go into pg_wal now (reflinks): postgres reads
             # them there, sparing each a restore command and the fsyncs of taking its file over; their
             # sums are checked while it replays, and the promotion waits for that check
+            self.phases["dropped_segments"] = archive.drop_preallocated(datadir / "pg_wal", base.timeline, base.lsn)
             placed = archive.place(wal_dir, archive.to_place(wal_dir, base.redo_lsn, base.timeline, lsn=target.lsn,
                                                              at=ts), datadir / "pg_wal", _owner(pg.user))
             check = _Check(wal_dir, placed, datadir / "pg_wal")
@@ -136,7 +140,9 @@ class PointInTime:
         try:
             with self.provider.lock(b.name):
                 t1 = time.perf_counter()
-                pg.start(datadir, b.port, logfile, name=b.name, sockets=self.provider.sockets,
+                # "standby" (consistent) comes only once the placed segments are replayed: the start
+                # waits as long as the replay may take (a target an hour back replays gigabytes)
+                pg.start(datadir, b.port, logfile, name=b.name, sockets=self.provider.sockets, timeout=REPLAY_TIMEOUT,
                          private=sockdir if private else None, settings=conf, ready=("standby", "ready"))
                 self._phase("start_ms", t1)
                 t2 = time.perf_counter()
@@ -154,7 +160,7 @@ class PointInTime:
     def _phase(self, name: str, since: float) -> None:
         self.phases[name] = round((time.perf_counter() - since) * 1000, 1)
 
-    def _promote_at_target(self, dsn: str, datadir: Path, check: _Check, timeout: float = 600) -> str:
+    def _promote_at_target(self, dsn: str, datadir: Path, check: _Check, timeout: float = REPLAY_TIMEOUT) -> str:
         """Promote as soon as the replay stops at its target; returns the last replayed LSN.
 
         The promotion is asked for at once: in an archive recovery that is not a standby, the

@@ -264,6 +264,23 @@ def to_place(wal_dir: Path, redo_lsn: str, timeline: int, *, lsn: str | None = N
     return out
 
 
+def drop_preallocated(pg_wal: Path, timeline: int, end_lsn: str) -> int:
+    """Remove from a copy's pg_wal the segment files that start past the one after ``end_lsn`` (where the
+    copied cluster's WAL ended, or later): postgres made them in advance by recycling old segments, so they
+    hold nothing but old bytes. Left there, each one on the old timeline is renamed or unlinked at the
+    end of the recovery with three fsyncs, while the promotion waits. Returns how many went."""
+    # one segment of margin: the last record before end_lsn (a shutdown checkpoint's, when the copy was
+    # of a stopped cluster) may run on into the next segment
+    end = parse_lsn(end_lsn) + SEGMENT_BYTES
+    gone = 0
+    for p in pg_wal.iterdir():
+        rng = segment_range(p.name)
+        if rng is not None and not p.name.endswith(".partial") and rng[0] == timeline and rng[1] > end:
+            p.unlink()
+            gone += 1
+    return gone
+
+
 #: Linux's ioctl to share a file's extents with another (a reflink copy; btrfs, XFS)
 FICLONE = 0x40049409
 
@@ -289,8 +306,21 @@ def place(wal_dir: Path, names: list[str], pg_wal: Path, owner: tuple[int, int] 
             dst.unlink(missing_ok=True)
             break
         os.close(fd)
+        _archived(pg_wal, name, owner)
         done.append(name)
     return done
+
+
+def _archived(pg_wal: Path, name: str, owner: tuple[int, int] | None) -> None:
+    """Mark a placed segment archived, as PostgreSQL marks a segment it restored from the archive
+    (XLogArchiveForceDone): a restored tier's archiver must not send it to the archive again."""
+    status = pg_wal / "archive_status"
+    (status / f"{name}.ready").unlink(missing_ok=True)
+    done = status / f"{name}.done"
+    if not done.exists():
+        os.close(os.open(done, os.O_WRONLY | os.O_CREAT, 0o600))
+        if owner is not None:
+            os.chown(done, *owner)
 
 
 def verify(wal_dir: Path, name: str, copy: io.BufferedReader | None = None) -> None:
