@@ -207,7 +207,8 @@ def rollbacks(ctx: click.Context, tier: str | None) -> None:
         return
     for r in rows:
         kept = f"kept as {r['replaced_route']}" if r["replaced_route"] else ""
-        writes = "writes DISCARDED" if r["discard_writes"] else f"{r['rows_replayed']} replayed, {r['rows_left']} left"
+        writes = "writes DISCARDED" if r["discard_writes"] else (
+            f"{r['rows_replayed']} replayed ({r.get('replay_method') or 'diff'}), {r['rows_left']} left")
         out.print(f"#{r['rollback']:<4} {r['tier']:<12} {r['kind']:<9} {r['status']:<9} -> {r['snapshot']} "
                   f"({r['serving_now']}); {r['replaced']} {kept}; {writes}; +{r['time_added_ms']} ms", markup=False)
 

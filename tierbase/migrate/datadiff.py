@@ -259,7 +259,8 @@ class _Table:
                  columns: list[str] | None = None) -> None:
         self.shape, self.a, self.b, self.pool, self.chunk, self.leaf = shape, a, b, pool, chunk, leaf
         # the row's text: the whole row, or (tables whose shapes differ) the columns both sides share
-        self.row = sql.SQL("t::text") if columns is None else sql.SQL("ROW({})::text").format(
+        # ``t.*``, not ``t``: a bare ``t`` names a column called t before the row (a table with one lost rows)
+        self.row = sql.SQL("(t.*)::text") if columns is None else sql.SQL("ROW({})::text").format(
             sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in columns))
         self.keys = sql.SQL(", ").join(sql.Identifier(k) for k in shape.pk)
         self.key_text = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in shape.pk)
@@ -494,7 +495,7 @@ class _Table:
     def _rows(self, side: _Side, keys: list[Key]) -> dict[Key, dict[str, Any]]:
         out: dict[Key, dict[str, Any]] = {}
         n = len(self.shape.pk)
-        q = self._by_keys(sql.SQL("to_jsonb(t)"))
+        q = self._by_keys(sql.SQL("to_jsonb(t.*)"))
         for i in range(0, len(keys), 1000):
             part = keys[i:i + 1000]
             for r in side.rows(q, [[k[j] for k in part] for j in range(n)]):
@@ -587,7 +588,7 @@ def _compare_table(name: str, sa: Shape | None, sb: Shape | None, a: _Side, b: _
 
 def _whole_table_equal(shape: Shape, a: _Side, b: _Side, pool: ThreadPoolExecutor) -> bool:
     """Equal multisets of rows: count plus the sum (not xor: duplicates must count) of row hashes."""
-    q = sql.SQL("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0) "
+    q = sql.SQL("SELECT count(*), coalesce(sum(hashtextextended((t.*)::text, 0)::numeric), 0) "
                 "FROM {} t").format(shape.ident)
     fa, fb = pool.submit(a.rows, q, []), pool.submit(b.rows, q, [])
     return bool(fa.result() == fb.result())

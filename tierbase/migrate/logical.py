@@ -173,10 +173,13 @@ class Changes:
                 "whole_tables": sorted(self.whole), "bytes": self.bytes, "seconds": round(self.seconds, 3)}
 
 
-def _text(v: Any) -> str:
-    """A key value as Postgres's text form (the diff casts it back to the key's type)."""
+def _text(v: Any, typ: str) -> str:
+    """A key value as Postgres's text form (the diff casts it back to the key's type): wal2json prints
+    booleans as JSON and bytea as bare hex (no ``\\x``)."""
     if isinstance(v, bool):
         return "true" if v else "false"
+    if typ == "bytea":
+        return "\\x" + str(v)
     return str(v)
 
 
@@ -211,7 +214,7 @@ def read_changes(conn: psycopg.Connection[Any], slot: str, shapes: dict[str, Sha
                 if not all(k in vals and vals[k] is not None for k in shape.pk):
                     keys = []
                     break
-                keys.append(tuple(_text(vals[k]) for k in shape.pk))
+                keys.append(tuple(_text(vals[k], t) for k, t in zip(shape.pk, shape.key_types(), strict=True)))
         if not keys:  # a key it did not print (a TOASTed key an update left alone): compare the table whole
             out.whole.add(table)
             continue
