@@ -23,7 +23,6 @@ from tierbase import Tierbase
 from tierbase.errors import InvalidInput, TierbaseError
 from tierbase.governance.masking import (
     MaskRule,
-    _pads,
     apply_masking,
     check_rules,
     describe,
@@ -32,6 +31,7 @@ from tierbase.governance.masking import (
     parse_rules,
     update_statement,
 )
+from tierbase.governance.masking_sql import _pads
 
 from .conftest import drop_database
 from .conftest import query as raw_query

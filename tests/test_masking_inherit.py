@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,18 +11,9 @@ import pytest
 from tierbase import Tierbase
 from tierbase.errors import InvalidInput, Refused
 
-from .conftest import (
-    as_,
-    free_port,
-    free_port_base,
-    make_home,
-    make_principal,
-    needs_root_btrfs,
-    query,
-    serving,
-    teardown_platform,
-)
-from .test_masking import PAGILA, SEED
+from .conftest import as_, needs_root_btrfs, query
+from .shop import shop_platform
+from .test_masking import PAGILA
 
 pytestmark = [needs_root_btrfs,
               pytest.mark.skipif(not PAGILA.exists(), reason=f"the pagila fixture is not at {PAGILA}")]
@@ -55,23 +45,8 @@ customer.last_name = "hash"
 
 @pytest.fixture(scope="module")
 def shop() -> Iterator[tuple[Tierbase, Path]]:
-    base = make_home()
-    os.environ["TIERBASE_PORT_BASE"] = str(free_port_base())
-    tb = Tierbase(base / "home")
-    try:
-        tb.init(storage="btrfs", btrfs_size="3G", proxy_port=free_port())
-        tb.import_dump(str(PAGILA), "production", "shop")
-        with psycopg.connect(tb.branch_url("production", "shop", direct=True), autocommit=True) as conn:
-            conn.execute("SET search_path = public")
-            conn.execute(SEED)
-        (base / "tierbase.toml").write_text(CONFIG)
-        tb.reload_config(str(base / "tierbase.toml"))
-        make_principal(tb, "dev", "developer")
-        make_principal(tb, "bot", "agent")
-        with serving(tb):
-            yield tb, base
-    finally:
-        teardown_platform(tb, base)
+    with shop_platform(CONFIG, seed_as_superuser=False) as got:
+        yield got.tb, got.base
 
 
 def values(url: str, sql: str) -> set[object]:

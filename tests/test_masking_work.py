@@ -3,32 +3,21 @@ the unmasked data (pagila, production loaded by the platform's superuser, stagin
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
-from tierbase import Tierbase
 from tierbase.compute.postgres import SUPERUSER
 from tierbase.errors import InvalidInput, PolicyDenied, TierbaseError
 from tierbase.governance.masking_owner import hand_over
 from tierbase.names import ReservedName
 
-from .conftest import (
-    as_,
-    free_port,
-    free_port_base,
-    make_home,
-    make_principal,
-    needs_root_btrfs,
-    query,
-    serving,
-    teardown_platform,
-)
-from .test_masking import PAGILA, SEED
+from .conftest import as_, needs_root_btrfs, query
+from .shop import Shop, shop_platform
+from .test_masking import PAGILA
 
 pytestmark = [needs_root_btrfs,
               pytest.mark.skipif(not PAGILA.exists(), reason=f"the pagila fixture is not at {PAGILA}")]
@@ -78,41 +67,17 @@ CREATE FUNCTION definer_whoami() RETURNS text LANGUAGE sql SECURITY DEFINER AS $
 """
 
 
-@dataclass
-class Shop:
-    tb: Tierbase
-    base: Path
-
-    def admin(self, branch: str) -> str:
-        """The platform's superuser on a branch's project database (unix socket)."""
-        self.tb.branches.start(branch)
-        return self.tb.branches.provider.endpoint(self.tb.store.get(branch).port, "shop").dsn()
+def platform_load(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(PLATFORM_LOAD)
+    with conn.transaction():
+        hand_over(conn, SUPERUSER)  # loaded by the platform: nothing is the owner role's
+    conn.execute("TRUNCATE ran_as")
 
 
 @pytest.fixture(scope="module")
 def shop() -> Iterator[Shop]:
-    base = make_home()
-    os.environ["TIERBASE_PORT_BASE"] = str(free_port_base())
-    tb = Tierbase(base / "home")
-    try:
-        tb.init(storage="btrfs", btrfs_size="3G", proxy_port=free_port())
-        tb.import_dump(str(PAGILA), "production", "shop")
-        shop = Shop(tb, base)
-        with psycopg.connect(shop.admin("production"), autocommit=True) as conn:
-            conn.execute("SET search_path = public")
-            conn.execute(SEED)
-            conn.execute(PLATFORM_LOAD)
-            with conn.transaction():
-                hand_over(conn, SUPERUSER)  # loaded by the platform: nothing is the owner role's
-            conn.execute("TRUNCATE ran_as")
-        (base / "tierbase.toml").write_text(CONFIG)
-        tb.reload_config(str(base / "tierbase.toml"))
-        make_principal(tb, "dev", "developer")
-        make_principal(tb, "bot", "agent")
-        with serving(tb):
-            yield shop
-    finally:
-        teardown_platform(tb, base)
+    with shop_platform(CONFIG, load=platform_load) as got:
+        yield got
 
 
 def test_production_is_the_superusers_and_staging_the_owner_roles(shop: Shop) -> None:

@@ -65,7 +65,7 @@ def test_every_operation_answers_a_typed_payload(document: dict[str, Any]) -> No
             if not body.get("properties") and not body.get("anyOf"):
                 untyped.append(f"{name}: {schema}")
     assert not untyped, "answers without a schema:\n" + "\n".join(untyped)
-    assert len(ops) == 64  # every route of api/server.py (a new one must come with its model)
+    assert len(ops) == 66  # every route of api/server.py (a new one must come with its model)
 
 
 def test_every_operation_documents_the_one_error_envelope(document: dict[str, Any]) -> None:
@@ -171,6 +171,7 @@ def test_the_control_plane_answers_match_their_models_on_the_fake_provider(
 
         answer(P.Health, "GET", "/v1/health")
         answer(P.Status, "GET", "/v1/status")
+        answer(list[P.ImageState], "GET", "/v1/masking/images")
         me = answer(P.WhoAmI, "GET", "/v1/whoami")["name"]
         answer(P.PolicyApplied, "POST", "/v1/policy/reload", json={"text": CONFIG, "source": "t", "dry_run": True})
         answer(P.PolicyApplied, "POST", "/v1/policy/reload", json={"text": CONFIG, "source": "t"})

@@ -89,12 +89,20 @@ class Images:
     def refresh_masked_images(self, tier: str | None = None, *, full: bool = False) -> list[dict[str, Any]]:
         """Re-make the masked image of ``tier`` (default: every tier that keeps one); platform engineers.
         Incremental when it can be; ``full``: mask the tier's data whole all the same."""
-        self.core.require(Action.POLICY_RELOAD, NOBODY, quiet=True)
-        tiers = image_tiers(self.config.masking)
-        if tier is not None and tier not in tiers:
-            raise InvalidInput(f"tier {tier!r} keeps no masked image",
-                               f'Declare it: `image = ["{tier}"]` in the [masking] table of tierbase.toml')
-        return [self._refresh_image(t, full=full) for t in ([tier] if tier else tiers)]
+        subject = self.core.tier_subject(tier) if tier is not None else NOBODY
+        intent = {"op": "refresh", "tier": tier, "full": full}
+        with self.core.act(Action.MASKING_REFRESH, subject, intent=intent) as rec:
+            tiers = image_tiers(self.config.masking)
+            if tier is not None and tier not in tiers:
+                raise InvalidInput(f"tier {tier!r} keeps no masked image",
+                                   f'Declare it: `image = ["{tier}"]` in the [masking] table of tierbase.toml')
+            if not tiers:
+                raise InvalidInput("no tier keeps a masked image", 'Declare one: `image = ["production"]` in the '
+                                   "[masking] table of tierbase.toml")
+            done = [self._refresh_image(t, full=full) for t in ([tier] if tier else tiers)]
+            rec.after = [{k: d.get(k) for k in ("tier", "image", "mode", "why", "rows_remasked", "seconds")}
+                         for d in done]
+        return done
 
     def refresh_stale_images(self, max_age: float) -> list[str]:
         """The service's schedule: re-make each image that is not current (a rollback moved the tier, the
@@ -126,15 +134,22 @@ class Images:
                             "it are masked one by one until it is")
         return said
 
-    def masked_images(self) -> list[dict[str, Any]]:
-        """Each image tier's image: how it was last made, and how stale it is (age of its data)."""
+    def masked_images(self, *, with_bytes: bool = True) -> list[dict[str, Any]]:
+        """Each image tier's image: how it was last made, how stale it is (age of its data) and what it
+        holds of its own (``with_bytes``: a walk of its volume)."""
         out = []
         for t in image_tiers(self.config.masking):
             rec = self.store.get_setting(KEY.format(t))
             serving = self.store.find(self.store.resolve_route(t) or t)
             current = bool(rec and serving is not None and self.current_image(serving) is not None)
+            image = self.store.find(str(rec["branch"])) if rec else None
+            own = None
+            if with_bytes and image is not None:
+                with contextlib.suppress(TierbaseError, OSError):
+                    own = self.core.provider.own_bytes(image.volume)
             out.append({"tier": t, "current": current, **(rec or {}),
-                        "staleness_s": round(time.time() - float(rec["as_of"]), 1) if rec else None})
+                        "staleness_s": round(time.time() - float(rec["as_of"]), 1) if rec else None,
+                        "bytes": own})
         return out
 
     def _refresh_image(self, tier: str, migrations: list[Migration] | None = None, *,
@@ -172,10 +187,11 @@ class Images:
                                                old.get("source_xmin") if old["source"] == serving.name else None)
                 except FullRemask as fallback:
                     why = fallback.why
+            settled: dict[str, Any] = {}
             if done is None:
                 self.branches.create(name, serving.name, kind=Kind.FEATURE, creator=self.core.gate.owner,
                                      actor="tierbase", fork=refresh.clone_of(source),
-                                     prepare=self.masking.hook(name, serving, plan))
+                                     prepare=self.masking.hook(name, serving, plan, settled=settled))
         except BaseException:
             with contextlib.suppress(TierbaseError):
                 refresh.drop(source.name)
@@ -186,6 +202,9 @@ class Images:
                "as_of": source.created_at or now, "seconds": round(time.perf_counter() - t0, 3),
                "mode": "incremental" if done is not None else "full", "why": why or "only rows changed",
                "rows_remasked": done["rows_remasked"] if done is not None else None,
+               # what masking and freezing the rewritten pages cost (masking_apply.freeze)
+               "mask_s": (done.get("seconds") if done is not None else settled.get("seconds")),
+               "freeze_s": (done.get("freeze_s") if done is not None else settled.get("freeze_s")),
                "migrations_applied": done.get("migrations", []) if done is not None else [],
                "previous_staleness_s": round(now - float(old["as_of"]), 1) if old else None}
         self.store.set_setting(KEY.format(tier), rec)

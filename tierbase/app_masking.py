@@ -64,8 +64,12 @@ class Masking:
         return None if decision.allowed else rules
 
     def hook(self, name: str, parent: Branch, rules: list[MaskRule] | None,
-             database: str | None = None, cfg: Config | None = None) -> Prepare | None:
-        """The hook that masks a new volume before anyone can connect (private unix-socket compute)."""
+             database: str | None = None, cfg: Config | None = None,
+             settled: dict[str, Any] | None = None) -> Prepare | None:
+        """The hook that masks a new volume before anyone can connect (private unix-socket compute).
+
+        ``settled``: the volume will be cloned (a masked image): what masking rewrote is frozen before
+        the compute stops (masking_apply.freeze), and the masking's timings are put in ``settled``."""
         if rules is None:
             return None
         cfg = cfg or self.core.config
@@ -80,10 +84,13 @@ class Masking:
             db = database or str(cfg.project.get("database", "postgres"))
             try:
                 key = masking_key(home.read_secret(home.root / "masking.secret", create=True).encode())
-                defaults = mask_database(ep.dsn(db), rules, tables, parent.masked_by, db, retired=self.retired(),
-                                         derived=set(self.lineage.masked()), key=key)
+                defaults, report = mask_database(ep.dsn(db), rules, tables, parent.masked_by, db,
+                                                 retired=self.retired(), derived=set(self.lineage.masked()),
+                                                 key=key, settle=settled is not None)
             finally:
-                provider.stop(name, volume)
+                provider.stop(name, volume)  # a fast stop: its shutdown checkpoint leaves a clone no redo
+            if settled is not None:
+                settled.update({k: report[k] for k in ("seconds", "freeze_s") if k in report})
             return sorted({*parent.masked_by, *describe([*rules, *defaults]), *(f"{t}.{MARK}" for t in tables)})
 
         return prepare

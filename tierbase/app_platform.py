@@ -205,6 +205,7 @@ class Platform:
             "postgres": health.postgres, "compute_user": health.compute_user,
             "branches": len(branches), "computes_running": running, "space": self.space(),
             "warnings": self.pitr.history_warnings(),  # archiving that fails (app_pitr)
+            "masked_images": self.governance.images.masked_images(),  # app_images
         }
 
 

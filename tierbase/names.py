@@ -48,6 +48,16 @@ def reserved_for(name: str) -> str | None:
     return next((what for pattern, what in RESERVED if pattern.fullmatch(name)), None)
 
 
+#: of the reserved names, those of branches that are no principal's to use, even to branch from: a masked
+#: image (masked branches of its tier are cloned from it by the platform) and its unmasked source
+PLATFORM_ONLY = RESERVED[-2:]
+
+
+def platform_only(name: str) -> str | None:
+    """What the platform keeps a branch named ``name`` for, when it is one principals may not use."""
+    return next((what for pattern, what in PLATFORM_ONLY if pattern.fullmatch(name)), None)
+
+
 def check_unreserved(name: str) -> str:
     """Return ``name`` unless the platform reserves it for its own branches (then raise ReservedName)."""
     what = reserved_for(name)

@@ -65,6 +65,7 @@ class Status(Payload):
     api_port: int | None = None
     proxy_port: int | None = None
     idle_timeout: float | None = Field(default=None, description="Seconds before an idle compute is suspended")
+    masked_images: list[ImageState] = Field(default_factory=list, description="Each image tier's masked image")
 
 
 # -- branches ---------------------------------------------------------------------------------------
@@ -623,19 +624,41 @@ class LineageEntry(Payload):
     why: str
 
 
-class ImageRefreshed(Payload):
+class ImageRecord(Payload):
+    """How a tier's masked image was last made (app_images.py keeps it as a setting)."""
+
+    branch: str | None = Field(default=None, description="The image: a masked branch of the tier, <tier>-masked-<n>")
+    source: str | None = Field(default=None, description="The branch that served the tier when it was made")
+    source_snapshot: str | None = Field(default=None, description="Its unmasked read-only source, <image>-src")
+    source_xmin: str | None = None
+    masking: str | None = Field(default=None, description="Digest of the rules it was masked under")
+    as_of: float | None = Field(default=None, description="Unix time of the tier's data it holds")
+    seconds: float | None = Field(default=None, description="What the refresh took, end to end")
+    mode: Literal["full", "incremental"] | None = Field(default=None, description="How it was last made")
+    why: str | None = Field(default=None, description="Why that mode (why not incremental, for a full one)")
+    rows_remasked: int | None = Field(default=None, description="Rows re-masked by an incremental refresh")
+    mask_s: float | None = Field(default=None, description="Of which masking (or applying the changed rows)")
+    freeze_s: float | None = Field(default=None, description="Of which freezing the rewritten pages, so that "
+                                   "clones read them without writing")
+    migrations_applied: list[str] | None = None
+    previous_staleness_s: float | None = Field(default=None, description="How stale the image it replaced was")
+
+
+class ImageRefreshed(ImageRecord):
     """A tier's masked image made again."""
 
     tier: str
     image: str
+    detail: dict[str, Any] | None = Field(default=None, description="An incremental refresh's diff and writes")
 
 
-class ImageState(Payload):
+class ImageState(ImageRecord):
     """A tier's masked image: how it was last made (the stored record's fields) and how stale it is."""
 
     tier: str
     current: bool = Field(description="False when the tier moved or the rules changed since it was made")
     staleness_s: float | None = Field(default=None, description="Age of its data in seconds (None: never made)")
+    bytes: int | None = Field(default=None, description="The image's own bytes (what it does not share)")
 
 
 # -- errors -----------------------------------------------------------------------------------------

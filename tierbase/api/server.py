@@ -38,6 +38,8 @@ from ..payloads import (
     FlowRegistered,
     FlowSaid,
     Health,
+    ImageRefreshed,
+    ImageState,
     ImportCheck,
     Imported,
     LintReport,
@@ -88,6 +90,12 @@ class BranchCreate(BaseModel):
     at: str | None = Field(default=None, description="a past time: ISO 8601 with a zone, or -5m")
     lsn: str | None = Field(default=None, description="a past WAL position, e.g. 0/1A2B3C4")
     inclusive: bool = Field(default=True, description="a commit exactly at the target is on the branch")
+
+
+class ImageRefresh(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tier: str | None = Field(default=None, description="The tier whose masked image to re-make (default: every one)")
+    full: bool = Field(default=False, description="Mask the tier's data whole, even when only rows changed")
 
 
 class RouteSet(BaseModel):
@@ -455,6 +463,14 @@ def create_app(tb: Tierbase, hooks: Any = None) -> FastAPI:
     @app.get("/v1/policy/explain", **typed(Explanation))
     def explain(me: As, principal: str, action: str, target: str, source: str | None = None) -> dict[str, Any]:
         return me.explain(principal, action, target, source)
+
+    @app.get("/v1/masking/images", **typed(list[ImageState]))
+    def masked_images(me: As) -> list[dict[str, Any]]:
+        return me.masked_images()
+
+    @app.post("/v1/masking/images/refresh", **typed(list[ImageRefreshed]))
+    def refresh_masked_images(me: As, body: ImageRefresh) -> list[dict[str, Any]]:
+        return me.refresh_masked_images(body.tier, full=body.full)
 
     @app.get("/v1/audit", **typed(list[AuditRecord]))
     def audit_log(me: As, actor: str | None = None, action: str | None = None, target: str | None = None,

@@ -146,10 +146,15 @@ def status(ctx: click.Context) -> None:
         emit_json({"running": True, **data})
         return
     for k, v in data.items():
-        if k != "space":
+        if k not in ("space", "masked_images"):
             out.print(f"{k:>16}: {v}")
     if isinstance(data.get("space"), dict):
         space_line(data["space"])
+    if data.get("masked_images"):
+        from .masking import image_line
+
+        for img in data["masked_images"]:
+            out.print(f"{'masked image':>16}: {image_line(img)}")
 
 
 @click.command("import")

@@ -30,17 +30,8 @@ from typing import Any
 import psycopg
 
 from ..errors import InvalidInput
-from .masking import (
-    HASH_LENGTH,
-    NUMERIC_TYPES,
-    TEXT_TYPES,
-    TIME_TYPES,
-    Column,
-    MaskRule,
-    Table,
-    foreign_keys,
-    load_table,
-)
+from .masking_rules import HASH_LENGTH, NUMERIC_TYPES, TEXT_TYPES, TIME_TYPES, MaskRule
+from .masking_schema import Column, Table, _column_problems, foreign_keys, load_table
 
 Col3 = tuple[str, str, str]
 MARK = "*=sensitive"  # recorded on a branch for each sensitive table its defaults were applied to
@@ -160,8 +151,6 @@ def fit_rules(conn: psycopg.Connection[Any], rules: list[MaskRule], retired: Map
     here); any other missing column stays, for check_rules to name. An inherited rule that does not
     fit the column's type (``length(email)`` into an integer) becomes that type's default.
     """
-    from .masking import _column_problems
-
     out: list[MaskRule] = []
     notes: list[str] = []
     tables: dict[tuple[str, str], Table | None] = {}

@@ -23,6 +23,7 @@ from ..control.store import Branch, Kind, Store
 from ..errors import PolicyDenied, TierbaseError, translate
 from ..failpoints import failpoint
 from ..home import Home
+from ..names import platform_only
 from ..settings import default
 from .audit import AuditLog
 from .config import Config, ConfigError, default_config, parse_config
@@ -149,7 +150,13 @@ class Gate:
         return Subject(name=name, kind=b.kind.value, protected=b.protected, owner=b.creator, tier=tier,
                        protected_tier=tier if spec is not None and spec.protected else None,
                        unmasked_of=self._unmasked_of(b, routes),
-                       kept=b.kind is Kind.TIER and b.protected and b.parent is not None and b.name not in serving)
+                       kept=b.kind is Kind.TIER and b.protected and b.parent is not None and b.name not in serving,
+                       platform_only=self._platform_only(b))
+
+    def _platform_only(self, b: Branch) -> str | None:
+        """What the platform keeps ``b`` for, if it made it under a name it keeps for itself (names.py)."""
+        what = platform_only(b.name)
+        return what if what is not None and b.creator == self.owner else None
 
     def _unmasked_of(self, b: Branch, routes: dict[str, str]) -> str | None:
         """The sensitive tier whose data ``b`` holds unmasked (None once masking is on the way down, or

@@ -15,7 +15,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from .masking import TEXT_TYPES, Table
+from .masking_rules import TEXT_TYPES
+from .masking_schema import Table
 
 
 def primary_message(err: psycopg.Error) -> str:

@@ -44,6 +44,7 @@ class Action(StrEnum):
     POLICY_RELOAD = "policy.reload"
     PRINCIPAL_MANAGE = "principal.manage"
     AUDIT_READ = "audit.read"
+    MASKING_REFRESH = "masking.refresh"  # re-make a tier's masked image (app_images.py)
 
 
 #: what a read-only role may still do: read (connect as tb_reader, SQL as tb_reader, the trail), wake a compute
@@ -74,6 +75,8 @@ class Subject:
     unmasked_of: str | None = None
     #: a state a rollback or a restore kept (protected, tier-kind, serving no declared tier)
     kept: bool = False
+    #: what the platform keeps it for, when it is the platform's alone (a masked image, its source; names.py)
+    platform_only: str | None = None
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,8 @@ class PolicyEngine:
             return deny("role.read-only", f"{who.role!r} is a read-only role: it cannot do {action.value}")
         if action is Action.BRANCH_SQL:  # SQL through the platform is a connection through it: the same rules
             action = Action.BRANCH_CONNECT
-        for step in (self._agent_rules, self._protection, self._platform_engineer, self._unmasked, self._declared,
-                     self._ownership):
+        for step in (self._agent_rules, self._protection, self._platform_engineer, self._platform_only,
+                     self._unmasked, self._declared, self._ownership):
             got = step(who, role, action, target, source)
             if got is not None:
                 return got
@@ -175,6 +178,24 @@ class PolicyEngine:
                            source: Subject | None) -> Decision | None:
         if role == "platform-engineer":
             return allow("role.platform-engineer", "platform engineers may do this")
+        return None
+
+    # 3a ------------------------------------------------------------------------
+    def _platform_only(self, who: Principal, role: str, action: Action, target: Subject,
+                       source: Subject | None) -> Decision | None:
+        """The platform's own work, for platform engineers only (step 3 allowed them): re-making masked
+        images, and the images and their unmasked sources themselves. A masked branch of a tier is
+        cloned from its image by the platform when one branches the tier; a branch of the image or of
+        its source by hand would pin what the next refresh must be free to remove."""
+        if action is Action.MASKING_REFRESH:
+            return deny("builtin.platform-engineers-only",
+                        f"only platform engineers re-make masked images; a {who.role}'s masked branches are "
+                        "cloned from the current image, which promotions and the schedule keep fresh")
+        if target.platform_only is not None and action is not Action.AUDIT_READ:
+            tier = f" {target.tier!r}" if target.tier else ""
+            return deny("builtin.platform-only",
+                        f"{target.name!r} is one of {target.platform_only}, kept by the platform for itself; "
+                        f"branch the tier{tier} instead (a masked branch of it is cloned from its image)")
         return None
 
     # 3b ------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from ..control.branches import Branches, Fork
 from ..control.store import Branch, Kind, token_alive
 from ..errors import Refused, TierbaseError
 from ..failpoints import failpoint
+from ..governance.masking_apply import freeze
 from ..provider import OWNER_ROLE
 from . import remask
 from .files import Migration
@@ -136,6 +137,9 @@ class ImageRefresh:
                 with psycopg.connect(ep.dsn(self.database), autocommit=True, connect_timeout=10) as conn:
                     report["migrations"] = remask.apply_migrations(conn, p.migrations, OWNER_ROLE)
                     report.update(remask.apply(conn, p, rules, self.key, OWNER_ROLE))
+                    # the rows just written, settled like a full image's (masking_apply.freeze): a frozen
+                    # table's vacuum visits only the pages not frozen, so this costs what changed
+                    report["freeze_s"] = freeze(conn, remask.relations(conn, p))
                 failpoint("remask:applied")  # tests: a kill here must leave the old image current
             finally:
                 self.provider.stop(name, volume)

@@ -46,18 +46,6 @@ OPTIONS = ("format-version", "2", "include-types", "0", "include-typmod", "0", "
 #: a slot's creation waits for the transactions running then; a promotion does not wait longer than this
 CREATE_TIMEOUT_MS = 5000
 
-SLOTS = """
-CREATE TABLE IF NOT EXISTS rollback_slots (
-    promotion  INTEGER PRIMARY KEY,
-    branch     TEXT NOT NULL,      -- the branch that served the tier when the slot was made
-    slot       TEXT NOT NULL,
-    lsn        TEXT,               -- where decoding starts (NULL: not made, see note)
-    created_at REAL NOT NULL,
-    dropped_at REAL,
-    note       TEXT                -- why there is no slot, or why it went
-);
-"""
-
 
 def enabled() -> bool:
     """The ``rollback_replay`` setting: logical decoding first, or the data diff only."""
@@ -81,9 +69,6 @@ class SlotLog:
 
     def __init__(self, store: Any) -> None:
         self.store = store
-        # read first: a CREATE on every use would take the write lock each time
-        if store.db.execute("SELECT 1 FROM sqlite_master WHERE name = 'rollback_slots'").fetchone() is None:
-            store.db.executescript(SLOTS)
 
     def begin(self, promotion: int, branch: str) -> str:
         """Recorded before the slot is made, so that a kill in between leaves a record naming it."""

@@ -32,14 +32,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ..governance.masking import (
-    MaskRule,
-    _pads,
-    _prepare_session,
-    _refresh_views,
-    load_table,
-    update_statement,
-)
+from ..governance.masking import MaskRule, _prepare_session, _refresh_views, load_table, update_statement
+from ..governance.masking_sql import _pads
 from . import ledger
 from .datadiff import DataDiff, Shape, data_diff, delete_sql, shapes, stable_session, upsert_sql
 from .files import Migration
@@ -227,6 +221,11 @@ def apply(image: psycopg.Connection[Any], p: Plan, rules: list[MaskRule], key: b
         report["refreshed"] = _refresh_views(image, touched) if touched else []
     report["seconds"] = round(time.perf_counter() - t0, 3)
     return report
+
+
+def relations(conn: psycopg.Connection[Any], p: Plan) -> list[str]:
+    """The tables ``apply`` wrote rows of, as quoted names (to freeze them afterwards)."""
+    return [p.shapes[name].ident.as_string(conn) for name in sorted(p.changed())]
 
 
 def _remask(conn: psycopg.Connection[Any], shape: Shape, rules: list[MaskRule], rows: list[dict[str, Any]],
