@@ -5,7 +5,7 @@ export TIERBASE_DEMO_HOME ?= /tmp/tierbase-demo
 
 .PHONY: install deps demo test test-unit lint bench bench-proxy bench-proxy-quick clean
 
-deps:            ## Debian packages: postgres, btrfs-progs, pgbouncer (for the proxy benchmark)
+deps:            ## Debian packages: postgres (+ wal2json, for rollback replay), btrfs-progs, pgbouncer (proxy bench)
 	@scripts/install-deps.sh
 
 install: deps    ## tierbase and its test tools into the current Python (+ one the service user can run)

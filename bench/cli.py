@@ -81,6 +81,33 @@ def console_script(python: str, where: Path) -> str:
     return str(path)
 
 
+#: the service's side of a create, profiled by hand (not re-measured by this script)
+SERVER_PROFILE = (
+    "the service's side, profiled by hand on 2026-12-01 (cProfile of `Tierbase.create_branch` as the service "
+    "user on a platform like this one's, the parent running, 20 creates, load average 3.9): 27 ms p50 = the "
+    "parent's fork point 9.4 (a psycopg connection over the unix socket 6.3, the WAL query 2.2; CHECKPOINT "
+    "skipped below 16 MiB of WAL), the snapshot ioctl 5.5 (it was `btrfs subvolume snapshot`, 12-21 ms, before "
+    "this run's change), 4 SQLite write transactions 4.7 (intent audit, reserve, commit, outcome audit; each "
+    "fsyncs the WAL), the audit head 0.9 (fdatasync), the pool's space check 0.7, the rest Python; the HTTP "
+    "exchange (uvicorn, FastAPI, the token lookup) adds ~3 ms (`curl` of GET /v1/whoami)."
+)
+
+
+def import_costs(script: str, env: dict[str, str], runs: int = 5) -> list[tuple[str, float]]:
+    """The top-level imports of ``script branch create`` and their cumulative ms (least of ``runs``)."""
+    best: dict[str, float] = {}
+    for k in range(runs):
+        got = subprocess.run([str(CLEAN_PYTHON), "-X", "importtime", script, "branch", "create", f"cli-imp-{k}"],
+                             env=env, capture_output=True, text=True, check=True)
+        for line in got.stderr.splitlines():
+            parts = line.split("|")
+            if len(parts) == 3 and parts[1].strip().isdigit() and not parts[2].startswith("  "):
+                name = parts[2].strip()
+                best[name] = min(best.get(name, 1e9), int(parts[1]) / 1000)
+        subprocess.run([script, "branch", "delete", f"cli-imp-{k}"], env=env, capture_output=True, check=True)
+    return sorted(best.items(), key=lambda kv: -kv[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=30)
@@ -116,8 +143,22 @@ def main(argv: list[str] | None = None) -> int:
                 Row("tierbase branch list (clean python)", lambda i: [clean, "branch", "list"]),
                 Row("tierbase branch create (clean python)", lambda i: [clean, "branch", "create", f"cln-{i}"]),
                 Row("tierbase branch delete (clean python)", lambda i: [clean, "branch", "delete", f"cln-{i}"]),
+                # the floor of a Python client: what the console script imports (re), json and the light
+                # transport, one POST /v1/branches; no argv, no home, no rendering
+                Row("python -c 'wire.request(POST /v1/branches)' (clean python)",
+                    lambda i: [str(CLEAN_PYTHON), "-c", wire_post % i]),
+                Row("python -c 'wire.request(DELETE /v1/branches/NAME)' (clean python)",
+                    lambda i: [str(CLEAN_PYTHON), "-c", wire_delete % i]),
             ]
         body = '{"name": "curl-%d"}'
+        wire_post = ("import re, json; from tierbase.api.wire import request; "
+                     f"r = request({api!r}, 'POST', '/v1/branches', "
+                     f"headers={{'Authorization': 'Bearer {plat.token}'}}, json_body={{'name': 'wire-%d'}}); "
+                     "assert r.status == 201, r.body; print(json.loads(r.body)['name'])")
+        wire_delete = ("import re, json; from tierbase.api.wire import request; "
+                       f"r = request({api!r}, 'DELETE', '/v1/branches/wire-%d', "
+                       f"headers={{'Authorization': 'Bearer {plat.token}'}}); "
+                       "assert r.status == 200, r.body; print(json.loads(r.body)['deleted'])")
         post = f"import httpx; httpx.post('{api}/v1/branches', json={{'name': 'hx-%d'}}, " \
                f"headers={{'Authorization': 'Bearer {plat.token}'}}).raise_for_status()"
         delete = f"import httpx; httpx.delete('{api}/v1/branches/hx-%d', " \
@@ -142,8 +183,11 @@ def main(argv: list[str] | None = None) -> int:
             for row in rows:
                 row.run(i, env)
         load_after = os.getloadavg()[0]
-        server = plat.cli("branch", "create", "cli-server-side")
-        plat.cli("branch", "delete", "cli-server-side")
+        server_ms = []  # the service's own time for a create (what it reports), five times
+        for k in range(5):
+            server_ms.append(float(plat.cli("branch", "create", f"cli-server-side-{k}")["elapsed_ms"]))
+            plat.cli("branch", "delete", f"cli-server-side-{k}")
+        imports = import_costs(clean, env) if clean else []
     by = {r.label: r for r in rows}
 
     def p50(label: str) -> float:
@@ -175,13 +219,25 @@ def main(argv: list[str] | None = None) -> int:
         return round(pct(by[label].cpu, 0.5), 1)
 
     breakdown = []
+    server = {"elapsed_ms": round(pct(server_ms, 0.5), 1)}
     if clean:
         c_floor, c_click = cpu50(f"python -c pass ({CLEAN_PYTHON})"), cpu50("python -c 'import click' (clean python)")
         c_create = cpu50("tierbase branch create (clean python)")
-        breakdown = [f"CPU of `tierbase branch create` on the clean python, p50: {c_create} ms = the interpreter "
-                     f"{c_floor} + click {round(c_click - c_floor, 1)} + the CLI, the request and its answer "
-                     f"{round(c_create - c_click, 1)}; a process cannot end sooner than its CPU time, so on an idle "
-                     "machine of this kind the wall time is about that plus the service's own time."]
+        wire_label = "python -c 'wire.request(POST /v1/branches)' (clean python)"
+        c_wire, w_wire = cpu50(wire_label), p50(wire_label)
+        w_create, w_floor = p50("tierbase branch create (clean python)"), p50(f"python -c pass ({CLEAN_PYTHON})")
+        breakdown = [
+            f"CPU of `tierbase branch create` on the clean python, p50: {c_create} ms = the interpreter {c_floor} "
+            f"+ one request from Python (re, json, the socket, the answer) {round(c_wire - c_floor, 1)} + the CLI's "
+            f"own (its modules, the argv, the data dir and token, the rendering) {round(c_create - c_wire, 1)}; "
+            f"click, which the fast path does not import, would add {round(c_click - c_floor, 1)}.",
+            f"wall p50: `tierbase branch create` {w_create} ms against {w_wire} ms for the bare request and "
+            f"{w_floor} ms for the interpreter; the service's own time in it is {server['elapsed_ms']} ms (p50 of 5).",
+            "what `tierbase branch create` imports (clean python, `-X importtime`, the least of 5 runs, each "
+            "module with what it imports; importtime itself slows imports down): "
+            + ", ".join(f"{name} {ms:.1f} ms" for name, ms in imports) + ".",
+            SERVER_PROFILE,
+        ]
     doc = {
         "title": "CLI latency",
         "targets": targets,
@@ -192,9 +248,12 @@ def main(argv: list[str] | None = None) -> int:
             "notes": [
                 f"the service reports {server['elapsed_ms']} ms for a branch create itself (snapshot + metadata "
                 "+ audit); the rest of a CLI create is process start-up, imports and the HTTP round trip.",
-                "`tierbase --version` answers before click is imported; other commands import click, the "
-                "command table and the light HTTP transport (api/wire.py: one socket), never httpx, rich "
-                "(only `branch list` draws a table with it), psycopg or the facade.",
+                "`tierbase --version` answers before click is imported, and so do `branch create`, `delete`, "
+                "`show`, `reset`, `start` and `stop` (declared once in cli/hot.py; cli/fast.py parses the argv "
+                "from the declaration when it is sure click would read it the same, else click runs); other "
+                "commands import click and the "
+                "command table; all of them use the light HTTP transport (api/wire.py: one socket), never "
+                "httpx, rich (only `branch list` draws a table with it), psycopg or the facade.",
                 *breakdown,
                 "use the console script itself: the pyenv shim (~/.pyenv/shims/tierbase) is a bash wrapper "
                 "that adds ~100 ms; put `$(python -c 'import sys; print(sys.prefix)')/bin` first on PATH, or "

@@ -74,6 +74,52 @@ def wal_lsn(url: str) -> int:
     return archive.parse_lsn(str(row[0])) if row else 0
 
 
+#: the compute's log lines that mark the steps of a recovery (PostgreSQL 15 wording), and the step each starts
+STEPS = {"starting PostgreSQL": "pg_started", "redo starts at": "redo_started", "redo done at": "redo_done",
+         "database system is ready to accept connections": "promoted"}
+STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}) (\w+) \[\d+\] (.*)$")
+
+
+def log_steps(logfile: Path, since: float) -> dict[str, float]:
+    """Milliseconds from ``since`` (epoch seconds) to each step's first log line at or after it."""
+    out: dict[str, float] = {}
+    for line in logfile.read_text(errors="replace").splitlines():
+        m = STAMP.match(line)
+        if not m:
+            continue
+        stamp = datetime.strptime(f"{m.group(1)} {m.group(2)}", "%Y-%m-%d %H:%M:%S.%f %Z")
+        when = stamp.replace(tzinfo=UTC).timestamp()
+        for words, step in STEPS.items():
+            if words in m.group(3) and step not in out and when >= since - 0.001:
+                out[step] = round((when - since) * 1000, 1)
+    return out
+
+
+def breakdown(rows: list[dict[str, Any]]) -> list[list[Any]]:
+    """The median run's steps, from the library call to the first query through the proxy."""
+    def med(f: Any) -> float | None:
+        got = [v for r in rows if (v := f(r)) is not None]
+        return round(statistics.median(got)) if got else None
+
+    def span(a: str, b: str) -> Any:
+        return lambda r: r["steps"][b] - r["steps"][a] if a in r["steps"] and b in r["steps"] else None
+
+    ph = "phases"
+    return [
+        ["policy, pool room, the parent's segment switch", med(lambda r: r[ph]["archive_ms"])],
+        ["clone of the base snapshot, segments placed into pg_wal (count: "
+         f"{med(lambda r: r[ph].get('placed_segments'))})", med(lambda r: r[ph].get("prepare_ms"))],
+        ["pg_ctl start to the first record replayed (postgres' start, its data-dir sync)",
+         med(lambda r: r["steps"]["redo_started"] - r[ph]["archive_ms"] - r[ph].get("prepare_ms", 0)
+             if "redo_started" in r["steps"] else None)],
+        ["redo (postgres' own count in the log)", med(span("redo_started", "redo_done"))],
+        ["end of recovery: new timeline, promotion, ready", med(span("redo_done", "promoted"))],
+        ["branch row ready, first query through the proxy", med(lambda r: r["seconds"] * 1000 - r["steps"]["promoted"]
+                                                             if "promoted" in r["steps"] else None)],
+        ["total (median run)", med(lambda r: r["seconds"] * 1000)],
+    ]
+
+
 def redo_seconds(logfile: Path) -> float | None:
     m = re.findall(r"redo done at .* elapsed: ([0-9.]+) s", logfile.read_text(errors="replace"))
     return float(m[-1]) if m else None
@@ -251,15 +297,17 @@ def main() -> None:
                 name = f"{prefix}-{i}"
                 if variants:
                     os.environ["TIERBASE_RECOVERY_SHARED_BUFFERS"] = variants[i % len(variants)]
-                t0 = time.perf_counter()
+                t0w, t0 = time.time(), time.perf_counter()
                 info = tb.create_branch(name, "production", at=target)
                 first_query(tb.branch_url(name))
                 seconds = time.perf_counter() - t0
                 used = tb.history_log.base(int(info["phases"]["base_id"]))
                 replayed = archive.parse_lsn(info["fork_lsn"]) - archive.parse_lsn(used.redo_lsn)
                 redo = redo_seconds(tb.home.root / "logs" / f"{name}.log")
+                phases = {k: v for k, v in info["phases"].items() if k != "base_id"}
                 out.append({"seconds": round(seconds, 3), "replayed_bytes": replayed, "redo_s": redo,
                             "archive_ms": info["phases"]["archive_ms"], "recover_ms": info["phases"]["recover_ms"],
+                            "phases": phases, "steps": log_steps(tb.home.root / "logs" / f"{name}.log", t0w),
                             "load_1m": round(os.getloadavg()[0], 1),
                             "recovery_shared_buffers": os.environ.get("TIERBASE_RECOVERY_SHARED_BUFFERS", "256MB")})
                 log(f"run {name}: {out[-1]}")
@@ -352,6 +400,19 @@ def main() -> None:
                   "(bounded by the tier's base_interval), not on how long ago T was" if later else
                   "T-1 h was not run (--later 3600 runs it: an hour of load in one run)"),
              ]},
+            {"title": f"Where the time of a branch at T-{args.after // 60} min goes (median of {len(rows)} runs, ms)",
+             "columns": ["step", "ms"],
+             "rows": breakdown(rows),
+             "notes": ["steps from the library's own phases (PointInTime.recover) and the compute's log "
+                       "timestamps (ms resolution); each row is the median over the runs, so the rows need not "
+                       "add up to the median total",
+                       "the placed segments are those archived wholly before T: reflinks into the copy's pg_wal "
+                       "before postgres starts, checked against their recorded CRC-32 while it replays; the rest "
+                       "come through the restore command (`bench/pitr_profile.py` prints one run's full timeline); the "
+                       "base's preallocated segment files past its end of WAL are dropped from the copy first",
+                       "not taken: `recovery_init_sync_method=syncfs` (the start's data-dir sync) was no faster "
+                       "here: the copy's files are clean, so the per-file fsync walk only opens them, while "
+                       "syncfs waits for every dirty page of the whole pool, the busy tier's included"]},
             *([] if not on else [{"title": "Archiving's cost on the tier's TPS (pgbench -c 4, alternated)",
              "columns": ["archiving", "TPS runs", "mean TPS"],
              "rows": [["on (tier)", on, round(statistics.mean(on), 1)],

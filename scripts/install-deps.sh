@@ -11,6 +11,10 @@ ls /usr/lib/postgresql/*/lib/pgxs/src/test/regress/pg_regress >/dev/null 2>&1 ||
 command -v javac >/dev/null || need+=(default-jdk-headless)  # `java Foo.java` needs the JDK's compiler
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
+# rollback replay by logical decoding (tierbase/migrate/logical.py): wal2json for the server's major version
+for major in $(ls /usr/lib/postgresql 2>/dev/null || echo 15); do
+  [ -f "/usr/lib/postgresql/$major/lib/wal2json.so" ] || need+=("postgresql-$major-wal2json")
+done
 # scripts/service-python.sh: a venv of Debian's python3 the unprivileged service user can run
 /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || need+=(python3-venv)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi

@@ -65,3 +65,12 @@ def test_the_command_an_argv_names(argv: list[str], name: str | None) -> None:
     from tierbase.cli.base import invoked
 
     assert invoked(argv) == name
+
+
+def test_a_hot_command_runs_without_click_even_when_it_fails() -> None:
+    """`branch create` parsed by cli/fast.py: neither the request nor the error path loads click."""
+    run = ("import tierbase.cli.main as m\ntry:\n    m.main(['--api', 'http://127.0.0.1:9', 'branch', 'create', 'x'])\n"
+           "except SystemExit as e:\n    assert e.code == 1, e.code")
+    light = ("click", "typing", "dataclasses", "inspect", *HEAVY)
+    at_start = set(loaded_after("pass", light))  # a site hook may load some itself (this container's loads typing)
+    assert set(loaded_after(f"exec({run!r})", light)) - at_start == set()

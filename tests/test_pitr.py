@@ -223,6 +223,49 @@ def test_corrupt_segment_is_refused_naming_it(tb: Tierbase) -> None:
     archive.verify(wal, seg)
 
 
+def test_segments_placed_into_pg_wal_are_replayed_and_checked(tb: Tierbase) -> None:
+    """The archived segments wholly before the target go into the copy's pg_wal before postgres starts
+    (no restore command for them): the branch holds exactly what was committed before T, and a placed
+    segment that does not match its recorded sum is refused, naming it, with nothing made."""
+    b = tb.store.get("production")
+    key = tb.history_log.key(b)
+    assert key is not None
+    wal = tb.history_log.wal_dir(key)
+    tb.take_base_snapshot("production", "test")
+    base = tb.history_log.bases(key)[-1]
+    w = Writer(tb)
+    w.write(0.3)
+    dsn = tb.branches.provider.endpoint(b.port).dsn()
+    done = str(query(dsn, "SELECT pg_walfile_name(pg_switch_wal())")[0][0])
+    deadline = time.time() + 30
+    while not (wal / done).exists() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    t = time.time()
+    w.write(0.3)
+    w.close()
+    before, after = w.split(t)
+    made = tb.create_branch("pit-placed", "production", at=iso(t))
+    assert made["phases"]["placed_segments"] >= 1
+    got = ids(tb, "pit-placed")
+    assert before <= got and not (after & got)
+    tb.delete_branch("pit-placed")
+
+    first = archive.parse_lsn(base.redo_lsn)
+    seg = next(s.name for s in archive.segments(wal)
+               if (r := archive.segment_range(s.name)) and r[1] <= first < r[2])
+    path = wal / seg
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original[:100] + bytes([original[100] ^ 0xFF]) + original[101:])
+        with pytest.raises(ArchiveCorrupt) as err:
+            tb.create_branch("pit-placed-bad", "production", at=iso(t))
+        assert seg in err.value.message
+        assert tb.store.find("pit-placed-bad") is None and leftovers(tb, "pit-placed-bad") == []
+    finally:
+        path.write_bytes(original)
+
+
 def test_history_reports_the_window(tb: Tierbase) -> None:
     h = tb.history("production")
     assert h["serving"] == "production" and h["window"] == "1d"

@@ -55,8 +55,9 @@ def test_a_fresh_data_dir_gets_every_table_at_the_latest_version(tmp_path: Path)
     got = tables(tmp_path / "meta.db")
     assert set(got) == {"settings", "branches", "routes", "intents", "principals", "audit", "audit_head",
                         "promotions", "flow_events", "flow_tiers", "flow_workspaces", "ci_jobs", "sessions",
-                        "masking_lineage", "pitr_archives", "pitr_bases", "promotion_touches", "rollbacks"}
-    assert user_version(tmp_path / "meta.db") == schema.LATEST == 6
+                        "masking_lineage", "pitr_archives", "pitr_bases", "promotion_touches", "rollbacks",
+                        "rollback_slots"}
+    assert user_version(tmp_path / "meta.db") == schema.LATEST == 7
     for table, column, _ in schema.ADDED_COLUMNS:
         assert column in got[table]
 
@@ -152,7 +153,7 @@ def test_concurrent_opens_migrate_once(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     assert not errors
-    assert sorted(v for d in done for v in d) == [1, 2, 3, 4, 5, 6]  # each migration ran exactly once
+    assert sorted(v for d in done for v in d) == [1, 2, 3, 4, 5, 6, 7]  # each migration ran exactly once
     assert user_version(db) == schema.LATEST
 
 

@@ -68,3 +68,19 @@ def test_no_module_but_settings_reads_tierbase_variables() -> None:
     assert reads == {}
     assert _env_reads(ast.parse('import os\nos.environ.get("TIERBASE_X")\nos.environ["TIERBASE_Y"]')) == [
         "TIERBASE_X", "TIERBASE_Y"]
+
+
+def test_the_cli_s_light_modules_keep_their_value_semantics() -> None:
+    """settings and home are plain classes now (the CLI imports them; dataclasses costs it ~12 ms)."""
+    import copy
+    import pickle
+
+    from tierbase.home import Home
+
+    home = Home(Path("/data"))
+    assert home == Home(Path("/data")) and home != Home(Path("/other")) and len({home, Home(Path("/data"))}) == 1
+    assert copy.deepcopy(home) == pickle.loads(pickle.dumps(home)) == home and home.token == Path("/data/api.token")
+    with pytest.raises(AttributeError):
+        home.root = Path("/elsewhere")
+    s = settings.setting("sweep_interval")
+    assert (s.name, s.env, s.parse, s.stored) == ("sweep_interval", "TIERBASE_SWEEP_INTERVAL", float, False)

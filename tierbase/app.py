@@ -40,7 +40,7 @@ from .app_masking import Masking
 from .app_migrate import Migrations
 from .app_pitr import Pitr, TierHistory
 from .app_platform import ROOT_BRANCH, Platform
-from .app_repoint import Repoints
+from .app_repoint import Repoints, with_decoding
 from .app_rollback import Rollbacks
 from .app_sessions import Sessions
 from .app_sql import SqlRunner
@@ -86,7 +86,7 @@ class Tierbase:
         self.logins = Logins(core, self.renewals)
         self.tier_history = TierHistory(core)
         if core.wires.start_settings is None:  # tiers archive their WAL: settings for each compute start
-            core.wires.start_settings = self.tier_history.compute_settings
+            core.wires.start_settings = with_decoding(self.tier_history.compute_settings)
         self.pitr = Pitr(core, self.tier_history, self.masking, self.quotas)
         self.branch_ops = BranchOps(core, masking=self.masking, images=self.images, quotas=self.quotas,
                                     renewals=self.renewals, logins=self.logins, pitr=self.pitr)

@@ -236,6 +236,7 @@ class Migrations:
         self.core.gate.audit.append(actor="tierbase", action="promote.snapshot", target=tier, allowed=True,
                                     reason=f"promotion #{pid}: the pre-promotion snapshot of {serving.name!r}",
                                     outcome="intent", after={"promotion": pid, "snapshot": snapshot})
+        self.repoints.open_slot(pid, serving.name)  # a rollback decodes the writes from here (before the fork)
         with self._connect(serving.name) as conn:  # a rollback replays only rows written after the fork
             fork_xmin = current_xmin(conn)
         self.branches.create(snapshot, serving.name, kind=Kind.SNAPSHOT, creator=self.core.gate.owner)

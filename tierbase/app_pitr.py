@@ -162,12 +162,13 @@ class Pitr:
             self.branches.start(parent)  # its archiver must copy the WAL up to the target
             pit = self.tiers.pit()
             pit.reach(self.store.get(parent), key, target, ts)
-            phases = {"archive_ms": round((time.perf_counter() - t0) * 1000, 1)}
+            phases: dict[str, Any] = {"archive_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
             def fork(b: Branch) -> str:
                 t1 = time.perf_counter()
                 end = pit.recover(b, key, target, ts, private=hook is not None)
                 phases["recover_ms"] = round((time.perf_counter() - t1) * 1000, 1)
+                phases.update(pit.phases)
                 phases["base_id"] = self.history_log.choose(key, at=ts, lsn=target.lsn).id
                 if hook is not None:  # masking runs on a compute of its own, before anyone connects
                     self.branches.provider.stop(b.name, b.volume)

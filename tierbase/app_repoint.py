@@ -11,18 +11,22 @@ branch that serves the route next.
 from __future__ import annotations
 
 import json
+import logging
+import secrets
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
 import psycopg
 
-from .app_base import Core
+from .app_base import Core, StartSettings
 from .control.branches import Branches
-from .control.store import Kind, Store
+from .control.store import Branch, Kind, Store
 from .failpoints import failpoint
-from .migrate.datadiff import data_diff
+from .migrate import logical
+from .migrate.datadiff import data_diff, diff_keys, shapes, stable_session
+from .migrate.logical import Changes, SlotLog
 from .migrate.promote import PromotionLog
 from .migrate.replay import (
     EXCLUDED_SCHEMAS,
@@ -35,6 +39,16 @@ from .migrate.replay import (
     written_since,
 )
 from .provider import SUPERUSER
+
+log = logging.getLogger(__name__)
+
+
+def with_decoding(base: StartSettings) -> StartSettings:
+    """Branches.start's hook: ``base``'s settings (WAL archiving) plus logical decoding on tier branches."""
+    def settings(b: Branch) -> dict[str, str] | None:
+        got = {**(base(b) or {}), **(logical.compute_settings(b.kind is Kind.TIER) or {})}
+        return got or None
+    return settings
 
 
 class Repoints:
@@ -88,14 +102,16 @@ class Repoints:
                                      actor="tierbase")
             self.branches.start(name)
             report, prepare, hold = ReplayReport(), None, [0.0]
-            if not discard and self.store.get(old).kind is not Kind.SNAPSHOT:
-                prepare = self._replay(tier, snapshot, old, name, report, hold)
-            self.core.move_route(tier, name, prepare=prepare)
+            with ExitStack() as held:  # the replay's session on the replaced branch (its slot copy), if any
+                if not discard and self.store.get(old).kind is not Kind.SNAPSHOT:
+                    prepare = self._replay(tier, snapshot, old, name, report, hold, held)
+                self.core.move_route(tier, name, prepare=prepare)
         except BaseException as err:
             log.update(rid, status="failed", finished_at=time.time(), owner=None,
                        report=json.dumps({"error": str(err)}))
             raise
         route = self.keep_replaced(tier, name, old)
+        self._close_slots(old, f"dropped at rollback #{rid}")
         left = report.left_sql(route, tier)
         log.update(rid, status="done", finished_at=time.time(), owner=None, replaced_route=route,
                    replayed=report.rows_replayed, left_rows=report.rows_left, left_sql=left,
@@ -116,15 +132,140 @@ class Repoints:
         self.store.set_route(route, old)
         return route
 
+    # -- the promotion's slot (migrate/logical.py) ------------------------------------------------------
+    def open_slot(self, promotion: int, serving: str) -> None:
+        """Just before a promotion's snapshot: drop the slots of earlier promotions on the tier's branch
+        and make this one's, so that a rollback decodes only the writes made since. Never fatal to the
+        promotion: without a slot, a rollback uses the data diff (and says why)."""
+        if not logical.enabled():
+            return
+        slots = SlotLog(self.store)
+        name = slots.begin(promotion, serving)
+        try:
+            with self._platform(serving) as conn:
+                gone = logical.drop_slots(conn)
+                slots.dropped(gone, f"dropped at promotion #{promotion}")
+                lsn = logical.create_slot(conn, name)
+        except psycopg.Error as err:
+            why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            slots.made(promotion, None, f"no slot: {why}")
+            log.warning("promotion #%s: no logical slot on %s (%s); a rollback will use the data diff",
+                        promotion, serving, why)
+            return
+        slots.made(promotion, lsn)
+
+    def _close_slots(self, branch: str, why: str) -> None:
+        """The replaced branch holds WAL for nobody now: drop its slots (bounded anyway, see logical.py)."""
+        if not logical.enabled() and not SlotLog(self.store).live(branch):
+            return
+        b = self.store.find(branch)
+        if b is None or b.kind is Kind.SNAPSHOT:
+            return
+        try:
+            with self._platform(branch) as conn:
+                SlotLog(self.store).dropped(logical.drop_slots(conn), why)
+        except psycopg.Error as err:
+            log.warning("slots of %s not dropped (%s): max_slot_wal_keep_size bounds them", branch, err)
+
+    def _slot_for(self, tier: str, snapshot: str, old: str) -> tuple[str | None, str | None]:
+        """The promotion's slot if a replay can decode from it, else why not."""
+        if not logical.enabled():
+            return None, None
+        origin = next((p for p in PromotionLog(self.store).history(tier) if p["snapshot"] == snapshot), None)
+        if origin is None:
+            return None, f"no promotion took {snapshot!r}"
+        rec = SlotLog(self.store).get(int(origin["id"]))
+        if rec is None or rec["lsn"] is None:
+            return None, f"promotion #{origin['id']} made no slot" + (f" ({rec['note']})" if rec else "")
+        if rec["dropped_at"] is not None:
+            return None, f"slot {rec['slot']} is gone ({rec['note']})"
+        if rec["branch"] != old:
+            return None, f"slot {rec['slot']} is on {rec['branch']!r}, not on the replaced branch {old!r}"
+        try:
+            with self._platform(old) as conn:
+                why = logical.usable(conn, str(rec["slot"]), str(rec["lsn"]))
+        except psycopg.Error as err:
+            why = f"slot {rec['slot']} unreadable: {err}"
+        return (None, why) if why else (str(rec["slot"]), None)
+
     def _replay(self, tier: str, snapshot: str, old: str, new: str, report: ReplayReport,
-                hold: list[float]) -> Callable[[], None]:
+                hold: list[float], held: ExitStack) -> Callable[[], None]:
+        """Pass 1 now, pass 2 returned for inside the hold: by logical decoding when the promotion's slot
+        serves, else (said in the report) by the data diff."""
+        changed = self._undone_tables(tier, snapshot)
+        report.migrations_undone = self._undone_labels(tier, snapshot)
+        slot, why = self._slot_for(tier, snapshot, old)
+        if slot is not None:
+            try:
+                return self._replay_logical(old, new, changed, slot, report, hold, held)
+            except psycopg.Error as err:  # before anything was applied: the diff does it all
+                why = f"decoding failed: {str(err).strip().splitlines()[0] if str(err).strip() else err!r}"
+        report.method, report.fallback = "diff", why
+        return self._replay_diff(tier, snapshot, old, new, changed, report, hold)
+
+    def _replay_logical(self, old: str, new: str, changed: set[str], slot: str, report: ReplayReport,
+                        hold: list[float], held: ExitStack) -> Callable[[], None]:
+        """Pass 1: a temporary copy of the promotion's slot, held by one session on the replaced branch
+        (``held``), names the keys written so far; those keys are compared and applied. Pass 2, in the
+        hold: that session ends the others, and the copy gives only what came after pass 1."""
+        reader = ExitStack()
+        conn = reader.enter_context(self._platform(old))
+        try:
+            stable_session(conn)  # key text forms as the diff reads them (time zone, bytea, ...)
+            later = current_xmin(conn)  # the diff's starting point if decoding fails inside the hold
+            copy = f"{slot}_r{secrets.token_hex(3)}"
+            logical.open_copy(conn, slot, copy)
+            first = logical.read_changes(conn, copy, shapes(conn, EXCLUDED_SCHEMAS))
+        except BaseException:
+            reader.close()
+            raise
+        held.push(reader)
+        report.method = "logical"
+        report.decoded.append(first.to_dict())
+        rep1 = self._keys_pass(old, new, changed, first)
+        report.then(rep1, [])
+        failpoint("rollback:replayed")
+
+        def final() -> None:
+            t0 = time.perf_counter()
+            try:
+                end_sessions(conn)
+                again = logical.read_changes(conn, copy, shapes(conn, EXCLUDED_SCHEMAS))
+                again.add(first, rep1.left)  # what pass 1 left is compared again, so pass 2's word is whole
+                report.decoded.append(again.to_dict())
+                tables = again.tables()
+                later_pass = self._keys_pass(old, new, changed, again)
+            except psycopg.Error as err:  # the diff of what was written after pass 1 began
+                report.fallback = f"decoding failed inside the hold, the data diff finished: {err}"
+                with self._platform(old) as oc, self._platform(new) as nc:
+                    end_sessions(oc)
+                    tables = written_since(oc, nc, later)
+                later_pass = self._replay_pass(old, new, changed, tables)
+            reader.close()  # the copy of the slot goes with its session
+            report.then(later_pass, tables)
+            report.final_tables = sorted(tables)
+            with self._platform(old) as oc, self._platform(new) as nc:
+                report.sequences = advance_sequences(oc, nc)
+            failpoint("rollback:final")
+            hold[0] = time.perf_counter() - t0
+        return final
+
+    def _keys_pass(self, old: str, new: str, changed: set[str], ch: Changes) -> ReplayReport:
+        """The keys a read of the slot named, compared on both branches and applied (replay.apply)."""
+        if not ch.tables():
+            return ReplayReport()
+        with self._platform(new) as nc, self._platform(old) as oc:
+            d = diff_keys(nc, oc, ch.keys, whole=ch.whole, a_label=new, b_label=old,
+                          exclude_schemas=EXCLUDED_SCHEMAS)
+            return apply(d, nc, changed=changed, replaced=old)
+
+    def _replay_diff(self, tier: str, snapshot: str, old: str, new: str, changed: set[str],
+                     report: ReplayReport, hold: list[float]) -> Callable[[], None]:
         """Replay pass 1 now (the replaced branch still serves); returns pass 2, for inside the hold.
 
         Pass 2 compares every table again, once the replaced branch's sessions are ended: its write
         counters (pg_stat_user_tables) looked like a cheaper guide to the tables written since, but a
         live backend flushes them only about once a second, and tests lost rows by trusting them."""
-        changed = self._undone_tables(tier, snapshot)
-        report.migrations_undone = self._undone_labels(tier, snapshot)
         with self._platform(old) as oc, self._platform(new) as nc:
             later = current_xmin(oc)  # pass 2 looks only at what was written after this
             fork = self._fork_xmin(tier, snapshot)

@@ -185,6 +185,8 @@ class Rollbacks:
                 "snapshot": r["snapshot"], "serving_now": r["branch"], "replaced": r["replaced"],
                 "replaced_route": route, "discard_writes": bool(r["discard"]), "rows_replayed": r["replayed"],
                 "rows_left": r["left_rows"], "time_added_ms": r["added_ms"], "hold_ms": r["hold_ms"],
+                "replay_method": None if r["discard"] else rep.get("method", "diff"),
+                "replay_fallback": rep.get("fallback"),
                 "replay": rep, "left_sql": r.get("left_sql"), "hint": hint}
 
     def reconcile_rollbacks(self) -> list[str]:

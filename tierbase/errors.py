@@ -7,7 +7,10 @@ CLI, the HTTP API and ``--json`` all render the same two sentences.
 from __future__ import annotations
 
 import errno
-from typing import Any, ClassVar
+
+TYPE_CHECKING = False  # not typing's: every CLI call imports this module, and typing costs milliseconds
+if TYPE_CHECKING:
+    from typing import Any, ClassVar
 
 
 class TierbaseError(Exception):

@@ -491,6 +491,9 @@ class RollbackSummary(Payload):
     rows_left: int
     time_added_ms: int
     hold_ms: int
+    replay_method: str | None = Field(None, description="How the writes were found: logical (the promotion's "
+                                      "slot) or diff; None when discarded")
+    replay_fallback: str | None = Field(None, description="Why the data diff ran instead of logical decoding")
     replay: dict[str, Any] = Field(description="Per table: replayed, left and why")
     left_sql: str | None = Field(description="SQL applying the rows not replayed")
     hint: str
@@ -511,6 +514,8 @@ class RollbackResult(RollbackPlan):
     rows_left: int | None = None
     time_added_ms: int | None = None
     hold_ms: int | None = None
+    replay_method: str | None = None
+    replay_fallback: str | None = None
     replay: dict[str, Any] | None = None
     left_sql: str | None = None
     hint: str | None = None

@@ -1,10 +1,11 @@
 """Point-in-time copies: a base snapshot of the tier + its archived WAL, replayed up to a target.
 
-A branch at T: clone the newest base snapshot taken before T (O(1)), write
-``recovery.signal``, start postgres once with ``restore_command`` (the platform's
-checksum-verifying script) and ``recovery_target_time``/``_lsn`` with
-``recovery_target_action=promote`` on its command line, and wait until it is
-promoted (``hot_standby=off``: nobody connects to a half-replayed copy). The copy
+A branch at T: clone the newest base snapshot taken before T (O(1)), reflink the
+archived segments wholly before T into its pg_wal (checked against their sums while
+postgres replays them), write ``recovery.signal``, start postgres once with
+``restore_command`` (the platform's checksum-verifying script, for the rest) and
+``recovery_target_time``/``_lsn`` on its command line, and promote it once the replay
+pauses at the target (nobody but the platform reaches a half-replayed copy). The copy
 then starts a timeline of its own and is an ordinary cluster.
 
 ``recovery_target_inclusive`` is on by default: a transaction that committed at
@@ -14,6 +15,7 @@ exactly T (to the microsecond) or at exactly the target LSN is on the copy.
 from __future__ import annotations
 
 import re
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,13 +27,16 @@ from .compute import archive
 from .compute.archive import Target
 from .control.history import History
 from .control.store import Branch
-from .errors import ComputeError, InvalidInput, OutsideHistory, TierbaseError
+from .errors import ArchiveCorrupt, ComputeError, InvalidInput, OutsideHistory, TierbaseError
 from .names import parse_ttl
 from .storage import Source
 
 if TYPE_CHECKING:
     from .provider import LocalProvider
+    from .provider.types import ComputeUser
 
+#: seconds a recovery may take to reach its target (each of its start and its replay after that)
+REPLAY_TIMEOUT = 600.0
 _LSN_RE = re.compile(r"^[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}$")
 
 
@@ -71,6 +76,8 @@ class PointInTime:
         #: the segment the parent's archiver was asked for by reach(): recover() lets the restore
         #: command wait for segments up to it (one PointInTime per operation, so per target)
         self.upto: str | None = None
+        #: milliseconds of recover()'s steps (the benchmark's and the profile's breakdown)
+        self.phases: dict[str, float] = {}
 
     def reach(self, parent: Branch, key: str, target: Target, ts: float | None) -> None:
         """Have the archive get the WAL up to the target: the parent (running: it is a tier the caller
@@ -78,7 +85,10 @@ class PointInTime:
         An LSN past the parent's end of WAL is refused."""
         ep = self.provider.endpoint(parent.port)
         with psycopg.connect(ep.dsn(), autocommit=True, connect_timeout=10) as conn:
-            row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+            # the marker below need not wait for its own WAL flush: pg_switch_wal() flushes the WAL up to
+            # the switch, the marker's commit included (one fsync of the tier's WAL, not two)
+            row = conn.execute("SELECT pg_current_wal_lsn()::text, set_config('synchronous_commit', 'off', false)"
+                               ).fetchone()
             end = str(row[0]) if row else "0/0"
             if target.lsn is not None and archive.parse_lsn(target.lsn) > archive.parse_lsn(end):
                 raise OutsideHistory(f"LSN {target.lsn} is past the end of {parent.name!r}'s WAL ({end})",
@@ -98,14 +108,25 @@ class PointInTime:
         leave its compute running, promoted (``private``: on a 0700 socket only). Returns where its
         history ends (the last replayed LSN)."""
         driver, pg = self.provider.driver, self.provider.pg
+        t0 = time.perf_counter()
+        wal_dir = self.history.wal_dir(key)
         with self.history.reading(key):
             base = self.history.choose(key, at=ts, lsn=target.lsn)
             driver.clone(Source(base.volume), b.volume)
-        datadir = driver.path(b.volume)
+            datadir = driver.path(b.volume)
+            # the archived segments the replay reads first go into pg_wal now (reflinks): postgres reads
+            # them there, sparing each a restore command and the fsyncs of taking its file over; their
+            # sums are checked while it replays, and the promotion waits for that check
+            self.phases["dropped_segments"] = archive.drop_preallocated(datadir / "pg_wal", base.timeline, base.lsn)
+            placed = archive.place(wal_dir, archive.to_place(wal_dir, base.redo_lsn, base.timeline, lsn=target.lsn,
+                                                             at=ts), datadir / "pg_wal", _owner(pg.user))
+            check = _Check(wal_dir, placed, datadir / "pg_wal")
         pg.clear_runtime_files(datadir)
+        pg.forget_slots(datadir)  # a base taken while a promotion's slot lived carries it
         archive.write_signal(datadir)
         pg.user.chown(datadir / "recovery.signal")
-        conf = {**self.history.recovery_settings(key, target, self.upto), **(settings or {})}
+        conf = {**self.history.recovery_settings(key, target, self.upto, placed[-1] if placed else None),
+                **(settings or {})}
         sockdir = self.provider.home / "run" / b.name if private else self.provider.sockets
         if private:
             sockdir.mkdir(parents=True, exist_ok=True)
@@ -113,15 +134,33 @@ class PointInTime:
             sockdir.chmod(0o700)
         logfile = self.provider.logs / f"{b.name}.log"
         dsn = psycopg.conninfo.make_conninfo("", host=str(sockdir), port=b.port, user="tierbase", dbname="postgres")
+        self.phases["placed_segments"] = len(placed)
+        self._phase("prepare_ms", t0)
+        check.start()
         try:
             with self.provider.lock(b.name):
-                pg.start(datadir, b.port, logfile, name=b.name, sockets=self.provider.sockets,
+                t1 = time.perf_counter()
+                # "standby" (consistent) comes only once the placed segments are replayed: the start
+                # waits as long as the replay may take (a target an hour back replays gigabytes)
+                pg.start(datadir, b.port, logfile, name=b.name, sockets=self.provider.sockets, timeout=REPLAY_TIMEOUT,
                          private=sockdir if private else None, settings=conf, ready=("standby", "ready"))
-                return self._promote_at_target(dsn, datadir)
+                self._phase("start_ms", t1)
+                t2 = time.perf_counter()
+                end = self._promote_at_target(dsn, datadir, check)
+                self._phase("replay_promote_ms", t2)
+                return end
         except (ComputeError, psycopg.OperationalError) as err:
+            # a placed segment that failed its check explains a replay that failed (postgres read it)
+            if (bad := check.result()) is not None:
+                raise bad from err
             raise _recovery_error(err, logfile) from err
+        finally:
+            check.result()
 
-    def _promote_at_target(self, dsn: str, datadir: Path, timeout: float = 600) -> str:
+    def _phase(self, name: str, since: float) -> None:
+        self.phases[name] = round((time.perf_counter() - since) * 1000, 1)
+
+    def _promote_at_target(self, dsn: str, datadir: Path, check: _Check, timeout: float = REPLAY_TIMEOUT) -> str:
         """Promote as soon as the replay stops at its target; returns the last replayed LSN.
 
         The promotion is asked for at once: in an archive recovery that is not a standby, the
@@ -129,6 +168,8 @@ class PointInTime:
         would pause), so the request neither cuts the replay short nor waits for the pause loop's
         one-second tick, and the promotion is the fast kind."""
         with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+            if (bad := check.result()) is not None:  # before the promotion: the copy is thrown away
+                raise bad
             conn.execute("SELECT pg_promote(false)")
             deadline = time.monotonic() + timeout
             while True:
@@ -140,6 +181,49 @@ class PointInTime:
                     raise ComputeError(f"recovery did not reach its target within {timeout:.0f}s",
                                        "Pick a target closer to a base snapshot, or check the machine's load")
                 time.sleep(0.005)
+
+
+class _Check(threading.Thread):
+    """Checks the segments placed into pg_wal against the sums recorded when they were archived, while
+    postgres replays them. Their files are opened before postgres starts: a restartpoint may recycle a
+    replayed segment under another name, but nothing writes into one before the promotion, which
+    waits for this check."""
+
+    def __init__(self, wal_dir: Path, names: list[str], pg_wal: Path) -> None:
+        super().__init__(name="tierbase-wal-check", daemon=True)
+        self.wal_dir = wal_dir
+        self.files = [(name, open(pg_wal / name, "rb")) for name in names]  # noqa: SIM115 (closed by run)
+        self.bad: ArchiveCorrupt | None = None
+
+    def run(self) -> None:
+        try:
+            for name, fh in self.files:
+                try:
+                    archive.verify(self.wal_dir, name, fh)
+                except ArchiveCorrupt:
+                    self.bad = _corrupt(name)
+                    return
+        finally:
+            for _, fh in self.files:
+                fh.close()
+
+    def result(self) -> ArchiveCorrupt | None:
+        """The first segment that failed its check (None: all passed), once the check is done."""
+        if self.ident is not None:
+            self.join()
+        else:  # never started (postgres was not started either)
+            for _, fh in self.files:
+                fh.close()
+        return self.bad
+
+
+def _owner(user: ComputeUser) -> tuple[int, int] | None:
+    return None if user.is_self else (user.uid, user.gid)
+
+
+def _corrupt(seg: str) -> ArchiveCorrupt:
+    return ArchiveCorrupt(f"checksum mismatch on WAL segment {seg} in the archive: recovery refused",
+                          "Nothing was made; pick a point before that segment, or restore the archive", segment=seg)
 
 
 def _recovery_error(err: ComputeError | psycopg.Error, logfile: Path) -> TierbaseError:
@@ -154,11 +238,7 @@ def _recovery_error(err: ComputeError | psycopg.Error, logfile: Path) -> Tierbas
                              "the target", "Check the pool's free space (`tierbase status`) and try again")
     seg = archive.corrupt_segment(text)
     if seg is not None:
-        from .errors import ArchiveCorrupt
-
-        return ArchiveCorrupt(f"checksum mismatch on WAL segment {seg} in the archive: recovery refused",
-                              "Nothing was made; pick a point before that segment, or restore the archive",
-                              segment=seg)
+        return _corrupt(seg)
     if "recovery ended before configured recovery target was reached" in text:
         return OutsideHistory("the archived WAL ends before the target",
                               "Pick an earlier point (`tierbase history TIER`); a missing segment ends it early")

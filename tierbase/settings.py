@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from .errors import InvalidInput
+
+TYPE_CHECKING = False  # not typing's: the CLI imports this module on every call
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any
 
 GiB, MiB = 1024**3, 1024**2
 
@@ -42,19 +44,35 @@ def _pg_size(text: str) -> str:
     return m.group(1) + {"kb": "kB", "mb": "MB", "gb": "GB"}[m.group(2)]
 
 
-@dataclass(frozen=True)
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text.strip().lower() not in allowed:
+            raise ValueError(text)
+        return text.strip().lower()
+    return parse
+
+
 class Setting:
-    name: str
-    default: Any
-    help: str
-    #: the environment variable that overrides it (process settings; a few data-dir ones at first `up`)
-    env: str | None = None
-    #: True: kept per data dir in meta.db's settings table
-    stored: bool = False
-    #: text (from the environment) -> value
-    parse: Callable[[str], Any] = str
-    #: what a value looks like, for the error about a bad one
-    kind: str = "text"
+    """One row of the table (a plain class: dataclasses imports inspect, ~12 ms of every CLI call)."""
+
+    __slots__ = ("default", "env", "help", "kind", "name", "parse", "stored")
+
+    def __init__(self, name: str, default: Any, help: str, env: str | None = None, stored: bool = False,
+                 parse: Callable[[str], Any] = str, kind: str = "text") -> None:
+        self.name = name
+        self.default = default
+        self.help = help
+        #: the environment variable that overrides it (process settings; a few data-dir ones at first `up`)
+        self.env = env
+        #: True: kept per data dir in meta.db's settings table
+        self.stored = stored
+        #: text (from the environment) -> value
+        self.parse = parse
+        #: what a value looks like, for the error about a bad one
+        self.kind = kind
+
+    def __repr__(self) -> str:
+        return f"Setting({self.name!r}, {self.default!r}, env={self.env!r}, stored={self.stored})"
 
 
 _TABLE = (
@@ -99,6 +117,13 @@ _TABLE = (
     Setting("recovery_shared_buffers", "256MB", "shared_buffers of a compute while it replays WAL to a point in "
             "time (branch --at, restore): room for the pages the replay touches (that start only)",
             env="TIERBASE_RECOVERY_SHARED_BUFFERS", parse=_pg_size, kind="a Postgres size such as 256MB"),
+    Setting("rollback_replay", "logical", "how a rollback finds the rows written since the promotion: logical "
+            "(decode the WAL of a slot made at the promotion; tiers run wal_level=logical; the data diff when "
+            "there is no usable slot) or diff (compare the tables on both branches)", env="TIERBASE_ROLLBACK_REPLAY",
+            parse=_choice("logical", "diff"), kind="logical or diff"),
+    Setting("rollback_slot_max_wal", "1GB", "max_slot_wal_keep_size of a tier's compute: the most WAL a "
+            "promotion's slot may hold back; past it the slot is invalidated and a rollback uses the data diff",
+            env="TIERBASE_ROLLBACK_SLOT_MAX_WAL", parse=_pg_size, kind="a Postgres size such as 1GB"),
     Setting("failpoints", "", "comma-separated failpoints at which the process kills itself (tests only)",
             env="TIERBASE_FAILPOINTS"),
     # -- fixed by design, named here so that they are found in one place ------------------------

@@ -6,17 +6,20 @@ import functools
 import json
 import os
 import sys
-import typing
-from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 from ..errors import InvalidInput, NotRunning, TierbaseError, Unauthorized, error_from_dict
 from ..home import Home, default_home
 from ..settings import from_env
 
+# typing only for the type checker: every CLI call imports this module, and typing costs it milliseconds;
+# payload_type() imports it when it reads the annotations
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator
+    from typing import IO, Annotated, Any, TypeVar
+
     import httpx
 
     from .. import payloads as P
@@ -28,9 +31,9 @@ if TYPE_CHECKING:
 #: model it follows (``Annotated[JSON, P.Branch]``: tierbase/payloads.py, the API's response_model), so
 #: callers keep indexing dicts while the shape is written down once; pydantic is imported only to check
 #: (``Client(check=True)``), never by a CLI call.
-JSON = dict[str, Any]
-
-_F = TypeVar("_F", bound=Callable[..., Any])
+if TYPE_CHECKING:
+    JSON = dict[str, Any]
+    _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class PayloadDrift(TierbaseError):
@@ -42,11 +45,26 @@ class PayloadDrift(TierbaseError):
 @functools.cache
 def payload_type(method: Callable[..., Any]) -> Any:
     """The payload model named by ``method``'s return annotation (None when it names none)."""
+    import typing
+
     from .. import payloads
 
-    hints = typing.get_type_hints(method, {**globals(), "P": payloads}, include_extras=True)
+    names = {**globals(), "P": payloads, "JSON": _json_type(), "Annotated": typing.Annotated, "Any": typing.Any}
+    hints = typing.get_type_hints(method, names, include_extras=True)
     ret = hints.get("return")
-    return getattr(ret, "__metadata__", (None,))[0] if typing.get_origin(ret) is Annotated else None
+    return getattr(ret, "__metadata__", (None,))[0] if typing.get_origin(ret) is typing.Annotated else None
+
+
+def _json_type() -> Any:
+    from typing import Any
+
+    return dict[str, Any]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "JSON":  # made on first use (it needs typing.Any)
+        return _json_type()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_payload(model: Any, got: Any, what: str) -> None:
@@ -73,7 +91,7 @@ def checked(method: _F) -> _F:
         if self.check:
             check_payload(payload_type(method), got, method.__name__)
         return got
-    return cast(_F, call)
+    return call  # type: ignore[return-value]  # the same signature, by functools.wraps
 
 _CHUNK = 1 << 20
 

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import _socket  # the C module under `socket`: `import socket` spends milliseconds building its enums
 import json
-from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
+
+TYPE_CHECKING = False  # not typing's (milliseconds of every CLI call)
+if TYPE_CHECKING:
+    from typing import Any
 
 #: the characters a path segment may carry as they are (RFC 3986 pchar); anything else is %-escaped
 _SAFE = ":@!$&'()*+,;=-._~"

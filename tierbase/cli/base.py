@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ import click
 
 from .. import __version__
 from ..errors import TierbaseError
+from .spec import API, HOME, JSON, TTL, Command, Param, open_client, where
 
 if TYPE_CHECKING:
     from ..api.client import Client
@@ -59,16 +59,14 @@ COMMANDS = {
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--home", envvar="TIERBASE_HOME", type=click.Path(file_okay=False, readable=False), default=None,
-              help="Data dir of the platform (env TIERBASE_HOME).")
-@click.option("--api", "api", envvar="TIERBASE_API", default=None, metavar="URL",
-              help="URL of the service's API, e.g. http://127.0.0.1:25430 (env TIERBASE_API); with "
-                   "TIERBASE_TOKEN, for clients that cannot read the data dir (other OS users, agents).")
+@click.option(HOME.opt, HOME.name, envvar=HOME.env, type=click.Path(file_okay=False, readable=False), default=None,
+              help=HOME.help)
+@click.option(API.opt, API.name, envvar=API.env, default=None, metavar="URL", help=API.help)
 @click.version_option(version=__version__, prog_name="tierbase")
 @click.pass_context
 def _root(ctx: click.Context, home: str | None, api: str | None) -> None:
     """tierbase: copy-on-write branches of a real PostgreSQL."""
-    ctx.obj = {"home": os.path.abspath(home) if home else None, "api": api or None}
+    ctx.obj = where(home, api)
 
 
 def root(only: str | None = None) -> click.Group:
@@ -91,9 +89,9 @@ def invoked(args: list[str]) -> str | None:
     i = 0
     while i < len(args):
         arg = args[i]
-        if arg in ("--home", "--api"):
+        if arg in (HOME.opt, API.opt):
             i += 2
-        elif arg.startswith(("--home=", "--api=")):
+        elif arg.startswith((f"{HOME.opt}=", f"{API.opt}=")):
             i += 1
         else:
             return arg if arg in COMMANDS else None
@@ -103,7 +101,7 @@ def invoked(args: list[str]) -> str | None:
 def command(fn: F) -> F:
     """Give a command --json and the one error path: message + hint on stderr, exit 1 or 2."""
 
-    @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+    @param_of(JSON)
     @functools.wraps(fn)
     def wrapper(*args: Any, as_json: bool, **kwargs: Any) -> None:
         ctx = click.get_current_context()
@@ -111,20 +109,41 @@ def command(fn: F) -> F:
         try:
             fn(*args, **kwargs)
         except TierbaseError as e:
-            from .render import emit_json, err
+            from .render import fail
 
-            if as_json:
-                emit_json({"error": e.to_dict()})
-            err.print(f"Error: {e.message}." + (f" {e.hint}." if e.hint else ""))
-            sys.exit(e.exit_code)
+            sys.exit(fail(e, as_json))
 
     return wrapper
+
+
+def from_spec(spec: Command) -> click.Command:
+    """The click command of a declaration (cli/spec.py): the same parameters, help and body that
+    cli/fast.py runs without click, with --json and the error path of ``command``."""
+
+    @click.pass_context
+    def body(ctx: click.Context, /, **values: Any) -> None:
+        spec.call(client(ctx), as_json(), values)
+
+    body.__doc__ = spec.doc
+    f: F = command(body)
+    for p in reversed(spec.params):
+        f = param_of(p)(f)
+    return click.command(spec.name)(f)
+
+
+def param_of(p: Param) -> Callable[[F], F]:
+    """click's decorator for one declared parameter."""
+    if not p.opt:
+        return click.argument(p.name)
+    if p.flag:
+        return click.option(p.opt, p.name, is_flag=True, help=p.help)
+    return click.option(p.opt, p.name, default=p.default, help=p.help)
 
 
 # -- option bundles shared by several commands ------------------------------------------------
 repo_option = click.option("--repo", type=click.Path(file_okay=False, exists=True), default=".",
                            show_default=True, help="The app repo (any directory inside it).")
-ttl_option = click.option("--ttl", default=None, help="Delete automatically after this long (e.g. 2h, 7d).")
+ttl_option = param_of(TTL)
 migrations_dir_option = click.option("--dir", "migrations_dir", type=click.Path(file_okay=False), default=None,
                                      help="Migrations directory (default: [project] migrations of tierbase.toml).")
 
@@ -145,9 +164,7 @@ def home_of(ctx: click.Context) -> Path:
 
 def client(ctx: click.Context) -> Client:
     """One SDK client per command (so that acting as the data dir's owner is said once)."""
-    from ..api.client import Client
-
     root = ctx.find_root()
     if root.obj.get("client") is None:
-        root.obj["client"] = Client(home_of(ctx), url=root.obj.get("api"))
+        root.obj["client"] = open_client(root.obj)
     return root.obj["client"]  # type: ignore[no-any-return]

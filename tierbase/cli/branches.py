@@ -9,8 +9,9 @@ from urllib.parse import quote
 
 import click
 
-from .base import as_json, client, command, ttl_option
-from .render import branch_details, branch_tree, emit_json, out, space_line
+from .base import as_json, client, command, from_spec, ttl_option
+from .hot import HOT
+from .render import branch_tree, emit_json, out, space_line
 
 if TYPE_CHECKING:
     from ..api.client import Client
@@ -22,32 +23,9 @@ def branch() -> None:
     """Create, list, reset and delete branches."""
 
 
-@branch.command("create")
-@click.argument("name")
-@click.option("--parent", default=None, help="Branch to fork (default: production).")
-@ttl_option
-@click.option("--snapshot", is_flag=True, help="A read-only snapshot instead of a writable branch.")
-@click.option("--start", is_flag=True, help="Start its compute right away.")
-@click.option("--at", default=None, help="PARENT as it was then: ISO 8601 with a zone, or -5m, -1h30m.")
-@click.option("--lsn", default=None, help="PARENT as it was at this WAL position (e.g. 0/1A2B3C4).")
-@click.option("--exclusive", is_flag=True, help="With --at/--lsn: leave out a commit exactly at the target.")
-@command
-@click.pass_context
-def branch_create(ctx: click.Context, name: str, parent: str | None, ttl: str | None, snapshot: bool,
-                  start: bool, at: str | None, lsn: str | None, exclusive: bool) -> None:
-    """Create NAME as a copy-on-write branch of PARENT's current state (or of a past one: --at/--lsn)."""
-    b = client(ctx).create_branch(name, parent, ttl=ttl, snapshot=snapshot, start=start, at=at, lsn=lsn,
-                                  inclusive=not exclusive)
-    if as_json():
-        emit_json(b)
-        return
-    if b.get("target"):
-        when = b["target"]["time"] or f"LSN {b['target']['lsn']}"
-        out.print(f"created branch {b['name']!r} from {b['parent']!r} as of {when} in {b['elapsed_ms']} ms "
-                  f"(base snapshot + WAL replayed to {b['fork_lsn']})")
-        return
-    how = "copy-on-write snapshot" if b["copy_on_write"] else "FULL COPY (copy driver, O(size))"
-    out.print(f"created {b['kind']} branch {b['name']!r} from {b['parent']!r} in {b['elapsed_ms']} ms ({how})")
+# the hot commands are declared in cli/hot.py (their fast path runs without click)
+for _spec in HOT.values():
+    branch.add_command(from_spec(_spec))
 
 
 @branch.command("create-ci")
@@ -86,37 +64,6 @@ def branch_list(ctx: click.Context, no_bytes: bool, prefix: str, names: bool, mi
         space_line(client(ctx).space())
 
 
-@branch.command("show")
-@click.argument("name")
-@command
-@click.pass_context
-def branch_show(ctx: click.Context, name: str) -> None:
-    """Everything about one branch."""
-    data = client(ctx).get_branch(name)
-    emit_json(data) if as_json() else branch_details(data)
-
-
-@branch.command("delete")
-@click.argument("name")
-@click.option("--recursive", is_flag=True, help="Also delete every descendant.")
-@command
-@click.pass_context
-def branch_delete(ctx: click.Context, name: str, recursive: bool) -> None:
-    """Delete a branch (and with --recursive its descendants)."""
-    gone = client(ctx).delete_branch(name, recursive)
-    emit_json({"deleted": gone}) if as_json() else out.print(f"deleted {', '.join(gone)}")
-
-
-@branch.command("reset")
-@click.argument("name")
-@command
-@click.pass_context
-def branch_reset(ctx: click.Context, name: str) -> None:
-    """Throw away NAME's changes: back to its parent's current state, same URL."""
-    b = client(ctx).reset_branch(name)
-    emit_json(b) if as_json() else out.print(f"reset {name!r} to the current state of {b['parent']!r}")
-
-
 @branch.command("url")
 @click.argument("name")
 @click.option("--database", default="postgres", show_default=True)
@@ -144,26 +91,6 @@ def _save_ca(sdk: Client) -> Path:
     path = base / "ca.crt"
     path.write_text(sdk.tls_ca()["pem"])
     return path
-
-
-@branch.command("start")
-@click.argument("name")
-@command
-@click.pass_context
-def branch_start(ctx: click.Context, name: str) -> None:
-    """Start NAME's compute."""
-    b = client(ctx).start_branch(name)
-    emit_json(b) if as_json() else out.print(f"{name}: compute {b['compute']} (pid {b['pid']}, port {b['port']})")
-
-
-@branch.command("stop")
-@click.argument("name")
-@command
-@click.pass_context
-def branch_stop(ctx: click.Context, name: str) -> None:
-    """Stop NAME's compute (it wakes again on the next connection)."""
-    b = client(ctx).stop_branch(name)
-    emit_json(b) if as_json() else out.print(f"{name}: compute {b['compute']}")
 
 
 # -- routes --------------------------------------------------------------------------

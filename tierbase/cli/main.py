@@ -1,8 +1,9 @@
 """`tierbase` CLI. Exit codes: 0 ok, 1 error, 2 refused by a rule (with the reasons).
 
 This module is the console script's entry point and stays tiny: `tierbase --version` answers
-without importing click; every other call builds the root group (cli/base.py, which registers
-every command) and runs it. ``from tierbase.cli.main import cli`` gives that group.
+without importing click, and so do the hot commands (cli/hot.py: `branch create`, `delete`, ...)
+when cli/fast.py can parse the argv; every other call builds the root group (cli/base.py, which
+registers every command) and runs it. ``from tierbase.cli.main import cli`` gives that group.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None) -> None:
         from .. import __version__
 
         print(f"tierbase, version {__version__}")
+        return
+    from .fast import run
+
+    if run(args):  # a hot command (cli/hot.py) the fast parser is sure of: done without importing click
         return
     from .base import invoked, root
 

@@ -171,7 +171,10 @@ def rollback(ctx: click.Context, tier: str, to: str | None, discard_writes: bool
         click.echo(f"WARNING: writes made on {rec['replaced']} since the snapshot were DISCARDED from {tier}", err=True)
     else:
         out.print(f"writes replayed: {rec['rows_replayed']} rows, left on the replaced branch: {rec['rows_left']} "
-                  f"(+{rec['time_added_ms']} ms, route held {rec['hold_ms']} ms)", markup=False)
+                  f"(+{rec['time_added_ms']} ms, route held {rec['hold_ms']} ms, "
+                  f"by {rec.get('replay_method') or 'diff'})", markup=False)
+        if rec.get("replay_fallback"):
+            out.print(f"  data diff instead of logical decoding: {rec['replay_fallback']}", markup=False)
     if rec.get("left_sql_file"):
         out.print(f"SQL for the rows left: {rec['left_sql_file']}", markup=False)
     out.print(rec["hint"], markup=False)
@@ -204,7 +207,8 @@ def rollbacks(ctx: click.Context, tier: str | None) -> None:
         return
     for r in rows:
         kept = f"kept as {r['replaced_route']}" if r["replaced_route"] else ""
-        writes = "writes DISCARDED" if r["discard_writes"] else f"{r['rows_replayed']} replayed, {r['rows_left']} left"
+        writes = "writes DISCARDED" if r["discard_writes"] else (
+            f"{r['rows_replayed']} replayed ({r.get('replay_method') or 'diff'}), {r['rows_left']} left")
         out.print(f"#{r['rollback']:<4} {r['tier']:<12} {r['kind']:<9} {r['status']:<9} -> {r['snapshot']} "
                   f"({r['serving_now']}); {r['replaced']} {kept}; {writes}; +{r['time_added_ms']} ms", markup=False)
 

@@ -1,19 +1,47 @@
 """Rendering helpers: plain text, a rich table only where one is drawn, or JSON with --json.
 
-rich costs tens of milliseconds to import, more than most commands take end to end: text goes out
-through click, and rich is imported by the few renderers that draw (the branch tree).
+rich costs tens of milliseconds to import, more than most commands take end to end, and click almost
+as much: text goes out through ``echo`` (click.echo's rule for text, without click, so that the fast
+path of cli/fast.py prints byte for byte what the click command prints), and rich is imported by the
+few renderers that draw (the branch tree).
 """
 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+import re
+import sys
 
-import click
-
+TYPE_CHECKING = False  # not typing's: the fast path (cli/fast.py) renders through this module
 if TYPE_CHECKING:
+    from typing import Any
+
     from rich.console import Console
     from rich.table import Table
+
+    from ..errors import TierbaseError
+
+#: click.echo strips these (ANSI styles) from text written to anything but a terminal
+_ANSI = re.compile(r"\033\[[;?0-9]*[a-zA-Z]")
+
+
+def echo(text: str, err: bool = False) -> None:
+    """click.echo(text, err=err) for text: a newline added, ANSI styles stripped unless the stream is a
+    terminal, flushed."""
+    stream = sys.stderr if err else sys.stdout
+    if not stream.isatty():
+        text = _ANSI.sub("", text)
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def fail(e: TierbaseError, as_json: bool) -> int:
+    """The one error path of every command: the envelope on stdout with --json, ``Error: <what
+    happened>. <what to do>.`` on stderr; returns the exit code (1 error, 2 refused)."""
+    if as_json:
+        emit_json({"error": e.to_dict()})
+    echo(f"Error: {e.message}." + (f" {e.hint}." if e.hint else ""), err=True)
+    return e.exit_code
 
 
 class Printer:
@@ -25,7 +53,7 @@ class Printer:
 
     def print(self, obj: Any, *, markup: bool = False) -> None:
         if isinstance(obj, str):
-            click.echo(obj, err=self.stderr)
+            echo(obj, err=self.stderr)
             return
         self.console.print(obj)
 
@@ -100,4 +128,4 @@ def space_line(space: dict[str, Any]) -> None:
     out.print(f"pool: {space['free'] / 1024 ** 2:,.0f} MiB free of {space['total'] / 1024 ** 2:,.0f} MiB "
               f"(reserve for tiers {space['reserve'] / 1024 ** 2:,.0f} MiB)")
     if space.get("warning"):
-        click.echo(f"Warning: {space['warning']}", err=True)
+        echo(f"Warning: {space['warning']}", err=True)

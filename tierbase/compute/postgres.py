@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -21,7 +22,7 @@ import psycopg
 
 from ..errors import ComputeError, DiskFull
 from ..procs import pid_alive
-from ..provider.types import SUPERUSER, ComputeUser, Endpoint
+from ..provider.types import PLATFORM_SLOTS, SUPERUSER, ComputeUser, Endpoint
 from ..settings import value
 from .binaries import PgBinaries, compute_user, find_binaries
 
@@ -137,6 +138,16 @@ class Postgres:
         for name in RUNTIME_FILES:
             (datadir / name).unlink(missing_ok=True)
 
+    @staticmethod
+    def forget_slots(datadir: Path, prefix: str = "") -> None:
+        """A copy is nobody's replication source: drop the slots it inherited (a logical slot would keep
+        its WAL forever, and stop it from starting at all under wal_level=replica). ``prefix``: only
+        those slots (a compute starting below wal_level=logical drops the platform's own)."""
+        slots = datadir / "pg_replslot"
+        for entry in slots.iterdir() if slots.is_dir() else ():
+            if entry.name.startswith(prefix):
+                shutil.rmtree(entry, ignore_errors=True)
+
     # -- liveness ------------------------------------------------------------
     @staticmethod
     def running_pid(datadir: Path) -> int | None:
@@ -175,6 +186,10 @@ class Postgres:
             if self.running_pid(datadir) == pid:
                 return pid
         self.clear_runtime_files(datadir)
+        if (settings or {}).get("wal_level") != "logical":
+            # a promotion's slot (migrate/logical.py) on a tier now started without logical decoding
+            # (rollback_replay = diff): postgres would refuse to start with it
+            self.forget_slots(datadir, PLATFORM_SLOTS)
         _clear_stale_socket(private or sockets, port)
         logfile.parent.mkdir(parents=True, exist_ok=True)
         if not logfile.exists():

@@ -2,7 +2,7 @@
 
 Layout on the pool (the btrfs mount; dot-names are not branch volumes, so reconcile leaves them):
 
-    volumes/.pitr/<key>/wal/        archived segments + <segment>.sha256 (compute/archive.py)
+    volumes/.pitr/<key>/wal/        archived segments + <segment>.crc (compute/archive.py)
     volumes/.pitr/<key>/base/<id>   read-only snapshots of the tier: the base backups (O(1))
 
 An archive ``key`` belongs to one branch *and* one WAL lineage: a branch reset onto a new
@@ -108,8 +108,9 @@ class History:
     def archive_settings(self, b: Branch) -> dict[str, str]:
         return archive.archive_settings(self.script(), self.wal_dir(self.ensure_key(b)))
 
-    def recovery_settings(self, key: str, target: archive.Target, upto: str | None = None) -> dict[str, str]:
-        return archive.recovery_settings(self.script(), self.wal_dir(key), target, upto)
+    def recovery_settings(self, key: str, target: archive.Target, upto: str | None = None,
+                          placed: str | None = None) -> dict[str, str]:
+        return archive.recovery_settings(self.script(), self.wal_dir(key), target, upto, placed)
 
     # -- base snapshots ----------------------------------------------------------------
     def take_base(self, name: str, reason: str) -> Base:
@@ -235,7 +236,8 @@ class History:
             for s in archive.segments(self.wal_dir(key)):
                 rng = archive.segment_range(s.name)
                 if rng is not None and rng[2] <= floor:
-                    (self.wal_dir(key) / f"{s.name}.sha256").unlink(missing_ok=True)
+                    for suffix in archive.CHECKSUM_SUFFIXES:
+                        (self.wal_dir(key) / f"{s.name}{suffix}").unlink(missing_ok=True)
                     (self.wal_dir(key) / s.name).unlink(missing_ok=True)
                     gone += 1
             if gone:

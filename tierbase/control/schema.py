@@ -231,6 +231,20 @@ CREATE TABLE IF NOT EXISTS pitr_bases (
 );
 """
 
+#: the logical replication slot each promotion made for its rollback (migrate/logical.py)
+ROLLBACK_SLOTS = """
+CREATE TABLE IF NOT EXISTS rollback_slots (
+    promotion  INTEGER PRIMARY KEY,
+    branch     TEXT NOT NULL,      -- the branch that served the tier when the slot was made
+    slot       TEXT NOT NULL,
+    lsn        TEXT,               -- where decoding starts (NULL: not made, see note)
+    created_at REAL NOT NULL,
+    dropped_at REAL,
+    note       TEXT                -- why there is no slot, or why it went
+);
+"""
+
+
 ROLLBACKS = """
 CREATE TABLE IF NOT EXISTS promotion_touches (
     promotion INTEGER PRIMARY KEY,
@@ -271,6 +285,8 @@ MIGRATIONS = (
               _create(PITR)),
     Migration(6, "promotion_touches, rollbacks: what a rollback must not replay; every rollback (migrate/replay.py)",
               _create(ROLLBACKS)),
+    Migration(7, "rollback_slots: the slot each promotion made for its rollback's replay (migrate/logical.py)",
+              _create(ROLLBACK_SLOTS)),
 )
 LATEST = MIGRATIONS[-1].version
 

@@ -78,6 +78,11 @@ class ReplayReport:
     final_tables: list[str] = field(default_factory=list)
     #: the migrations the rollback took away (a later promotion may bring them back)
     migrations_undone: list[str] = field(default_factory=list)
+    #: how the rows written since were found: "logical" (the promotion's slot) or "diff"; and why not logical
+    method: str = "diff"
+    fallback: str | None = None
+    #: what each read of the slot found (logical only)
+    decoded: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def rows_replayed(self) -> int:
@@ -103,7 +108,8 @@ class ReplayReport:
     def to_dict(self) -> dict[str, Any]:
         return {"rows_replayed": self.rows_replayed, "rows_left": self.rows_left, "replayed": self.replayed,
                 "left": self.left, "sequences_advanced": self.sequences, "seconds": round(self.seconds, 3),
-                "final_pass_tables": self.final_tables, "migrations_undone": self.migrations_undone}
+                "final_pass_tables": self.final_tables, "migrations_undone": self.migrations_undone,
+                "method": self.method, "fallback": self.fallback, "decoded": self.decoded}
 
     def left_sql(self, replaced: str, target: str) -> str | None:
         body = [s for t in sorted(self.statements) for s in self.statements[t]]

@@ -20,6 +20,7 @@ from .types import (
     DIRECT_GROUP,
     OWNER_ROLE,
     PLATFORM_ROLES,
+    PLATFORM_SLOTS,
     READER_ROLE,
     SUPERUSER,
     ComputeUser,
@@ -58,7 +59,8 @@ _LAZY = {
 }
 
 __all__ = ["API_PORT", "COMPUTE_PORTS", "DATABASE_NAME", "DEFAULT_IMAGE_SIZE", "DIRECT_GROUP", "OWNER_ROLE",
-           "PLATFORM_ROLES", "PORT_BASE", "PROXY_PORT", "READER_ROLE", "SUPERUSER", "ComputeUser", "Endpoint",
+           "PLATFORM_ROLES", "PLATFORM_SLOTS", "PORT_BASE", "PROXY_PORT", "READER_ROLE", "SUPERUSER", "ComputeUser",
+           "Endpoint",
            "FakeProvider", "ForkPoint", "Health", "LocalProvider", "PgBinaries", "Ports", "Provider", "branch_lock",
            "check_base", "check_port", "compute_user", "default_ports", "directory_script", "ephemeral_range",
            "find_binaries", "make_driver", "parse_size"]

@@ -165,6 +165,7 @@ class LocalProvider:
         try:
             if not readonly:
                 self.pg.clear_runtime_files(self.datadir(volume))
+                self.pg.forget_slots(self.datadir(volume))
             if not lsn:
                 lsn = self.pg.controldata_lsn(self.datadir(volume))
         except BaseException:

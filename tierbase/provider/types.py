@@ -22,6 +22,8 @@ READER_ROLE = "tb_reader"
 #: group of the login roles that may connect over TCP (platform engineers' ``--direct`` URLs)
 DIRECT_GROUP = "tb_direct"
 PLATFORM_ROLES = (SUPERUSER, OWNER_ROLE, READER_ROLE)
+#: the replication slots the platform makes (a promotion's, for a rollback: migrate/logical.py) are named so
+PLATFORM_SLOTS = "tierbase_rb_"
 
 
 @dataclass(frozen=True)
