@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import math
 import os
 import platform as host
@@ -430,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "masking.json")
     ap.add_argument("--no-report", action="store_true", help="do not render docs/benchmarks.md")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the --out file's results for the sizes not measured now (a size too long for one "
+                         "sitting measured in another run); the meta says which run measured which size")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.customers.split(",") if x.strip()]
     if os.geteuid() != 0 or not shutil.which("mkfs.btrfs"):
@@ -451,14 +455,21 @@ def main(argv: list[str] | None = None) -> int:
         tb.init(storage="btrfs", btrfs_size=size)
         tb.start_branch("production")
         raw: list[dict[str, Any]] = []
+        kept: list[dict[str, Any]] = []
+        earlier: dict[str, Any] = {}
+        if args.keep and args.out.exists():
+            before = json.loads(args.out.read_text())
+            kept = [r for r in before.get("raw", []) if r.get("customers") not in sizes]
+            earlier = {f"{r['customers']:,} customers": before.get("meta", {}) for r in kept}
         version = subprocess.run([find_binaries()["postgres"], "--version"], capture_output=True,
                                  text=True).stdout.strip()
 
         def document() -> dict[str, Any]:
+            every = sorted([*kept, *raw], key=lambda r: int(r["customers"]))
             return {
                 "title": "Masking",
-                "targets": targets(raw),
-                "tables": [build_table(raw)],
+                "targets": targets(every),
+                "tables": [build_table(every)],
                 "meta": {
                     "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
                     "postgres": version, "duration_s": round(time.time() - started),
@@ -467,8 +478,12 @@ def main(argv: list[str] | None = None) -> int:
                     "requires": "root (loop-mounts a btrfs image); computes run as an unprivileged user",
                     "load_average_at_start": load_at_start,
                     "load_average_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+                    **({"note": "; ".join(f"{size}: measured by `{m.get('cmd')}` at {m.get('date')} (load average "
+                                          f"{m.get('load_average_at_start')} at its start)" for size, m in
+                                          earlier.items()) + "; the rest by this run"} if earlier else {}),
                 },
-                "raw": raw,
+                **({"kept": earlier} if earlier else {}),
+                "raw": every,
             }
 
         for i, n in enumerate(sizes):
