@@ -450,27 +450,34 @@ def main(argv: list[str] | None = None) -> int:
         log(f"init a btrfs platform at {tmp} ({size})")
         tb.init(storage="btrfs", btrfs_size=size)
         tb.start_branch("production")
-        raw = []
-        for n in sizes:
-            log(f"{n:,} customers")
-            raw.append(measure(tb, n, args.runs))
+        raw: list[dict[str, Any]] = []
         version = subprocess.run([find_binaries()["postgres"], "--version"], capture_output=True,
                                  text=True).stdout.strip()
-        doc = {
-            "title": "Masking",
-            "targets": targets(raw),
-            "tables": [build_table(raw)],
-            "meta": {
-                "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-                "postgres": version, "duration_s": round(time.time() - started),
-                "cmd": shlex.join(["python", "bench/masking.py",
-                                   *(a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-report")]),
-                "requires": "root (loop-mounts a btrfs image); computes run as an unprivileged user",
-                "load_average_at_start": load_at_start,
-                "load_average_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            },
-            "raw": raw,
-        }
+
+        def document() -> dict[str, Any]:
+            return {
+                "title": "Masking",
+                "targets": targets(raw),
+                "tables": [build_table(raw)],
+                "meta": {
+                    "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+                    "postgres": version, "duration_s": round(time.time() - started),
+                    "cmd": shlex.join(["python", "bench/masking.py", *(
+                        a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-report")]),
+                    "requires": "root (loop-mounts a btrfs image); computes run as an unprivileged user",
+                    "load_average_at_start": load_at_start,
+                    "load_average_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+                },
+                "raw": raw,
+            }
+
+        for i, n in enumerate(sizes):
+            log(f"{n:,} customers")
+            raw.append(measure(tb, n, args.runs))
+            if i < len(sizes) - 1:  # the sizes done so far, in case a later one is cut short
+                write_results({**document(), "partial": f"sizes measured so far: {sizes[:i + 1]}"}, args.out,
+                              report=False)
+        doc = document()
         write_results(doc, args.out, report=not args.no_report)
         return 0
     except KeyboardInterrupt:
