@@ -13,8 +13,10 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from tierbase.control.store import Kind
@@ -224,3 +226,22 @@ def test_keys_of_every_kind_replay_exactly(project: Project) -> None:  # noqa: F
     assert out["replay"]["left"]["public.later"]["why"].startswith("only-in-b")
     assert {"public.wiped"} <= set(out["replay"]["decoded"][0]["whole_tables"])
     (p.mig / "V0002__items_tone.sql").unlink()
+
+
+def test_a_long_transaction_at_promotion_means_no_slot_not_a_stuck_promotion(project: Project) -> None:  # noqa: F811
+    """Making a slot waits for the transactions running then; a promotion waits 5 s at most, then goes on
+    without one, and the rollback uses the data diff, saying why."""
+    p = project
+    with psycopg.connect(p.url("production"), autocommit=False) as held:
+        held.execute("INSERT INTO events (note) VALUES ('open')")  # an xid, open across the promotion
+        t0 = time.monotonic()
+        rec = promote(p, "V0002__items_glow.sql", "ALTER TABLE items ADD COLUMN glow int;\n")
+        assert time.monotonic() - t0 < 60
+        held.commit()
+    query(p.url("production"), "INSERT INTO events (note) SELECT 'n' FROM generate_series(1, 20)")
+    written = ids_on(direct(p, "production"))
+    out = p.me.rollback("production")
+    assert out["replay"]["method"] == "diff" and f"#{rec['id']} made no slot" in out["replay"]["fallback"]
+    assert "timeout" in out["replay"]["fallback"] and out["replay_fallback"] == out["replay"]["fallback"]
+    assert written <= ids_on(p.url("production"))
+    (p.mig / "V0002__items_glow.sql").unlink()
