@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import math
 import os
 import platform as host
@@ -430,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "masking.json")
     ap.add_argument("--no-report", action="store_true", help="do not render docs/benchmarks.md")
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the --out file's results for the sizes not measured now (a size too long for one "
+                         "sitting measured in another run); the meta says which run measured which size")
     args = ap.parse_args(argv)
     sizes = [int(x) for x in args.customers.split(",") if x.strip()]
     if os.geteuid() != 0 or not shutil.which("mkfs.btrfs"):
@@ -450,27 +454,45 @@ def main(argv: list[str] | None = None) -> int:
         log(f"init a btrfs platform at {tmp} ({size})")
         tb.init(storage="btrfs", btrfs_size=size)
         tb.start_branch("production")
-        raw = []
-        for n in sizes:
-            log(f"{n:,} customers")
-            raw.append(measure(tb, n, args.runs))
+        raw: list[dict[str, Any]] = []
+        kept: list[dict[str, Any]] = []
+        earlier: dict[str, Any] = {}
+        if args.keep and args.out.exists():
+            before = json.loads(args.out.read_text())
+            kept = [r for r in before.get("raw", []) if r.get("customers") not in sizes]
+            earlier = {f"{r['customers']:,} customers": before.get("meta", {}) for r in kept}
         version = subprocess.run([find_binaries()["postgres"], "--version"], capture_output=True,
                                  text=True).stdout.strip()
-        doc = {
-            "title": "Masking",
-            "targets": targets(raw),
-            "tables": [build_table(raw)],
-            "meta": {
-                "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
-                "postgres": version, "duration_s": round(time.time() - started),
-                "cmd": shlex.join(["python", "bench/masking.py",
-                                   *(a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-report")]),
-                "requires": "root (loop-mounts a btrfs image); computes run as an unprivileged user",
-                "load_average_at_start": load_at_start,
-                "load_average_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
-            },
-            "raw": raw,
-        }
+
+        def document() -> dict[str, Any]:
+            every = sorted([*kept, *raw], key=lambda r: int(r["customers"]))
+            return {
+                "title": "Masking",
+                "targets": targets(every),
+                "tables": [build_table(every)],
+                "meta": {
+                    "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"), "machine": machine(),
+                    "postgres": version, "duration_s": round(time.time() - started),
+                    "cmd": shlex.join(["python", "bench/masking.py", *(
+                        a for a in (sys.argv[1:] if argv is None else argv) if a != "--no-report")]),
+                    "requires": "root (loop-mounts a btrfs image); computes run as an unprivileged user",
+                    "load_average_at_start": load_at_start,
+                    "load_average_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+                    **({"note": "; ".join(f"{size}: measured by `{m.get('cmd')}` at {m.get('date')} (load average "
+                                          f"{m.get('load_average_at_start')} at its start)" for size, m in
+                                          earlier.items()) + "; the rest by this run"} if earlier else {}),
+                },
+                **({"kept": earlier} if earlier else {}),
+                "raw": every,
+            }
+
+        for i, n in enumerate(sizes):
+            log(f"{n:,} customers")
+            raw.append(measure(tb, n, args.runs))
+            if i < len(sizes) - 1:  # the sizes done so far, in case a later one is cut short
+                write_results({**document(), "partial": f"sizes measured so far: {sizes[:i + 1]}"}, args.out,
+                              report=False)
+        doc = document()
         write_results(doc, args.out, report=not args.no_report)
         return 0
     except KeyboardInterrupt:

@@ -385,7 +385,8 @@ def main() -> None:
              ],
              "notes": [
                  "WAL since the base: pgbench (-c 2) plus a batch job of INSERTs, then pgbench alone "
-                 "(-c 1 -R 200) for the minutes up to the measurements, and during them",
+                 f"({f'-c {args.clients} -R {args.rate}' if args.rate else '-c 1 -R 200'}) for the minutes up to "
+                 "the measurements, and during them",
                  f"base snapshot took {base_ms:.0f} ms; the pg_basebackup made at the same moment took "
                  f"{basebackup_s:.1f} s and the pre-made dump {dump_s:.1f} s (not counted above)",
                  "tierbase's time is the library call (as the API runs it) to the first query through the "

@@ -122,7 +122,7 @@ def render(docs: list[tuple[Path, dict[str, Any]]], problems: list[str] | None =
         "```",
         "",
         "Each table says its machine's state where the benchmark recorded it. agents, cli, datadiff, "
-        "masking_image, pitr, space, soak and rollback's replay rows were measured on 2 cores shared with "
+        "pitr, space, soak and rollback's replay rows were measured on 2 cores shared with "
         "other work (load average 10-35): compare the alternatives within a table (they ran in the same run), "
         "not the absolute times, which a quiet machine divides by several times.",
         "",

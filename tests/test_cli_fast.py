@@ -157,10 +157,18 @@ VOLATILE = re.compile(r'("(?:created_at|elapsed_ms|fork_lsn|port|pid|age|expires
                       r'("[^"]*"|[0-9.]+|null)|in [0-9.]+ ms')
 
 
+#: the same in `branch show`'s text
+VOLATILE_TEXT = re.compile(r"(?m)^( *(?:age|own_bytes|expires_in|pid): ).*$")
+
+
 def cli_run(env: dict[str, str], *argv: str, click_only: bool = False) -> tuple[int, str, str]:
     pre = ["-c", CLICK_ONLY] if click_only else ["-m", "tierbase.cli.main"]
     got = subprocess.run([sys.executable, *pre, *argv], env=env, capture_output=True, text=True, timeout=120)
-    return got.returncode, VOLATILE.sub(r"\1_", got.stdout), VOLATILE.sub(r"\1_", got.stderr)
+
+    def same(text: str) -> str:
+        return VOLATILE_TEXT.sub(r"\1_", VOLATILE.sub(r"\1_", text))
+
+    return got.returncode, same(got.stdout), same(got.stderr)
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,13 @@ def test_production_is_the_superusers_and_staging_the_owner_roles(shop: Shop) ->
     assert query(shop.admin("production"), "SELECT count(*) FROM ran_as") == [(0,)]
 
 
+def test_a_masked_tier_is_frozen_like_an_image(shop: Shop) -> None:
+    """Staging (masked) is cloned by every branch of it: masking's rewrite is settled once, at creation."""
+    pages = query(shop.admin("staging"), "SELECT relname::text, relpages, relallvisible FROM pg_class WHERE oid IN "
+                                         "('customer'::regclass, 'address'::regclass)")
+    assert all(visible == n and n > 0 for _, n, visible in pages), pages
+
+
 @pytest.mark.parametrize("who", ["dev", "bot"])
 def test_owners_do_ddl_and_verify_migrations_on_masked_branches(shop: Shop, who: str) -> None:
     me = as_(shop.tb, who)

@@ -457,6 +457,36 @@ def test_archive_script_takes_every_file_postgres_archives_and_refuses_others(tm
     assert subprocess.run([str(script), "restore", str(wal), "000000010000000000000009", str(out)]).returncode == 1
 
 
+def test_which_segments_are_placed_and_which_preallocated_files_go(tmp_path: Path) -> None:
+    """Placed: from the REDO point's segment, contiguous, on the base's timeline, wholly before the target
+    (an LSN, or archived before a time); none once the archive holds a later timeline. Dropped: only the
+    copy's files past the segment after the base's end of WAL."""
+    wal = tmp_path / "wal"
+    wal.mkdir()
+    seg = archive.SEGMENT_BYTES
+    for i, mtime in ((2, 100.0), (3, 200.0), (4, 300.0), (6, 400.0)):
+        (wal / f"00000001000000000000000{i}").write_bytes(b"")
+        os.utime(wal / f"00000001000000000000000{i}", (mtime, mtime))
+    (wal / "000000010000000000000005.partial").write_bytes(b"")
+    redo = archive.format_lsn(2 * seg + 100)
+    names = [f"00000001000000000000000{i}" for i in (2, 3, 4)]
+    assert archive.to_place(wal, redo, 1, at=1000.0) == names  # the gap at 5 ends it
+    assert archive.to_place(wal, redo, 1, at=250.0) == names[:2]  # 4 was archived after T
+    assert archive.to_place(wal, redo, 1, lsn=archive.format_lsn(4 * seg + 5)) == names[:2]  # T inside 4
+    assert archive.to_place(wal, redo, 1, lsn=archive.format_lsn(4 * seg)) == names[:2]
+    assert archive.to_place(wal, archive.format_lsn(1 * seg), 1, at=1000.0) == []  # no segment 1
+    (wal / "00000002.history").write_text("1\t0/4000000\tno reason\n")
+    assert archive.to_place(wal, redo, 1, at=1000.0) == []
+    pg_wal = tmp_path / "pg_wal"
+    pg_wal.mkdir()
+    for name in ("000000010000000000000002", "000000010000000000000003", "000000010000000000000004",
+                 "000000010000000000000009", "000000020000000000000009", "00000002.history"):
+        (pg_wal / name).write_bytes(b"")
+    assert archive.drop_preallocated(pg_wal, 1, archive.format_lsn(2 * seg + 100)) == 2
+    assert sorted(p.name for p in pg_wal.iterdir()) == [
+        "000000010000000000000002", "000000010000000000000003", "00000002.history", "000000020000000000000009"]
+
+
 def test_a_transaction_open_at_the_target_is_not_on_the_branch(tb: Tierbase) -> None:
     url = tb._url("production", "postgres")
     with psycopg.connect(url) as open_tx, psycopg.connect(url, autocommit=True) as other:

@@ -95,8 +95,10 @@ class Governance:
                     continue
                 parent = self.core.store.resolve_route(tier.parent) or tier.parent
                 pb = self.core.store.get(parent)
+                # settled: a masked tier is cloned by every branch of it, like an image (masking_apply.freeze)
                 hook = self.masking.hook(name, pb, self.masking.plan(pb, force=tier.masked, cfg=cfg),
-                                         database=str(cfg.project.get("database", "postgres")), cfg=cfg)
+                                         database=str(cfg.project.get("database", "postgres")), cfg=cfg,
+                                         settled={})
                 self.core.branches.create(name, parent, kind=Kind.TIER, creator=self.core.gate.owner,
                                           protected=tier.protected, prepare=hook)
                 said.append(f"created tier {name!r} from {tier.parent!r}")
