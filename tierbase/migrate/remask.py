@@ -159,7 +159,7 @@ def plan(old: psycopg.Connection[Any], new: psycopg.Connection[Any], rules: list
             if not shape.pk:
                 raise FullRemask(f"{t.table} is new and has no primary key")
             out.new_tables[t.table] = [r[0] for r in new.execute(
-                sql.SQL("SELECT to_jsonb(t) FROM {} t").format(shape.ident))]
+                sql.SQL("SELECT to_jsonb(t.*) FROM {} t").format(shape.ident))]
     for name in out.changed():
         shape = out.shapes[name]
         if any((shape.schema, shape.name, k) in masked_keys for k in shape.pk):
@@ -275,7 +275,7 @@ def contents(conn: psycopg.Connection[Any]) -> dict[str, str]:
     stable_session(conn)
     out = {}
     for name, shape in shapes(conn, EXCLUDED_SCHEMAS).items():
-        row = conn.execute(sql.SQL("SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0) "
+        row = conn.execute(sql.SQL("SELECT count(*), coalesce(sum(hashtextextended((t.*)::text, 0)::numeric), 0) "
                                    "FROM {} t").format(shape.ident)).fetchone()
         out[name] = f"{row[0]}:{row[1]}" if row else "0:0"
     return out

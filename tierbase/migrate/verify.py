@@ -189,7 +189,7 @@ _TOUCHED = """
 SELECT schemaname, relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_xact_user_tables
 WHERE n_tup_ins + n_tup_upd + n_tup_del > 0 AND schemaname <> '{ledger}' AND schemaname NOT LIKE 'pg_temp%'
 ORDER BY 1, 2""".replace("{ledger}", LEDGER_SCHEMA)
-_CONTENT = "SELECT count(*), coalesce(sum(hashtextextended(t::text, 0)::numeric), 0) FROM {} AS t"
+_CONTENT = "SELECT count(*), coalesce(sum(hashtextextended((t.*)::text, 0)::numeric), 0) FROM {} AS t"
 
 
 def _changed_tables(conn: psycopg.Connection[Any], url: str) -> list[str]:
